@@ -1,0 +1,14 @@
+# The two quickstart commands (see README.md). Both set up .venv first (idempotent).
+.PHONY: setup demo test bench
+
+setup:
+	./scripts/setup
+
+demo: setup
+	.venv/bin/sd-loha demo
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+bench: setup
+	.venv/bin/python bench/bench_loader.py

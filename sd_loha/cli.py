@@ -1,0 +1,87 @@
+"""The `sd-loha` command line. Each subcommand parses its arguments and calls the library function that
+does the work (the web UI calls the same functions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .io import AdapterFileError
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import format_summary, summarize
+
+    summary = summarize(args.file, delta_norms=args.norms)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import AdapterSpec, GenerationSession, save_png
+
+    session = GenerationSession(args.model, device=args.device)
+    specs = [AdapterSpec.parse(s) for s in args.loha]
+    session.set_adapters(specs)
+    out_dir = Path(args.output_dir)
+    results = session.generate(args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                               guidance_scale=args.guidance, width=args.width, height=args.height,
+                               scheduler=args.scheduler, num_images=args.num_images)
+    for i, (image, params) in enumerate(results):
+        seed = params.split("Seed: ")[1].split(",")[0]
+        path = save_png(image, out_dir / f"{args.prefix}{i:03d}-{seed}.png", params)
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .generate import SCHEDULERS
+    from .models import TINY_MODELS
+
+    p = argparse.ArgumentParser(prog="sd-loha", description="Train and load LoHA adapters for Stable Diffusion.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("inspect", help="show what an adapter file holds")
+    q.add_argument("file")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--norms", action="store_true", help="also compute the size of the change per block")
+    q.set_defaults(func=_cmd_inspect)
+
+    g = sub.add_parser("generate", help="generate images with LoHA adapters merged into a base model")
+    g.add_argument("--model", default="tiny-sd1",
+                   help=f"diffusers folder, .safetensors/.ckpt file, hub id, or {', '.join(TINY_MODELS)}")
+    g.add_argument("--loha", action="append", default=[], metavar="FILE[:STRENGTH[:TE_STRENGTH]]",
+                   help="adapter to merge; repeat for several")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--seed", type=int, default=-1, help="-1 = random")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=7.0)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--scheduler", default="euler_a", choices=sorted(SCHEDULERS))
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--output-dir", default="outputs")
+    g.add_argument("--prefix", default="", help="file name prefix")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    g.set_defaults(func=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except (AdapterFileError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

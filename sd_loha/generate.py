@@ -1,0 +1,161 @@
+"""Image generation with adapters merged: one session keeps a pipeline and its loaded adapters, so
+changing adapters or strengths between images merges once and re-strengthens exactly, never reloads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
+from .models import load_pipeline
+
+# name -> (diffusers scheduler class, extra config, A1111's label)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter to load: a file and its strengths (te_strength None = same as strength)."""
+
+    path: str
+    strength: float = 1.0
+    te_strength: float | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterSpec:
+        """`FILE`, `FILE:STRENGTH` or `FILE:UNET_STRENGTH:TE_STRENGTH` (the CLI's --loha)."""
+        parts = text.rsplit(":", 2)
+        nums: list[float] = []
+        while len(parts) > 1:
+            try:
+                nums.insert(0, float(parts[-1]))
+            except ValueError:
+                break
+            parts.pop()
+        path = ":".join(parts)
+        if not nums:
+            return cls(path)
+        if len(nums) == 1:
+            return cls(path, nums[0])
+        return cls(path, nums[0], nums[1])
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """A1111's short 'AutoV2'-style hash (first 10 hex digits of the SHA-256), for PNG parameters."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:10]
+
+
+def a1111_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: str, cfg: float, seed: int,
+                     width: int, height: int, model: str, adapters: Sequence[AdapterSpec]) -> str:
+    """The text A1111 writes into a PNG's `parameters` chunk (and reads back with 'PNG Info')."""
+    tags = "".join(
+        f" <lora:{a.name}:{a.strength:g}>" if a.te_strength is None else f" <lora:{a.name}:{a.te_strength:g}:{a.strength:g}>"
+        for a in adapters
+    )
+    lines = [prompt + tags]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    fields = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {cfg:g}", f"Seed: {seed}", f"Size: {width}x{height}",
+              f"Model: {Path(model).stem if os.path.exists(model) else model}"]
+    hashes = [f"{a.name}: {file_hash(a.path)}" for a in adapters if os.path.isfile(a.path)]
+    if hashes:
+        fields.append('Lora hashes: "' + ", ".join(hashes) + '"')
+    fields.append("Version: sd-loha")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path
+
+
+def default_device() -> tuple[str, torch.dtype]:
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+class GenerationSession:
+    """A loaded base pipeline plus the adapters merged into it."""
+
+    def __init__(self, model: str, *, device: str | None = None, dtype: torch.dtype | None = None) -> None:
+        dev, dt = default_device()
+        self.model = model
+        self.device = device or dev
+        self.pipe = load_pipeline(model, device=self.device, dtype=dtype or dt)
+        self.adapters: list[AdapterSpec] = []
+
+    def set_adapters(self, specs: Sequence[AdapterSpec]) -> None:
+        """Make the merged adapters exactly `specs`: apply new files, re-strengthen kept ones, remove the rest."""
+        wanted = {s.name: s for s in specs}
+        if len(wanted) != len(specs):
+            raise ValueError("two adapters have the same file name; rename one")
+        loaded = {a.name: a for a in self.adapters}
+        for name in list(list_loha(self.pipe)):
+            if name not in wanted or wanted[name].path != loaded[name].path:
+                remove_loha(self.pipe, name)
+        for spec in specs:
+            te = spec.strength if spec.te_strength is None else spec.te_strength
+            if spec.name in list_loha(self.pipe):
+                set_loha_strength(self.pipe, spec.name, unet_strength=spec.strength, text_encoder_strength=te)
+            else:
+                apply_loha(self.pipe, spec.path, unet_strength=spec.strength, text_encoder_strength=te, name=spec.name)
+        self.adapters = list(specs)
+
+    def set_scheduler(self, name: str) -> str:
+        import diffusers
+
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        cls_name, extra, label = SCHEDULERS[name]
+        cls = getattr(diffusers, cls_name)
+        self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config, **extra)
+        return label
+
+    def generate(self, prompt: str, *, negative_prompt: str = "", seed: int = -1, steps: int = 20,
+                 guidance_scale: float = 7.0, width: int | None = None, height: int | None = None,
+                 scheduler: str = "euler_a", num_images: int = 1) -> list[tuple[Image.Image, str]]:
+        """Images with their A1111-style parameter text; seed -1 picks a random seed (reported in the text)."""
+        label = self.set_scheduler(scheduler)
+        default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        width, height = width or default, height or default
+        out = []
+        for i in range(num_images):
+            s = random.randrange(2**31) if seed == -1 else seed + i
+            gen = torch.Generator(device="cpu").manual_seed(s)
+            image = self.pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                              guidance_scale=guidance_scale, width=width, height=height, generator=gen).images[0]
+            text = a1111_parameters(prompt, negative_prompt, steps=steps, sampler=label, cfg=guidance_scale, seed=s,
+                                    width=width, height=height, model=self.model, adapters=self.adapters)
+            out.append((image, text))
+        return out

@@ -1,0 +1,104 @@
+"""What is in an adapter file: algorithms, modules by part, ranks, the architecture it was made for."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from typing import Any
+
+import torch
+
+from .io import AdapterModule, ParsedFile, load_adapter
+from .merge import PART_LABELS, file_architecture
+from .naming import name_part
+from .ops import loha_delta, lora_delta
+
+
+def layer_group(name: str) -> str:
+    """Coarse role of a UNet module from its kohya name (either naming style)."""
+    if re.search(r"attn\d|_attn_|proj_in|proj_out|self_attn", name):
+        return "attention"
+    if re.search(r"_ff_net_|_mlp_", name):
+        return "mlp"
+    return "conv/resnet"
+
+
+def block_of(name: str) -> str:
+    """The UNet block (down_0, mid, up_1, …) or text-encoder layer a module belongs to, for per-block charts."""
+    for pat, fmt in ((r"down_blocks_(\d+)", "down_{}"), (r"input_blocks_(\d+)", "in_{}"), (r"up_blocks_(\d+)", "up_{}"),
+                     (r"output_blocks_(\d+)", "out_{}"), (r"encoder_layers_(\d+)", "layer_{}")):
+        m = re.search(pat, name)
+        if m:
+            return fmt.format(m.group(1))
+    if "mid_block" in name or "middle_block" in name:
+        return "mid"
+    return "other"
+
+
+def _flat_delta(mod: AdapterModule) -> torch.Tensor:
+    t = mod.tensors
+    if mod.algo == "loha":
+        if mod.tucker:
+            shape = (mod.out_features(), mod.in_features(), *t["hada_t1"].shape[2:])
+        else:
+            shape = (mod.out_features(), mod.in_features())
+        return loha_delta(t, torch.Size(shape), mod.scale)
+    down = t["lora_down.weight"]
+    shape = (mod.out_features(), *down.shape[1:]) if mod.tucker or down.dim() == 4 else (mod.out_features(), down.shape[1])
+    return lora_delta(t["lora_up.weight"], down, t.get("lora_mid.weight"), shape=torch.Size(shape), scale=mod.scale)
+
+
+def summarize(source: str | os.PathLike | ParsedFile, *, delta_norms: bool = False) -> dict[str, Any]:
+    """A JSON-able summary of an adapter file (what `sd-loha inspect` prints)."""
+    parsed = source if isinstance(source, ParsedFile) else load_adapter(source)
+    algos: Counter = Counter()
+    parts: dict[str, Counter] = {}
+    ranks: Counter = Counter()
+    norms: dict[str, float] = {}
+    for name, mod in parsed.modules.items():
+        algo = mod.algo + (" (Tucker)" if mod.tucker else "") + (" +DoRA" if mod.dora_scale is not None else "")
+        algos[algo] += 1
+        part = name_part(name) or "unknown"
+        group = layer_group(name) if part == "unet" else "layers"
+        parts.setdefault(part, Counter())[group] += 1
+        alpha = "none" if mod.alpha is None else f"{mod.alpha:g}"
+        ranks[f"rank {mod.rank}, alpha {alpha}"] += 1
+        if delta_norms:
+            key = f"{part}:{block_of(name)}"
+            norms[key] = norms.get(key, 0.0) + float(_flat_delta(mod).norm() ** 2)
+    out: dict[str, Any] = {
+        "file": parsed.source,
+        "architecture": file_architecture(parsed) or "unknown",
+        "algorithms": dict(algos),
+        "modules": sum(algos.values()),
+        "parts": {PART_LABELS.get(p, p): dict(c) for p, c in parts.items()},
+        "rank_alpha": dict(ranks.most_common()),
+        "unsupported_modules": sorted(parsed.unsupported),
+        "metadata": parsed.metadata,
+    }
+    if delta_norms:
+        out["delta_norm_by_block"] = {k: v ** 0.5 for k, v in norms.items()}
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"file:          {summary['file']}",
+        f"made for:      {summary['architecture']}",
+        f"modules:       {summary['modules']}  ("
+        + ", ".join(f"{k}: {v}" for k, v in summary["algorithms"].items()) + ")",
+    ]
+    for part, groups in summary["parts"].items():
+        lines.append(f"  {part + ':':<28}" + ", ".join(f"{g} {n}" for g, n in groups.items()))
+    lines.append("rank / alpha:")
+    lines += [f"  {k}: {v} modules" for k, v in summary["rank_alpha"].items()]
+    if summary["unsupported_modules"]:
+        lines.append(f"not mergeable: {len(summary['unsupported_modules'])} modules (unknown algorithm)")
+    meta = summary["metadata"]
+    if meta:
+        lines.append("metadata:")
+        for k in sorted(meta):
+            v = meta[k]
+            lines.append(f"  {k}: {v if len(v) <= 120 else v[:117] + '...'}")
+    return "\n".join(lines)

@@ -1,0 +1,308 @@
+"""LoHA wrappers around a frozen ``nn.Linear`` / ``nn.Conv2d``.
+
+``LoHALayer(base, rank, alpha, ...)`` keeps the original module as ``self.base`` (frozen) and owns
+parameters named exactly like the file keys (``hada_w1_a`` ... ``hada_t2``) plus an ``alpha``
+buffer, so ``factors()`` can be written to a LoHA file as is.
+
+forward(x) = base(x) + op(x, multiplier * alpha / r * H), op = the base's own linear / conv2d
+(same stride, padding, dilation; no bias).  H is built by :mod:`sd_loha.ops` in the parameters'
+dtype (fp32 when training) with autocast switched off, then cast once to the input dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+
+__all__ = ["LoHALayer", "wrap", "KINDS"]
+
+KINDS = ("linear", "conv1x1", "conv", "conv_tucker")
+
+# Attributes of the wrapped module that code elsewhere (diffusers, our own injection code) may
+# read from the layer as if it were the original module.
+_FORWARDED = frozenset(
+    {
+        "weight",
+        "bias",
+        "in_features",
+        "out_features",
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    }
+)
+
+
+def _no_autocast(device_type: str):
+    """Context that disables autocast for ``device_type`` if it is on (so ΔW stays fp32)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # torch < 2.4 or an unknown device type
+        if device_type == "cuda":
+            enabled = torch.is_autocast_enabled()
+        elif device_type == "cpu":
+            enabled = torch.is_autocast_cpu_enabled()
+        else:
+            enabled = False
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+class LoHALayer(nn.Module):
+    """A frozen Linear / Conv2d plus a trainable LoHA delta.
+
+    Args:
+        base: the module to adapt (``nn.Linear`` or ``nn.Conv2d`` with ``groups=1`` and
+            ``padding_mode="zeros"``).  It is frozen (``requires_grad_(False)``) and kept as
+            ``self.base``.
+        rank: r, the inner dimension of each of the two factor pairs.
+        alpha: scale = alpha / r; ``None`` or 0 means alpha = r (scale 1).
+        use_tucker: Tucker factors for k x k convs (ignored for Linear and 1x1 convs).
+        rank_dropout: training only; drops each output row of ΔW with this probability.
+        module_dropout: training only; skips the whole adapter for a step with this probability.
+        rank_dropout_scale: divide the rank-dropout mask by its mean (LyCORIS semantics).
+        multiplier: strength applied to the delta in forward (``self.multiplier``).
+        dtype: dtype of the new parameters (fp32 by default, whatever the base dtype).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int = 4,
+        alpha: float | None = None,
+        use_tucker: bool = False,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        rank_dropout_scale: bool = False,
+        multiplier: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if isinstance(base, LoHALayer):
+            raise TypeError("LoHALayer: the module is already wrapped")
+        if isinstance(base, nn.Linear):
+            kind = "linear"
+            out_dim, in_dim = base.out_features, base.in_features
+            ksize: tuple[int, ...] = ()
+        elif isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError(
+                    f"LoHALayer: grouped convolutions are not supported (groups={base.groups})"
+                )
+            if base.padding_mode != "zeros":
+                raise ValueError(
+                    f"LoHALayer: only padding_mode='zeros' is supported (got {base.padding_mode!r})"
+                )
+            out_dim, in_dim = base.out_channels, base.in_channels
+            ksize = tuple(base.kernel_size)
+            if all(k == 1 for k in ksize):
+                kind = "conv1x1"
+            else:
+                kind = "conv_tucker" if use_tucker else "conv"
+        else:
+            raise TypeError(
+                f"LoHALayer wraps nn.Linear or nn.Conv2d, not {type(base).__name__}"
+            )
+        rank = int(rank)
+        if rank < 1:
+            raise ValueError(f"LoHALayer: rank must be >= 1, got {rank}")
+        for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+            if not 0.0 <= float(p) <= 1.0:
+                raise ValueError(f"LoHALayer: {name} must be in [0, 1], got {p}")
+
+        self.base = base
+        base.requires_grad_(False)
+        self.kind = kind
+        self.rank = rank
+        self.out_dim, self.in_dim, self.kernel = out_dim, in_dim, ksize
+        self.weight_shape = torch.Size((out_dim, in_dim, *ksize))
+        self.rank_dropout = float(rank_dropout)
+        self.module_dropout = float(module_dropout)
+        self.rank_dropout_scale = bool(rank_dropout_scale)
+        self.multiplier = float(multiplier)
+
+        w = getattr(base, "weight", None)
+        device = w.device if isinstance(w, torch.Tensor) else None
+        kw = {"device": device, "dtype": dtype}
+        if kind == "conv_tucker":
+            self.hada_w1_a = nn.Parameter(torch.empty(rank, out_dim, **kw))
+            self.hada_w1_b = nn.Parameter(torch.empty(rank, in_dim, **kw))
+            self.hada_w2_a = nn.Parameter(torch.empty(rank, out_dim, **kw))
+            self.hada_w2_b = nn.Parameter(torch.empty(rank, in_dim, **kw))
+            self.hada_t1 = nn.Parameter(torch.empty(rank, rank, *ksize, **kw))
+            self.hada_t2 = nn.Parameter(torch.empty(rank, rank, *ksize, **kw))
+        else:
+            in_flat = in_dim * math.prod(ksize)
+            self.hada_w1_a = nn.Parameter(torch.empty(out_dim, rank, **kw))
+            self.hada_w1_b = nn.Parameter(torch.empty(rank, in_flat, **kw))
+            self.hada_w2_a = nn.Parameter(torch.empty(out_dim, rank, **kw))
+            self.hada_w2_b = nn.Parameter(torch.empty(rank, in_flat, **kw))
+        alpha = float(rank if alpha is None or float(alpha) == 0 else alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=device))
+        # Python copy of alpha so forward needs no device sync; refreshed on state-dict load.
+        self._alpha_value = alpha
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- init / bookkeeping
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """LyCORIS init: w1_b, w2_b ~ N(0, 1); w1_a ~ N(0, 0.1); w2_a = 0; cores ~ N(0, 0.1)."""
+        nn.init.normal_(self.hada_w1_b, std=1.0)
+        nn.init.normal_(self.hada_w2_b, std=1.0)
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.zeros_(self.hada_w2_a)
+        if self.tucker:
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+
+    @property
+    def tucker(self) -> bool:
+        return self.kind == "conv_tucker"
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank."""
+        return self._alpha_value / self.rank
+
+    def set_alpha(self, alpha: float | None) -> None:
+        """Change alpha (None or 0 -> rank); keeps the buffer and the cached value in step."""
+        alpha = float(self.rank if alpha is None or float(alpha) == 0 else alpha)
+        self.alpha.fill_(alpha)
+        self._alpha_value = alpha
+
+    _FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    _TUCKER_NAMES = ("hada_t1", "hada_t2")
+
+    def _param_names(self) -> tuple[str, ...]:
+        return self._FACTOR_NAMES + (self._TUCKER_NAMES if self.tucker else ())
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The tensors to save, keyed by their file names: ``alpha`` (0-dim fp32), ``hada_*``
+        (detached, sharing storage with the parameters, in the parameters' dtype)."""
+        out = {"alpha": torch.tensor(self._alpha_value, dtype=torch.float32)}
+        for name in self._param_names():
+            out[name] = getattr(self, name).detach()
+        return out
+
+    @torch.no_grad()
+    def load_factors(self, factors: Mapping[str, torch.Tensor]) -> None:
+        """Copy file tensors (``hada_*`` and optional ``alpha``) into this layer; shapes must
+        match exactly (flat conv factors may also come 4-D: they are flattened)."""
+        for name in self._param_names():
+            p = getattr(self, name)
+            src = factors.get(name)
+            if src is None:
+                raise KeyError(f"load_factors: missing {name!r}")
+            if src.dim() > 2 and not self.tucker:  # 4-D flat factors from some trainers
+                src = src.reshape(src.shape[0], -1)
+            if src.shape != p.shape:
+                raise ValueError(
+                    f"load_factors: {name} has shape {tuple(src.shape)}, layer ({self.kind}) "
+                    f"expects {tuple(p.shape)}"
+                )
+            p.copy_(src)
+        if factors.get("alpha") is not None:
+            self.set_alpha(float(factors["alpha"]))
+
+    @classmethod
+    def from_factors(
+        cls, base: nn.Module, factors: Mapping[str, torch.Tensor], **kw
+    ) -> "LoHALayer":
+        """Build a layer whose rank / Tucker form come from file tensors, then load them.
+        No ``alpha`` key -> scale 1 (alpha = rank), as A1111 and ComfyUI do."""
+        rank = factors["hada_w1_b"].shape[0]
+        tucker = factors.get("hada_t1") is not None
+        alpha = factors.get("alpha")
+        kw.setdefault("dtype", torch.float32)
+        layer = cls(base, rank=rank, alpha=None if alpha is None else float(alpha), use_tucker=tucker, **kw)
+        if tucker and not layer.tucker:
+            raise ValueError(f"from_factors: Tucker factors for a {layer.kind} layer")
+        layer.load_factors(factors)
+        return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Accept a checkpoint of the unwrapped module: "<prefix>weight" -> "<prefix>base.weight".
+        for name in ("weight", "bias"):
+            old, new = prefix + name, prefix + "base." + name
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.alpha.device.type != "meta":
+            self._alpha_value = float(self.alpha)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _FORWARDED:
+                base = self._modules.get("base")
+                if base is not None:
+                    return getattr(base, name)
+            raise
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, rank={self.rank}, alpha={self._alpha_value:g}, "
+            f"multiplier={self.multiplier:g}, rank_dropout={self.rank_dropout:g}, "
+            f"module_dropout={self.module_dropout:g}"
+        )
+
+    # ---------------------------------------------------------------- math
+    def _hada(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """H in the weight shape, differentiable, computed in ``dtype`` (default: param dtype)."""
+        names = self._param_names()
+        ts = [getattr(self, n) for n in names]
+        if dtype is not None:
+            ts = [t.to(dtype) for t in ts]
+        with _no_autocast(ts[0].device.type):
+            if self.tucker:
+                w1a, w1b, w2a, w2b, t1, t2 = ts
+                h = ops.hada_weight_tucker(t1, w1a, w1b, t2, w2a, w2b)
+            else:
+                h = ops.hada_weight(*ts)
+        return h.reshape(self.weight_shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * H`` in the weight shape, fp32 (no multiplier, no dropout); differentiable."""
+        return self._hada(torch.float32) * self.scale
+
+    def _forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._hada()
+        s = self.multiplier * self.scale
+        if self.training and self.rank_dropout > 0:
+            keep = (torch.rand(self.out_dim, device=h.device) > self.rank_dropout).to(h.dtype)
+            if self.rank_dropout_scale:
+                # LyCORIS divides by mask.mean(); an all-dropped mask stays all zero here
+                # instead of becoming NaN.
+                keep = keep / keep.mean().clamp_min(torch.finfo(keep.dtype).tiny)
+            dw = h * (keep * s).reshape(-1, *([1] * (h.dim() - 1)))
+        else:
+            dw = h * s
+        return dw.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.training and self.module_dropout > 0:
+            if torch.rand(()).item() < self.module_dropout:
+                return y
+        dw = self._forward_delta(x)
+        if self.kind == "linear":
+            return y + F.linear(x, dw)
+        b = self.base
+        return y + F.conv2d(x, dw, None, b.stride, b.padding, b.dilation, 1)
+
+
+def wrap(module: nn.Module, **kw) -> LoHALayer:
+    """``LoHALayer(module, **kw)``: wrap a Linear / Conv2d in a LoHA adapter."""
+    return LoHALayer(module, **kw)

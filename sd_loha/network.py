@@ -1,0 +1,239 @@
+"""The trainable LoHA network: layers put into a pipeline's UNet and text encoder(s), and saving it.
+
+`add_loha` wraps the chosen frozen layers in place (module paths gain a `.base` level while the network
+is attached) and returns a `LoHANetwork`, the one handle a trainer needs: parameters, per-module
+listing, multiplier, saving in the community format, and `remove()` to put the original layers back.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .io import save_safetensors_atomic
+from .layers import LoHALayer, wrap
+from .models import ModelFamily, detect_family, text_encoders, unet_family_name
+from .naming import text_encoder_save_name, unet_save_name
+from .targets import select_targets
+
+TE_PREFIXES = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
+SAVE_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "float": torch.float32, "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass
+class NetworkModule:
+    part: str  # "unet" | "te" | "te1" | "te2"
+    path: str  # dotted path of the original layer inside its model
+    key: str  # the kohya module name written to the file
+    layer: LoHALayer
+    parent: nn.Module
+    attr: str
+
+
+class LoHANetwork:
+    """LoHA layers attached to one or more models. Created by `add_loha`."""
+
+    def __init__(self, modules: list[NetworkModule], settings: dict[str, Any], family: ModelFamily | None) -> None:
+        self.modules = modules
+        self.settings = settings
+        self.family = family
+
+    # -- training -------------------------------------------------------------------------------
+    def parameters(self, part: str | None = None) -> list[nn.Parameter]:
+        """Trainable factor tensors, optionally of one part ("unet", or "te" for all text encoders)."""
+        out = []
+        for m in self.modules:
+            if part is None or m.part == part or (part == "te" and m.part.startswith("te")):
+                out.extend(p for p in m.layer.parameters(recurse=False) if p.requires_grad)
+        return out
+
+    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
+        groups = [{"params": self.parameters("unet"), "lr": unet_lr, "name": "unet"},
+                  {"params": self.parameters("te"), "lr": text_encoder_lr, "name": "text_encoder"}]
+        return [g for g in groups if g["params"]]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for m in self.modules:
+            m.layer.multiplier = float(multiplier)
+
+    def listing(self) -> list[dict[str, Any]]:
+        """One row per adapted layer: part, path, file key, kind, rank, alpha, parameter count."""
+        return [
+            {"part": m.part, "path": m.path, "key": m.key, "kind": m.layer.kind, "rank": m.layer.rank,
+             "alpha": float(m.layer.alpha), "params": sum(p.numel() for p in m.layer.parameters(recurse=False))}
+            for m in self.modules
+        ]
+
+    def summary(self) -> str:
+        rows = self.listing()
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[f"{r['part']}/{r['kind']}"] = counts.get(f"{r['part']}/{r['kind']}", 0) + 1
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        return f"LoHA network: {len(rows)} layers ({parts}), {self.num_parameters():,} trainable parameters"
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The file's tensors: `<kohya name>.<param>`; factors cast to `dtype`, alpha kept in fp32."""
+        sd: dict[str, torch.Tensor] = {}
+        for m in self.modules:
+            for param, tensor in m.layer.factors().items():
+                t = tensor.detach().cpu()
+                if dtype is not None and param != "alpha":
+                    t = t.to(dtype)
+                sd[f"{m.key}.{param}"] = t.contiguous()
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
+        """Load factors saved by `state_dict`/`save` (e.g. to continue from a file). Returns missing keys."""
+        missing = []
+        with torch.no_grad():
+            for m in self.modules:
+                for param, tensor in m.layer.factors().items():
+                    key = f"{m.key}.{param}"
+                    if key not in state_dict:
+                        missing.append(key)
+                        continue
+                    src = state_dict[key]
+                    if src.shape != tensor.shape:
+                        raise ValueError(f"{key}: shape {tuple(src.shape)} in the file, {tuple(tensor.shape)} in the network; "
+                                         "rank, conv rank or Tucker settings differ from the file's")
+                    tensor.copy_(src.to(tensor.dtype))
+        if strict and missing:
+            raise KeyError(f"{len(missing)} network tensors missing from the state dict, e.g. {missing[:3]}")
+        return missing
+
+    def metadata(self, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """kohya ss_* and SAI modelspec.* keys describing this network (all values strings)."""
+        s = self.settings
+        now = _dt.datetime.now(_dt.timezone.utc)
+        args = {"algo": "loha", "preset": s["preset"], "conv_dim": str(s["conv_rank"]), "conv_alpha": str(s["conv_alpha"])}
+        if s["use_tucker"]:
+            args["use_tucker"] = "True"
+        if s["rank_dropout"]:
+            args["rank_dropout"] = str(s["rank_dropout"])
+        if s["module_dropout"]:
+            args["module_dropout"] = str(s["module_dropout"])
+        meta: dict[str, Any] = {
+            "ss_network_module": "lycoris.kohya",
+            "ss_network_dim": s["rank"],
+            "ss_network_alpha": s["alpha"],
+            "ss_network_args": json.dumps(args),
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
+            "sd_loha_version": _version(),
+        }
+        if self.family is not None:
+            fam = self.family
+            meta.update({
+                "ss_base_model_version": fam.ss_base_model_version,
+                "ss_v2": str(fam.name == "sd2"),
+                "modelspec.architecture": fam.modelspec_architecture,
+                "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if fam.is_sdxl else "diffusers",
+                "modelspec.prediction_type": "v" if fam.prediction_type == "v_prediction" else "epsilon",
+            })
+        meta.update(extra or {})
+        return {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+                for k, v in meta.items() if v is not None}
+
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
+             dtype: torch.dtype | str = torch.float16) -> Path:
+        """Write a community-format LoHA safetensors file atomically (temp file + rename)."""
+        if isinstance(dtype, str):
+            dtype = SAVE_DTYPES[dtype]
+        meta = self.metadata({"modelspec.title": Path(path).stem, **dict(metadata or {})})
+        return save_safetensors_atomic(self.state_dict(dtype), path, meta)
+
+    def remove(self) -> None:
+        """Unwrap every layer, putting the original frozen modules back."""
+        for m in self.modules:
+            setattr(m.parent, m.attr, m.layer.base)
+        self.modules = []
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _split_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def _resolve_models(target: Any, text_encoder: bool) -> tuple[dict[str, nn.Module], ModelFamily | None]:
+    if hasattr(target, "unet"):  # a pipeline
+        models = {"unet": target.unet}
+        if text_encoder:
+            models.update(text_encoders(target))
+        return models, detect_family(target)
+    if type(target).__name__ == "UNet2DConditionModel":
+        return {"unet": target}, ModelFamily(unet_family_name(target.config), "epsilon")
+    if type(target).__name__.startswith("CLIPText"):
+        return {"te": target}, None
+    raise TypeError(f"add_loha: expected a diffusers pipeline, a UNet2DConditionModel or a CLIP text encoder, "
+                    f"got {type(target).__name__}")
+
+
+def add_loha(
+    target: Any,
+    *,
+    preset: str = "attn-mlp",
+    rank: int = 8,
+    alpha: float = 4.0,
+    conv_rank: int = 0,
+    conv_alpha: float = 1.0,
+    use_tucker: bool = False,
+    text_encoder: bool = True,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    rank_dropout: float = 0.0,
+    module_dropout: float = 0.0,
+    rank_dropout_scale: bool = False,
+) -> LoHANetwork:
+    """Put LoHA layers into a pipeline (UNet + text encoder(s)), a single UNet, or a single text encoder.
+
+    Layers are chosen by `preset` ("attn-only", "attn-mlp", "full"), `include`/`exclude` glob patterns,
+    and conv_rank (0 = no k×k convs). The original weights are frozen; only the factors train.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    models, family = _resolve_models(target, text_encoder)
+    modules: list[NetworkModule] = []
+    for part, model in models.items():
+        model.requires_grad_(False)
+        prefix = "lora_unet" if part == "unet" else TE_PREFIXES[part]
+        sdxl = part == "unet" and unet_family_name(model.config) == "sdxl"
+        for t in select_targets(model, part=part, prefix=prefix, preset=preset, rank=rank, alpha=alpha,
+                                conv_rank=conv_rank, conv_alpha=conv_alpha, include=include, exclude=exclude):
+            key = unet_save_name(t.path, model.config, sdxl) if part == "unet" else text_encoder_save_name(t.path, prefix)
+            layer = wrap(t.module, rank=t.rank, alpha=t.alpha, use_tucker=use_tucker and t.is_kxk_conv,
+                         rank_dropout=rank_dropout, module_dropout=module_dropout, rank_dropout_scale=rank_dropout_scale)
+            parent, attr = _split_parent(model, t.path)
+            setattr(parent, attr, layer)
+            modules.append(NetworkModule(part, t.path, key, layer, parent, attr))
+    if not modules:
+        raise ValueError(f"add_loha: preset {preset!r} with include={include} exclude={exclude} selected no layers")
+    settings = dict(preset=preset, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                    use_tucker=use_tucker, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                    text_encoder=text_encoder and any(p != "unet" for p in models))
+    return LoHANetwork(modules, settings, family)
+
+
+def save_loha(network: LoHANetwork, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
+              dtype: torch.dtype | str = torch.float16) -> Path:
+    """Module-level alias of `LoHANetwork.save`."""
+    return network.save(path, metadata=metadata, dtype=dtype)

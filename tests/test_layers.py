@@ -1,0 +1,409 @@
+"""Tests for sd_loha.layers.LoHALayer.
+
+Tolerances: fp64 gradchecks use torch's defaults.  fp32 comparisons (against the plain formula
+and against LyCORIS's forward) use rtol=1e-5 and atol=1e-5 x the tensor's max magnitude; LyCORIS
+forms its delta as (W + ΔW) - W, which alone costs ~1e-7 x |W| absolute.  bf16 checks: rtol=2e-2.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sd_loha import ops
+from sd_loha.layers import LoHALayer, wrap
+
+NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+TUCKER = ("hada_t1", "hada_t2")
+
+
+def close32(actual, expected, rtol=1e-5):
+    atol = 1e-5 * max(1.0, float(expected.detach().abs().max()))
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def pnames(layer):
+    return NAMES + (TUCKER if layer.tucker else ())
+
+
+def randomize(layer, seed=0, std=0.5):
+    """Nonzero values for every factor (init leaves w2_a = 0, so ΔW would be 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n in pnames(layer):
+            p = getattr(layer, n)
+            p.copy_(std * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return layer
+
+
+def make_input(layer, batch=2, hw=7, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if layer.kind == "linear":
+        shape = (batch, 3, layer.in_dim)  # extra leading dim: F.linear on (..., in)
+    else:
+        shape = (batch, layer.in_dim, hw, hw)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+# Every form the layer supports, tiny enough for fp64 gradcheck.
+FORMS = {
+    "linear": (lambda: nn.Linear(4, 3), {}),
+    "conv1x1": (lambda: nn.Conv2d(3, 4, 1), {}),
+    "conv1x1_stride2": (lambda: nn.Conv2d(3, 4, 1, stride=2), {}),
+    "conv3x3": (lambda: nn.Conv2d(2, 3, 3), {}),
+    "conv3x3_stride2": (lambda: nn.Conv2d(2, 3, 3, stride=2), {}),
+    "conv3x3_pad1": (lambda: nn.Conv2d(2, 3, 3, padding=1), {}),
+    "conv3x3_dil2": (lambda: nn.Conv2d(2, 3, 3, dilation=2), {}),
+    "conv3x3_s2_p1_d2": (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), {}),
+    "conv3x1_same": (lambda: nn.Conv2d(2, 3, (3, 1), padding="same", bias=False), {}),
+    "tucker3x3": (lambda: nn.Conv2d(2, 3, 3, padding=1), {"use_tucker": True}),
+    "tucker3x3_s2_d2": (lambda: nn.Conv2d(2, 3, 3, stride=2, dilation=2), {"use_tucker": True}),
+}
+EXPECTED_KIND = {
+    "linear": "linear",
+    "conv1x1": "conv1x1",
+    "conv1x1_stride2": "conv1x1",
+    "tucker3x3": "conv_tucker",
+    "tucker3x3_s2_d2": "conv_tucker",
+}
+
+
+def build(form, rank=2, alpha=1.0, seed=0, **extra):
+    torch.manual_seed(seed)
+    make, kw = FORMS[form]
+    return LoHALayer(make(), rank=rank, alpha=alpha, **kw, **extra)
+
+
+def plain_delta(layer, params):
+    """scale * H from the FORMAT.md formula with plain torch autograd, in weight shape."""
+    if layer.tucker:
+        w1a, w1b, w2a, w2b, t1, t2 = (params[n] for n in pnames(layer))
+        h = torch.einsum("jkyx,jo,kc->ocyx", t1, w1a, w1b) * torch.einsum("jkyx,jo,kc->ocyx", t2, w2a, w2b)
+    else:
+        w1a, w1b, w2a, w2b = (params[n] for n in NAMES)
+        h = (w1a @ w1b) * (w2a @ w2b)
+    return layer.scale * h.reshape(layer.base.weight.shape)
+
+
+def plain_forward(layer, x, params):
+    b = layer.base
+    w = b.weight + layer.multiplier * plain_delta(layer, params)
+    if layer.kind == "linear":
+        return F.linear(x, w, b.bias)
+    return F.conv2d(x, w, b.bias, b.stride, b.padding, b.dilation, b.groups)
+
+
+# ------------------------------------------------------------------------------ structure
+@pytest.mark.parametrize("form", list(FORMS))
+def test_kind_and_shapes(form):
+    layer = build(form, rank=2)
+    assert layer.kind == EXPECTED_KIND.get(form, "conv")
+    out, inn, *k = layer.base.weight.shape
+    f = layer.factors()
+    assert set(f) == {"alpha", *pnames(layer)}
+    assert f["alpha"].shape == () and f["alpha"].dtype == torch.float32
+    if layer.tucker:
+        assert f["hada_w1_a"].shape == f["hada_w2_a"].shape == (2, out)
+        assert f["hada_w1_b"].shape == f["hada_w2_b"].shape == (2, inn)
+        assert f["hada_t1"].shape == f["hada_t2"].shape == (2, 2, *k)
+    else:
+        assert f["hada_w1_a"].shape == f["hada_w2_a"].shape == (out, 2)
+        assert f["hada_w1_b"].shape == f["hada_w2_b"].shape == (2, inn * math.prod(k))  # 2-D, never 4-D
+    assert not any(p.requires_grad for p in layer.base.parameters())
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == set(pnames(layer))
+    assert layer.weight is layer.base.weight  # forwarded attribute
+    sd = layer.state_dict()
+    assert "base.weight" in sd and "alpha" in sd and all(n in sd for n in pnames(layer))
+
+
+def test_tucker_ignored_for_1x1_and_linear():
+    assert wrap(nn.Conv2d(3, 4, 1), rank=2, use_tucker=True).kind == "conv1x1"
+    assert wrap(nn.Linear(3, 4), rank=2, use_tucker=True).kind == "linear"
+
+
+def test_construction_errors():
+    with pytest.raises(ValueError, match="groups"):
+        wrap(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode"):
+        wrap(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(TypeError):
+        wrap(nn.Conv1d(4, 4, 3))
+    with pytest.raises(TypeError):
+        wrap(wrap(nn.Linear(3, 3)))
+    with pytest.raises(ValueError):
+        wrap(nn.Linear(3, 3), rank=0)
+
+
+# ------------------------------------------------------------------------------ init
+@pytest.mark.parametrize("form", list(FORMS))
+def test_zero_delta_at_init(form):
+    layer = build(form, rank=2)
+    assert torch.count_nonzero(layer.hada_w2_a) == 0
+    x = make_input(layer)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base(x))
+        assert torch.count_nonzero(layer.delta_weight()) == 0
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    lin = wrap(nn.Linear(256, 192), rank=16)
+    tk = wrap(nn.Conv2d(64, 48, 3), rank=16, use_tucker=True)
+    for layer in (lin, tk):
+        assert abs(layer.hada_w1_b.std().item() - 1.0) < 0.1
+        assert abs(layer.hada_w2_b.std().item() - 1.0) < 0.1
+        assert abs(layer.hada_w1_a.std().item() - 0.1) < 0.01
+        assert abs(layer.hada_w1_b.mean().item()) < 0.1
+        assert torch.count_nonzero(layer.hada_w2_a) == 0
+    assert abs(tk.hada_t1.std().item() - 0.1) < 0.01
+    assert abs(tk.hada_t2.std().item() - 0.1) < 0.01
+
+
+def test_scale_alpha_over_rank():
+    assert wrap(nn.Linear(4, 4), rank=8, alpha=2).scale == 0.25
+    for a in (None, 0, 0.0):
+        layer = wrap(nn.Linear(4, 4), rank=8, alpha=a)
+        assert layer.scale == 1.0 and float(layer.alpha) == 8.0
+    layer = randomize(wrap(nn.Linear(5, 4), rank=4, alpha=1))
+    p = {n: getattr(layer, n) for n in NAMES}
+    close32(layer.delta_weight(), plain_delta(layer, p))
+    torch.testing.assert_close(layer.delta_weight(), 0.25 * ops.hada_weight(*p.values()))
+    layer.set_alpha(2)
+    assert layer.scale == 0.5 and float(layer.alpha) == 2.0
+
+
+# ------------------------------------------------------------------------------ gradcheck
+@pytest.mark.parametrize("form", list(FORMS))
+def test_gradcheck_layer(form):
+    layer = randomize(build(form, rank=2, alpha=1.5, multiplier=0.7).double())
+    names = pnames(layer)
+    x = make_input(layer, batch=1, hw=6, dtype=torch.float64).requires_grad_()
+    params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+# ------------------------------------------------------------------------------ vs plain formula (fp32)
+@pytest.mark.parametrize("form", list(FORMS))
+def test_matches_plain_formula_fp32(form):
+    layer = randomize(build(form, rank=3, alpha=2.0, multiplier=0.8))
+    names = pnames(layer)
+    x = make_input(layer, hw=9)
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    ref = {n: getattr(layer, n).detach().clone().requires_grad_() for n in names}
+    y = layer(x)
+    y_ref = plain_forward(layer, x_ref, ref)
+    assert y.shape == y_ref.shape
+    close32(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    close32(x.grad, x_ref.grad)
+    for n in names:
+        close32(getattr(layer, n).grad, ref[n].grad)
+    # delta_weight() is the same ΔW (fp32, weight shape, no multiplier)
+    close32(layer.delta_weight(), plain_delta(layer, ref).detach())
+
+
+def test_multiplier_is_linear():
+    layer = randomize(build("conv3x3_pad1", rank=2))
+    x = make_input(layer)
+    with torch.no_grad():
+        base = layer.base(x)
+        full = layer(x) - base
+        layer.multiplier = 0.5
+        close32(layer(x) - base, 0.5 * full)
+        layer.multiplier = 0.0
+        assert torch.equal(layer(x), base)
+
+
+# ------------------------------------------------------------------------------ against LyCORIS
+LYCORIS_FORMS = ["linear", "conv1x1_stride2", "conv3x3_pad1", "conv3x3_s2_p1_d2", "tucker3x3", "tucker3x3_s2_d2"]
+
+
+@pytest.mark.parametrize("form", LYCORIS_FORMS)
+def test_matches_lycoris_forward(form):
+    loha_mod = pytest.importorskip("lycoris.modules.loha")
+    make, kw = FORMS[form]
+    torch.manual_seed(0)
+    base = make()
+    # widen the toy layer a bit so the comparison means something
+    if isinstance(base, nn.Linear):
+        base = nn.Linear(24, 16)
+    else:
+        base = nn.Conv2d(8, 12, base.kernel_size, stride=base.stride, padding=base.padding, dilation=base.dilation)
+    rank, alpha, mult = 4, 2.0, 0.7
+    ours = randomize(LoHALayer(base, rank=rank, alpha=alpha, multiplier=mult, **kw), seed=3)
+    theirs = loha_mod.LohaModule("t", base, multiplier=mult, lora_dim=rank, alpha=alpha, use_tucker=kw.get("use_tucker", False))
+    # same file layout: names and shapes of what gets saved
+    sd = theirs.custom_state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in ours.factors().items()}
+    assert float(sd["alpha"]) == float(ours.factors()["alpha"])
+    with torch.no_grad():
+        for n in pnames(ours):
+            getattr(theirs, n).copy_(getattr(ours, n))
+    ours.eval()
+    theirs.eval()
+    x = make_input(ours, hw=9, seed=7)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), theirs(x2)
+    assert (y1 - base(x)).abs().max() > 1e-2  # the delta is really there
+    close32(y1, y2)
+    # gradients agree too (LyCORIS 4.1.3's Tucker backward included)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    close32(x1.grad, x2.grad)
+    for n in pnames(ours):
+        close32(getattr(ours, n).grad, getattr(theirs, n).grad, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ dropout
+def test_module_dropout():
+    layer = randomize(build("conv3x3_pad1", rank=2, module_dropout=1.0))
+    x = make_input(layer)
+    layer.train()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base(x))
+        layer.eval()
+        ref = copy.deepcopy(layer)
+        ref.module_dropout = 0.0
+        assert torch.equal(layer(x), ref(x))
+        assert not torch.equal(layer(x), layer.base(x))
+
+
+def test_eval_ignores_dropouts():
+    layer = randomize(build("linear", rank=2, rank_dropout=0.5, module_dropout=0.5, rank_dropout_scale=True))
+    plain = copy.deepcopy(layer)
+    plain.rank_dropout = plain.module_dropout = 0.0
+    layer.eval()
+    x = make_input(layer)
+    with torch.no_grad():
+        for _ in range(5):
+            assert torch.equal(layer(x), plain(x))
+
+
+@pytest.mark.parametrize("scale_mask", [False, True])
+def test_rank_dropout_rows(scale_mask):
+    torch.manual_seed(0)
+    layer = randomize(wrap(nn.Linear(8, 32), rank=2, rank_dropout=0.5, rank_dropout_scale=scale_mask))
+    x = make_input(layer)
+    with torch.no_grad():
+        base = layer.base(x)
+        layer.eval()
+        full = layer(x) - base
+        layer.train()
+        torch.manual_seed(1)
+        d = layer(x) - base
+    assert not torch.allclose(d, full)  # train mode changes the output
+    # per output row: either dropped (0) or kept, times 1 or 1/mean(mask)
+    dropped = (d.abs().amax(dim=(0, 1)) == 0)
+    kept = ~dropped
+    assert 0 < int(kept.sum()) < 32
+    factor = 32 / int(kept.sum()) if scale_mask else 1.0
+    close32(d[..., kept], factor * full[..., kept])
+
+
+def test_rank_dropout_all_dropped_is_finite():
+    layer = randomize(build("conv3x3", rank=2, rank_dropout=1.0, rank_dropout_scale=True))
+    layer.train()
+    x = make_input(layer)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, layer.base(x))
+
+
+def test_rank_dropout_conv_grads_flow():
+    layer = randomize(build("tucker3x3", rank=2, rank_dropout=0.3))
+    layer.train()
+    layer(make_input(layer)).square().sum().backward()
+    assert all(getattr(layer, n).grad is not None for n in pnames(layer))
+
+
+# ------------------------------------------------------------------------------ dtypes
+def test_bf16_base_fp32_factors():
+    layer = randomize(build("conv3x3_pad1", rank=2))
+    ref = copy.deepcopy(layer)
+    layer.base.to(torch.bfloat16)
+    x = make_input(layer)
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert layer.hada_w1_a.dtype == torch.float32
+    y.float().sum().backward()
+    assert layer.hada_w1_a.grad.dtype == torch.float32
+    y_ref = ref(x.bfloat16().float())
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2 * float(y_ref.detach().abs().max()))
+
+
+def test_delta_computed_in_fp32_under_autocast(monkeypatch):
+    seen = []
+    orig = ops.hada_weight
+
+    def spy(*a):
+        out = orig(*a)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(ops, "hada_weight", spy)
+    layer = randomize(build("linear", rank=2))
+    x = make_input(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert seen == [torch.float32]
+    y.float().sum().backward()
+    assert layer.hada_w1_a.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------ state dict / factors
+def test_state_dict_of_unwrapped_model_loads():
+    torch.manual_seed(0)
+    orig = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Conv2d(3, 2, 3))
+    sd = copy.deepcopy(orig.state_dict())
+    wrapped = copy.deepcopy(orig)
+    wrapped[0] = wrap(wrapped[0], rank=2, alpha=1)
+    wrapped[2] = wrap(wrapped[2], rank=2, alpha=1, use_tucker=True)
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            p.zero_()  # make sure the load really writes the base weights
+    res = wrapped.load_state_dict(sd, strict=False)
+    assert res.unexpected_keys == []
+    assert set(res.missing_keys) == {f"0.{n}" for n in NAMES + ("alpha",)} | {f"2.{n}" for n in NAMES + TUCKER + ("alpha",)}
+    assert torch.equal(wrapped[0].base.weight, orig[0].weight)
+    assert torch.equal(wrapped[2].base.bias, orig[2].bias)
+    # wrapped -> wrapped, strict: alpha (and so scale) comes along
+    src = copy.deepcopy(wrapped)
+    src[0].set_alpha(3.0)
+    randomize(src[0])
+    wrapped.load_state_dict(src.state_dict())
+    assert wrapped[0].scale == 1.5
+    x = torch.randn(5, 4)
+    assert torch.equal(wrapped[0](x), src[0](x))
+
+
+@pytest.mark.parametrize("form", ["linear", "conv1x1", "conv3x3_pad1", "tucker3x3"])
+def test_factors_roundtrip(form):
+    layer = randomize(build(form, rank=3, alpha=1.0))
+    f = {k: v.clone() for k, v in layer.factors().items()}
+    other = LoHALayer.from_factors(copy.deepcopy(layer.base), f)
+    assert other.kind == layer.kind and other.rank == 3 and other.scale == layer.scale
+    x = make_input(layer)
+    with torch.no_grad():
+        assert torch.equal(other(x), layer(x))
+        # factors() is exactly what loha_delta merges
+        d = ops.loha_delta(f, layer.base.weight.shape, layer.scale)
+        close32(d, layer.delta_weight())
+    # no alpha in the file -> scale 1
+    f.pop("alpha")
+    assert LoHALayer.from_factors(copy.deepcopy(layer.base), f).scale == 1.0
+    # wrong shapes are refused
+    bad = dict(f, hada_w1_b=f["hada_w1_b"][:, :-1])
+    with pytest.raises(ValueError):
+        layer.load_factors(bad)
