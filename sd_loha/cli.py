@@ -31,10 +31,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                guidance_scale=args.guidance, width=args.width, height=args.height,
                                scheduler=args.scheduler, num_images=args.num_images)
     for i, (image, params) in enumerate(results):
-        seed = params.split("Seed: ")[1].split(",")[0]
+        seed = params.splitlines()[-1].split("Seed: ")[1].split(",")[0]  # the fields line, not the prompt
         path = save_png(image, out_dir / f"{args.prefix}{i:03d}-{seed}.png", params)
         print(path)
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import train
+
+    resume = True if args.resume == "latest" else args.resume
+    result = train(args.config, resume=resume, overrides=args.set)
+    return 0 if result.output else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--norms", action="store_true", help="also compute the size of the change per block")
     q.set_defaults(func=_cmd_inspect)
+
+    t = sub.add_parser("train", help="train a LoHA adapter from a TOML config (options: docs/config.md)")
+    t.add_argument("--config", help="TOML file; options may also all come from --set")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one option, e.g. --set max_train_steps=50 (repeatable)")
+    t.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STATE",
+                   help="continue from the newest state in output_dir, or from the given state folder")
+    t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="generate images with LoHA adapters merged into a base model")
     g.add_argument("--model", default="tiny-sd1",
@@ -78,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)
-    except (AdapterFileError, FileNotFoundError, ValueError, KeyError) as e:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (AdapterFileError, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

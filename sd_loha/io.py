@@ -75,17 +75,74 @@ class AdapterModule:
     def in_features(self) -> int:
         """The flat input size (in · kh · kw for k×k convs), or in for Tucker."""
         if self.algo == "loha":
-            return int(self.tensors["hada_w1_b"].shape[1])
+            b = self.tensors["hada_w1_b"]
+            # Flat factors may come 4-D from some trainers ((r, in, kh, kw)); the flat size is what counts.
+            return int(b.shape[1]) if self.tucker else int(b[0].numel())
         d = self.tensors["lora_down.weight"]
         return int(d[0].numel()) if not self.tucker else int(d.shape[1])
+
+    def shape_problem(self, weight_shape: tuple[int, ...] | torch.Size) -> str | None:
+        """Why this module's tensors cannot make a delta for a weight of `weight_shape` (None if they can).
+
+        Checks every factor (not only the first pair), the Tucker core's kernel size and `dora_scale`, so a
+        bad file is refused before any weight changes instead of failing half-way through a merge.
+        """
+        ws = tuple(int(d) for d in weight_shape)
+        out, inn, kernel = ws[0], (ws[1] if len(ws) > 1 else 1), ws[2:]
+        flat_in = math.prod(ws[1:]) if len(ws) > 1 else 1
+        t = {k: tuple(v.shape) for k, v in self.tensors.items()}
+
+        def show(*keys: str) -> str:
+            return ", ".join(f"{k} {t[k]}" for k in keys if k in t)
+
+        if self.algo == "loha":
+            if self.tucker:
+                ok = len(ws) >= 3
+                for i in ("1", "2"):
+                    a, b, c = t[f"hada_w{i}_a"], t[f"hada_w{i}_b"], t[f"hada_t{i}"]
+                    ok = ok and len(a) == 2 and len(b) == 2 and len(c) >= 3
+                    ok = ok and a[1] == out and b[1] == inn and c[0] == a[0] and c[1] == b[0] and c[2:] == kernel
+                if not ok:
+                    return (f"Tucker factors {show(*LOHA_PARAMS, *TUCKER_PARAMS)} do not fit a weight of shape {ws} "
+                            "(want hada_w_a (r, out), hada_w_b (r, in), hada_t (r, r, kh, kw))")
+            else:
+                ok = True
+                for i in ("1", "2"):
+                    a, b = t[f"hada_w{i}_a"], t[f"hada_w{i}_b"]
+                    flat_a = (a[0], math.prod(a[1:])) if len(a) >= 2 else None
+                    flat_b = (b[0], math.prod(b[1:])) if len(b) >= 2 else None
+                    ok = ok and flat_a is not None and flat_b is not None
+                    ok = ok and flat_a[0] == out and flat_a[1] == flat_b[0] and flat_b[1] == flat_in
+                if not ok:
+                    return (f"factors {show(*LOHA_PARAMS)} do not fit a weight of shape {ws} "
+                            f"(want hada_w_a ({out}, r), hada_w_b (r, {flat_in}))")
+        else:
+            up, down = t["lora_up.weight"], t["lora_down.weight"]
+            r_up = math.prod(up[1:]) if len(up) >= 2 else -1
+            if "lora_mid.weight" in t:
+                mid = t["lora_mid.weight"]
+                ok = (len(ws) >= 3 and len(mid) >= 3 and up[0] == out and mid[0] == r_up and mid[1] == down[0]
+                      and math.prod(down[1:]) == inn and mid[2:] == kernel)
+            else:
+                ok = len(up) >= 2 and len(down) >= 2 and up[0] == out and r_up == down[0] and math.prod(down[1:]) == flat_in
+            if not ok:
+                return (f"LoRA factors {show(*LORA_PARAMS)} do not fit a weight of shape {ws}")
+        if self.dora_scale is not None:
+            ds = tuple(self.dora_scale.shape)
+            ones = (1,) * len(kernel)
+            if len(ws) < 2 or ds not in ((out, 1, *ones), (out,), (1, inn, *ones)):
+                return (f"dora_scale {ds} fits neither ({out}, 1{', 1' * len(kernel)}) nor (1, {inn}{', 1' * len(kernel)}) "
+                        f"for a weight of shape {ws}")
+        return None
 
 
 @dataclass
 class ParsedFile:
     modules: dict[str, AdapterModule]
     metadata: dict[str, str]
-    unsupported: dict[str, list[str]]  # module name -> params we do not know (LoKr, OFT, ...)
+    unsupported: dict[str, list[str]]  # module name -> params of an algorithm we do not merge (LoKr, OFT, ...)
     source: str
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # merged module -> extra params we do not know
 
 
 def _check_header(path: Path) -> None:
@@ -160,6 +217,7 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "<
 
     modules: dict[str, AdapterModule] = {}
     unsupported: dict[str, list[str]] = {}
+    ignored: dict[str, list[str]] = {}
     for name, params in grouped.items():
         unknown = sorted(set(params) - KNOWN_PARAMS)
         if all(p in params for p in LOHA_PARAMS):
@@ -170,7 +228,7 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "<
             unsupported[name] = sorted(params)
             continue
         if unknown:
-            unsupported[name] = unknown
+            ignored[name] = unknown  # the module is merged; these extra params are not (reported, not hidden)
         if algo == "loha" and ("hada_t1" in params) != ("hada_t2" in params):
             raise AdapterFileError(f"{source}: module {name} has only one of hada_t1/hada_t2; the file is incomplete")
         tensors = {k: v for k, v in params.items() if k in LOHA_PARAMS + TUCKER_PARAMS + LORA_PARAMS}
@@ -180,8 +238,14 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "<
                                        "(often a diverged training run). Use an earlier checkpoint.")
         alpha = params.get("alpha")
         scale = params.get("scale")
-        if alpha is not None and not torch.isfinite(alpha.float()).all():
-            raise AdapterFileError(f"{source}: module {name} has a non-finite alpha")
+        for k, v in (("alpha", alpha), ("scale", scale)):
+            if v is None:
+                continue
+            if v.numel() != 1:
+                raise AdapterFileError(f"{source}: module {name} has a {k} of shape {tuple(v.shape)}; "
+                                       f"{k} must be a single number. The file is malformed.")
+            if not torch.isfinite(v.float()).all():
+                raise AdapterFileError(f"{source}: module {name} has a non-finite {k}; the adapter is broken.")
         modules[name] = AdapterModule(
             name=name,
             algo=algo,
@@ -192,11 +256,15 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "<
         )
     if not modules:
         sample = ", ".join(list(state_dict)[:5]) or "(no tensors)"
+        other = sorted({p for ps in unsupported.values() for p in ps} - KNOWN_PARAMS)
+        hint = (f" Its {len(unsupported)} modules use parameters of another algorithm ({', '.join(other[:6])}), "
+                "which sd-loha does not merge." if other else " Is this an adapter file?")
         raise AdapterFileError(
-            f"{source}: no LoHA (hada_w1_a/…) or LoRA (lora_up/lora_down) modules found; keys start with: {sample}. "
-            "Is this an adapter file?"
+            f"{source}: no LoHA (hada_w1_a/…) or LoRA (lora_up/lora_down) modules found; keys start with: {sample}."
+            + hint
         )
-    return ParsedFile(modules=modules, metadata=dict(metadata or {}), unsupported=unsupported, source=source)
+    return ParsedFile(modules=modules, metadata=dict(metadata or {}), unsupported=unsupported, source=source,
+                      ignored=ignored)
 
 
 def load_adapter(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> ParsedFile:
@@ -205,6 +273,35 @@ def load_adapter(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Pars
         return parse_state_dict(source)
     tensors, metadata = read_safetensors(source)
     return parse_state_dict(tensors, source=str(source), metadata=metadata)
+
+
+def _target_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; not every platform can open a folder, which is fine."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -221,9 +318,13 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; other tools (A1111 as another user) must read it
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give the result the mode a plain open() would (or the old file's).
+        os.chmod(tmp, _target_mode(path))
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise OSError(e.errno, f"could not write {path}: {e.strerror}; the previous file (if any) is untouched") from e

@@ -1,0 +1,1819 @@
+"""Training configuration: one flat namespace of options, shared by TOML files, ``--set`` and Python.
+
+Every option is a field of :class:`TrainConfig`; its metadata (group, type, default, allowed values,
+help) drives parsing, validation, :meth:`TrainConfig.to_toml` and the generated reference
+``docs/config.md`` (:func:`config_reference_markdown`).
+
+Entry points::
+
+    cfg = load_config("style.toml", ["max_train_steps=50", "output_dir=out"])
+    cfg = config_from_kwargs(pretrained_model="tiny-sd1", train_data_dir="data", output_dir="out")
+    cfg = TrainConfig.from_dict({...})          # flat or grouped in tables, like the TOML file
+    check_paths(cfg); check_output_dir(cfg, resume=None)   # before any model loads
+
+All problems are collected and raised together as one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import logging
+import math
+import os
+import re
+import sys
+import textwrap
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = [
+    "ConfigError",
+    "Problem",
+    "TrainConfig",
+    "OptionSpec",
+    "OPTIONS",
+    "GROUPS",
+    "BUILTIN_MODELS",
+    "PRESETS",
+    "LR_SCHEDULERS",
+    "SAMPLERS",
+    "DEFAULT_MAX_TRAIN_STEPS",
+    "load_config",
+    "loads_config",
+    "config_from_kwargs",
+    "as_config",
+    "check_paths",
+    "check_output_dir",
+    "find_previous_outputs",
+    "config_reference_markdown",
+]
+
+logger = logging.getLogger(__name__)
+
+GROUPS: tuple[str, ...] = ("model", "dataset", "network", "training", "saving", "sampling", "logging")
+GROUP_TITLES = {
+    "model": "Base model",
+    "dataset": "Dataset, captions and caching",
+    "network": "LoHA network",
+    "training": "Training",
+    "saving": "Saving",
+    "sampling": "Sample images during training",
+    "logging": "Logging",
+}
+
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
+PRESETS: tuple[str, ...] = ("attn-only", "attn-mlp", "full")
+LR_SCHEDULERS: tuple[str, ...] = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+DEFAULT_MAX_TRAIN_STEPS = 1600
+
+#: sample_sampler name -> (diffusers scheduler class name, extra from_config kwargs, description)
+SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral (A1111 'Euler a')"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "pndm": ("PNDMScheduler", {}, "PNDM"),
+    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}, "DPM2"),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}, "DPM2 ancestral"),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
+    "dpmsolver++_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+_SAMPLER_ALIASES = {
+    "k_euler_a": "euler_a",
+    "k_euler": "euler",
+    "k_lms": "lms",
+    "k_dpm_2": "dpm_2",
+    "k_dpm_2_a": "dpm_2_a",
+    "dpm++_2m": "dpmsolver++",
+    "dpm++_2m_karras": "dpmsolver++_karras",
+}
+
+#: optimizer names that are not torch.optim classes (case-insensitive) -> canonical spelling
+EXTRA_OPTIMIZERS: dict[str, str] = {"adamw8bit": "AdamW8bit", "prodigy": "Prodigy"}
+_REFUSED_TORCH_OPTIMIZERS = {
+    "Optimizer": "it is the abstract base class",
+    "LBFGS": "it needs a closure that re-evaluates the loss, which a diffusion training loop cannot provide",
+    "SparseAdam": "it only works with sparse gradients",
+}
+
+#: kohya sd-scripts / LyCORIS option names that sd-loha does not use, with what to do instead.
+KOHYA_HINTS: dict[str, str] = {
+    "pretrained_model_name_or_path": "this is kohya's name; sd-loha calls it 'pretrained_model'",
+    "network_module": "sd-loha always trains LoHA; delete this line",
+    "network_args": (
+        "LyCORIS network_args are separate options here: preset, conv_dim, conv_alpha, use_tucker, "
+        "rank_dropout, module_dropout (and algo is always LoHA)"
+    ),
+    "network_train_unet_only": "use train_text_encoder = false",
+    "network_train_text_encoder_only": "not supported; sd-loha always trains the UNet",
+    "xformers": "sd-loha uses PyTorch scaled-dot-product attention; delete this line",
+    "sdpa": "sd-loha always uses PyTorch scaled-dot-product attention; delete this line",
+    "mem_eff_attn": "sd-loha always uses PyTorch scaled-dot-product attention; delete this line",
+    "save_model_as": "sd-loha always writes .safetensors; delete this line",
+    "full_fp16": "the adapter always trains in fp32 under mixed_precision; delete this line",
+    "full_bf16": "the adapter always trains in fp32 under mixed_precision; delete this line",
+    "dataset_config": "point train_data_dir at the image folder (it may hold kohya '10_name' subfolders)",
+    "in_json": "point train_data_dir at the image folder; captions are read from caption files or metadata.jsonl",
+    "persistent_data_loader_workers": "not needed; delete this line",
+    "lr_warmup": "the option is lr_warmup_steps (a step count, or a fraction of the run below 1)",
+    "optimizer": "the option is optimizer_type",
+    "sample_prompt": "the option is sample_prompts (a list of strings)",
+    "network_rank": "the option is network_dim (kohya's name for the rank)",
+    "rank": "the option is network_dim (kohya's name for the rank)",
+    "alpha": "the option is network_alpha",
+    "conv_rank": "the option is conv_dim",
+    "resume": "resuming is a command-line flag: sd-loha train --config FILE --resume [STATE_DIR]",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Option metadata
+# --------------------------------------------------------------------------------------------------
+
+_KINDS = ("int", "float", "bool", "str", "path", "enum", "list", "dict", "resolution", "warmup", "optimizer")
+_STRINGY = ("str", "path", "enum", "optimizer")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """Metadata of one option (attached to each TrainConfig field as ``metadata['spec']``)."""
+
+    group: str
+    kind: str
+    help: str
+    optional: bool = False  # None is a legal value (written as "not set")
+    required: bool = False  # must be given (no usable default)
+    choices: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False  # min is exclusive
+    max_open: bool = False  # max is exclusive
+    multiple_of: int | None = None
+    none_words: tuple[str, ...] = ()  # strings that mean "not set" (e.g. "auto")
+    default_doc: str | None = None  # how the default reads in docs ("same as learning_rate")
+    type_doc: str | None = None
+    example: str | None = None  # a valid TOML value, used in fix hints
+    name: str = ""
+    default: Any = None
+
+    def type_text(self) -> str:
+        if self.type_doc:
+            return self.type_doc
+        return {
+            "int": "integer",
+            "float": "number",
+            "bool": "boolean",
+            "str": "string",
+            "path": "path",
+            "enum": "string",
+            "list": "list of strings",
+            "dict": "table",
+            "resolution": 'integer, "W,H" or [W, H]',
+            "warmup": "integer, or number < 1",
+            "optimizer": "string",
+        }[self.kind]
+
+    def range_text(self) -> str | None:
+        lo, hi = self.min, self.max
+        if lo is None and hi is None:
+            return None
+        if hi is None:
+            return f"{'>' if self.min_open else '>='} {_num(lo)}"
+        if lo is None:
+            return f"{'<' if self.max_open else '<='} {_num(hi)}"
+        return f"in {'(' if self.min_open else '['}{_num(lo)}, {_num(hi)}{')' if self.max_open else ']'}"
+
+    def example_value(self) -> str:
+        if self.example is not None:
+            return self.example
+        if self.default is not None and not isinstance(self.default, (list, dict, tuple)):
+            return _toml_value(self.default)
+        return {
+            "int": "1",
+            "float": "1.0",
+            "bool": "true",
+            "list": '["..."]',
+            "dict": "{ weight_decay = 0.01 }",
+            "resolution": "512",
+            "warmup": "100",
+        }.get(self.kind, '"..."')
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x)
+
+
+def _opt(group: str, kind: str, default: Any = None, help: str = "", **kw: Any) -> Any:
+    assert group in GROUPS and kind in _KINDS, (group, kind)
+    spec = OptionSpec(group=group, kind=kind, help=" ".join(help.split()), **kw)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata={"spec": spec})
+    return field(default=default, metadata={"spec": spec})
+
+
+# --------------------------------------------------------------------------------------------------
+# The config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """All training options. Build it with :func:`load_config`, :meth:`from_dict` or
+    :func:`config_from_kwargs` (which parse and validate); direct construction does not validate
+    until :meth:`validate` is called."""
+
+    # ---- model ---------------------------------------------------------------------------------
+    pretrained_model: str | None = _opt(
+        "model", "path", None,
+        "Base model: a local diffusers folder (with model_index.json), a single .safetensors/.ckpt "
+        "checkpoint, a Hugging Face hub id (org/name), or a built-in tiny test model "
+        "(tiny-sd1, tiny-sd2, tiny-sdxl). SD 1.x, 2.x or SDXL is detected from the model.",
+        required=True, type_doc="path, hub id or built-in name",
+        example='"stable-diffusion-v1-5/stable-diffusion-v1-5"',
+    )
+    vae: str | None = _opt(
+        "model", "path", None,
+        "Replacement VAE: a file, a diffusers folder or a hub id (e.g. madebyollin/sdxl-vae-fp16-fix "
+        "to avoid NaNs with an fp16 SDXL VAE). Not set: the model's own VAE.",
+        optional=True, type_doc="path or hub id", example='"madebyollin/sdxl-vae-fp16-fix"',
+    )
+    clip_skip: int = _opt(
+        "model", "int", 1,
+        "Use the output of the N-th text-encoder layer from the end (1 = last layer, 2 = the usual "
+        "choice for anime-style SD 1.x models). Samples use the same value.",
+        min=1, max=12,
+    )
+    v_parameterization: bool | None = _opt(
+        "model", "bool", None,
+        "Train on v-prediction. Not set: detected from the model's scheduler (prediction_type), "
+        "which is right for SD 2.x 768 models; set true/false only to override a wrong detection "
+        "(\"auto\" also means not set).",
+        optional=True, default_doc="auto-detect", none_words=("auto",),
+    )
+
+    # ---- dataset -------------------------------------------------------------------------------
+    train_data_dir: str | None = _opt(
+        "dataset", "path", None,
+        "Folder of training images with same-name caption files (or metadata.jsonl); kohya "
+        "'10_name' subfolders repeat their images 10 times per epoch. Searched recursively.",
+        required=True, example='"data/my_style"',
+    )
+    caption_extension: str = _opt(
+        "dataset", "str", ".txt",
+        "Extension of the caption file next to each image.",
+    )
+    resolution: tuple[int, int] = _opt(
+        "dataset", "resolution", (512, 512),
+        "Training resolution, width and height (an integer for a square). With bucketing this sets the "
+        "pixel area of every bucket. Multiples of 8. Stored as (width, height).",
+        multiple_of=8, min=64, default_doc="`512`", example="512",
+    )
+    enable_bucket: bool = _opt(
+        "dataset", "bool", True,
+        "Aspect-ratio bucketing: group images by aspect ratio instead of center-cropping everything to "
+        "a square.",
+    )
+    min_bucket_reso: int = _opt(
+        "dataset", "int", 256, "Smallest bucket side in pixels.", min=64, multiple_of=8,
+    )
+    max_bucket_reso: int = _opt(
+        "dataset", "int", 1024, "Largest bucket side in pixels.", min=64, multiple_of=8,
+    )
+    bucket_reso_steps: int = _opt(
+        "dataset", "int", 64,
+        "Bucket sides are multiples of this (64 is what kohya and most UIs use; 32 gives more buckets).",
+        min=8, multiple_of=8,
+    )
+    bucket_no_upscale: bool = _opt(
+        "dataset", "bool", False,
+        "Never upscale: an image smaller than the resolution gets a bucket of its own size.",
+    )
+    random_crop: bool = _opt(
+        "dataset", "bool", False, "Crop at a random position instead of the center when an image must be cropped.",
+    )
+    flip_aug: bool = _opt(
+        "dataset", "bool", False,
+        "Randomly flip images horizontally (do not use for asymmetric subjects or text).",
+    )
+    shuffle_caption: bool = _opt(
+        "dataset", "bool", False,
+        "Shuffle comma-separated caption tags every step (the first keep_tokens tags stay in place).",
+    )
+    keep_tokens: int = _opt(
+        "dataset", "int", 0,
+        "Number of leading comma-separated caption tags that shuffling and tag dropout never touch "
+        "(the trigger word is kept in front anyway and does not count).",
+        min=0,
+    )
+    caption_dropout_rate: float = _opt(
+        "dataset", "float", 0.0,
+        "Probability of training an image with an empty caption (helps the adapter work without its trigger).",
+        min=0.0, max=1.0,
+    )
+    caption_tag_dropout_rate: float = _opt(
+        "dataset", "float", 0.0,
+        "Probability of dropping each comma-separated tag (except the first keep_tokens).",
+        min=0.0, max=1.0, max_open=True,
+    )
+    trigger_word: str = _opt(
+        "dataset", "str", "",
+        "Word put in front of every caption that does not already contain it; never shuffled or dropped "
+        "(empty: none). Images without a caption file get just this.",
+    )
+    cache_latents: bool = _opt(
+        "dataset", "bool", True,
+        "Encode every image with the VAE once before training and keep the latents in memory "
+        "(much faster; the VAE is then unloaded).",
+    )
+    cache_latents_to_disk: bool = _opt(
+        "dataset", "bool", False,
+        "Also store cached latents on disk so later runs reuse them (invalidated when resolution, "
+        "bucketing, cropping or the VAE change). Needs cache_latents.",
+    )
+    cache_text_encoder_outputs: bool = _opt(
+        "dataset", "bool", False,
+        "Encode captions once and unload the text encoder(s) (saves memory, mostly for SDXL). Only "
+        "possible when the text encoder is not trained.",
+    )
+    validation_split: float = _opt(
+        "dataset", "float", 0.0,
+        "Fraction of images held out to compute a validation loss (0 = no validation).",
+        min=0.0, max=0.5, max_open=True,
+    )
+    validation_every_n_steps: int | None = _opt(
+        "dataset", "int", None,
+        "Compute the validation loss every N steps. Not set: once per epoch. Needs validation_split > 0.",
+        optional=True, min=1, default_doc="once per epoch", example="100",
+    )
+
+    # ---- network -------------------------------------------------------------------------------
+    preset: str = _opt(
+        "network", "enum", "attn-mlp",
+        "Which layers get LoHA modules: attn-only (UNet attention projections), attn-mlp (attention and "
+        "feed-forward layers of the transformer blocks, incl. proj_in/proj_out), full (also the ResNet "
+        "convolutions, down/upsamplers and time embedding; k x k convs only when conv_dim > 0). The "
+        "text encoders' attention and MLP layers are added when train_text_encoder is true.",
+        choices=PRESETS,
+    )
+    network_dim: int = _opt(
+        "network", "int", 8,
+        "LoHA rank of linear and 1x1 conv layers (capacity grows like rank squared; 4-16 is typical).",
+        min=1,
+    )
+    network_alpha: float = _opt(
+        "network", "float", 4.0,
+        "Scale numerator: the update is multiplied by network_alpha / network_dim. Lower = smaller "
+        "effective learning rate; 1 to network_dim/2 is typical for LoHA.",
+        min=0.0, min_open=True,
+    )
+    conv_dim: int = _opt(
+        "network", "int", 0,
+        "LoHA rank of k x k convolutions (0 = do not adapt k x k convs). Used by preset full.",
+        min=0,
+    )
+    conv_alpha: float = _opt(
+        "network", "float", 1.0, "Scale numerator of k x k convolutions (conv_alpha / conv_dim).",
+        min=0.0, min_open=True,
+    )
+    use_tucker: bool = _opt(
+        "network", "bool", False,
+        "Tucker decomposition for k x k convolutions (fewer parameters; only matters when conv_dim > 0).",
+    )
+    rank_dropout: float = _opt(
+        "network", "float", 0.0, "Probability of dropping each rank of the update during training.",
+        min=0.0, max=1.0, max_open=True,
+    )
+    module_dropout: float = _opt(
+        "network", "float", 0.0, "Probability of skipping a whole LoHA module for a training step.",
+        min=0.0, max=1.0, max_open=True,
+    )
+    network_include: list[str] = _opt(
+        "network", "list", [],
+        "Extra module-name patterns to adapt on top of the preset (empty: the preset alone).",
+        example='["attn1"]',
+    )
+    network_exclude: list[str] = _opt(
+        "network", "list", [],
+        "Module-name patterns never adapted, even when the preset or network_include selects them.",
+        example='["time_emb"]',
+    )
+    train_text_encoder: bool = _opt(
+        "network", "bool", True,
+        "Also put LoHA modules in the text encoder(s) (both CLIP encoders for SDXL) and train them.",
+    )
+    network_weights: str | None = _opt(
+        "network", "path", None,
+        "Start from an existing LoHA .safetensors file (its ranks and targets must match this network). "
+        "To continue an interrupted run with its optimizer state, resume instead.",
+        optional=True, example='"old/loha.safetensors"',
+    )
+
+    # ---- training ------------------------------------------------------------------------------
+    output_dir: str | None = _opt(
+        "training", "path", None,
+        "Folder for the LoHA files, resumable states, samples and logs (created if missing). A folder "
+        "that already holds this output_name's files is refused unless overwrite is true or you resume.",
+        required=True, example='"output/my_style"',
+    )
+    output_name: str = _opt(
+        "training", "str", "loha",
+        "File name stem of the saved LoHA files (output_name.safetensors, output_name-000400.safetensors, ...).",
+    )
+    train_batch_size: int = _opt("training", "int", 1, "Images per batch.", min=1)
+    max_train_steps: int | None = _opt(
+        "training", "int", None,
+        f"Length of the run in optimizer steps. Defaults to {DEFAULT_MAX_TRAIN_STEPS} when max_train_epochs "
+        "is not set. Set max_train_steps or max_train_epochs, not both.",
+        optional=True, min=1, default_doc=f"`{DEFAULT_MAX_TRAIN_STEPS}` if max_train_epochs is not set",
+        example="1600",
+    )
+    max_train_epochs: int | None = _opt(
+        "training", "int", None,
+        "Length of the run in epochs (one epoch = every image times its folder repeats). Set "
+        "max_train_steps or max_train_epochs, not both.",
+        optional=True, min=1, example="10",
+    )
+    learning_rate: float = _opt(
+        "training", "float", 1e-4,
+        "Base learning rate; unet_lr and text_encoder_lr default to it. Use about 1.0 with Prodigy.",
+        min=0.0, min_open=True,
+    )
+    unet_lr: float | None = _opt(
+        "training", "float", None, "Learning rate of the UNet modules. Not set: learning_rate.",
+        optional=True, min=0.0, min_open=True, default_doc="learning_rate", example="2e-4",
+    )
+    text_encoder_lr: float | None = _opt(
+        "training", "float", None,
+        "Learning rate of the text-encoder modules. Not set: learning_rate (as in kohya). A lower value "
+        "(e.g. a quarter of unet_lr) often generalises better.",
+        optional=True, min=0.0, min_open=True, default_doc="learning_rate", example="5e-5",
+    )
+    optimizer_type: str = _opt(
+        "training", "optimizer", "AdamW",
+        "AdamW, AdamW8bit (needs bitsandbytes), Prodigy (needs prodigyopt), any torch.optim class name "
+        "(SGD, Adafactor, ...), or a full import path module.Class. Case-insensitive.",
+    )
+    optimizer_args: dict[str, Any] = _opt(
+        "training", "dict", {},
+        "Extra optimizer keyword arguments, as a TOML table ({ weight_decay = 0.01, betas = [0.9, 0.99] }) "
+        "or kohya-style strings ([\"weight_decay=0.01\", \"betas=0.9,0.99\"]).",
+        example="{ weight_decay = 0.01 }",
+    )
+    lr_scheduler: str = _opt(
+        "training", "enum", "constant", "Learning-rate schedule (diffusers' get_scheduler).",
+        choices=LR_SCHEDULERS,
+    )
+    lr_warmup_steps: int | float = _opt(
+        "training", "warmup", 0,
+        "Warmup steps of the schedule; a number below 1 is a fraction of the run (0.05 = 5 %). "
+        "The plain constant schedule ignores warmup: use constant_with_warmup.",
+        min=0,
+    )
+    lr_scheduler_num_cycles: int = _opt(
+        "training", "int", 1, "Number of restarts for cosine_with_restarts.", min=1,
+    )
+    lr_scheduler_power: float = _opt(
+        "training", "float", 1.0, "Power of the polynomial schedule.", min=0.0, min_open=True,
+    )
+    gradient_accumulation_steps: int = _opt(
+        "training", "int", 1,
+        "Batches accumulated per optimizer step (effective batch = train_batch_size x this).",
+        min=1,
+    )
+    max_grad_norm: float = _opt(
+        "training", "float", 1.0, "Gradient clipping norm (0 = no clipping).", min=0.0,
+    )
+    mixed_precision: str = _opt(
+        "training", "enum", "no",
+        "Precision of the frozen model and the forward pass: no (fp32), fp16 or bf16. The LoHA "
+        "weights always train in fp32. bf16 needs a GPU that supports it.",
+        choices=("no", "fp16", "bf16"), aliases={"fp32": "no", "float": "no", "float32": "no", "none": "no",
+                                                 "float16": "fp16", "bfloat16": "bf16"},
+    )
+    gradient_checkpointing: bool = _opt(
+        "training", "bool", False, "Trade compute for memory: recompute activations in the backward pass.",
+    )
+    seed: int = _opt("training", "int", 42, "Random seed of the run (noise, shuffling, dropout).", min=0)
+    min_snr_gamma: float | None = _opt(
+        "training", "float", None,
+        "Min-SNR-gamma loss weighting (5.0 is typical; speeds up convergence). Not set: off.",
+        optional=True, min=0.0, min_open=True, default_doc="off", example="5.0",
+    )
+    noise_offset: float = _opt(
+        "training", "float", 0.0,
+        "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).", min=0.0, max=1.0,
+    )
+    loss_type: str = _opt(
+        "training", "enum", "l2", "Loss: l2 (mean squared error), huber or smooth_l1 (robust to outliers).",
+        choices=("l2", "huber", "smooth_l1"), aliases={"mse": "l2", "smooth-l1": "smooth_l1"},
+    )
+    huber_c: float = _opt(
+        "training", "float", 0.1, "Huber/smooth-L1 threshold (only for those loss types).",
+        min=0.0, min_open=True,
+    )
+    ema_decay: float | None = _opt(
+        "training", "float", None,
+        "Keep an exponential moving average of the LoHA weights with this decay (e.g. 0.999) and save "
+        "the averaged weights. Not set: no EMA.",
+        optional=True, min=0.0, max=1.0, min_open=True, max_open=True, default_doc="off", example="0.999",
+    )
+    max_data_loader_n_workers: int = _opt(
+        "training", "int", 0, "Data-loader worker processes (0 = load in the main process).", min=0,
+    )
+
+    # ---- saving --------------------------------------------------------------------------------
+    save_every_n_steps: int | None = _opt(
+        "saving", "int", None, "Save the LoHA every N steps. Not set: no step-based saves.",
+        optional=True, min=1, default_doc="off", example="400",
+    )
+    save_every_n_epochs: int | None = _opt(
+        "saving", "int", None, "Save the LoHA every N epochs. Not set: no epoch-based saves.",
+        optional=True, min=1, default_doc="off", example="1",
+    )
+    save_last_n: int | None = _opt(
+        "saving", "int", None,
+        "Keep only the newest N intermediate saves (and their states); the final file is always kept. "
+        "Not set: keep all.",
+        optional=True, min=1, default_doc="keep all", example="4",
+    )
+    save_precision: str = _opt(
+        "saving", "enum", "fp16", "Precision of the saved LoHA weights.",
+        choices=("fp16", "bf16", "float"),
+        aliases={"fp32": "float", "float32": "float", "float16": "fp16", "bfloat16": "bf16"},
+    )
+    save_state: bool = _opt(
+        "saving", "bool", True,
+        "Write a resumable training state (optimizer, scheduler, RNG, step) next to every save.",
+    )
+    overwrite: bool = _opt(
+        "saving", "bool", False,
+        "Allow writing into an output_dir that already holds this output_name's files (they get replaced).",
+    )
+
+    # ---- sampling ------------------------------------------------------------------------------
+    sample_prompts: list[str] = _opt(
+        "sampling", "list", [],
+        "Prompts for sample images during training (a single string is one prompt).",
+        example='["a cat, my_style"]',
+    )
+    sample_negative_prompt: str = _opt(
+        "sampling", "str", "", "Negative prompt used for every sample image.",
+    )
+    sample_every_n_steps: int | None = _opt(
+        "sampling", "int", None, "Make samples every N steps. Not set: no step-based samples.",
+        optional=True, min=1, default_doc="off", example="200",
+    )
+    sample_every_n_epochs: int | None = _opt(
+        "sampling", "int", None, "Make samples every N epochs. Not set: no epoch-based samples.",
+        optional=True, min=1, default_doc="off", example="1",
+    )
+    sample_seed: int = _opt("sampling", "int", 1234, "Seed of the sample images (the same every time).", min=0)
+    sample_steps: int = _opt("sampling", "int", 20, "Denoising steps per sample image.", min=1)
+    sample_guidance_scale: float = _opt(
+        "sampling", "float", 7.0, "Classifier-free guidance scale of the samples.", min=0.0,
+    )
+    sample_width: int | None = _opt(
+        "sampling", "int", None, "Sample width in pixels. Not set: the training resolution's width.",
+        optional=True, min=64, multiple_of=8, default_doc="resolution width", example="512",
+    )
+    sample_height: int | None = _opt(
+        "sampling", "int", None, "Sample height in pixels. Not set: the training resolution's height.",
+        optional=True, min=64, multiple_of=8, default_doc="resolution height", example="512",
+    )
+    sample_sampler: str = _opt(
+        "sampling", "enum", "euler_a",
+        "Sampler of the sample images (see the sampler table below; kohya's k_* names are accepted).",
+        choices=tuple(SAMPLERS), aliases=_SAMPLER_ALIASES,
+    )
+
+    # ---- logging -------------------------------------------------------------------------------
+    logging_dir: str | None = _opt(
+        "logging", "path", None, "Folder for training logs. Not set: output_dir/logs.",
+        optional=True, default_doc="output_dir/logs", example='"logs"',
+    )
+    log_with: str = _opt(
+        "logging", "enum", "auto",
+        "Where to log loss and learning rate: tensorboard, none, or auto (tensorboard when it is "
+        "installed, otherwise none).",
+        choices=("auto", "tensorboard", "none"),
+    )
+
+    # ---- behaviour -----------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.max_train_steps is None and self.max_train_epochs is None:
+            self.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> "TrainConfig":
+        """Parse and validate a flat or table-grouped mapping (same shape as the TOML file).
+
+        ``None`` values mean "not set". Raises :class:`ConfigError` listing every problem."""
+        return _build([_Layer.from_mapping(data, source)])
+
+    def to_dict(self, *, grouped: bool = False, include_none: bool = True) -> dict[str, Any]:
+        """Plain-Python copy of the options (lists instead of tuples), flat or grouped by table."""
+        out: dict[str, Any] = {}
+        for spec in OPTIONS.values():
+            v = getattr(self, spec.name)
+            if v is None and not include_none:
+                continue
+            v = _plain(v)
+            if grouped:
+                out.setdefault(spec.group, {})[spec.name] = v
+            else:
+                out[spec.name] = v
+        return out
+
+    def to_toml(self, *, comments: bool = False) -> str:
+        """The config as TOML, grouped in tables; ``load_config`` of it gives back an equal config.
+
+        Options that are not set (None) are left out (with ``comments=True`` they appear commented,
+        and every option gets its help text as a comment)."""
+        lines = ["# sd-loha training config (options: docs/config.md)"]
+        for group in GROUPS:
+            lines += ["", f"[{group}]"]
+            for spec in OPTIONS.values():
+                if spec.group != group:
+                    continue
+                v = getattr(self, spec.name)
+                if comments:
+                    lines += ["# " + t for t in textwrap.wrap(spec.help, 98)]
+                if v is None:
+                    if comments:
+                        lines.append(f"# {spec.name} = {spec.example_value()}")
+                    continue
+                if spec.kind == "resolution" and v[0] == v[1]:
+                    v = v[0]
+                lines.append(f"{spec.name} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+    def validate(self) -> list[str]:
+        """Check every option and every cross-option rule, normalising values in place (enum case,
+        resolution to (w, h), ...). Returns the warnings; raises :class:`ConfigError` on errors."""
+        problems: list[Problem] = []
+        bad: set[str] = set()
+        origins = getattr(self, "_origins", {})
+        for spec in OPTIONS.values():
+            v = getattr(self, spec.name)
+            if v is None:
+                continue
+            try:
+                setattr(self, spec.name, _coerce(spec, v))
+            except _Bad as e:
+                problems.append(Problem(origins.get(spec.name), e.message, e.fix))
+                bad.add(spec.name)
+        warns: list[str] = []
+        problems += _cross_check(self, origins, bad, warns)
+        if problems:
+            raise ConfigError(problems)
+        self._warnings = warns
+        return list(warns)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Warnings found by the last validation (not errors: training can run)."""
+        return list(getattr(self, "_warnings", []))
+
+    # ---- resolved values for the trainer ------------------------------------------------------
+    @property
+    def effective_unet_lr(self) -> float:
+        return self.unet_lr if self.unet_lr is not None else self.learning_rate
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
+
+    @property
+    def sample_size(self) -> tuple[int, int]:
+        """(width, height) of sample images."""
+        return (self.sample_width or self.resolution[0], self.sample_height or self.resolution[1])
+
+    @property
+    def effective_logging_dir(self) -> str:
+        return self.logging_dir if self.logging_dir is not None else os.path.join(self.output_dir or ".", "logs")
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """lr_warmup_steps as a step count (a value below 1 is a fraction of total_steps)."""
+        w = self.lr_warmup_steps
+        if isinstance(w, float) and w < 1:
+            return int(round(w * total_steps))
+        return int(w)
+
+
+def _build_options() -> dict[str, OptionSpec]:
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        spec: OptionSpec = f.metadata["spec"]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out[f.name] = dataclasses.replace(spec, name=f.name, default=default)
+    return out
+
+
+#: option name -> metadata, in definition (and documentation) order
+OPTIONS: dict[str, OptionSpec] = _build_options()
+
+#: options of which at most one may be set; a higher layer (file over base, --set over file) that
+#: sets one of them unsets the other from the lower layers.
+_EXCLUSIVE_PAIRS = (("max_train_steps", "max_train_epochs"),)
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: where it was set (file and table, ``--set k=v``, ...), what is wrong, how to fix it."""
+
+    where: str | None
+    message: str
+    fix: str | None = None
+
+    def __str__(self) -> str:
+        s = f"{self.where}: {self.message}" if self.where else self.message
+        if self.fix:
+            fix = self.fix if self.fix.startswith("sd-loha") else self.fix[0].upper() + self.fix[1:]
+            s += f". {fix}"
+        return s if s.endswith((".", "?", ")")) else s + "."
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``problems`` lists every problem found, not just the first."""
+
+    def __init__(self, problems: Sequence[Problem | str], header: str | None = None):
+        self.problems = [p if isinstance(p, Problem) else Problem(None, p) for p in problems]
+        self.header = header
+        super().__init__(str(self))
+
+    @property
+    def messages(self) -> list[str]:
+        return [str(p) for p in self.problems]
+
+    def __str__(self) -> str:
+        n = len(self.problems)
+        head = self.header or f"invalid training config ({n} problem{'s' if n != 1 else ''})"
+        return head + ":\n" + "\n".join(f"  - {m}" for m in self.messages)
+
+
+class _Bad(Exception):
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+
+def _show(v: Any) -> str:
+    """A value as it appears in error messages: strings in single quotes, the rest as TOML."""
+    if isinstance(v, str):
+        return repr(v) if "'" not in v else '"' + v.replace('"', '\\"') + '"'
+    try:
+        return _toml_value(v)
+    except TypeError:
+        return repr(v)
+
+
+def _suggest(word: str, candidates: Iterable[str]) -> str | None:
+    cands = list(candidates)
+    lower = {c.lower(): c for c in cands}
+    hit = difflib.get_close_matches(word.lower(), list(lower), n=1, cutoff=0.6)
+    return lower[hit[0]] if hit else None
+
+
+def _unknown_option(key: str, table: bool = False) -> tuple[str, str | None]:
+    what = f"unknown table [{key}]" if table else f"unknown option '{key}'"
+    if key in KOHYA_HINTS:
+        return what, KOHYA_HINTS[key]
+    pool = list(OPTIONS) + (list(GROUPS) if table else [])
+    s = _suggest(key, pool)
+    if s:
+        return f"{what} (did you mean '{s}'?)", None
+    if table:
+        return what, f"tables are optional; the known ones are {', '.join(GROUPS)}"
+    return what, "see docs/config.md for the list of options"
+
+
+# --------------------------------------------------------------------------------------------------
+# Coercion of one value
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _coerce(spec: OptionSpec, v: Any) -> Any:
+    """Check the type of a (non-None) value and normalise it; raises _Bad."""
+    k, name = spec.kind, spec.name
+    if isinstance(v, str) and v.strip().lower() in spec.none_words:
+        return None
+    if k == "int":
+        if _is_num(v) and math.isfinite(v) and float(v).is_integer():
+            v = int(v)
+        else:
+            fix = f"write a whole number without quotes, e.g. {name} = {spec.example_value()}"
+            raise _Bad(f"{name} must be an integer, got {_show(v)}", fix)
+    elif k == "float":
+        if not _is_num(v):
+            fix = f"write a number without quotes, e.g. {name} = {spec.example_value()}"
+            raise _Bad(f"{name} must be a number, got {_show(v)}", fix)
+        v = float(v)
+        if not math.isfinite(v):
+            raise _Bad(f"{name} must be a finite number, got {_show(v)}")
+    elif k == "bool":
+        if not isinstance(v, bool):
+            fix = f"write {name} = true or {name} = false (no quotes)"
+            raise _Bad(f"{name} must be true or false, got {_show(v)}", fix)
+    elif k in ("str", "optimizer", "enum"):
+        if not isinstance(v, str):
+            raise _Bad(f"{name} must be a string, got {_show(v)}", f'put it in quotes, e.g. {name} = "{_plain_str(v)}"')
+        if k == "enum":
+            v = _canonical_choice(spec, v)
+        elif k == "optimizer":
+            v = _canonical_optimizer(v)
+    elif k == "path":
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if not isinstance(v, str):
+            raise _Bad(
+                f"{name} must be a path (a string), got {_show(v)}",
+                f"put it in quotes, e.g. {name} = {spec.example_value()}",
+            )
+    elif k == "list":
+        if isinstance(v, str):
+            v = [v] if v else []
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            raise _Bad(
+                f"{name} must be a list of strings, got {_show(v)}",
+                f"write e.g. {name} = {spec.example_value()}",
+            )
+        v = list(v)
+    elif k == "dict":
+        v = _coerce_dict(spec, v)
+    elif k == "resolution":
+        v = _coerce_resolution(spec, v)
+    elif k == "warmup":
+        if _is_num(v) and math.isfinite(v) and v >= 0:
+            if float(v).is_integer():
+                v = int(v)
+            elif v > 1:
+                raise _Bad(
+                    f"{name} must be a whole number of steps or a fraction below 1, got {_show(v)}",
+                    f"write e.g. {name} = 100 (steps) or {name} = 0.05 (5 % of the run)",
+                )
+            else:
+                v = float(v)
+        else:
+            raise _Bad(
+                f"{name} must be a number of steps (>= 0) or a fraction below 1, got {_show(v)}",
+                f"write e.g. {name} = 100 or {name} = 0.05",
+            )
+    _check_range(spec, v)
+    return v
+
+
+def _plain_str(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _check_range(spec: OptionSpec, v: Any) -> None:
+    if not _is_num(v):
+        return
+    lo, hi = spec.min, spec.max
+    bad = (
+        (lo is not None and (v <= lo if spec.min_open else v < lo))
+        or (hi is not None and (v >= hi if spec.max_open else v > hi))
+    )
+    if bad:
+        raise _Bad(f"{spec.name} must be {spec.range_text()}, got {_show(v)}")
+    if spec.multiple_of and spec.kind == "int" and v % spec.multiple_of:
+        m = spec.multiple_of
+        near = max(m, int(round(v / m)) * m)
+        raise _Bad(f"{spec.name} must be a multiple of {m}, got {v}", f"use {near}")
+
+
+def _canonical_choice(spec: OptionSpec, v: str) -> str:
+    low = v.strip().lower()
+    for c in spec.choices:
+        if c.lower() == low:
+            return c
+    for a, c in spec.aliases.items():
+        if a.lower() == low:
+            return c
+    s = _suggest(v, list(spec.choices) + list(spec.aliases))
+    s = spec.aliases.get(s, s) if s else None
+    msg = f"{spec.name} must be one of {', '.join(spec.choices)}; got {_show(v)}"
+    if s:
+        msg += f" (did you mean '{s}'?)"
+    raise _Bad(msg)
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_optimizers() -> dict[str, str]:
+    """lower-case name -> canonical name of every torch.optim optimizer class (imports torch)."""
+    import inspect
+
+    import torch.optim
+
+    out = {}
+    for n in dir(torch.optim):
+        obj = getattr(torch.optim, n)
+        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer):
+            out[n.lower()] = n
+    return out
+
+
+def _canonical_optimizer(v: str) -> str:
+    name = v.strip()
+    if re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", name):
+        return name  # an import path, checked when the optimizer is built
+    low = name.lower()
+    if low in EXTRA_OPTIMIZERS:
+        return EXTRA_OPTIMIZERS[low]
+    torch_names = _torch_optimizers()
+    if low in torch_names:
+        canon = torch_names[low]
+        if canon in _REFUSED_TORCH_OPTIMIZERS:
+            raise _Bad(
+                f"optimizer_type '{canon}' cannot be used: {_REFUSED_TORCH_OPTIMIZERS[canon]}",
+                "use AdamW, AdamW8bit or Prodigy",
+            )
+        return canon
+    pool = list(EXTRA_OPTIMIZERS.values()) + [
+        n for n in torch_names.values() if n not in _REFUSED_TORCH_OPTIMIZERS
+    ]
+    s = _suggest(name, pool)
+    msg = f"optimizer_type {_show(v)} is not AdamW8bit, Prodigy or a torch.optim optimizer"
+    if s:
+        msg += f" (did you mean '{s}'?)"
+    raise _Bad(msg, "for an optimizer from another package write its import path, e.g. 'lion_pytorch.Lion'")
+
+
+def _parse_literal(text: str) -> Any:
+    """A TOML literal (number, bool, string, array, inline table); raises ValueError."""
+    try:
+        doc = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(str(e)) from None
+    if set(doc) != {"v"}:
+        raise ValueError("more than one value")
+    return doc["v"]
+
+
+def _coerce_dict(spec: OptionSpec, v: Any) -> dict[str, Any]:
+    if isinstance(v, str):
+        v = [v] if v.strip() else []
+    if isinstance(v, Mapping):
+        bad_keys = [k for k in v if not isinstance(k, str)]
+        if bad_keys:
+            raise _Bad(f"{spec.name} keys must be strings, got {_show(bad_keys[0])}")
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        out: dict[str, Any] = {}
+        for item in v:
+            if not isinstance(item, str) or "=" not in item:
+                raise _Bad(
+                    f"{spec.name} entries must be \"key=value\" strings, got {_show(item)}",
+                    f"write {spec.name} = {{ weight_decay = 0.01 }} or {spec.name} = [\"weight_decay=0.01\"]",
+                )
+            key, _, text = item.partition("=")
+            key = key.strip()
+            if not key.isidentifier():
+                raise _Bad(f"{spec.name}: '{key}' is not a valid argument name")
+            out[key] = _parse_arg_value(text.strip())
+        return out
+    raise _Bad(
+        f"{spec.name} must be a table of optimizer arguments, got {_show(v)}",
+        f"write {spec.name} = {{ weight_decay = 0.01, betas = [0.9, 0.99] }}",
+    )
+
+
+def _parse_arg_value(text: str) -> Any:
+    """kohya-style optimizer argument value: a TOML/Python literal, a comma list, or a bare string."""
+    for t in (text, text.replace("True", "true").replace("False", "false")):
+        try:
+            return _parse_literal(t)
+        except ValueError:
+            pass
+        if "," in t:
+            try:
+                return _parse_literal("[" + t.strip("()[] ") + "]")
+            except ValueError:
+                pass
+    if text == "None":
+        return None
+    return text
+
+
+def _coerce_resolution(spec: OptionSpec, v: Any) -> tuple[int, int]:
+    fix = f'write e.g. {spec.name} = 512, {spec.name} = "768,512" or {spec.name} = [768, 512] (width, height)'
+    wh: list[Any]
+    if isinstance(v, str):
+        parts = [p.strip() for p in re.split(r"[,xX*]", v.strip())]
+        try:
+            wh = [int(p) for p in parts]
+        except ValueError:
+            raise _Bad(f"{spec.name} must be a size in pixels, got {_show(v)}", fix) from None
+    elif _is_num(v):
+        wh = [v]
+    elif isinstance(v, (list, tuple)):
+        wh = list(v)
+    else:
+        raise _Bad(f"{spec.name} must be a size in pixels, got {_show(v)}", fix)
+    if len(wh) == 1:
+        wh = wh * 2
+    if len(wh) != 2 or not all(_is_num(x) and float(x).is_integer() for x in wh):
+        raise _Bad(f"{spec.name} must be one or two whole numbers (width, height), got {_show(v)}", fix)
+    w, h = (int(x) for x in wh)
+    for side in (w, h):
+        if side < 64 or side % 8:
+            near = max(64, int(round(side / 8)) * 8)
+            raise _Bad(
+                f"{spec.name} sides must be multiples of 8 and at least 64, got {_show(v)}",
+                f"use e.g. {near}",
+            )
+    return (w, h)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers: base dict < TOML file < --set overrides
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    values: dict[str, Any]  # option -> raw value (None = unset)
+    where: dict[str, str | None]
+    problems: list[Problem]
+    arg_updates: dict[str, Any] = dataclasses.field(default_factory=dict)  # optimizer_args.x=...
+    arg_where: str | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str | None) -> "_Layer":
+        layer = cls({}, {}, [])
+        if not isinstance(data, Mapping):
+            layer.problems.append(Problem(source, f"expected a table of options, got {_show(data)}"))
+            return layer
+
+        def loc(table: str | None) -> str | None:
+            if source is None:
+                return f"[{table}]" if table else None
+            return f"{source} [{table}]" if table else source
+
+        def add(key: str, value: Any, table: str | None) -> None:
+            if key in layer.values:
+                first = layer.where[key]
+                layer.problems.append(
+                    Problem(loc(table), f"{key} is set twice (also in {first or 'the top level'})",
+                            "keep one of the two")
+                )
+                return
+            layer.values[key] = value
+            layer.where[key] = loc(table)
+
+        for key, value in data.items():
+            key = str(key)
+            if key in OPTIONS:
+                add(key, value, None)
+            elif key in GROUPS:
+                if not isinstance(value, Mapping):
+                    layer.problems.append(
+                        Problem(loc(None), f"'{key}' is a table name, not an option",
+                                f"put options under a [{key}] header, e.g. [{key}] then one option per line")
+                    )
+                    continue
+                for k2, v2 in value.items():
+                    k2 = str(k2)
+                    if k2 in OPTIONS:
+                        add(k2, v2, key)
+                    elif k2 in GROUPS:
+                        layer.problems.append(
+                            Problem(loc(key), f"tables do not nest: [{key}.{k2}]",
+                                    f"make [{k2}] a top-level table")
+                        )
+                    else:
+                        msg, fix = _unknown_option(k2)
+                        layer.problems.append(Problem(loc(key), msg, fix))
+            else:
+                msg, fix = _unknown_option(key, table=isinstance(value, Mapping))
+                layer.problems.append(Problem(loc(None), msg, fix))
+        return layer
+
+    @classmethod
+    def from_overrides(cls, overrides: Sequence[str]) -> "_Layer":
+        layer = cls({}, {}, [])
+        if isinstance(overrides, str):
+            overrides = [overrides]
+        for raw in overrides:
+            where = f"--set {raw}"
+            key, eq, text = str(raw).partition("=")
+            key = key.strip()
+            if not eq or not key:
+                layer.problems.append(
+                    Problem(where, f"expected key=value, got {_show(raw)}", "write e.g. --set max_train_steps=500")
+                )
+                continue
+            head, dot, tail = key.partition(".")
+            if dot and head in GROUPS:
+                key = tail
+                head, dot, tail = key.partition(".")
+            if dot and head == "optimizer_args" and tail.isidentifier():
+                try:
+                    layer.arg_updates[tail] = _parse_literal(text.strip())
+                except ValueError:
+                    layer.arg_updates[tail] = _parse_arg_value(text.strip())
+                layer.arg_where = where
+                continue
+            if key not in OPTIONS:
+                msg, fix = _unknown_option(key)
+                layer.problems.append(Problem(where, msg, fix))
+                continue
+            layer.values[key] = _parse_override_value(OPTIONS[key], text)
+            layer.where[key] = where
+        return layer
+
+
+def _parse_override_value(spec: OptionSpec, text: str) -> Any:
+    t = text.strip()
+    if spec.optional and t.lower() in ("none", "null", "", *spec.none_words):
+        return None
+    if spec.kind == "bool" and t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    try:
+        v = _parse_literal(t)
+    except ValueError:
+        v = t
+        if spec.kind in ("float", "int", "warmup") and t:
+            try:
+                v = float(t)  # ".5", "1E-4" and friends that TOML rejects
+            except ValueError:
+                v = t
+        return v
+    if spec.kind in _STRINGY and not isinstance(v, str):
+        return t  # output_name=2024, trigger_word=true: the text itself
+    return v
+
+
+def _merge(layers: Sequence[_Layer]) -> tuple[dict[str, Any], dict[str, str | None], list[Problem]]:
+    merged: dict[str, Any] = {}
+    where: dict[str, str | None] = {}
+    problems: list[Problem] = []
+    for layer in layers:
+        problems += layer.problems
+        for a, b in _EXCLUSIVE_PAIRS:
+            for x, y in ((a, b), (b, a)):
+                if layer.values.get(x) is not None and y not in layer.values and y in merged:
+                    merged.pop(y)
+                    where.pop(y)
+        for k, v in layer.values.items():
+            if v is None:
+                merged.pop(k, None)
+                where.pop(k, None)
+            else:
+                merged[k] = v
+                where[k] = layer.where.get(k)
+        if layer.arg_updates:
+            base = merged.get("optimizer_args", {})
+            try:
+                base = _coerce_dict(OPTIONS["optimizer_args"], base)
+            except _Bad as e:
+                problems.append(Problem(where.get("optimizer_args"), e.message, e.fix))
+                base = {}
+            merged["optimizer_args"] = {**base, **layer.arg_updates}
+            where["optimizer_args"] = layer.arg_where
+    return merged, where, problems
+
+
+def _build(layers: Sequence[_Layer]) -> TrainConfig:
+    merged, where, problems = _merge(layers)
+    values: dict[str, Any] = {}
+    bad: set[str] = set()
+    for key, raw in merged.items():
+        try:
+            values[key] = _coerce(OPTIONS[key], raw)
+        except _Bad as e:
+            problems.append(Problem(where.get(key), e.message, e.fix))
+            bad.add(key)
+    cfg = TrainConfig(**values)
+    cfg._origins = dict(where)  # type: ignore[attr-defined]
+    warns: list[str] = []
+    problems += _cross_check(cfg, where, bad, warns)
+    if problems:
+        raise ConfigError(problems)
+    cfg._warnings = warns  # type: ignore[attr-defined]
+    for w in warns:
+        logger.warning("config: %s", w)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-option rules
+# --------------------------------------------------------------------------------------------------
+
+#: documentation of the rules _cross_check enforces (kept next to the code that enforces them)
+CHECKS_DOC: tuple[tuple[str, str], ...] = (
+    ("error", "pretrained_model, train_data_dir and output_dir must be set."),
+    ("error", "max_train_steps and max_train_epochs are both set (a later layer setting one unsets the other)."),
+    ("error", "cache_text_encoder_outputs = true while train_text_encoder = true."),
+    ("error", "cache_latents_to_disk = true while cache_latents = false."),
+    ("error", "min_bucket_reso > max_bucket_reso, or either is not a multiple of bucket_reso_steps."),
+    ("error", "with enable_bucket, a side of resolution outside [min_bucket_reso, max_bucket_reso]."),
+    ("error", "output_name is empty, holds a path separator, or ends in .safetensors."),
+    ("error", "caption_extension does not start with a dot."),
+    ("warning", "cache_latents with random_crop: every step crops a different region, so latents are "
+                "not cached."),
+    ("warning", "cache_text_encoder_outputs with shuffle_caption or caption_tag_dropout_rate: captions "
+                "change every step, so their text-encoder outputs cannot be cached (caption_dropout_rate "
+                "alone is fine)."),
+    ("warning", "lr_warmup_steps > 0 with lr_scheduler = constant (which ignores warmup)."),
+    ("warning", "lr_warmup_steps >= max_train_steps."),
+    ("warning", "conv_dim > 0 with a preset other than full, or use_tucker with conv_dim = 0 (no effect)."),
+    ("warning", "network_alpha > network_dim (updates scaled up; divergence risk)."),
+    ("warning", "text_encoder_lr set while train_text_encoder = false."),
+    ("warning", "keep_tokens > 0 without shuffle_caption or caption_tag_dropout_rate (no effect)."),
+    ("warning", "validation_every_n_steps set while validation_split = 0."),
+    ("warning", "save_last_n set without save_every_n_steps/epochs; save_every_n_steps > max_train_steps."),
+    ("warning", "sample_prompts without sample_every_n_steps/epochs, or the reverse."),
+)
+
+
+_REQUIRED_WHAT = {
+    "pretrained_model": "the base model to train on",
+    "train_data_dir": "the folder of training images",
+    "output_dir": "where the LoHA files are written",
+}
+
+
+def _cross_check(cfg: TrainConfig, where: Mapping[str, str | None], bad: set[str], warns: list[str]) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def loc(*keys: str) -> str | None:
+        seen = []
+        for k in keys:
+            w = where.get(k)
+            if w and w not in seen:
+                seen.append(w)
+        return " and ".join(seen) or None
+
+    def ok(*keys: str) -> bool:
+        return not (set(keys) & bad)
+
+    def err(keys: tuple[str, ...], msg: str, fix: str | None = None) -> None:
+        if ok(*keys):
+            problems.append(Problem(loc(*keys), msg, fix))
+
+    def warn(keys: tuple[str, ...], msg: str) -> None:
+        if ok(*keys):
+            warns.append(msg)
+
+    for name in ("pretrained_model", "train_data_dir", "output_dir"):
+        if name in bad:
+            continue
+        if getattr(cfg, name) in (None, ""):
+            spec = OPTIONS[name]
+            problems.append(
+                Problem(None, f"missing required option {name} ({_REQUIRED_WHAT[name]})",
+                        f"add {name} = {spec.example_value()} to the config file (under [{spec.group}] or at the "
+                        f"top) or pass --set {name}=...")
+            )
+
+    if cfg.max_train_steps is not None and cfg.max_train_epochs is not None:
+        err(("max_train_steps", "max_train_epochs"),
+            f"max_train_steps ({cfg.max_train_steps}) and max_train_epochs ({cfg.max_train_epochs}) are both set",
+            "keep only one: the run length is given either in steps or in epochs")
+
+    if cfg.cache_text_encoder_outputs and cfg.train_text_encoder:
+        err(("cache_text_encoder_outputs", "train_text_encoder"),
+            "cache_text_encoder_outputs = true needs a frozen text encoder, but train_text_encoder = true",
+            "set train_text_encoder = false, or cache_text_encoder_outputs = false")
+
+    if cfg.cache_latents_to_disk and not cfg.cache_latents:
+        err(("cache_latents_to_disk", "cache_latents"),
+            "cache_latents_to_disk = true needs cache_latents = true",
+            "set cache_latents = true, or cache_latents_to_disk = false")
+
+    if ok("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+        lo, hi, step = cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps
+        if lo > hi:
+            err(("min_bucket_reso", "max_bucket_reso"),
+                f"min_bucket_reso ({lo}) is larger than max_bucket_reso ({hi})", "swap them")
+        for name, v in (("min_bucket_reso", lo), ("max_bucket_reso", hi)):
+            if v % step:
+                near = max(step, int(round(v / step)) * step)
+                err((name, "bucket_reso_steps"),
+                    f"{name} ({v}) is not a multiple of bucket_reso_steps ({step})", f"use {name} = {near}")
+        if cfg.enable_bucket and ok("resolution", "enable_bucket") and lo <= hi:
+            w, h = cfg.resolution
+            if min(w, h) < lo or max(w, h) > hi:
+                err(("resolution", "min_bucket_reso", "max_bucket_reso"),
+                    f"resolution {w}x{h} does not fit the bucket range {lo}-{hi}",
+                    f"set min_bucket_reso <= {min(w, h)} and max_bucket_reso >= {max(w, h)}")
+
+    if ok("output_name"):
+        n = cfg.output_name
+        if not n.strip():
+            err(("output_name",), "output_name is empty", 'write e.g. output_name = "my_style"')
+        elif any(c in n for c in '/\\:') or n in (".", ".."):
+            err(("output_name",), f"output_name {_show(n)} must be a file name stem, not a path",
+                "put the folder in output_dir and only the name in output_name")
+        elif n.lower().endswith((".safetensors", ".ckpt", ".pt")):
+            stem = n.rsplit(".", 1)[0]
+            err(("output_name",), f"output_name {_show(n)} must not include the file extension",
+                f'write output_name = "{stem}"')
+
+    if ok("caption_extension") and not cfg.caption_extension.startswith("."):
+        err(("caption_extension",), f"caption_extension {_show(cfg.caption_extension)} must start with a dot",
+            f'write caption_extension = ".{cfg.caption_extension}"')
+
+    # ---- warnings -----------------------------------------------------------------------------
+    if cfg.cache_latents and cfg.random_crop:
+        warn(("cache_latents", "random_crop"),
+             "cache_latents with random_crop: every step crops a different region, so latents are not "
+             "cached (slower); set random_crop = false to cache them")
+    if cfg.cache_text_encoder_outputs and (cfg.shuffle_caption or cfg.caption_tag_dropout_rate > 0):
+        warn(("cache_text_encoder_outputs", "shuffle_caption", "caption_tag_dropout_rate"),
+             "cache_text_encoder_outputs with shuffle_caption or caption_tag_dropout_rate: captions change "
+             "every step, so their text-encoder outputs cannot be cached")
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
+        warn(("lr_scheduler", "lr_warmup_steps"),
+             "lr_warmup_steps is ignored by lr_scheduler = 'constant'; use 'constant_with_warmup'")
+    if (isinstance(cfg.lr_warmup_steps, int) and cfg.max_train_steps is not None
+            and cfg.lr_warmup_steps >= cfg.max_train_steps > 0):
+        warn(("lr_warmup_steps", "max_train_steps"),
+             f"lr_warmup_steps ({cfg.lr_warmup_steps}) is not shorter than max_train_steps ({cfg.max_train_steps})")
+    if cfg.conv_dim > 0 and cfg.preset != "full" and not cfg.network_include:
+        warn(("conv_dim", "preset"),
+             f"conv_dim = {cfg.conv_dim} has no effect with preset '{cfg.preset}' (k x k convs are only in "
+             "preset 'full')")
+    if cfg.use_tucker and cfg.conv_dim == 0:
+        warn(("use_tucker", "conv_dim"), "use_tucker has no effect while conv_dim = 0")
+    if cfg.network_alpha > cfg.network_dim:
+        warn(("network_alpha", "network_dim"),
+             f"network_alpha ({_num(cfg.network_alpha)}) is larger than network_dim ({cfg.network_dim}): updates are "
+             "scaled up, which often diverges with LoHA; 1 to network_dim/2 is typical")
+    if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
+        warn(("text_encoder_lr", "train_text_encoder"),
+             "text_encoder_lr is set but train_text_encoder = false, so it is not used")
+    if cfg.keep_tokens > 0 and not cfg.shuffle_caption and cfg.caption_tag_dropout_rate == 0:
+        warn(("keep_tokens",),
+             "keep_tokens only matters with shuffle_caption or caption_tag_dropout_rate; it has no effect here")
+    if cfg.validation_every_n_steps is not None and cfg.validation_split == 0:
+        warn(("validation_every_n_steps", "validation_split"),
+             "validation_every_n_steps is set but validation_split = 0, so there is no validation set")
+    if cfg.save_last_n is not None and cfg.save_every_n_steps is None and cfg.save_every_n_epochs is None:
+        warn(("save_last_n",),
+             "save_last_n is set but neither save_every_n_steps nor save_every_n_epochs is: only the final "
+             "file is written")
+    if (cfg.save_every_n_steps is not None and cfg.max_train_steps is not None
+            and cfg.save_every_n_steps > cfg.max_train_steps):
+        warn(("save_every_n_steps", "max_train_steps"),
+             f"save_every_n_steps ({cfg.save_every_n_steps}) is larger than max_train_steps "
+             f"({cfg.max_train_steps}): no intermediate save will happen")
+    has_interval = cfg.sample_every_n_steps is not None or cfg.sample_every_n_epochs is not None
+    if cfg.sample_prompts and not has_interval:
+        warn(("sample_prompts",),
+             "sample_prompts is set but neither sample_every_n_steps nor sample_every_n_epochs is: no samples "
+             "are made during training")
+    if has_interval and not cfg.sample_prompts:
+        warn(("sample_every_n_steps", "sample_every_n_epochs"),
+             "sample_every_n_steps/epochs is set but sample_prompts is empty: no samples will be made")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Public loading API
+# --------------------------------------------------------------------------------------------------
+
+_TOML_HINT = (
+    "common causes: a string without quotes (write output_dir = \"out\"), a Windows path with backslashes "
+    "in double quotes (use single quotes: 'C:\\data'), or a missing ] or \""
+)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Read a TOML config (or none), apply ``key=value`` overrides, validate everything.
+
+    Layers, lowest first: option defaults, ``base`` (a flat or grouped dict, e.g. from a UI), the
+    file, the overrides. Override values are TOML literals, or bare strings when they do not parse
+    (``output_dir=out``); ``none`` unsets an optional option. Raises :class:`ConfigError` with every
+    problem found. Relative paths in the config are relative to the current directory."""
+    layers = []
+    if base is not None:
+        layers.append(_Layer.from_mapping(base, "base settings"))
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([Problem(str(p), "config file not found", "check the --config path")]) from None
+        except IsADirectoryError:
+            raise ConfigError([Problem(str(p), "is a folder, not a config file", "pass the .toml file")]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([Problem(str(p), "config file is not UTF-8 text", "save it as UTF-8")]) from None
+        layers.append(_file_layer(text, str(p)))
+    layers.append(_Layer.from_overrides(overrides))
+    return _build(layers)
+
+
+def loads_config(
+    text: str, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None, source: str = "<config>"
+) -> TrainConfig:
+    """Like :func:`load_config` for TOML text (e.g. from an editor box in the web UI)."""
+    layers = []
+    if base is not None:
+        layers.append(_Layer.from_mapping(base, "base settings"))
+    layers += [_file_layer(text, source), _Layer.from_overrides(overrides)]
+    return _build(layers)
+
+
+def _file_layer(text: str, source: str) -> _Layer:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([Problem(source, f"not valid TOML: {e}", _TOML_HINT)]) from None
+    return _Layer.from_mapping(data, source)
+
+
+def config_from_kwargs(**kwargs: Any) -> TrainConfig:
+    """Python entry point: ``config_from_kwargs(pretrained_model="tiny-sd1", train_data_dir=..., ...)``."""
+    return TrainConfig.from_dict(kwargs)
+
+
+def as_config(
+    config: "TrainConfig | Mapping[str, Any] | str | os.PathLike[str]", overrides: Sequence[str] = ()
+) -> TrainConfig:
+    """Accept a TrainConfig (validated, then overrides applied), a dict, or a TOML path."""
+    if isinstance(config, TrainConfig):
+        if overrides:
+            return load_config(None, overrides, base=config.to_dict(include_none=False))
+        config.validate()
+        return config
+    if isinstance(config, Mapping):
+        return load_config(None, overrides, base=config) if overrides else TrainConfig.from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config, overrides)
+    raise TypeError(f"expected a TrainConfig, a dict or a path to a TOML file, got {type(config).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# File-system checks (run before any model is loaded)
+# --------------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return bool(_HUB_ID.fullmatch(s)) and ".." not in s and not s.lower().endswith(_MODEL_SUFFIXES)
+
+
+def _where_of(cfg: TrainConfig, key: str) -> str | None:
+    return getattr(cfg, "_origins", {}).get(key)
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Check the paths named by the config; raises :class:`ConfigError` listing every problem."""
+    problems: list[Problem] = []
+
+    def add(key: str, msg: str, fix: str | None = None) -> None:
+        problems.append(Problem(_where_of(cfg, key), msg, fix))
+
+    # training data
+    d = cfg.train_data_dir
+    if d:
+        p = Path(d).expanduser()
+        if not p.exists():
+            add("train_data_dir", f"train_data_dir '{d}' does not exist",
+                "point it at the folder that holds your images (or their kohya '10_name' subfolders)")
+        elif not p.is_dir():
+            add("train_data_dir", f"train_data_dir '{d}' is a file, not a folder",
+                "point it at the folder that holds your images")
+
+    # base model
+    m = cfg.pretrained_model
+    if m and m not in BUILTIN_MODELS:
+        p = Path(m).expanduser()
+        if p.is_dir():
+            if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
+                add("pretrained_model",
+                    f"pretrained_model '{m}' is a folder but not a diffusers model (no model_index.json)",
+                    "point it at the folder that holds model_index.json, or at a single .safetensors checkpoint")
+        elif p.is_file():
+            if p.suffix.lower() not in _MODEL_SUFFIXES:
+                add("pretrained_model", f"pretrained_model '{m}' is not a model file (expected .safetensors or .ckpt)",
+                    "point it at a .safetensors/.ckpt checkpoint or a diffusers folder")
+        elif _looks_like_hub_id(m):
+            parent = p.parent
+            if str(parent) not in ("", ".") and parent.is_dir():
+                add("pretrained_model",
+                    f"pretrained_model '{m}' does not exist, though the folder '{parent}' does",
+                    "fix the local path (or, for a Hugging Face id, make sure no local folder of that name exists)")
+        else:
+            hint = ", ".join(BUILTIN_MODELS)
+            if m.lower().endswith(_MODEL_SUFFIXES) or os.sep in m or "/" in m or m.startswith(("~", ".")):
+                add("pretrained_model", f"pretrained_model '{m}' does not exist", "check the path")
+            else:
+                s = _suggest(m, BUILTIN_MODELS)
+                add("pretrained_model",
+                    f"pretrained_model '{m}' is not an existing file or folder, a built-in model ({hint}) or a "
+                    f"Hugging Face id (org/name)" + (f" (did you mean '{s}'?)" if s else ""),
+                    "give a local path, a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, or a built-in name")
+
+    # VAE
+    if cfg.vae:
+        p = Path(cfg.vae).expanduser()
+        if not p.exists() and not _looks_like_hub_id(cfg.vae):
+            add("vae", f"vae '{cfg.vae}' does not exist", "give a VAE file, a diffusers VAE folder or a hub id")
+
+    # starting weights
+    if cfg.network_weights:
+        p = Path(cfg.network_weights).expanduser()
+        if not p.exists():
+            add("network_weights", f"network_weights '{cfg.network_weights}' does not exist",
+                "point it at an existing LoHA .safetensors file, or remove the option")
+        elif not p.is_file():
+            add("network_weights", f"network_weights '{cfg.network_weights}' is a folder, not a file",
+                "point it at the LoHA .safetensors file")
+
+    # writable output folders
+    for key in ("output_dir", "logging_dir"):
+        value = getattr(cfg, key)
+        if value:
+            msg = _unwritable(Path(value).expanduser())
+            if msg:
+                add(key, f"{key} '{value}' {msg}", "choose a folder you can write to")
+
+    if problems:
+        raise ConfigError(problems, header=f"config paths have {len(problems)} problem{'s' * (len(problems) != 1)}")
+
+
+def _unwritable(p: Path) -> str | None:
+    if p.exists():
+        if not p.is_dir():
+            return "is a file, not a folder"
+        return None if os.access(p, os.W_OK | os.X_OK) else "is not writable"
+    anc = p.absolute().parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"cannot be created: '{anc}' is a file"
+    if not os.access(anc, os.W_OK | os.X_OK):
+        return f"cannot be created: '{anc}' is not writable"
+    return None
+
+
+def find_previous_outputs(output_dir: str | os.PathLike[str], output_name: str) -> list[Path]:
+    """Files and folders in output_dir that a run named output_name writes: LoHA files
+    ``<name>.safetensors`` / ``<name>[-_.]*.safetensors`` and state folders (``<name>*state*`` or ``state*``)."""
+    d = Path(output_dir).expanduser()
+    if not d.is_dir():
+        return []
+    stem = re.escape(output_name)
+    file_re = re.compile(rf"{stem}([-_.].*)?\.safetensors", re.IGNORECASE)
+    dir_re = re.compile(rf"({stem}([-_.].*)?[-_.]state([-_.].*)?|states?([-_.].*)?)", re.IGNORECASE)
+    found = []
+    for child in sorted(d.iterdir()):
+        if child.is_file() and file_re.fullmatch(child.name):
+            found.append(child)
+        elif child.is_dir() and dir_re.fullmatch(child.name):
+            found.append(child)
+    return found
+
+
+def check_output_dir(cfg: TrainConfig, resume: str | os.PathLike[str] | bool | None = None) -> None:
+    """Refuse an output_dir that already holds this run name's outputs (two runs writing to one folder)
+    unless ``overwrite = true`` or the run resumes."""
+    if cfg.overwrite or resume or not cfg.output_dir:
+        return
+    found = find_previous_outputs(cfg.output_dir, cfg.output_name)
+    if not found:
+        return
+    names = ", ".join(f.name + ("/" if f.is_dir() else "") for f in found[:5])
+    if len(found) > 5:
+        names += f", ... ({len(found)} in all)"
+    raise ConfigError(
+        [
+            Problem(
+                _where_of(cfg, "output_dir"),
+                f"output_dir '{cfg.output_dir}' already holds outputs of a run named '{cfg.output_name}' ({names}); "
+                "two runs writing to one folder would overwrite each other's files",
+                "use a new output_dir or output_name, continue that run with --resume, or set overwrite = true "
+                "(--set overwrite=true) to replace them",
+            )
+        ],
+        header="output folder in use",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# TOML writing
+# --------------------------------------------------------------------------------------------------
+
+_CTRL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_str(s: str) -> str:
+    if ("\\" in s or '"' in s) and "'" not in s and not _CTRL.search(s):
+        return f"'{s}'"  # literal string: Windows paths stay readable
+    out = []
+    for ch in s:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch in "\b\t\n\f\r":
+            out.append({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}[ch])
+        elif _CTRL.match(ch):
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        if not v:
+            return "{}"
+        items = ", ".join(
+            f"{k if _BARE_KEY.fullmatch(k) else _toml_str(k)} = {_toml_value(x)}" for k, x in v.items()
+        )
+        return "{ " + items + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference documentation
+# --------------------------------------------------------------------------------------------------
+
+_DOC_INTRO = """\
+# Training configuration reference
+
+<!-- Generated from sd_loha/train/config.py by config_reference_markdown(); do not edit by hand.
+     Regenerate with: python -m sd_loha.train.config > docs/config.md -->
+
+Every training option has exactly one name (kohya sd-scripts' name wherever kohya users know it), and that
+name means the same thing in a TOML config file, on the command line and in Python.
+
+```bash
+sd-loha train --config my_style.toml --set max_train_steps=50 --set output_dir=out
+```
+
+## Writing a config file
+
+- Options can sit at the top level or in the tables `[model]`, `[dataset]`, `[network]`, `[training]`,
+  `[saving]`, `[sampling]` and `[logging]`. Tables only help reading: **the option's name is what counts**,
+  so an option placed in another table than the one listed below still works. Unknown tables, unknown
+  options and an option set twice (e.g. in two tables) are errors.
+- An option that is not set keeps its default. TOML has no null: to leave an optional option unset,
+  leave it out.
+- Relative paths are relative to the current directory (as in kohya), not to the config file.
+- Names of choices (optimizers, schedulers, precisions, samplers) are case-insensitive: `adamw8bit` works.
+- Mistyped option names get a suggestion, and kohya/LyCORIS options that sd-loha names differently or does
+  not need (`pretrained_model_name_or_path`, `network_module`, `network_args`, `xformers`, ...) say what to
+  write instead.
+
+## `--set` on the command line
+
+- `--set key=value`, repeatable. The value is read as a TOML literal (`50`, `1e-4`, `true`, `"a b"`,
+  `["attn1", "attn2"]`, `{ weight_decay = 0.01 }`); if it is not valid TOML it is taken as a plain string,
+  so `--set output_dir=out/run1` and `--set mixed_precision=bf16` need no quotes.
+- A table prefix is allowed and ignored: `--set training.learning_rate=2e-4`.
+- `--set optimizer_args.weight_decay=0.05` changes one optimizer argument and keeps the others.
+- `--set key=none` unsets an optional option (one whose default below reads "not set" or similar).
+- Precedence, lowest first: defaults, base settings (Python/web UI), the config file, `--set`.
+  `max_train_steps` and `max_train_epochs` exclude each other: setting one in a later layer (say `--set
+  max_train_epochs=10` over a file with `max_train_steps`) unsets the other; setting both in one layer is
+  an error.
+
+## Validation
+
+Every problem is reported at once, each with where it was set (file and table, or the `--set` argument),
+what is wrong and how to fix it. Warnings (settings that are legal but probably not what you meant) are
+logged and do not stop training. Paths are checked separately, before any model is loaded; an `output_dir`
+that already holds files of the same `output_name` is refused unless `overwrite = true` or the run resumes.
+
+## From Python
+
+```python
+from sd_loha.train.config import load_config, config_from_kwargs, TrainConfig
+
+cfg = load_config("my_style.toml", ["max_train_steps=50"])
+cfg = config_from_kwargs(pretrained_model="tiny-sd1", train_data_dir="data", output_dir="out")
+cfg = TrainConfig.from_dict({"training": {"output_dir": "out"}, "pretrained_model": "tiny-sd1", ...})
+print(cfg.to_toml())   # grouped TOML that loads back to an equal config
+```
+"""
+
+
+def _md(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def _default_text(spec: OptionSpec) -> str:
+    if spec.required:
+        return "**required**"
+    if spec.default_doc is not None:
+        return spec.default_doc
+    if spec.default is None:
+        return "not set"
+    if isinstance(spec.default, (list, dict)) and not spec.default:
+        return "`[]`" if isinstance(spec.default, list) else "`{}`"
+    return f"`{_toml_value(spec.default)}`"
+
+
+def _allowed_text(spec: OptionSpec) -> str:
+    parts = []
+    if spec.choices:
+        parts.append(", ".join(f"`{c}`" for c in spec.choices))
+    if spec.aliases:
+        parts.append("aliases: " + ", ".join(f"`{a}`→`{c}`" for a, c in spec.aliases.items()))
+    r = spec.range_text()
+    if r:
+        parts.append(r)
+    if spec.multiple_of:
+        parts.append(f"multiple of {spec.multiple_of}")
+    if spec.optional and not spec.required:
+        parts.append(", ".join(f"`{w}`" for w in ("none", *spec.none_words)) + " unsets")
+    return "; ".join(parts)
+
+
+def config_reference_markdown() -> str:
+    """The option reference (docs/config.md), generated from the TrainConfig metadata."""
+    out = [_DOC_INTRO]
+    for group in GROUPS:
+        out += [f"## [{group}] — {GROUP_TITLES[group]}", ""]
+        out += ["| Option | Type | Default | Allowed | Description |", "|---|---|---|---|---|"]
+        for spec in OPTIONS.values():
+            if spec.group == group:
+                out.append(
+                    f"| `{spec.name}` | {_md(spec.type_text())} | {_md(_default_text(spec))} | "
+                    f"{_md(_allowed_text(spec))} | {_md(spec.help)} |"
+                )
+        out.append("")
+    out += ["## Samplers (`sample_sampler`)", "", "| Name | diffusers scheduler | Notes |", "|---|---|---|"]
+    for name, (cls, kwargs, desc) in SAMPLERS.items():
+        extra = ", ".join(f"{k}={_toml_value(v)}" for k, v in kwargs.items())
+        out.append(f"| `{name}` | `{cls}`{f' ({extra})' if extra else ''} | {_md(desc)} |")
+    aliases = ", ".join(f"`{a}`→`{c}`" for a, c in _SAMPLER_ALIASES.items())
+    out += ["", f"Accepted aliases: {aliases}.", ""]
+    out += ["## Cross-option checks", ""]
+    for level, text in CHECKS_DOC:
+        out.append(f"- **{level}**: {text}")
+    out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m sd_loha.train.config > docs/config.md
+    sys.stdout.write(config_reference_markdown())

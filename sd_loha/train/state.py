@@ -1,0 +1,114 @@
+"""Resumable training state and saved-file rotation.
+
+A state is a folder `state-<step>/` next to the adapter files: the adapter factors in fp32
+(safetensors), the optimizer/scheduler/EMA tensors (torch.save of our own plain dicts, read back with
+weights_only=True so no code runs), RNG states and progress counters (JSON). It is written into a temp
+folder and renamed, so a kill at any moment leaves either the previous state or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..io import read_safetensors, save_safetensors_atomic
+
+STATE_PREFIX = "state-"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(output_dir: Path, step: int, *, network_sd: dict[str, torch.Tensor], optimizer, scheduler,
+               progress: dict[str, Any], ema: dict[str, torch.Tensor] | None = None) -> Path:
+    final = output_dir / f"{STATE_PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
+    try:
+        save_safetensors_atomic(network_sd, tmp / "network.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema},
+                   tmp / "optimizer.pt")
+        rng = _rng_state()
+        torch.save({"rng_torch": rng["torch"], "rng_cuda": rng.get("cuda"),
+                    "rng_numpy": (rng["numpy"][0], torch.from_numpy(rng["numpy"][1].copy()), *rng["numpy"][2:])},
+                   tmp / "rng.pt")
+        (tmp / "progress.json").write_text(json.dumps({**progress, "rng_python": _py_rng_to_json(rng["python"])}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _py_rng_to_json(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Everything `save_state` wrote; raises a clear error on a damaged state."""
+    try:
+        network_sd, _ = read_safetensors(path / "network.safetensors")
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+        progress = json.loads((path / "progress.json").read_text())
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"resume state {path} is damaged or incomplete ({e}); resume from an earlier state-* folder") from None
+    py = progress.pop("rng_python")
+    np_state = rng["rng_numpy"]
+    return {
+        "network": network_sd,
+        "optimizer": opt["optimizer"],
+        "scheduler": opt["scheduler"],
+        "ema": opt.get("ema"),
+        "progress": progress,
+        "rng": {"python": (py[0], tuple(py[1]), py[2]), "torch": rng["rng_torch"], "cuda": rng.get("rng_cuda"),
+                "numpy": (np_state[0], np_state[1].numpy(), *np_state[2:])},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    rng = dict(state["rng"])
+    if rng.get("cuda") is None:
+        rng.pop("cuda", None)
+    _set_rng_state(rng)
+
+
+def latest_state(output_dir: Path) -> Path | None:
+    states = sorted(p for p in output_dir.glob(f"{STATE_PREFIX}*") if p.is_dir() and (p / "progress.json").is_file())
+    return states[-1] if states else None
+
+
+def rotate(output_dir: Path, pattern: str, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` files/folders matching `pattern` (None = keep all)."""
+    if not keep:
+        return []
+    items = sorted(output_dir.glob(pattern))
+    doomed = items[:-keep]
+    for p in doomed:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return doomed
