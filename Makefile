@@ -5,7 +5,7 @@ setup:
 	./scripts/setup
 
 demo: setup
-	.venv/bin/sd-loha demo
+	.venv/bin/sd-loha train --config train_configs/demo.toml
 
 test: setup
 	.venv/bin/python -m pytest -q
