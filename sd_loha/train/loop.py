@@ -8,6 +8,7 @@ accumulation, module dropout and frozen base weights free of DDP's special cases
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from .config import SAMPLERS, TrainConfig, as_config, check_output_dir, check_pa
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_scheduler
 from .report import image_grid, loss_curve
-from .state import latest_state, load_state, restore_rng, rotate, save_state
+from .state import OutputDirLock, clean_stale_temp, latest_state, load_state, restore_rng, rotate, save_state
 
 logger = logging.getLogger(__name__)
 Event = dict[str, Any]
@@ -175,6 +176,22 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
     on_event receives progress/sample/save/done events (the web UI's live view); stop_event (or
     Ctrl-C / SIGTERM) stops after the current step, saving the adapter and a resumable state.
     """
+    cfg = as_config(config, overrides)
+    check_paths(cfg)
+    resume_path = _resolve_resume(cfg, resume)
+    check_output_dir(cfg, resume=resume_path is not None)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # One run per folder. Only the main process (rank 0 under accelerate launch) takes the lock.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with OutputDirLock(output_dir) if main_process else contextlib.nullcontext():
+        if main_process:
+            clean_stale_temp(output_dir)
+        return _run(cfg, resume_path, output_dir, on_event or (lambda e: None), stop_event, progress)
+
+
+def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Callable[[Event], None],
+         stop_event: threading.Event | None, progress: bool) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
@@ -185,16 +202,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
     from ..data.dataset import BucketBatchSampler, TrainDataset, collate_examples
     from ..data.preflight import run_preflight
 
-    emit = on_event or (lambda e: None)
     started = time.time()
-
-    # ---- 1. configuration, paths, output folder: fail before anything heavy -------------------
-    cfg = as_config(config, overrides)
-    check_paths(cfg)
-    resume_path = _resolve_resume(cfg, resume)
-    output_dir = Path(cfg.output_dir)
-    check_output_dir(cfg, resume=resume_path is not None)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -242,7 +250,11 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
         module_dropout=cfg.module_dropout,
     )
     if cfg.network_weights:
-        network.load_state_dict(read_safetensors(cfg.network_weights)[0], strict=False)
+        try:
+            network.load_state_dict(read_safetensors(cfg.network_weights)[0], strict=True)
+        except (KeyError, ValueError) as e:
+            raise TrainingError(f"network_weights {cfg.network_weights} does not fit this network ({e}); it must come "
+                                "from a run with the same base model family, preset, ranks and targets") from None
     params = network.parameters()
     if main:
         print(network.summary(), flush=True)
@@ -250,7 +262,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             for te in text_encoders:
-                te.gradient_checkpointing_enable()
+                _enable_te_checkpointing(te)
     unet.train()
     for te in text_encoders:
         te.train(cfg.train_text_encoder)
@@ -301,7 +313,8 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
     optimizer = make_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args,
                                fused_ok=device.type == "cuda")
     lr_scheduler = make_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.warmup_steps_for(total_steps),
-                                  total_steps=total_steps)
+                                  total_steps=total_steps, num_cycles=cfg.lr_scheduler_num_cycles,
+                                  power=cfg.lr_scheduler_power)
     optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the scheduler stays ours (one step per step)
     ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
 
@@ -431,7 +444,12 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
             sampler.set_epoch(epoch, skip_batches=batches_done)
             dataset.set_epoch(epoch)
             for batch in loader:
-                loss = step_loss(batch)
+                try:
+                    loss = step_loss(batch)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not _is_oom(e):
+                        raise
+                    raise TrainingError(oom_advice(cfg, e)) from None
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"loss became {float(loss)} at step {global_step + 1}. Likely causes: learning rate too high "
@@ -439,8 +457,13 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
                         "overflow (use mixed_precision = \"bf16\" or \"no\"). The last saved adapter is intact"
                         + (f": {saved[-1]}" if saved else "") + "."
                     )
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
-                accum_loss += float(loss) / cfg.gradient_accumulation_steps
+                try:
+                    accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not _is_oom(e):
+                        raise
+                    raise TrainingError(oom_advice(cfg, e)) from None
+                accum_loss += loss.item() / cfg.gradient_accumulation_steps
                 micro += 1
                 batches_done += 1
                 if micro % cfg.gradient_accumulation_steps and batches_done < batches_per_epoch:
@@ -527,6 +550,30 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
     return result
 
 
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def oom_advice(cfg: TrainConfig, error: BaseException) -> str:
+    """Out of memory: say what to change, in the order that usually helps most."""
+    tips = []
+    if cfg.train_batch_size > 1:
+        tips.append(f"lower train_batch_size (now {cfg.train_batch_size}) and raise gradient_accumulation_steps to keep "
+                    "the effective batch")
+    if not cfg.gradient_checkpointing:
+        tips.append("set gradient_checkpointing = true (less memory, ~20% slower)")
+    if cfg.mixed_precision == "no":
+        tips.append('set mixed_precision = "bf16" (or "fp16" on GPUs without bf16)')
+    if not cfg.cache_latents:
+        tips.append("set cache_latents = true (the VAE is not run during training)")
+    if cfg.train_text_encoder:
+        tips.append("train_text_encoder = false with cache_text_encoder_outputs = true")
+    w, h = cfg.resolution
+    tips.append(f"lower resolution / max_bucket_reso (now {w}x{h}, max {cfg.max_bucket_reso})")
+    return "out of memory during a training step (" + str(error).splitlines()[0][:200] + "). Try: " + "; ".join(tips) + "."
+
+
 def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten() for g in grads])
@@ -536,6 +583,17 @@ def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def _enable_te_checkpointing(te) -> None:
+    """Non-reentrant checkpointing: the reentrant kind (transformers 4.x's default) only back-propagates into
+    a checkpointed block when its input requires grad, and the frozen embeddings' output does not, so the
+    LoHA factors inside would get no gradient at all."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5 (gradient_checkpointing_enable deprecated)
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _has_tensorboard() -> bool:

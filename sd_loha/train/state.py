@@ -8,6 +8,8 @@ folder and renamed, so a kill at any moment leaves either the previous state or 
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import random
@@ -45,12 +47,12 @@ def save_state(output_dir: Path, step: int, *, network_sd: dict[str, torch.Tenso
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
     try:
         save_safetensors_atomic(network_sd, tmp / "network.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema},
-                   tmp / "optimizer.pt")
+        _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema},
+                    tmp / "optimizer.pt")
         rng = _rng_state()
-        torch.save({"rng_torch": rng["torch"], "rng_cuda": rng.get("cuda"),
-                    "rng_numpy": (rng["numpy"][0], torch.from_numpy(rng["numpy"][1].copy()), *rng["numpy"][2:])},
-                   tmp / "rng.pt")
+        _torch_save({"rng_torch": rng["torch"], "rng_cuda": rng.get("cuda"),
+                     "rng_numpy": (rng["numpy"][0], torch.from_numpy(rng["numpy"][1].copy()), *rng["numpy"][2:])},
+                    tmp / "rng.pt")
         (tmp / "progress.json").write_text(json.dumps({**progress, "rng_python": _py_rng_to_json(rng["python"])}))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -58,10 +60,22 @@ def save_state(output_dir: Path, step: int, *, network_sd: dict[str, torch.Tenso
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        hint = " (disk is full: free space or choose another output_dir)" if e.errno == errno.ENOSPC else ""
+        raise OSError(e.errno, f"could not write training state {final}: {e.strerror}{hint}; "
+                               "earlier states are untouched") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through memory: torch.save's own writer reports a full disk as an opaque "unexpected pos" error.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.write_bytes(buf.getvalue())
 
 
 def _py_rng_to_json(state):
@@ -112,3 +126,46 @@ def rotate(output_dir: Path, pattern: str, keep: int | None) -> list[Path]:
     for p in doomed:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     return doomed
+
+
+def clean_stale_temp(output_dir: Path) -> list[Path]:
+    """Remove temp files/folders a killed run left behind (`.<name>.<random>.tmp`, `.state-*.<random>`).
+    They never carry a final name, so nothing else could be using them once we hold the folder lock."""
+    removed = []
+    for p in output_dir.glob(".*"):
+        if p.name.endswith(".tmp") or p.name.startswith(f".{STATE_PREFIX}"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+class OutputDirLock:
+    """An exclusive lock on output_dir for the length of a run, so two runs can't write into one folder.
+    flock is released by the kernel when the process dies, so a killed run never leaves a stale lock."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / ".sd-loha.lock"
+        self._fh = None
+
+    def __enter__(self) -> OutputDirLock:
+        import fcntl
+
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            owner = self._fh.read().strip() or "unknown"
+            self._fh.close()
+            raise RuntimeError(f"output_dir {self.path.parent} is in use by another training run (pid {owner}); "
+                               "wait for it to finish or choose another output_dir") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
