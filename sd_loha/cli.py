@@ -37,11 +37,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_webui(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+
+        from webui.app import run
+    except ImportError as e:
+        print(f"error: the web UI needs gradio ({e}); install it with: pip install 'sd-loha[webui]'", file=sys.stderr)
+        return 2
+    return run(args)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train.loop import train
 
     resume = True if args.resume == "latest" else args.resume
-    result = train(args.config, resume=resume, overrides=args.set)
+    config = args.config if args.config else {}  # every option may come from --set
+    result = train(config, resume=resume, overrides=args.set)
+    if result.stopped:
+        return 130  # stopped early on request: resumable, but not a finished run
     return 0 if result.output else 1
 
 
@@ -85,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix", default="", help="file name prefix")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.set_defaults(func=_cmd_generate)
+
+    w = sub.add_parser("webui", help="the web UI: train, generate and inspect in the browser (docs/webui.md)")
+    try:
+        from webui.app import add_arguments
+    except ImportError:  # gradio not installed: `sd-loha webui` then says how to install it
+        w.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        add_arguments(w)
+    w.set_defaults(func=_cmd_webui)
     return p
 
 
@@ -97,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (AdapterFileError, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except (AdapterFileError, OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

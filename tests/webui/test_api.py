@@ -1,0 +1,223 @@
+"""The web UI's flows through its HTTP API (gradio_client), against a real server launched in-process.
+
+These call the same event handlers as the buttons in the browser (the endpoints are the buttons' events,
+with the Train tab's fields as positional inputs), so they check the UI logic without a browser.
+"""
+
+from __future__ import annotations
+
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import FAST_TOML, form_args, wait_for
+
+gradio_client = pytest.importorskip("gradio_client")
+
+STATE: dict = {}  # what the training test leaves for the generate/inspect tests
+
+
+@pytest.fixture(scope="module")
+def client(ui):
+    _, url, _ = ui
+    return gradio_client.Client(url, verbose=False, download_files=False)
+
+
+def status(client) -> dict:
+    return client.predict(api_name="/training_status")
+
+
+def start(client, policy, resume=False, **overrides):
+    api = "/resume_training" if resume else "/start_training"
+    message, _toml = client.predict(*form_args(policy, **overrides), FAST_TOML, api_name=api)
+    return message
+
+
+def test_preflight_reports_the_dataset(client, ui):
+    _, _, policy = ui
+    md, thumbs = client.predict(*form_args(policy), FAST_TOML, api_name="/preflight")
+    assert "16 images found, 16 used, 0 skipped" in md
+    assert "64×64" in md
+    assert len(thumbs) == 8 and all(t["caption"] for t in thumbs)
+
+
+def test_training_start_second_start_stop_resume(client, ui):
+    demo, _, policy = ui
+    out_dir = policy.outputs_dir / "api_run"
+    msg = start(client, policy, output_dir="api_run")
+    assert msg.startswith("Started"), msg
+    # One job at a time: a second Start (any client) is refused while the first is active.
+    second = start(client, policy, output_dir="other_run")
+    assert "already active" in second
+    assert not (policy.outputs_dir / "other_run").exists()
+    # Stop: the run ends after its current step with an adapter and a resumable state.
+    stop_msg = client.predict(api_name="/stop_training")
+    assert "Stop requested" in stop_msg
+    snap = wait_for(lambda: (s := status(client))["status"] in ("stopped", "failed", "finished") and s, 300,
+                    what="the stopped run to end")
+    assert snap["status"] == "stopped", snap.get("error")
+    assert snap["step"] >= 1 and snap["step"] < 6
+    assert list(out_dir.glob("state-*")), "a resumable state was saved"
+    stopped_at = snap["step"]
+
+    # Resume continues that run to the end.
+    msg = start(client, policy, resume=True, output_dir="api_run")
+    assert msg.startswith("Resumed"), msg
+    seen_steps = set()
+
+    def finished():
+        s = status(client)
+        if s["total"]:
+            seen_steps.add(s["step"])
+        return s if s["status"] in ("finished", "failed", "stopped") else None
+
+    snap = wait_for(finished, 300, what="the resumed run to finish")
+    assert snap["status"] == "finished", snap.get("error")
+    assert snap["step"] == snap["total"] == 6
+    assert min(seen_steps) > stopped_at  # it did not start over
+    assert [s for s, _ in snap["losses"]] == list(range(1, 7))  # the history before the stop is kept
+    out = Path(snap["output"])
+    assert out == out_dir / "tiny.safetensors" and out.is_file()
+    STATE["adapter"] = str(out)
+    assert demo.sdl_runner.snapshot()["active"] is False
+
+    # A finished run's folder is not silently overwritten by a new Start.
+    msg = start(client, policy, output_dir="api_run")
+    assert "Cannot start" in msg and "Overwrite" in msg
+
+
+def test_failed_start_is_explained(client, ui):
+    _, _, policy = ui
+    msg = start(client, policy, output_dir="bad_run", resolution="64", network_dim=0)
+    assert "Cannot start" in msg and "network_dim" in msg
+    assert status(client)["status"] != "training"
+
+
+def _generate(client, adapter, strength, seed=7):
+    # common inputs: model, prompt, negative, steps, guidance, width, height, scheduler; then seed, count; 3 slots
+    slots = [adapter, strength, "", None, 1.0, "", None, 1.0, ""]
+    return client.predict("tiny-sd1", "sdlohastyle, poster, red circle", "", 3, 5.0, 64, 64, "euler", seed, 1, *slots,
+                          api_name="/generate")
+
+
+def test_generate_strength_zero_vs_one(client, ui):
+    _, _, policy = ui
+    adapter = STATE.get("adapter")
+    if adapter is None:
+        pytest.skip("needs the trained adapter of the training test")
+    msg0, _, params0, files0 = _generate(client, adapter, 0.0)
+    msg1, _, params1, files1 = _generate(client, adapter, 1.0)
+    assert "Saved 1 image" in msg0 and "Saved 1 image" in msg1, (msg0, msg1)
+    p0, p1 = Path(files0[0]), Path(files1[0])
+    assert p0.is_file() and p1.is_file() and p0 != p1
+    assert p0.resolve().is_relative_to(policy.outputs_dir)
+    a = np.asarray(Image.open(p0).convert("RGB"), dtype=np.int16)
+    b = np.asarray(Image.open(p1).convert("RGB"), dtype=np.int16)
+    assert a.shape == b.shape == (64, 64, 3)
+    assert np.abs(a - b).max() > 0, "strength 0 and strength 1 gave the same image"
+    # A1111 'parameters' chunk, with the adapter and its strength
+    info0, info1 = Image.open(p0).info["parameters"], Image.open(p1).info["parameters"]
+    assert "<lora:tiny:0>" in info0 and "<lora:tiny:1>" in info1 and "Seed: 7" in info0 and "Seed: 7" in info1
+    assert info0 == params0
+    # the same seed and strength again: the re-strengthened merge is exact, the image identical
+    _, _, _, files0b = _generate(client, adapter, 0.0)
+    assert np.array_equal(np.asarray(Image.open(files0b[0]).convert("RGB"), dtype=np.int16), a)
+
+
+def test_grid(client, ui):
+    adapter = STATE.get("adapter")
+    if adapter is None:
+        pytest.skip("needs the trained adapter of the training test")
+    msg, gallery, params, files = client.predict("tiny-sd1", "sdlohastyle, poster", "", 2, 5.0, 64, 64, "euler",
+                                                 [adapter], "0, 1", "3", adapter, api_name="/grid")
+    assert "Grid saved" in msg, msg
+    grid = Image.open(files[0])
+    assert len(files) == 3  # the grid, then its two cells
+    assert grid.width > 2 * 64 and grid.height > 64  # two columns plus the row-label margin, a header row
+    assert "Grid: rows = tiny.safetensors; strengths = 0, 1; seeds = 3" in grid.info["parameters"]
+
+
+def test_inspect(client, ui):
+    adapter = STATE.get("adapter")
+    if adapter is None:
+        pytest.skip("needs the trained adapter of the training test")
+    md, chart, meta = client.predict(adapter, api_name="/inspect")
+    assert "SD 1" in md or "stable-diffusion-v1" in md
+    assert "loha" in md.lower() and "rank 4, alpha 4" in md
+    assert meta["ss_output_name"] == "tiny"
+    rows = chart["value"]["data"] if isinstance(chart, dict) and "value" in chart else chart["data"]
+    assert rows and all(r[1] > 0 for r in rows)
+
+
+def test_paths_outside_the_folders_are_refused(client, ui, tmp_path):
+    _, url, policy = ui
+    # dataset: parent escapes, absolute paths elsewhere, a link pointing out
+    for bad in ("../../..", "/etc", str(tmp_path)):
+        md, _ = client.predict(*form_args(policy, train_data_dir=bad), FAST_TOML, api_name="/preflight")
+        assert "refused" in md and "outside the folders" in md, (bad, md)
+    link = policy.data_dir / "sneaky"
+    link.symlink_to(tmp_path, target_is_directory=True)
+    try:
+        md, _ = client.predict(*form_args(policy, train_data_dir="sneaky"), FAST_TOML, api_name="/preflight")
+        assert "refused" in md and "symbolic link" in md
+    finally:
+        link.unlink()
+    # an image link inside a dataset folder that points out
+    ds = policy.data_dir / "linked"
+    shutil.copytree(policy.data_dir / "demo", ds)
+    (ds / "outside.png").symlink_to(tmp_path / "x.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    md, _ = client.predict(*form_args(policy, train_data_dir="linked"), FAST_TOML, api_name="/preflight")
+    assert "lead outside the allowed folders" in md and "outside.png" in md
+    # output folder, model, adapters
+    msg = start(client, policy, output_dir=str(tmp_path / "out"))
+    assert "Cannot start" in msg and "output_dir" in msg and "outside the folders" in msg
+    msg = start(client, policy, output_dir="x", pretrained_model="../../model.ckpt")
+    assert "Cannot start" in msg and "pickle" in msg
+    msg, *_ = _generate(client, "/etc/passwd", 1.0)
+    assert "refused" in msg and "outside the folders" in msg
+    bad_ckpt = policy.outputs_dir / "evil.ckpt"
+    bad_ckpt.write_bytes(b"not really")
+    msg, *_ = _generate(client, str(bad_ckpt), 1.0)
+    assert "does not open" in msg and ".ckpt" in msg
+    md, *_ = client.predict("../../../etc/passwd", api_name="/inspect")
+    assert "Refused" in md
+    # config files
+    msg, _ = client.predict("/tmp/elsewhere.toml", *form_args(policy), FAST_TOML, api_name="/save_config")
+    assert "Cannot save" in msg and "outside the folders" in msg
+    # gradio's file route serves the allowed folders only
+    inside = policy.data_dir / "demo" / "poster_01.png"
+    with urllib.request.urlopen(f"{url}gradio_api/file={inside}") as r:
+        assert r.status == 200
+    for outside in ("/etc/passwd", str(Path(__file__).resolve()), str(tmp_path / "x.png")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}gradio_api/file={outside}")
+        assert e.value.code == 403
+
+
+def test_config_saved_in_the_ui_trains_identically_from_the_cli(client, ui):
+    from sd_loha.train.config import load_config
+
+    from webui.train_tab import FIELD_NAMES, build_config
+
+    _, _, policy = ui
+    args = form_args(policy, output_dir="cfg_run", sample_prompts="a\nb", length_unit="epochs", length=3)
+    msg, toml_text = client.predict("my.toml", *args, FAST_TOML + "noise_offset = 0.05\n", api_name="/save_config")
+    assert msg.startswith("Saved"), msg
+    saved = policy.outputs_dir / "my.toml"
+    cli_cfg = load_config(saved)  # what `sd-loha train --config` reads
+    ui_cfg = build_config(policy, dict(zip(FIELD_NAMES, args)), FAST_TOML + "noise_offset = 0.05\n")
+    assert cli_cfg.to_dict() == ui_cfg.to_dict()
+    assert cli_cfg.max_train_epochs == 3 and cli_cfg.max_train_steps is None and cli_cfg.noise_offset == 0.05
+    assert Path(cli_cfg.train_data_dir) == policy.data_dir / "demo"  # written resolved: any working folder
+    # and back: loading that file fills the fields with the same values
+    loaded = client.predict(str(saved), api_name="/load_config")
+    assert loaded[0].startswith("Loaded")
+    back = dict(zip(FIELD_NAMES, loaded[1:-1]))
+    assert back["length_unit"] == "epochs" and back["length"] == 3 and back["sample_prompts"] == "a\nb"
+    assert build_config(policy, back, loaded[-1]).to_dict() == cli_cfg.to_dict()

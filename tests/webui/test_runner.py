@@ -1,0 +1,105 @@
+"""The background runner, with a stand-in train function (fast): events to state, one job at a time,
+Stop, failures in plain words, and a job that outlives whoever started it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from webui.runner import RunActive, TrainingRunner
+
+
+def fake_train(steps=5, fail_at=None, gate: threading.Event | None = None):
+    def train(config, *, resume=None, on_event, stop_event, progress):
+        on_event({"type": "preflight", "report": {"images_used": 3, "skipped": []}, "text": "ok"})
+        on_event({"type": "caching", "done": 3, "total": 3})
+        done = 0
+        for step in range(1, steps + 1):
+            if gate is not None:
+                gate.wait(10)
+            if fail_at == step:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            on_event({"type": "progress", "step": step, "total": steps, "epoch": 1, "loss": 1.0 / step,
+                      "it_s": 2.0, "eta_s": (steps - step) / 2})
+            done = step
+            if step == 2:
+                on_event({"type": "sample", "path": "/x/s.png", "step": step})
+            if stop_event.is_set():
+                break
+        out = Path(config.output_dir) / "a.safetensors"
+        on_event({"type": "saved", "path": str(out), "step": done})
+        on_event({"type": "done", "output": str(out), "stopped": done < steps, "step": done})
+        return SimpleNamespace(output=out, output_dir=Path(config.output_dir), steps=done, stopped=done < steps,
+                               loss_curve=None)
+    return train
+
+
+CFG = SimpleNamespace(output_dir="/tmp/run")
+
+
+def test_events_become_the_state():
+    r = TrainingRunner(fake_train())
+    r.start(CFG)
+    assert r.wait(10)
+    s = r.snapshot()
+    assert s["status"] == "finished" and s["step"] == s["total"] == 5
+    assert [st for st, _ in s["losses"]] == [1, 2, 3, 4, 5]
+    assert s["samples"] == [["/x/s.png", 2]] or s["samples"] == [("/x/s.png", 2)]
+    assert s["output"] == "/tmp/run/a.safetensors" and not s["active"]
+
+
+def test_one_job_at_a_time_and_stop():
+    gate = threading.Event()
+    r = TrainingRunner(fake_train(steps=50, gate=gate))
+    r.start(CFG)
+    with pytest.raises(RunActive, match="already active"):
+        r.start(CFG)
+    assert "already active" in r.busy_message()
+    assert r.stop()
+    assert r.snapshot()["status"] == "stopping"
+    gate.set()
+    assert r.wait(10)
+    s = r.snapshot()
+    assert s["status"] == "stopped" and s["step"] == 1 and "Resume" in s["message"]
+    assert not r.stop()  # nothing to stop any more
+    r.start(CFG, resume=True)  # a new job may start now; resuming keeps the history on screen
+    r.wait(10)
+    assert r.snapshot()["status"] == "stopped" or r.snapshot()["status"] == "finished"
+
+
+def test_failure_in_plain_words():
+    r = TrainingRunner(fake_train(fail_at=3))
+    r.start(CFG)
+    r.wait(10)
+    s = r.snapshot()
+    assert s["status"] == "failed" and s["step"] == 2
+    assert s["error"].startswith("Out of memory. Lower the batch size")
+
+
+def test_config_errors_are_shown_as_they_are():
+    from sd_loha.train.config import ConfigError
+
+    def train(*a, **k):
+        raise ConfigError(["network_dim must be >= 1"])
+
+    r = TrainingRunner(train)
+    r.start(CFG)
+    r.wait(10)
+    assert r.snapshot()["error"] == "invalid training config (1 problem):\n  - network_dim must be >= 1."
+
+
+def test_the_job_belongs_to_the_server_not_the_caller():
+    # started from a thread that ends at once (like a request handler of a browser that went away)
+    gate = threading.Event()
+    r = TrainingRunner(fake_train(gate=gate))
+    t = threading.Thread(target=r.start, args=(CFG,))
+    t.start()
+    t.join()
+    time.sleep(0.1)
+    assert r.snapshot()["active"]
+    gate.set()
+    assert r.wait(10) and r.snapshot()["status"] == "finished"

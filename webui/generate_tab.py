@@ -1,0 +1,343 @@
+"""Generate tab: a base model with LoHA files merged at chosen strengths, single images or labelled grids.
+
+All loading and merging is :class:`sd_loha.generate.GenerationSession`: the session is kept between
+requests, so changing strengths re-strengthens the merged weights exactly instead of reloading, and a
+grid merges each file once. PNGs are written with :func:`sd_loha.generate.save_png` and carry A1111's
+``parameters`` text. Requests queue (concurrency 1).
+"""
+
+
+import math
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from sd_loha.generate import SCHEDULERS, AdapterSpec, GenerationSession, save_png
+from sd_loha.models import TINY_MODELS
+
+from .paths import PathPolicy, PathRefused, split_list
+
+N_SLOTS = 3
+MAX_GRID_CELLS = 64
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def labelled_grid(cells: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
+    """One image: rows × columns of equally sized cells, row labels on the left, column labels on top."""
+    w, h = cells[0][0].size
+    fsize = max(10, min(16, w // 8))
+    font = _font(fsize)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_w(t: str) -> int:
+        return int(probe.textlength(t, font=font))
+
+    left = min(max((text_w(t) for t in row_labels), default=0) + 12, 260)
+    col_lines = [_wrap(t, w - 4, text_w) for t in col_labels]
+    top = (max(len(lines) for lines in col_lines) * (fsize + 3)) + 8
+    grid = Image.new("RGB", (left + w * len(col_labels), top + h * len(row_labels)), "white")
+    d = ImageDraw.Draw(grid)
+    for j, lines in enumerate(col_lines):
+        for k, line in enumerate(lines):
+            d.text((left + j * w + (w - text_w(line)) // 2, 4 + k * (fsize + 3)), line, fill="black", font=font)
+    for i, label in enumerate(row_labels):
+        lines = _wrap(label, left - 8, text_w)
+        y0 = top + i * h + max(0, (h - len(lines) * (fsize + 3)) // 2)
+        for k, line in enumerate(lines):
+            d.text((4, y0 + k * (fsize + 3)), line, fill="black", font=font)
+        for j, im in enumerate(cells[i]):
+            grid.paste(im.convert("RGB").resize((w, h)), (left + j * w, top + i * h))
+    return grid
+
+
+def _wrap(text: str, width: int, text_w) -> list[str]:
+    words, lines, cur = text.split(" "), [], ""
+    for word in words:
+        trial = f"{cur} {word}".strip()
+        if cur and text_w(trial) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+    return lines + ([cur] if cur else [])
+
+
+def parse_strengths(text: str) -> list[float]:
+    out = []
+    for t in split_list(text):
+        try:
+            v = float(t)
+        except ValueError:
+            raise ValueError(f"strength '{t}' is not a number (write e.g. 0, 0.5, 1)") from None
+        if not math.isfinite(v):
+            raise ValueError(f"strength '{t}' must be a finite number")
+        out.append(v)
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    out = []
+    for t in split_list(text):
+        try:
+            out.append(int(t))
+        except ValueError:
+            raise ValueError(f"seed '{t}' is not a whole number (write e.g. 1, 2, 3; -1 = random)") from None
+    return out
+
+
+class Generator:
+    """Keeps one GenerationSession (per base model) and writes the images into outputs/generated/."""
+
+    def __init__(self, policy: PathPolicy) -> None:
+        self.policy = policy
+        self.session: GenerationSession | None = None
+        self._lock = threading.Lock()
+
+    def _session(self, model: str) -> GenerationSession:
+        model = self.policy.check_model(model)
+        if self.session is None or self.session.model != model:
+            self.session = None  # free the old pipeline before loading the next
+            self.session = GenerationSession(model)
+        return self.session
+
+    def _specs(self, adapters: list[tuple[str, float | None, float | None]]) -> list[AdapterSpec]:
+        specs = []
+        for i, (path, strength, te) in enumerate(adapters):
+            if not (path or "").strip():
+                continue
+            p = self.policy.check_adapter(path, what=f"LoHA file {i + 1}")
+            s = 1.0 if strength is None else float(strength)
+            try:
+                t = None if te is None or str(te).strip() == "" else float(te)
+            except ValueError:
+                raise ValueError(f"LoHA file {i + 1}: TE strength '{te}' is not a number (empty = same as strength)") from None
+            if t is not None and not math.isfinite(t):
+                raise ValueError(f"LoHA file {i + 1}: TE strength must be a finite number")
+            specs.append(AdapterSpec(str(p), s, t))
+        return specs
+
+    def _out_path(self, seed: int, tag: str = "") -> Path:
+        folder = self.policy.outputs_dir / "generated" / time.strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(list(folder.glob("*.png")))
+        while True:
+            p = folder / f"{n:05d}-{tag}{seed}.png"
+            if not p.exists():
+                return p
+            n += 1
+
+    def generate(self, model: str, adapters: list[tuple[str, float | None, float | None]], prompt: str, *,
+                 negative_prompt: str = "", steps: int = 20, guidance: float = 7.0, seed: int = -1,
+                 width: int | None = None, height: int | None = None, scheduler: str = "euler_a",
+                 num_images: int = 1) -> list[tuple[str, str, str]]:
+        """[(png path, caption, parameters text)]."""
+        with self._lock:
+            specs = self._specs(adapters)
+            session = self._session(model)
+            session.set_adapters(specs)
+            results = session.generate(prompt, negative_prompt=negative_prompt, seed=int(seed), steps=int(steps),
+                                       guidance_scale=float(guidance), width=width or None, height=height or None,
+                                       scheduler=scheduler, num_images=int(num_images))
+            out = []
+            for image, params in results:
+                s = _seed_of(params)
+                path = save_png(image, self._out_path(s), params)
+                label = ", ".join(f"{a.name} {a.strength:g}" for a in specs) or "no adapter"
+                out.append((str(path), f"seed {s} · {label}", params))
+            return out
+
+    def grid(self, model: str, files: list[str], strengths: list[float], seeds: list[int], prompt: str, *,
+             negative_prompt: str = "", steps: int = 20, guidance: float = 7.0, width: int | None = None,
+             height: int | None = None, scheduler: str = "euler_a") -> tuple[str, list[tuple[str, str, str]]]:
+        """Files (rows) × strengths × seeds (columns) in one labelled PNG; every cell is saved too."""
+        if not files:
+            raise ValueError("choose the LoHA files for the grid rows (or put one in the first adapter slot)")
+        strengths = strengths or [1.0]
+        seeds = [random.randrange(2**31) if s == -1 else s for s in (seeds or [-1])]
+        n = len(files) * len(strengths) * len(seeds)
+        if n > MAX_GRID_CELLS:
+            raise ValueError(f"the grid would have {n} images; at most {MAX_GRID_CELLS} (fewer files, strengths or seeds)")
+        with self._lock:
+            paths = [self.policy.check_adapter(f, what="grid file") for f in files]
+            session = self._session(model)
+            cells: list[list[Image.Image]] = []
+            saved: list[tuple[str, str, str]] = []
+            first_params = ""
+            for path in paths:
+                row = []
+                for strength in strengths:
+                    spec = AdapterSpec(str(path), strength)
+                    session.set_adapters([spec])  # first time: merge; then: exact re-strengthening
+                    for seed in seeds:
+                        image, params = session.generate(prompt, negative_prompt=negative_prompt, seed=seed,
+                                                         steps=int(steps), guidance_scale=float(guidance),
+                                                         width=width or None, height=height or None,
+                                                         scheduler=scheduler)[0]
+                        first_params = first_params or params
+                        p = save_png(image, self._out_path(seed, "cell-"), params)
+                        saved.append((str(p), f"{spec.name} {strength:g} · seed {seed}", params))
+                        row.append(image)
+                cells.append(row)
+            col_labels = [f"strength {s:g}" + (f" seed {sd}" if len(seeds) > 1 else "") for s in strengths for sd in seeds]
+            if len(seeds) == 1:
+                col_labels = [f"{c} (seed {seeds[0]})" for c in col_labels]
+            grid = labelled_grid(cells, [p.stem for p in paths], col_labels)
+            grid_params = (first_params + "\nGrid: rows = " + ", ".join(p.name for p in paths) + "; strengths = "
+                           + ", ".join(f"{s:g}" for s in strengths) + "; seeds = " + ", ".join(map(str, seeds)))
+            gpath = save_png(grid, self._out_path(seeds[0], "grid-"), grid_params)
+            return str(gpath), saved
+
+
+def _seed_of(params: str) -> int:
+    return int(params.splitlines()[-1].split("Seed: ")[1].split(",")[0])
+
+
+def _choices(policy: PathPolicy) -> list[tuple[str, str]]:
+    out = []
+    for p in policy.adapter_files():
+        label = p
+        for r in policy.roots:
+            if Path(p).is_relative_to(r.path):
+                label = f"{r.kind}/{Path(p).relative_to(r.path).as_posix()}"
+                break
+        out.append((label, p))
+    return out
+
+
+def build(policy: PathPolicy) -> dict[str, Any]:
+    import gradio as gr
+
+    gen = Generator(policy)
+    adapter_choices = _choices(policy)
+
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                model = gr.Dropdown(choices=policy.model_choices(), value=TINY_MODELS[0], allow_custom_value=True,
+                                    label="Base model", elem_id="gen-model", scale=3)
+                refresh = gr.Button("↻ files", scale=0, min_width=70, elem_id="gen-refresh")
+            slots = []
+            for i in range(N_SLOTS):
+                with gr.Row():
+                    f = gr.Dropdown(choices=adapter_choices, value=None, allow_custom_value=True,
+                                    label=f"LoHA file {i + 1}" + (" (optional)" if i else ""), scale=4,
+                                    elem_id=f"gen-adapter-{i}")
+                    s = gr.Number(value=1.0, label="strength", scale=1, min_width=90, elem_id=f"gen-strength-{i}")
+                    t = gr.Textbox(value="", label="TE strength (empty = same)", scale=1, min_width=90,
+                                   placeholder="same", elem_id=f"gen-te-{i}")
+                slots.append((f, s, t))
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="gen-negative")
+            with gr.Row():
+                steps = gr.Number(value=20, precision=0, label="Steps", elem_id="gen-steps", min_width=80)
+                guidance = gr.Number(value=7.0, label="Guidance", elem_id="gen-guidance", min_width=80)
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="gen-seed", min_width=80)
+                width = gr.Number(value=0, precision=0, label="Width (0 = model's)", elem_id="gen-width", min_width=80)
+                height = gr.Number(value=0, precision=0, label="Height (0 = model's)", elem_id="gen-height", min_width=80)
+                scheduler = gr.Dropdown(choices=list(SCHEDULERS), value="euler_a", label="Scheduler",
+                                        elem_id="gen-scheduler", min_width=120)
+                count = gr.Number(value=1, precision=0, label="Images", elem_id="gen-count", min_width=70)
+            go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+            with gr.Accordion("Grid: files × strengths × seeds in one labelled image", open=False):
+                grid_files = gr.Dropdown(choices=adapter_choices, multiselect=True, allow_custom_value=True,
+                                         label="Rows: LoHA files (e.g. a run's saved steps/epochs; empty = file 1)",
+                                         elem_id="grid-files")
+                with gr.Row():
+                    run_files = gr.Button("Use all saves next to file 1", elem_id="grid-run-files")
+                    grid_strengths = gr.Textbox(value="0, 0.5, 1", label="Strengths (columns)", elem_id="grid-strengths")
+                    grid_seeds = gr.Textbox(value="-1", label="Seeds (columns; -1 = one random seed)", elem_id="grid-seeds")
+                grid_go = gr.Button("Make grid", variant="primary", elem_id="grid-go")
+        with gr.Column(scale=2):
+            message = gr.Markdown(elem_id="gen-message")
+            gallery = gr.Gallery(label="Images (saved in outputs/generated)", columns=2, height=420,
+                                 elem_id="gen-gallery", format="png")
+            params_box = gr.Textbox(label="PNG parameters (A1111 'PNG Info')", lines=4, elem_id="gen-params",
+                                    interactive=False)
+            files_out = gr.JSON(visible=False)
+
+    slot_inputs = [c for slot in slots for c in slot]
+    common = [model, prompt, negative, steps, guidance, width, height, scheduler]
+
+    def _adapters(vals) -> list[tuple[str, Any, Any]]:
+        return [(vals[i], vals[i + 1], vals[i + 2]) for i in range(0, len(vals), 3)]
+
+    def on_generate(*vals):
+        model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, seed_v, count_v, *slot_vals = vals
+        try:
+            res = gen.generate(model_v, _adapters(slot_vals), prompt_v or "", negative_prompt=neg_v or "",
+                               steps=int(steps_v or 20), guidance=float(guid_v if guid_v is not None else 7.0),
+                               seed=int(seed_v if seed_v is not None else -1), width=int(w_v or 0) or None,
+                               height=int(h_v or 0) or None, scheduler=sched_v, num_images=max(1, int(count_v or 1)))
+        except Exception as e:  # noqa: BLE001 - every failure is shown, the queue keeps running
+            return _error(e), gr.skip(), gr.skip(), gr.skip()
+        msg = f"Saved {len(res)} image(s): " + ", ".join(f"`{Path(p).name}`" for p, _, _ in res) + f" in `{Path(res[0][0]).parent}`"
+        return msg, [(p, c) for p, c, _ in res], res[0][2], [p for p, _, _ in res]
+
+    def on_grid(*vals):
+        model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, files_v, strengths_v, seeds_v, first_file = vals
+        try:
+            files = list(files_v or []) or ([first_file] if first_file else [])
+            gpath, cells = gen.grid(model_v, files, parse_strengths(strengths_v), parse_seeds(seeds_v), prompt_v or "",
+                                    negative_prompt=neg_v or "", steps=int(steps_v or 20),
+                                    guidance=float(guid_v if guid_v is not None else 7.0), width=int(w_v or 0) or None,
+                                    height=int(h_v or 0) or None, scheduler=sched_v)
+        except Exception as e:  # noqa: BLE001
+            return _error(e), gr.skip(), gr.skip(), gr.skip()
+        params = Path(gpath).name
+        from PIL import Image as _I
+
+        with _I.open(gpath) as im:
+            params = im.info.get("parameters", "")
+        return (f"Grid saved: `{gpath}` ({len(cells)} cells, each saved too)", [(gpath, "grid")] + [(p, c) for p, c, _ in cells],
+                params, [gpath] + [p for p, _, _ in cells])
+
+    def on_refresh():
+        ch = _choices(policy)
+        return (gr.update(choices=policy.model_choices()), *[gr.update(choices=ch) for _ in range(N_SLOTS)],
+                gr.update(choices=ch))
+
+    def on_run_files(first_file):
+        try:
+            p = policy.check_adapter(first_file, what="LoHA file 1")
+        except PathRefused as e:
+            return _error(e), gr.skip()
+        sibs = sorted(str(q) for q in p.parent.glob("*.safetensors") if q.is_file())
+        return f"{len(sibs)} files from `{p.parent}`", gr.update(value=sibs, choices=_choices(policy))
+
+    def on_select(evt: gr.SelectData):
+        v = evt.value
+        caption = v.get("caption") if isinstance(v, dict) else None
+        path = None
+        if isinstance(v, dict):
+            img = v.get("image") or {}
+            path = img.get("path") if isinstance(img, dict) else None
+        if path and Path(path).is_file():
+            with Image.open(path) as im:
+                return im.info.get("parameters", caption or "")
+        return caption or ""
+
+    go.click(on_generate, common + [seed, count] + slot_inputs, [message, gallery, params_box, files_out],
+             api_name="generate", concurrency_limit=1, concurrency_id="generation")
+    grid_go.click(on_grid, common + [grid_files, grid_strengths, grid_seeds, slots[0][0]],
+                  [message, gallery, params_box, files_out], api_name="grid", concurrency_limit=1,
+                  concurrency_id="generation")
+    refresh.click(on_refresh, None, [model, *[s[0] for s in slots], grid_files], api_name=False)
+    run_files.click(on_run_files, slots[0][0], [message, grid_files], api_name=False)
+    gallery.select(on_select, None, params_box, api_name=False)
+    return {"refresh": (on_refresh, [model, *[s[0] for s in slots], grid_files]), "generator": gen}
+
+
+def _error(e: BaseException) -> str:
+    from .runner import describe_error
+
+    return f"**Cannot generate:**\n\n```text\n{describe_error(e) if not isinstance(e, (PathRefused, ValueError)) else e}\n```"

@@ -1,0 +1,594 @@
+"""Train tab: dataset preflight, the common options as fields, the rest as TOML, Start/Stop/Resume, live view.
+
+The settings are a :class:`~sd_loha.train.config.TrainConfig`: the fields override the same options of the
+TOML box, and Save writes ``TrainConfig.to_toml()``, so a file saved here trains identically with
+``sd-loha train --config FILE`` (paths are written resolved and absolute), and any CLI config loads here.
+All the training itself is ``sd_loha.train.loop.train`` in the background runner (webui/runner.py).
+"""
+
+
+import html
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from sd_loha.train.config import (GROUPS, LR_SCHEDULERS, PRESETS, ConfigError, TrainConfig, check_output_dir,
+                                  check_paths, load_config)
+
+from .paths import PathPolicy, PathRefused
+from .runner import RunActive, TrainingRunner, describe_error
+
+# Form fields in display order: option name -> (label, kind). "length" and "length_unit" stand for
+# max_train_steps / max_train_epochs; 0 or empty in an "optional" number means "not set".
+FIELDS: dict[str, tuple[str, str]] = {
+    "pretrained_model": ("Base model (built-in tiny model, .safetensors / diffusers folder in the models folder, or hub id)", "model"),
+    "train_data_dir": ("Dataset folder (inside the data folder)", "text"),
+    "output_dir": ("Output folder (inside the outputs folder)", "text"),
+    "output_name": ("Output name (file name stem)", "text"),
+    "overwrite": ("Overwrite this output name's earlier files", "bool"),
+    "preset": ("Preset (which layers get LoHA modules)", "choice"),
+    "network_dim": ("Rank", "int"),
+    "network_alpha": ("Alpha", "float"),
+    "conv_dim": ("Conv rank (0 = no k×k convs)", "int"),
+    "conv_alpha": ("Conv alpha", "float"),
+    "train_text_encoder": ("Train the text encoder(s) too", "bool"),
+    "learning_rate": ("Learning rate", "float"),
+    "unet_lr": ("UNet LR (empty = learning rate)", "optfloat"),
+    "text_encoder_lr": ("Text encoder LR (empty = learning rate)", "optfloat"),
+    "length_unit": ("Run length in", "unit"),
+    "length": ("Steps / epochs", "int"),
+    "resolution": ("Resolution (512, or W,H)", "resolution"),
+    "train_batch_size": ("Batch size", "int"),
+    "lr_scheduler": ("LR schedule", "choice"),
+    "seed": ("Seed", "int"),
+    "save_every_n_steps": ("Save every N steps (0 = only at the end)", "optint"),
+    "sample_prompts": ("Sample prompts (one per line; empty = no samples)", "lines"),
+    "sample_every_n_steps": ("Sample every N steps (0 = only at the end)", "optint"),
+    "sample_steps": ("Sample denoising steps", "int"),
+}
+FIELD_NAMES = list(FIELDS)
+PATH_OPTIONS = ("train_data_dir", "output_dir", "vae", "network_weights", "logging_dir")
+DEMO_TOML = Path(__file__).resolve().parent.parent / "train_configs" / "demo.toml"
+
+
+# ---------------------------------------------------------------------------------------------------
+# settings <-> form <-> TOML (no gradio here: unit-testable)
+# ---------------------------------------------------------------------------------------------------
+
+
+def default_form(policy: PathPolicy) -> dict[str, Any]:
+    cfg = TrainConfig()
+    cfg.pretrained_model = "tiny-sd1"
+    cfg.output_dir = str(policy.outputs_dir / "my_loha")
+    cfg.output_name = "my_loha"
+    return config_to_form(cfg)
+
+
+def demo_config(policy: PathPolicy) -> TrainConfig | None:
+    """train_configs/demo.toml (tiny model, bundled images) with the dataset and output folders of this UI."""
+    if not DEMO_TOML.is_file():
+        return None
+    data = policy.data_dir / "demo"
+    images = data if data.is_dir() else policy.root("demo")
+    return load_config(DEMO_TOML, [f"train_data_dir={_toml_str(str(images))}",
+                                   f"output_dir={_toml_str(str(policy.outputs_dir / 'demo'))}"])
+
+
+def _toml_str(s: str) -> str:
+    return "'" + s + "'" if "'" not in s else '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_to_form(cfg: TrainConfig) -> dict[str, Any]:
+    f: dict[str, Any] = {}
+    for name, (_, kind) in FIELDS.items():
+        if name in ("length", "length_unit"):
+            continue
+        v = getattr(cfg, name)
+        if name == "resolution":
+            w, h = v
+            v = str(w) if w == h else f"{w},{h}"
+        elif name == "sample_prompts":
+            v = "\n".join(v)
+        elif kind == "optint":
+            v = v or 0
+        elif v is None:
+            v = "" if kind in ("text", "model") else None
+        f[name] = v
+    if cfg.max_train_epochs:
+        f["length_unit"], f["length"] = "epochs", cfg.max_train_epochs
+    else:
+        f["length_unit"], f["length"] = "steps", cfg.max_train_steps
+    return f
+
+
+def _flatten_toml(text: str, source: str) -> dict[str, Any]:
+    if not (text or "").strip():
+        return {}
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{source}: not valid TOML: {e}"]) from None
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in GROUPS and isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return flat
+
+
+def _form_values(form: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, (_, kind) in FIELDS.items():
+        if name not in form or name in ("length", "length_unit"):
+            continue
+        v = form[name]
+        if kind in ("int", "optint") and v is not None and v != "":
+            v = int(v) if float(v).is_integer() else v
+        if kind == "optint":
+            v = v or None
+        elif kind == "optfloat":
+            v = None if v in (None, "", 0) else v
+        elif kind == "lines":
+            v = [line.strip() for line in (v or "").splitlines() if line.strip()]
+        elif kind in ("text", "model", "resolution"):
+            v = (v or "").strip() or None
+        out[name] = v
+    if "length" in form:
+        n = form.get("length")
+        n = int(n) if n not in (None, "") else None
+        if form.get("length_unit") == "epochs":
+            out["max_train_epochs"], out["max_train_steps"] = n, None
+        else:
+            out["max_train_steps"], out["max_train_epochs"] = n, None
+    return out
+
+
+def build_config(policy: PathPolicy, form: dict[str, Any], toml_text: str = "") -> TrainConfig:
+    """The TrainConfig of the TOML box overridden by the form, every path checked against the policy and
+    written resolved (absolute), so the saved TOML trains the same from any working folder."""
+    flat = _flatten_toml(toml_text, "TOML box")
+    flat.update(_form_values(form))
+    problems = []
+    if flat.get("pretrained_model"):
+        try:
+            flat["pretrained_model"] = policy.check_model(flat["pretrained_model"])
+        except PathRefused as e:
+            problems.append(str(e))
+    if flat.get("vae"):
+        try:
+            flat["vae"] = policy.check_model(flat["vae"], what="VAE")
+        except PathRefused as e:
+            problems.append(str(e))
+    if flat.get("network_weights"):
+        try:
+            flat["network_weights"] = str(policy.check_adapter(flat["network_weights"], what="network_weights"))
+        except PathRefused as e:
+            problems.append(str(e))
+    for key, use in (("train_data_dir", "dataset"), ("output_dir", "output_dir"), ("logging_dir", "logging_dir")):
+        if flat.get(key):
+            try:
+                flat[key] = str(policy.resolve(flat[key], use, what=key))
+            except PathRefused as e:
+                problems.append(str(e))
+    if problems:
+        raise ConfigError(problems, header="paths refused")
+    return TrainConfig.from_dict(flat, source="web UI")
+
+
+def dataset_escapes(policy: PathPolicy, folder: Path, limit: int = 5) -> list[str]:
+    """Files or folders in the dataset that are links leading outside the allowed folders."""
+    bad: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink() and not policy.inside(p, "dataset"):
+                bad.append(f"{p.relative_to(folder)} -> {os.readlink(p)}")
+                if len(bad) >= limit:
+                    return bad
+    return bad
+
+
+def preflight_report(policy: PathPolicy, form: dict[str, Any], toml_text: str = ""):
+    """Run the dataset preflight with the form's dataset settings; returns the PreflightReport."""
+    from sd_loha.data.preflight import run_preflight
+
+    flat = _flatten_toml(toml_text, "TOML box")
+    flat.update(_form_values(form))
+    folder = policy.resolve(flat.get("train_data_dir"), "dataset", must_exist=True, what="dataset folder")
+    escapes = dataset_escapes(policy, folder)
+    if escapes:
+        raise PathRefused(f"the dataset folder holds links that lead outside the allowed folders: {', '.join(escapes)}")
+    keep = {"resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+            "caption_extension", "train_batch_size", "validation_split", "seed", "trigger_word"}
+    probe = {k: v for k, v in flat.items() if k in keep and v is not None}
+    probe.update(pretrained_model="tiny-sd1", train_data_dir=str(folder), output_dir=str(policy.outputs_dir))
+    cfg = TrainConfig.from_dict(probe, source="web UI")
+    return run_preflight(
+        folder, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
+        max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
+        bucket_no_upscale=cfg.bucket_no_upscale, caption_extension=cfg.caption_extension,
+        batch_size=cfg.train_batch_size, validation_split=cfg.validation_split, seed=cfg.seed,
+        trigger_word=cfg.trigger_word or None,
+    )
+
+
+def preflight_markdown(report) -> str:
+    """The preflight as Markdown; `report` is a PreflightReport or its to_dict()."""
+    d = report if isinstance(report, dict) else report.to_dict()
+    cap = d["captions"]
+    lines = [
+        f"**{d['images_found']} images found, {d['images_used']} used, {len(d['skipped'])} skipped**"
+        + (f", {d['validation_images']} held out for validation" if d["validation_images"] else "")
+        + f" · {d['steps_per_epoch']} steps per epoch at batch size {d['batch_size']}",
+        "",
+        f"Captions: {cap.get('file', 0)} from caption files, {cap.get('metadata', 0)} from metadata.jsonl, "
+        f"{cap.get('folder', 0)} from folder names, **{cap.get('missing', 0)} missing**"
+        + (f" (trained with {d['missing_caption_fallback']})" if cap.get("missing") else ""),
+        "",
+        "| bucket (W×H) | images | samples | batches |",
+        "|---|---:|---:|---:|",
+    ]
+    for b in d["buckets"]:
+        flag = " ⚠ fewer than the batch size" if b["smaller_than_batch"] else ""
+        lines.append(f"| {b['width']}×{b['height']}{flag} | {b['images']} | {b['samples']} | {b['batches']} |")
+    if d["skipped"]:
+        lines += ["", "**Skipped files**", "", "| file | reason |", "|---|---|"]
+        for s in d["skipped"][:30]:
+            lines.append(f"| `{s['path']}` | {s['reason'].replace('|', '/')} |")
+        if len(d["skipped"]) > 30:
+            lines.append(f"| … | {len(d['skipped']) - 30} more |")
+    if d["warnings"]:
+        lines += ["", "**Warnings**", ""] + [f"- {w}" for w in d["warnings"]]
+    return "\n".join(lines)
+
+
+def preflight_thumbnails(report, n: int = 8) -> list[tuple[str, str]]:
+    if isinstance(report, dict):
+        root = Path(report["train_data_dir"])
+        return [(str(root / it["path"]), (it["caption"] or "(no caption)")[:120]) for it in report["items"][:n]]
+    return [(str(it.path), (it.caption or "(no caption)")[:120]) for it in report.items[:n]]
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def status_html(snap: dict[str, Any]) -> str:
+    st, step, total = snap["status"], snap["step"], snap["total"]
+    frac = step / total if total else 0.0
+    if st == "finished":
+        frac = 1.0
+    parts = [f"<b>{html.escape(snap['message'])}</b>"]
+    if total:
+        parts.append(f"step {step} / {total}")
+    if snap.get("epoch"):
+        parts.append(f"epoch {snap['epoch']}")
+    if snap.get("it_s"):
+        parts.append(f"{snap['it_s']:.2f} it/s")
+    if snap.get("eta_s") is not None and st in ("training", "stopping") and total:
+        parts.append(f"ETA {_fmt_time(snap['eta_s'])}")
+    if snap.get("loss") is not None:
+        parts.append(f"loss {snap['loss']:.4f}")
+    return (
+        f'<div class="sdl-status" data-status="{st}" data-step="{step}" data-total="{total}">'
+        f'<div class="sdl-bar"><div class="sdl-fill sdl-{st}" style="width:{100 * frac:.1f}%"></div></div>'
+        f'<div class="sdl-line">{" · ".join(parts)}</div></div>'
+    )
+
+
+def result_markdown(snap: dict[str, Any]) -> str:
+    st = snap["status"]
+    if st == "failed":
+        return f"### Training failed\n\n```text\n{snap['error']}\n```"
+    if st in ("finished", "stopped") and snap.get("output"):
+        out = Path(snap["output"])
+        lines = [f"### {'Finished' if st == 'finished' else 'Stopped'}",
+                 f"Adapter file: **{out.name}**  ", f"in `{out.parent}`"]
+        if st == "stopped":
+            lines.append("\nA resumable state was saved: press **Resume** (same settings) to continue.")
+        earlier = [p for p in snap.get("saved", []) if p != snap["output"]]
+        if earlier:
+            lines.append("\nIntermediate saves: " + ", ".join(f"`{Path(p).name}`" for p in earlier[-6:]))
+        if snap.get("loss_curve"):
+            lines.append(f"\nLoss curve: `{snap['loss_curve']}`")
+        return "\n".join(lines)
+    if snap["active"]:
+        return f"Running, writing to `{snap.get('output_dir') or '?'}`"
+    return ""
+
+
+def loss_frame(snap: dict[str, Any]):
+    """Loss, its moving average and the validation loss, long format for gr.LinePlot (None before step 1).
+
+    Every series is present from the first frame on (validation as an empty NaN point until it has values):
+    the plot fixes its colour legend from the first data it gets and does not draw series that come later."""
+    import pandas as pd
+
+    losses = snap["losses"]
+    if not losses:
+        return None
+    w = max(2, len(losses) // 20)
+    vals = [v for _, v in losses]
+    avg, acc = [], 0.0
+    for i, v in enumerate(vals):
+        acc += v - (vals[i - w] if i >= w else 0.0)
+        avg.append(acc / min(i + 1, w))
+    stride = max(1, len(losses) // 1000)  # long runs: at most ~1000 points per series go to the browser
+    keep = list(range(0, len(losses), stride))
+    if keep[-1] != len(losses) - 1:
+        keep.append(len(losses) - 1)
+    rows = [(losses[i][0], vals[i], "training loss") for i in keep]
+    rows += [(losses[i][0], avg[i], "moving average") for i in keep]
+    rows += [(s, v, "validation") for s, v in snap["val_losses"]] or [(losses[0][0], float("nan"), "validation")]
+    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+                         "series": pd.Series([r[2] for r in rows], dtype="object")})
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tab
+# ---------------------------------------------------------------------------------------------------
+
+
+def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
+    import gradio as gr
+
+    defaults = default_form(policy)
+    comps: dict[str, Any] = {}
+
+    def field(name: str, **kw):
+        label, kind = FIELDS[name]
+        eid = "train-" + name.replace("_", "-")
+        v = defaults.get(name)
+        if kind == "model":
+            c = gr.Dropdown(choices=policy.model_choices(), value=v, allow_custom_value=True, label=label, elem_id=eid, **kw)
+        elif kind == "bool":
+            c = gr.Checkbox(value=bool(v), label=label, elem_id=eid, **kw)
+        elif kind == "choice":
+            choices = PRESETS if name == "preset" else LR_SCHEDULERS
+            c = gr.Dropdown(choices=list(choices), value=v, label=label, elem_id=eid, **kw)
+        elif kind == "unit":
+            c = gr.Radio(["steps", "epochs"], value=v, label=label, elem_id=eid, **kw)
+        elif kind in ("int", "optint"):
+            c = gr.Number(value=v, precision=0, label=label, elem_id=eid, **kw)
+        elif kind in ("float", "optfloat"):
+            c = gr.Number(value=v, label=label, elem_id=eid, **kw)
+        elif kind == "lines":
+            c = gr.Textbox(value=v, lines=2, label=label, elem_id=eid, **kw)
+        else:
+            c = gr.Textbox(value=v, label=label, elem_id=eid, **kw)
+        comps[name] = c
+        return c
+
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                config_path = gr.Textbox(label="Config file (.toml, same format as sd-loha train --config)", scale=4,
+                                         value=str(policy.outputs_dir / "my_loha.toml"), elem_id="train-config-path")
+                demo_btn = gr.Button("Demo settings", scale=1, min_width=60, elem_id="train-demo",
+                                     visible=DEMO_TOML.is_file())
+                load_btn = gr.Button("Load", scale=0, min_width=60, elem_id="train-load")
+                save_btn = gr.Button("Save", scale=0, min_width=60, elem_id="train-save")
+            with gr.Row():
+                field("pretrained_model", scale=2)
+                refresh_models = gr.Button("↻", scale=0, min_width=40, elem_id="train-refresh-models")
+            with gr.Row():
+                field("train_data_dir", scale=3, placeholder="e.g. my_style (= data/my_style)",
+                      info="Folders: " + ", ".join(policy.dataset_choices()[:6]))
+                check_btn = gr.Button("Check dataset", scale=1, elem_id="train-check")
+            with gr.Row():
+                field("output_dir", scale=3)
+                field("output_name", scale=2)
+                field("overwrite", scale=1)
+            with gr.Row():
+                field("preset")
+                field("network_dim")
+                field("network_alpha")
+                field("conv_dim")
+                field("conv_alpha")
+                field("train_text_encoder")
+            with gr.Row():
+                field("learning_rate")
+                field("unet_lr")
+                field("text_encoder_lr")
+                field("lr_scheduler")
+            with gr.Row():
+                field("length_unit")
+                field("length")
+                field("resolution")
+                field("train_batch_size")
+                field("seed")
+                field("save_every_n_steps")
+            with gr.Row():
+                field("sample_prompts", scale=3)
+                field("sample_every_n_steps", scale=1)
+                field("sample_steps", scale=1)
+            with gr.Accordion("All other options (TOML)", open=False):
+                gr.Markdown("The fields above take precedence over the same options here. Save writes the file "
+                            "`sd-loha train --config FILE` reads (options: docs/config.md).")
+                toml_box = gr.Textbox(label="TOML", lines=14, max_lines=40, elem_id="train-toml", elem_classes=["mono"])
+                apply_btn = gr.Button("Apply TOML to the fields", elem_id="train-apply")
+        with gr.Column(scale=2):
+            with gr.Row():
+                start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                resume_btn = gr.Button("Resume", elem_id="train-resume")
+            message = gr.Markdown(elem_id="train-message")
+            status = gr.HTML(status_html(runner.snapshot()), elem_id="train-status")
+            result = gr.Markdown(elem_id="train-result")
+            result_file = gr.File(label="Adapter file", interactive=False, elem_id="train-file")
+            loss_plot = gr.LinePlot(loss_frame(runner.snapshot()), x="step", y="loss", color="series",
+                                    color_map={"training loss": "#a8b3bf", "moving average": "#1f4e9c",
+                                               "validation": "#c0392b"},
+                                    label="Loss", height=260, elem_id="train-loss")
+            samples = gr.Gallery(label="Sample images", columns=2, height=260, elem_id="train-samples")
+            with gr.Accordion("Dataset preflight", open=True):
+                pre_md = gr.Markdown(elem_id="train-preflight")
+                thumbs = gr.Gallery(label="First images and their captions", columns=4, height=220,
+                                    elem_id="train-thumbs")
+            with gr.Accordion("Log", open=False):
+                log_box = gr.Textbox(lines=8, max_lines=8, show_label=False, elem_id="train-log", interactive=False)
+
+    form_inputs = [comps[n] for n in FIELD_NAMES]
+    seen = gr.State(-1)
+
+    def _form(values: tuple) -> dict[str, Any]:
+        return dict(zip(FIELD_NAMES, values))
+
+    def on_check(*values):
+        *form_vals, toml_text = values
+        try:
+            rep = preflight_report(policy, _form(form_vals), toml_text)
+        except (PathRefused, ConfigError, ValueError) as e:
+            return f"**Dataset check failed**\n\n```text\n{e}\n```", []
+        except Exception as e:  # noqa: BLE001 - shown, never a dead button
+            return f"**Dataset check failed**\n\n```text\n{describe_error(e)}\n```", []
+        return preflight_markdown(rep), preflight_thumbnails(rep)
+
+    def _prepare(values, *, resume: bool):
+        *form_vals, toml_text = values
+        cfg = build_config(policy, _form(form_vals), toml_text)
+        check_paths(cfg)
+        data_dir = Path(cfg.train_data_dir)
+        escapes = dataset_escapes(policy, data_dir) if data_dir.is_dir() else []
+        if escapes:
+            raise PathRefused("the dataset folder holds links that lead outside the allowed folders: " + ", ".join(escapes))
+        if resume:
+            from sd_loha.train.state import latest_state
+
+            out = Path(cfg.output_dir)
+            if not out.is_dir() or latest_state(out) is None:
+                raise ConfigError([f"there is no saved training state in {out} to resume from; press Start for a new "
+                                   "run (or choose the output folder of the run to continue)"], header="nothing to resume")
+        else:
+            try:
+                check_output_dir(cfg)
+            except ConfigError as e:
+                raise ConfigError([p.message + ". Tick 'Overwrite' to replace them, press Resume to continue that "
+                                   "run, or choose another output folder / name" for p in e.problems],
+                                  header="output folder in use") from None
+        return cfg
+
+    def on_start(*values, resume: bool = False):
+        busy = runner.busy_message()
+        if busy:  # say so before validating anything
+            return f"⚠ {busy}", gr.skip()
+        try:
+            cfg = _prepare(values, resume=resume)
+            runner.start(cfg, resume=resume)
+        except RunActive as e:
+            return f"⚠ {e}", gr.skip()
+        except (PathRefused, ConfigError, ValueError) as e:
+            return f"**Cannot start:**\n\n```text\n{e}\n```", gr.skip()
+        except Exception as e:  # noqa: BLE001
+            return f"**Cannot start:**\n\n```text\n{describe_error(e)}\n```", gr.skip()
+        verb = "Resumed" if resume else "Started"
+        return f"{verb}: training into `{cfg.output_dir}` ({cfg.output_name}).", cfg.to_toml()
+
+    def on_resume(*values):
+        return on_start(*values, resume=True)
+
+    def on_stop():
+        if runner.stop():
+            return "Stop requested: the run stops after the current step and saves a resumable state."
+        return "No training run is active."
+
+    def on_poll(last_version):
+        snap = runner.snapshot()
+        if snap["version"] == last_version:
+            return (gr.skip(),) * 8
+        samples_val = [(p, f"step {s}") for p, s in snap["samples"] if Path(p).is_file()]
+        out_file = snap["output"] if snap["output"] and Path(snap["output"]).is_file() else None
+        return (status_html(snap), loss_frame(snap), samples_val[::-1], result_markdown(snap), out_file,
+                "\n".join(snap["log"][-50:]), gr.update(interactive=snap["active"]), snap["version"])
+
+    poll_outputs = [status, loss_plot, samples, result, result_file, log_box, stop_btn, seen]
+
+    def on_load_file(path_text):
+        try:
+            p = policy.resolve(path_text, "config_read", must_exist=True, what="config file")
+            cfg = load_config(p)
+        except (PathRefused, ConfigError) as e:
+            return (f"**Cannot load:**\n\n```text\n{e}\n```", *([gr.skip()] * len(FIELD_NAMES)), gr.skip())
+        f = config_to_form(cfg)
+        return (f"Loaded `{p}`.", *[f[n] for n in FIELD_NAMES], cfg.to_toml())
+
+    def on_demo():
+        try:
+            cfg = demo_config(policy)
+        except ConfigError as e:
+            return (f"**Cannot load the demo settings:**\n\n```text\n{e}\n```", *([gr.skip()] * len(FIELD_NAMES)), gr.skip())
+        f = config_to_form(cfg)
+        return (f"Demo settings from `{DEMO_TOML.name}`: the tiny built-in model on the demo images.",
+                *[f[n] for n in FIELD_NAMES], cfg.to_toml())
+
+    def on_save_file(path_text, *values):
+        *form_vals, toml_text = values
+        try:
+            p = policy.resolve(path_text, "config_write", what="config file")
+            if p.suffix.lower() != ".toml":
+                raise PathRefused(f"config file '{path_text}': use a .toml file name")
+            cfg = build_config(policy, _form(form_vals), toml_text)
+        except (PathRefused, ConfigError, ValueError) as e:
+            return f"**Cannot save:**\n\n```text\n{e}\n```", gr.skip()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        text = cfg.to_toml()
+        p.write_text(text, encoding="utf-8")
+        return f"Saved `{p}` (train it from the command line with `sd-loha train --config {p}`).", text
+
+    def on_apply(toml_text):
+        try:
+            flat = _flatten_toml(toml_text, "TOML box")
+            flat.setdefault("pretrained_model", "tiny-sd1")
+            flat.setdefault("train_data_dir", str(policy.data_dir))
+            flat.setdefault("output_dir", str(policy.outputs_dir))
+            cfg = TrainConfig.from_dict(flat, source="TOML box")
+        except ConfigError as e:
+            return (f"**TOML problem:**\n\n```text\n{e}\n```", *([gr.skip()] * len(FIELD_NAMES)))
+        f = config_to_form(cfg)
+        return ("Applied the TOML to the fields.", *[f[n] for n in FIELD_NAMES])
+
+    def on_page_load():
+        """A browser that (re)connects gets the settings and dataset report of the current or last run."""
+        cfg, snap = runner.last_config, runner.snapshot()
+        if cfg is None:
+            return (*([gr.skip()] * len(FIELD_NAMES)), gr.skip(), gr.skip(), gr.skip())
+        f = config_to_form(cfg)
+        rep = snap.get("preflight_report")
+        thumbs_v = [t for t in preflight_thumbnails(rep) if policy.inside(t[0])] if rep else gr.skip()
+        return (*[f[n] for n in FIELD_NAMES], cfg.to_toml(), preflight_markdown(rep) if rep else gr.skip(), thumbs_v)
+
+    def on_refresh_models():
+        return gr.update(choices=policy.model_choices())
+
+    check_btn.click(on_check, form_inputs + [toml_box], [pre_md, thumbs], api_name="preflight")
+    comps["train_data_dir"].submit(on_check, form_inputs + [toml_box], [pre_md, thumbs], api_name=False)
+    start_btn.click(on_start, form_inputs + [toml_box], [message, toml_box], api_name="start_training",
+                    concurrency_id="train_control").then(on_poll, seen, poll_outputs, api_name=False, show_progress="hidden")
+    resume_btn.click(on_resume, form_inputs + [toml_box], [message, toml_box], api_name="resume_training",
+                     concurrency_id="train_control").then(on_poll, seen, poll_outputs, api_name=False, show_progress="hidden")
+    stop_btn.click(on_stop, None, message, api_name="stop_training")
+    load_btn.click(on_load_file, config_path, [message, *form_inputs, toml_box], api_name="load_config")
+    save_btn.click(on_save_file, [config_path, *form_inputs, toml_box], [message, toml_box], api_name="save_config")
+    demo_btn.click(on_demo, None, [message, *form_inputs, toml_box], api_name=False)
+    apply_btn.click(on_apply, toml_box, [message, *form_inputs], api_name=False)
+    refresh_models.click(on_refresh_models, None, comps["pretrained_model"], api_name=False)
+
+    timer = gr.Timer(1.0)
+    timer.tick(on_poll, seen, poll_outputs, api_name=False, show_progress="hidden", queue=False)
+
+    def api_status() -> dict:
+        """The training job's state: status, step, total, loss history, samples, output file, error."""
+        snap = runner.snapshot()
+        snap.pop("log", None)
+        return snap
+
+    gr.api(api_status, api_name="training_status")  # for scripts: gradio_client .predict(api_name="/training_status")
+    return {"poll": (on_poll, seen, poll_outputs), "restore": (on_page_load, [*form_inputs, toml_box, pre_md, thumbs]),
+            "toml_box": toml_box, **comps}
