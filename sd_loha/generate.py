@@ -4,6 +4,7 @@ changing adapters or strengths between images merges once and re-strengthens exa
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -54,6 +55,11 @@ class AdapterSpec:
                 break
             parts.pop()
         path = ":".join(parts)
+        if not path:
+            raise ValueError(f"--loha {text!r}: no file name before the strength")
+        bad = [n for n in nums if not math.isfinite(n)]
+        if bad:
+            raise ValueError(f"--loha {text!r}: strengths must be finite numbers")
         if not nums:
             return cls(path)
         if len(nums) == 1:
@@ -122,7 +128,8 @@ class GenerationSession:
             raise ValueError("two adapters have the same file name; rename one")
         loaded = {a.name: a for a in self.adapters}
         for name in list(list_loha(self.pipe)):
-            if name not in wanted or wanted[name].path != loaded[name].path:
+            # An adapter merged outside this session (not in self.adapters) is replaced too.
+            if name not in wanted or name not in loaded or wanted[name].path != loaded[name].path:
                 remove_loha(self.pipe, name)
         for spec in specs:
             te = spec.strength if spec.te_strength is None else spec.te_strength

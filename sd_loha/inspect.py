@@ -44,9 +44,8 @@ def _flat_delta(mod: AdapterModule) -> torch.Tensor:
         else:
             shape = (mod.out_features(), mod.in_features())
         return loha_delta(t, torch.Size(shape), mod.scale)
-    down = t["lora_down.weight"]
-    shape = (mod.out_features(), *down.shape[1:]) if mod.tucker or down.dim() == 4 else (mod.out_features(), down.shape[1])
-    return lora_delta(t["lora_up.weight"], down, t.get("lora_mid.weight"), shape=torch.Size(shape), scale=mod.scale)
+    # The factors' own shapes give the delta's: (out, in[, kh, kw]), with a lora_mid's kernel for Tucker LoCon.
+    return lora_delta(t["lora_up.weight"], t["lora_down.weight"], t.get("lora_mid.weight"), scale=mod.scale)
 
 
 def summarize(source: str | os.PathLike | ParsedFile, *, delta_norms: bool = False) -> dict[str, Any]:
@@ -75,6 +74,7 @@ def summarize(source: str | os.PathLike | ParsedFile, *, delta_norms: bool = Fal
         "parts": {PART_LABELS.get(p, p): dict(c) for p, c in parts.items()},
         "rank_alpha": dict(ranks.most_common()),
         "unsupported_modules": sorted(parsed.unsupported),
+        "ignored_params": {n: list(p) for n, p in sorted(parsed.ignored.items())},
         "metadata": parsed.metadata,
     }
     if delta_norms:
@@ -94,7 +94,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append("rank / alpha:")
     lines += [f"  {k}: {v} modules" for k, v in summary["rank_alpha"].items()]
     if summary["unsupported_modules"]:
-        lines.append(f"not mergeable: {len(summary['unsupported_modules'])} modules (unknown algorithm)")
+        lines.append(f"not mergeable: {len(summary['unsupported_modules'])} modules (unknown algorithm): "
+                     + ", ".join(summary["unsupported_modules"][:5]) + (" …" if len(summary["unsupported_modules"]) > 5 else ""))
+    if summary.get("ignored_params"):
+        lines.append(f"ignored parameters: {len(summary['ignored_params'])} modules carry parameters sd-loha does not use")
     meta = summary["metadata"]
     if meta:
         lines.append("metadata:")

@@ -6,6 +6,7 @@ and adapter files come from strangers on the internet.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
-from .naming import split_key
+from .naming import name_part, split_key
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 LOHA_PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -145,6 +146,17 @@ class ParsedFile:
     ignored: dict[str, list[str]] = field(default_factory=dict)  # merged module -> extra params we do not know
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf in `t`. One fp64 sum instead of isfinite(): NaN and Inf survive a sum (+Inf plus -Inf
+    is NaN) and finite fp32 values cannot overflow an fp64 total, while isfinite() on half-precision tensors
+    is a slow, allocating pass (seconds over a full SD file's factors)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype == torch.float64:
+        return bool(torch.isfinite(t).all())
+    return math.isfinite(float(t.sum(dtype=torch.float64)))
+
+
 def _check_header(path: Path) -> None:
     """Validate the safetensors header ourselves so truncated or absurd files get a clear message."""
     size = path.stat().st_size
@@ -233,7 +245,7 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "<
             raise AdapterFileError(f"{source}: module {name} has only one of hada_t1/hada_t2; the file is incomplete")
         tensors = {k: v for k, v in params.items() if k in LOHA_PARAMS + TUCKER_PARAMS + LORA_PARAMS}
         for k, v in list(tensors.items()) + [("dora_scale", params.get("dora_scale"))]:
-            if v is not None and v.is_floating_point() and not torch.isfinite(v).all():
+            if v is not None and not all_finite(v):
                 raise AdapterFileError(f"{source}: module {name} has NaN or Inf values in {k}; the adapter is broken "
                                        "(often a diverged training run). Use an earlier checkpoint.")
         alpha = params.get("alpha")
@@ -256,8 +268,10 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "<
         )
     if not modules:
         sample = ", ".join(list(state_dict)[:5]) or "(no tensors)"
-        other = sorted({p for ps in unsupported.values() for p in ps} - KNOWN_PARAMS)
-        hint = (f" Its {len(unsupported)} modules use parameters of another algorithm ({', '.join(other[:6])}), "
+        # Adapter-named modules with parameters we do not know: another algorithm (LoKr, OFT, …).
+        adapters = [n for n in unsupported if name_part(n) is not None]
+        other = sorted({p for n in adapters for p in unsupported[n]} - KNOWN_PARAMS)
+        hint = (f" Its {len(adapters)} adapter modules use parameters of another algorithm ({', '.join(other[:6])}), "
                 "which sd-loha does not merge." if other else " Is this an adapter file?")
         raise AdapterFileError(
             f"{source}: no LoHA (hada_w1_a/…) or LoRA (lora_up/lora_down) modules found; keys start with: {sample}."
@@ -275,29 +289,6 @@ def load_adapter(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Pars
     return parse_state_dict(tensors, source=str(source), metadata=metadata)
 
 
-def _target_mode(path: Path) -> int:
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable; not every platform can open a folder, which is fine."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -311,23 +302,24 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for k, v in tensors.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
+        if not all_finite(v):
             raise AdapterFileError(f"refusing to write {path}: tensor {k} has NaN or Inf values")
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    # Serialise in memory and write with Python's file I/O: a full disk then raises a real OSError (ENOSPC)
+    # instead of safetensors' opaque error. Adapter files are megabytes, so the extra copy is cheap.
+    data = serialize({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; other tools (A1111 as another user) must read it
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file 0600; give the result the mode a plain open() would (or the old file's).
-        os.chmod(tmp, _target_mode(path))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; other tools (A1111 as another user) must read it
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise OSError(e.errno, f"could not write {path}: {e.strerror}; the previous file (if any) is untouched") from e
+        hint = " (disk is full: free space or choose another output folder)" if e.errno == errno.ENOSPC else ""
+        raise OSError(e.errno, f"could not write {path}: {e.strerror}{hint}; the previous file (if any) is untouched") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -10,7 +10,13 @@ Conventions (see docs FORMAT.md, "Math" and "Shapes"):
 
 The two training kernels (:func:`hada_weight`, :func:`hada_weight_tucker`) are custom autograd
 Functions that save only the small factors and recompute the full-size products in backward, so a
-trainer holds no (out x in) tensor per adapted layer between forward and backward.  The merge helpers
+trainer holds no (out x in) tensor per adapted layer between forward and backward.
+
+The layer-level training paths (issue 5): :func:`merged_linear` / :func:`merged_conv2d` run ONE
+op with W + s·H and get every factor gradient from one weight-gradient product (saving x and the
+factors only); :func:`kr_factors` / :func:`kr_tucker_factors` give the Khatri-Rao form
+H = U V (rank r1·r2), so ΔW x = U (V x) costs r1·r2·(in + out) per token; :func:`path_costs` /
+:func:`choose_path` pick between them (and the plain base(x) + op(x, ΔW)) per call.  The merge helpers
 (:func:`loha_delta`, :func:`lora_delta`, :func:`apply_dora`) run without autograd and always compute
 in fp32 (or fp64 when asked), whatever dtype the factors are stored in.
 """
@@ -24,6 +30,12 @@ import torch
 __all__ = [
     "hada_weight",
     "hada_weight_tucker",
+    "merged_linear",
+    "merged_conv2d",
+    "kr_factors",
+    "kr_tucker_factors",
+    "path_costs",
+    "choose_path",
     "tucker_rebuild",
     "loha_delta",
     "lora_delta",
@@ -119,6 +131,22 @@ def tucker_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch
     return w.reshape(wa.shape[1], wb.shape[1], *k)
 
 
+def _tucker_side_grads(g, t3, wa, wb, k, n_t, n_a, n_b):
+    """Gradients of one Tucker factor ``W[o,c,s] = sum t[j,k,s] wa[j,o] wb[k,c]`` from
+    ``g = dL/dW`` (out, in, S): returns (grad t (r, r, *k), grad wa, grad wb), None where not needed."""
+    gt = ga = gb = None
+    if n_a:
+        ga = torch.einsum("ocs,jcs->jo", g, _core_times_b(t3, wb))
+    if n_t or n_b:
+        p = torch.einsum("ocs,jo->jcs", g, wa)  # (r, in, S)
+        del g
+        if n_b:
+            gb = torch.einsum("jcs,jks->kc", p, t3)
+        if n_t:
+            gt = torch.einsum("jcs,kc->jks", p, wb).reshape(t3.shape[0], t3.shape[1], *k)
+    return gt, ga, gb
+
+
 class _HadaWeightTucker(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t1, w1a, w1b, t2, w2a, w2b):
@@ -141,20 +169,10 @@ class _HadaWeightTucker(torch.autograd.Function):
         def side(t3, wa, wb, other, n_t, n_a, n_b):
             # g = dL/dW_side = grad * W_other, then the three contractions of
             # W[o,c,s] = sum t[j,k,s] wa[j,o] wb[k,c].
-            gt = ga = gb = None
             if not (n_t or n_a or n_b):
-                return gt, ga, gb
-            g = _mul_into(_tucker3(*other), grad3)  # (out, in, S)
-            if n_a:
-                ga = torch.einsum("ocs,jcs->jo", g, _core_times_b(t3, wb))
-            if n_t or n_b:
-                p = torch.einsum("ocs,jo->jcs", g, wa)  # (r, in, S)
-                del g
-                if n_b:
-                    gb = torch.einsum("jcs,jks->kc", p, t3)
-                if n_t:
-                    gt = torch.einsum("jcs,kc->jks", p, wb).reshape(t3.shape[0], t3.shape[1], *k)
-            return gt, ga, gb
+                return None, None, None
+            # g = _mul_into(...) is passed as a temporary so the helper can free it early
+            return _tucker_side_grads(_mul_into(_tucker3(*other), grad3), t3, wa, wb, k, n_t, n_a, n_b)
 
         g_t1, g_w1a, g_w1b = side(t1_3, w1a, w1b, (t2_3, w2a, w2b), need[0], need[1], need[2])
         g_t2, g_w2a, g_w2b = side(t2_3, w2a, w2b, (t1_3, w1a, w1b), need[3], need[4], need[5])
@@ -188,6 +206,284 @@ def hada_weight_tucker(
     if w1a.shape[1] != w2a.shape[1] or w1b.shape[1] != w2b.shape[1] or t1.shape[2:] != t2.shape[2:]:
         raise ValueError("hada_weight_tucker: the two Tucker factors have different shapes")
     return _HadaWeightTucker.apply(t1, w1a, w1b, t2, w2a, w2b)
+
+
+# --------------------------------------------------------------------------------------------
+# training forward paths: merge-then-one-op, Khatri-Rao (rank r1*r2), and the cost model
+# --------------------------------------------------------------------------------------------
+def _as_pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(t) for t in v)
+    return (v[0], v[0]) if len(v) == 1 else v  # type: ignore[return-value]
+
+
+def _scale_rows(wa: torch.Tensor, row_scale, tucker: bool) -> torch.Tensor:
+    """``diag(row_scale) @ (wa @ wb)`` expressed on the small factor: rows of a flat (out, r) w_a,
+    columns of a Tucker (r, out) w_a.  ``row_scale`` is a Python number or an (out,) tensor."""
+    if isinstance(row_scale, torch.Tensor):
+        return wa * (row_scale.reshape(1, -1) if tucker else row_scale.reshape(-1, 1))
+    return wa * row_scale
+
+
+def _hada_parts(tucker: bool, factors, row_scale):
+    """The two full-size Hadamard operands, the first one carrying the row scale.
+    flat: (P1s, P2) of shape (out, in_flat); Tucker: (W1s, W2) of shape (out, in, S)."""
+    if tucker:
+        t1, w1a, w1b, t2, w2a, w2b = factors
+        t1_3 = t1.reshape(t1.shape[0], t1.shape[1], -1)
+        t2_3 = t2.reshape(t2.shape[0], t2.shape[1], -1)
+        return _tucker3(t1_3, _scale_rows(w1a, row_scale, True), w1b), _tucker3(t2_3, w2a, w2b)
+    w1a, w1b, w2a, w2b = factors
+    return _scale_rows(w1a, row_scale, False) @ w1b, w2a @ w2b
+
+
+def _merged(weight: torch.Tensor, p1s: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """``weight + p1s * p2`` in one pass (p1s already carries scale and row mask)."""
+    return torch.addcmul(weight.reshape(p1s.shape), p1s, p2).reshape(weight.shape)
+
+
+class _MergedHadaOp(torch.autograd.Function):
+    """y = op(x, W + diag(row_scale) H, bias), one linear / conv per call.
+
+    Saves x and the small factors only; backward rebuilds the two Hadamard operands once and uses
+    them three times: for the merged weight (input gradient), and for the two halves of
+    dL/dH = row_scale * gᵀx (one weight-gradient product, then straight to the factors)."""
+
+    @staticmethod
+    def forward(ctx, conv, tucker, row_scale, x, weight, bias, *factors):
+        p1s, p2 = _hada_parts(tucker, factors, row_scale)
+        w_eff = _merged(weight, p1s, p2)
+        del p1s, p2
+        if conv is None:
+            y = torch.nn.functional.linear(x, w_eff, bias)
+        else:
+            stride, padding, dilation = conv
+            y = torch.nn.functional.conv2d(x, w_eff, bias, stride, padding, dilation, 1)
+        rs_t = row_scale if isinstance(row_scale, torch.Tensor) else None
+        ctx.conv, ctx.tucker, ctx.has_bias = conv, tucker, bias is not None
+        ctx.row_scale = None if rs_t is not None else row_scale
+        ctx.save_for_backward(x, weight, rs_t, *factors)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight, rs_t, *factors = ctx.saved_tensors
+        row_scale = rs_t if rs_t is not None else ctx.row_scale
+        tucker, conv = ctx.tucker, ctx.conv
+        need_x = ctx.needs_input_grad[3]
+        need_f = ctx.needs_input_grad[6:]
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            raise RuntimeError("merged LoHA op: the base weight and bias must be frozen")
+        need_w = any(need_f)
+        grads_f: list = [None] * len(factors)
+        grad_x = None
+        if not (need_x or need_w):
+            return (None, None, None, None, None, None, *grads_f)
+        p1s, p2 = _hada_parts(tucker, factors, row_scale)
+        w_eff = _merged(weight, p1s, p2) if need_x else weight
+        g = g.contiguous()
+        if conv is None:
+            out, inn = weight.shape
+            if need_x:
+                grad_x = g @ w_eff
+            del w_eff
+            gw = g.reshape(-1, out).mT @ x.reshape(-1, inn) if need_w else None
+        else:
+            stride, padding, dilation = conv
+            grad_x, gw, _ = torch.ops.aten.convolution_backward(
+                g, x, w_eff, None, stride, padding, dilation, False, [0, 0], 1, [need_x, need_w, False]
+            )
+            del w_eff
+        if not need_w:
+            return (None, None, None, grad_x, None, None, *grads_f)
+        gw = gw.reshape(p1s.shape)  # dL/d(P1s * P2)
+        if tucker:
+            t1, w1a, w1b, t2, w2a, w2b = factors
+            k = t1.shape[2:]
+            t1_3 = t1.reshape(t1.shape[0], t1.shape[1], -1)
+            t2_3 = t2.reshape(t2.shape[0], t2.shape[1], -1)
+            w1as = _scale_rows(w1a, row_scale, True)
+            if need_f[0] or need_f[1] or need_f[2]:
+                gt1, ga1s, gb1 = _tucker_side_grads(gw * p2, t1_3, w1as, w1b, k, need_f[0], need_f[1], need_f[2])
+                grads_f[0], grads_f[2] = gt1, gb1
+                if ga1s is not None:
+                    grads_f[1] = _scale_rows(ga1s, row_scale, True)
+            del p2
+            if need_f[3] or need_f[4] or need_f[5]:
+                grads_f[3], grads_f[4], grads_f[5] = _tucker_side_grads(
+                    gw.mul_(p1s), t2_3, w2a, w2b, k, need_f[3], need_f[4], need_f[5]
+                )
+        else:
+            w1a, w1b, w2a, w2b = factors
+            w1as = _scale_rows(w1a, row_scale, False)
+            if need_f[0] or need_f[1]:
+                d1 = gw * p2  # dL/dP1s
+                if need_f[0]:
+                    grads_f[0] = _scale_rows(d1 @ w1b.mT, row_scale, False)
+                if need_f[1]:
+                    grads_f[1] = w1as.mT @ d1
+                del d1
+            del p2
+            if need_f[2] or need_f[3]:
+                d2 = gw.mul_(p1s)  # dL/dP2, in place on our own temporary
+                if need_f[2]:
+                    grads_f[2] = d2 @ w2b.mT
+                if need_f[3]:
+                    grads_f[3] = w2a.mT @ d2
+        return (None, None, None, grad_x, None, None, *grads_f)
+
+
+def _check_factors(factors, weight: torch.Tensor, tucker: bool) -> None:
+    if tucker:
+        t1, w1a, w1b, t2, w2a, w2b = factors
+        ok = (
+            w1a.dim() == w2a.dim() == w1b.dim() == w2b.dim() == 2
+            and w1a.shape[1] == w2a.shape[1] == weight.shape[0]
+            and w1b.shape[1] == w2b.shape[1] == weight.shape[1]
+            and tuple(t1.shape[2:]) == tuple(t2.shape[2:]) == tuple(weight.shape[2:])
+            and t1.shape[:2] == (w1a.shape[0], w1b.shape[0])
+            and t2.shape[:2] == (w2a.shape[0], w2b.shape[0])
+        )
+    else:
+        w1a, w1b, w2a, w2b = factors
+        in_flat = weight[0].numel()
+        ok = (
+            all(t.dim() == 2 for t in factors)
+            and w1a.shape[0] == w2a.shape[0] == weight.shape[0]
+            and w1b.shape[1] == w2b.shape[1] == in_flat
+            and w1a.shape[1] == w1b.shape[0]
+            and w2a.shape[1] == w2b.shape[0]
+        )
+    if not ok:
+        raise ValueError(
+            f"LoHA factors {[tuple(t.shape) for t in factors]} do not fit weight {tuple(weight.shape)}"
+            f" ({'Tucker' if tucker else 'flat'} form)"
+        )
+
+
+def merged_linear(x, weight, bias, factors, row_scale=1.0) -> torch.Tensor:
+    """``F.linear(x, weight + diag(row_scale) H, bias)`` with H = (w1a w1b) ⊙ (w2a w2b).
+
+    ``factors`` = (w1a, w1b, w2a, w2b); ``row_scale`` a number (multiplier * alpha / r) or an (out,)
+    tensor (that times a rank-dropout mask).  Everything in one dtype (fp32 / fp64).  Autograd
+    saves x and the factors only, nothing of size (out, in); ``weight`` / ``bias`` must be frozen.
+    """
+    _check_factors(factors, weight, False)
+    return _MergedHadaOp.apply(None, False, row_scale, x, weight, bias, *factors)
+
+
+def merged_conv2d(x, weight, bias, factors, row_scale=1.0, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """``F.conv2d(x, weight + diag(row_scale) H, bias, stride, padding, dilation)``.
+
+    ``factors`` = flat (w1a, w1b, w2a, w2b) with w_b (r, in*kh*kw), or Tucker (t1, w1a, w1b, t2,
+    w2a, w2b) as in :func:`hada_weight_tucker`.  ``padding`` must be numeric (symmetric).  Same
+    saving rule as :func:`merged_linear`.
+    """
+    tucker = len(factors) == 6
+    _check_factors(factors, weight, tucker)
+    conv = (_as_pair(stride), _as_pair(padding), _as_pair(dilation))
+    return _MergedHadaOp.apply(conv, tucker, row_scale, x, weight, bias, *factors)
+
+
+def kr_factors(w1a, w1b, w2a, w2b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Khatri-Rao form of the flat LoHA product: ``(w1a w1b) ⊙ (w2a w2b) = U @ V`` with
+    ``U[o, j*r2 + k] = w1a[o, j] w2a[o, k]`` (out, r1*r2) and ``V[j*r2 + k, i] = w1b[j, i] w2b[k, i]``
+    (r1*r2, in_flat).  So ΔW x = U (V x): a rank-r1*r2 LoRA path.  Plain autograd (small tensors)."""
+    out, r1 = w1a.shape
+    r2 = w2a.shape[1]
+    u = (w1a.unsqueeze(2) * w2a.unsqueeze(1)).reshape(out, r1 * r2)
+    v = (w1b.unsqueeze(1) * w2b.unsqueeze(0)).reshape(r1 * r2, w1b.shape[1])
+    return u, v
+
+
+def kr_tucker_factors(t1, w1a, w1b, t2, w2a, w2b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Khatri-Rao form of the Tucker LoHA product: H = conv chain ``U ∘ T ∘ V``:
+    V (R, in) 1x1 with ``V[(k,m), c] = w1b[k, c] w2b[m, c]``; core T (R, R, *k) with
+    ``T[(j,l), (k,m), s] = t1[j,k,s] t2[l,m,s]`` (carries stride / padding / dilation);
+    U (out, R) 1x1 with ``U[o, (j,l)] = w1a[j, o] w2a[l, o]``; R = r1 * r2."""
+    r1, r2 = w1a.shape[0], w2a.shape[0]
+    k = t1.shape[2:]
+    t1_3 = t1.reshape(t1.shape[0], t1.shape[1], -1)
+    t2_3 = t2.reshape(t2.shape[0], t2.shape[1], -1)
+    big_r_in = t1.shape[1] * t2.shape[1]
+    core = (t1_3[:, None, :, None, :] * t2_3[None, :, None, :, :]).reshape(r1 * r2, big_r_in, *k)
+    u = (w1a.mT.unsqueeze(2) * w2a.mT.unsqueeze(1)).reshape(w1a.shape[1], r1 * r2)
+    v = (w1b.unsqueeze(1) * w2b.unsqueeze(0)).reshape(big_r_in, w1b.shape[1])
+    return v, core, u
+
+
+# Cost model.  Unit: one multiply-add of the base layer's own GEMM / convolution.  Constants
+# measured on the issue-5 machine (x86-64 AVX2, MKL / oneDNN, fp32, 1 thread, CPU time, median of
+# the per-layer sweep in bench/bench_train_step.py --layer-sweep); see bench/RESULTS.md.
+COST_THIN = 1.4        # one multiply-add of the Khatri-Rao path's thin (R = r1*r2 channel) GEMMs / convs
+COST_W_FWD = 30.0      # per weight element: build W + s*H in forward (two rank-r GEMMs, one fused pass)
+COST_W_BWD = 220.0     # per weight element: rebuild in backward, dL/dH products, four factor GEMMs
+COST_PASS = 8.0        # per element of one elementwise pass over an activation (adding the delta)
+COST_CALL = 600_000.0  # one extra kernel call (dispatch, allocation, autograd node): ~25 us
+
+
+def path_costs(
+    *,
+    out: int,
+    in_ch: int,
+    kernel: int = 1,
+    rank1: int,
+    rank2: int | None = None,
+    n_out: int,
+    n_in: int | None = None,
+    tucker: bool = False,
+    backward: bool = True,
+) -> dict[str, float]:
+    """Estimated extra cost of the adapter over the frozen layer (forward, plus backward to the
+    factors and the input when ``backward``), in multiply-adds of the base op, per path:
+
+    - ``merge``: build W + s·H (rank-r GEMMs, one fused pass) and run ONE op; backward: the input
+      gradient with the merged weight (what the frozen layer needs anyway), one weight-gradient
+      product gᵀx (n_out·out·in·k multiply-adds, the only token-dependent extra), rebuild and four
+      factor GEMMs.
+    - ``kr``: the base op plus x -> V -> U through R = r1·r2 channels: 3·n·R·(in·k + out) in total
+      (Tucker: 1x1 to R at input resolution, a k×k R -> R core, 1x1 to out).
+    - ``delta``: the pre-issue-5 path, base op plus a second full op with ΔW: two extra full ops
+      in backward, one in forward, plus the weight work of ``merge``.
+
+    ``kernel`` = kh·kw, ``n_out`` / ``n_in`` = output / input tokens (batch × positions).  Plain
+    arithmetic on Python ints, cheap enough for every call.
+    """
+    r2 = rank1 if rank2 is None else rank2
+    big_r = rank1 * r2
+    in_flat = in_ch * kernel
+    oi = out * in_flat
+    n_in = n_out if n_in is None else n_in
+    scale_r = (rank1 + r2) / 16.0  # the weight-work constants were measured at r1 = r2 = 8
+    w_work = oi * scale_r * (COST_W_FWD + (COST_W_BWD if backward else 0.0))
+    passes = 1 + (1 if backward else 0)
+    if backward:
+        merge = w_work + n_out * oi + COST_CALL * 14
+        delta = w_work + 3 * n_out * oi + COST_PASS * n_out * out * passes + COST_CALL * 18
+    else:
+        merge = w_work + COST_CALL * 4
+        delta = w_work + n_out * oi + COST_PASS * n_out * out + COST_CALL * 6
+    if tucker:
+        thin = n_in * big_r * in_ch + n_out * big_r * big_r * kernel + n_out * big_r * out
+        calls = 9
+    else:
+        thin = n_out * big_r * (in_flat + out)
+        calls = 7
+    kr = COST_THIN * thin * (3 if backward else 1) + COST_PASS * n_out * out * passes + COST_CALL * calls * (
+        2.8 if backward else 1
+    )
+    return {"merge": merge, "kr": kr, "delta": delta}
+
+
+def choose_path(allow_merge: bool = True, **shape) -> str:
+    """The cheapest path by :func:`path_costs` (``merge`` only when ``allow_merge``: it needs the
+    base weight, the input and the factors in one fp32/fp64 dtype and no autocast)."""
+    costs = path_costs(**shape)
+    if not allow_merge:
+        del costs["merge"]
+    return min(costs, key=costs.__getitem__)
 
 
 # --------------------------------------------------------------------------------------------

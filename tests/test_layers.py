@@ -20,6 +20,16 @@ NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TUCKER = ("hada_t1", "hada_t2")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is as fast, and immune to the OpenMP stalls a
+    shared, oversubscribed machine causes with more (gradchecks ran ~10x slower there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def close32(actual, expected, rtol=1e-5):
     atol = 1e-5 * max(1.0, float(expected.detach().abs().max()))
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
@@ -407,3 +417,237 @@ def test_factors_roundtrip(form):
     bad = dict(f, hada_w1_b=f["hada_w1_b"][:, :-1])
     with pytest.raises(ValueError):
         layer.load_factors(bad)
+
+
+# ------------------------------------------------------------------------------ forward paths (issue 5)
+# Every path ("merge": one op with W + s·H; "kr": base(x) + U(Vx), rank r²; "delta": base(x) +
+# op(x, ΔW)) on every layer form: fp64 gradcheck, fp32 equality with the plain formula (forward,
+# input gradient, every factor gradient; tolerances as above), same rank-dropout semantics.
+from sd_loha.layers import PATHS  # noqa: E402
+
+
+def _forced(layer, path):
+    layer.path = path
+    return layer
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("form", list(FORMS))
+def test_gradcheck_each_path(form, path):
+    layer = _forced(randomize(build(form, rank=2, alpha=1.5, multiplier=0.7).double()), path)
+    names = pnames(layer)
+    x = make_input(layer, batch=1, hw=6, dtype=torch.float64).requires_grad_()
+    params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert layer.last_path == path
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("form", ["linear", "conv1x1_stride2", "conv3x3_s2_p1_d2", "tucker3x3_s2_d2"])
+def test_gradcheck_each_path_rank_dropout(form, path):
+    """Rank dropout on: the (seeded, so repeatable) mask scales rows of ΔW in every path."""
+    layer = randomize(build(form, rank=2, rank_dropout=0.4, rank_dropout_scale=True).double()).train()
+    _forced(layer, path)
+    names = pnames(layer)
+    x = make_input(layer, batch=1, hw=5, dtype=torch.float64).requires_grad_()
+    params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
+
+    def f(x, *ps):
+        torch.manual_seed(3)
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("form", list(FORMS))
+def test_each_path_matches_plain_formula_fp32(form, path):
+    layer = _forced(randomize(build(form, rank=3, alpha=2.0, multiplier=0.8)), path)
+    names = pnames(layer)
+    x = make_input(layer, hw=9)
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    ref = {n: getattr(layer, n).detach().clone().requires_grad_() for n in names}
+    y = layer(x)
+    assert layer.last_path == path
+    y_ref = plain_forward(layer, x_ref, ref)
+    close32(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    close32(x.grad, x_ref.grad)
+    for n in names:
+        close32(getattr(layer, n).grad, ref[n].grad)
+
+
+@pytest.mark.parametrize("form", ["linear", "conv3x3_s2_p1_d2", "tucker3x3"])
+def test_paths_agree_under_rank_dropout(form):
+    """Same seed -> same mask -> same output and gradients on all three paths; dropped rows of
+    ΔW leave exactly the base output there."""
+    layer = randomize(build(form, rank=3, rank_dropout=0.5, rank_dropout_scale=True)).train()
+    x = make_input(layer, hw=8)
+    outs, grads = {}, {}
+    for path in PATHS:
+        layer.path = path
+        torch.manual_seed(5)
+        y = layer(x)
+        y.square().sum().backward()
+        outs[path] = y.detach()
+        grads[path] = [getattr(layer, n).grad.clone() for n in pnames(layer)]
+        layer.zero_grad()
+    for path in ("merge", "kr"):
+        close32(outs[path], outs["delta"])
+        for a, b in zip(grads[path], grads["delta"]):
+            close32(a, b, rtol=1e-4)
+    with torch.no_grad():
+        d = outs["delta"] - layer.base(x)
+    ch = -1 if layer.kind == "linear" else 1
+    dims = [i for i in range(d.dim()) if i != d.dim() + ch and i != ch]
+    dropped = d.abs().amax(dim=dims) < 1e-6
+    assert 0 < int(dropped.sum()) < layer.out_dim
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_auto_path_choice():
+    torch.manual_seed(0)
+    # level-0 attention projection: many tokens, narrow layer -> merge
+    lin = randomize(wrap(nn.Linear(128, 128), rank=8, alpha=4))
+    x = torch.randn(2, 1024, 128)
+    assert lin.choose_path(x) == "merge"
+    # the same layer on 2 tokens (a time-embedding projection) -> Khatri-Rao
+    assert lin.choose_path(torch.randn(2, 128)) == "kr"
+    # 8x8 resnet conv, 512 channels -> Khatri-Rao; 32x32, 128 channels -> merge
+    assert wrap(nn.Conv2d(512, 512, 3, padding=1), rank=8).choose_path(torch.randn(2, 512, 8, 8)) == "kr"
+    assert wrap(nn.Conv2d(128, 128, 3, padding=1), rank=8).choose_path(torch.randn(2, 128, 32, 32)) == "merge"
+    # half precision or autocast never merges (W + ΔW in bf16 would round ΔW away)
+    lin_bf = copy.deepcopy(lin)
+    lin_bf.base.to(torch.bfloat16)
+    assert lin_bf.choose_path(x.bfloat16()) in ("kr", "delta")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin.choose_path(x) in ("kr", "delta")
+    lin_bf.path = "merge"
+    with pytest.raises(ValueError, match="merge"):
+        lin_bf(x.bfloat16())
+    lin_bf.path = "kr"
+    assert lin_bf(x.bfloat16()).dtype == torch.bfloat16
+    lin.path = "fast"
+    with pytest.raises(ValueError):
+        lin(x)
+    # a Linear subclass with its own forward is never bypassed by the merged op
+    class Odd(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    odd = wrap(Odd(128, 128), rank=8)
+    assert odd.choose_path(x) != "merge"
+    # "same" padding with an even kernel is asymmetric: no merged conv, the others still agree
+    same = randomize(wrap(nn.Conv2d(3, 4, (2, 2), padding="same"), rank=2))
+    xs = torch.randn(1, 3, 5, 5)
+    assert same.choose_path(xs) != "merge"
+    with torch.no_grad():
+        ref = same(xs)
+        same.path = "kr"
+        close32(same(xs), ref)
+
+
+def test_kr_factors_in_fp32_under_autocast(monkeypatch):
+    seen = []
+    orig = ops.kr_factors
+
+    def spy(*a):
+        out = orig(*a)
+        seen.extend(t.dtype for t in out)
+        return out
+
+    monkeypatch.setattr(ops, "kr_factors", spy)
+    layer = _forced(randomize(build("linear", rank=2)), "kr")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(make_input(layer))
+    assert seen == [torch.float32, torch.float32]
+    y.float().sum().backward()
+    assert layer.hada_w1_a.grad.dtype == torch.float32
+
+
+class _SavedBytes:
+    """Bytes of the unique storages autograd saves, excluding parameters / buffers / the input."""
+
+    def __init__(self, *modules, exclude=()):
+        self.ex = {t.untyped_storage().data_ptr() for m in modules for t in (*m.parameters(), *m.buffers())}
+        self.ex |= {t.untyped_storage().data_ptr() for t in exclude}
+        self.seen = {}
+
+    def pack(self, t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in self.ex:
+            self.seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+    @property
+    def total(self):
+        return sum(self.seen.values())
+
+
+MEMORY_CASES = {
+    # (layer, input): token-heavy attention projection, 8x8 attention, 3x3 convs at two depths
+    "attn_128": (lambda: nn.Linear(128, 128), (2, 1024, 128)),
+    "attn_512_8x8": (lambda: nn.Linear(512, 512), (2, 64, 512)),
+    "conv_128_32x32": (lambda: nn.Conv2d(128, 128, 3, padding=1), (2, 128, 32, 32)),
+    "conv_512_8x8": (lambda: nn.Conv2d(512, 512, 3, padding=1), (2, 512, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_saved_memory_not_above_lycoris(case):
+    """What autograd keeps between forward and backward (the input excluded: every variant keeps
+    it): sd-loha's auto path <= LyCORIS 4.1.3's LohaModule, and the merge path keeps nothing of
+    the weight's size (LyCORIS keeps its ΔW)."""
+    loha_mod = pytest.importorskip("lycoris.modules.loha")
+    make, xs = MEMORY_CASES[case]
+    torch.manual_seed(0)
+    base = make().requires_grad_(False)
+    ours = randomize(LoHALayer(base, rank=8, alpha=4))
+    theirs = loha_mod.LohaModule("t", base, multiplier=1.0, lora_dim=8, alpha=4)
+    x = torch.randn(*xs, requires_grad=True)
+    with _SavedBytes(ours, theirs, exclude=[x]) as s_ours:
+        ours(x).sum().backward()
+    with _SavedBytes(ours, theirs, exclude=[x]) as s_theirs:
+        theirs(x).sum().backward()
+    assert s_ours.total <= s_theirs.total
+    assert s_theirs.total >= base.weight.numel() * 4  # LyCORIS: a full-size ΔW per layer
+    ours.path = "merge"
+    with _SavedBytes(ours, exclude=[x]) as s_merge:
+        ours(x).sum().backward()
+    assert max(s_merge.seen.values(), default=0) < base.weight.numel() * 4
+
+
+@pytest.mark.parametrize("path", ("auto",) + PATHS)
+@pytest.mark.parametrize("form", ["linear", "conv3x3_pad1", "tucker3x3"])
+def test_activation_checkpointing(form, path):
+    """The trainer's gradient checkpointing re-runs forward in backward: same path, same rank
+    dropout mask (checkpoint restores the RNG), same gradients as without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _forced(randomize(build(form, rank=3, rank_dropout=0.3)).train(), path)
+    x = make_input(layer, hw=8)
+    grads = []
+    for use_ckpt in (False, True):
+        torch.manual_seed(9)
+        xi = x.clone().requires_grad_()
+        y = checkpoint(layer, xi, use_reentrant=False) if use_ckpt else layer(xi)
+        y.square().sum().backward()
+        grads.append([xi.grad] + [getattr(layer, n).grad.clone() for n in pnames(layer)])
+        layer.zero_grad()
+    for a, b in zip(*grads):
+        close32(a, b)

@@ -14,6 +14,16 @@ from sd_loha import ops
 RTOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is as fast, and immune to the OpenMP stalls a
+    shared, oversubscribed machine causes with more (gradchecks ran ~10x slower there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def close32(actual, expected, rtol=RTOL):
     """fp32 closeness scaled to the tensor's magnitude."""
     atol = 1e-5 * max(1.0, float(expected.detach().abs().max()))
@@ -325,3 +335,202 @@ def test_apply_dora_bad_shape():
         ops.apply_dora(w, torch.zeros_like(w), torch.ones(4, 3))
     with pytest.raises(ValueError):
         ops.apply_dora(w, torch.zeros(3, 4), torch.ones(4, 1))
+
+
+# ------------------------------------------------------------------------------ merged ops (issue 5)
+# merged_linear / merged_conv2d: y = op(x, W + diag(row_scale) H, bias) in one op, saving x and
+# the factors only.  fp64 gradchecks (torch defaults); fp32 against the plain formula with the
+# module's tolerances (rtol 1e-5, atol 1e-5 x max magnitude).
+import torch.nn.functional as F  # noqa: E402
+
+
+def _row_scales(out, dtype):
+    g = torch.Generator().manual_seed(11)
+    mask = (torch.rand(out, generator=g) > 0.4).to(dtype)
+    return [0.7, mask * 1.3]  # a number, and a rank-dropout-style (out,) tensor
+
+
+def _plain_merged(x, w, b, factors, row_scale, conv=None):
+    if len(factors) == 6:
+        h = plain_tucker(*factors)
+    else:
+        h = plain_hada(*factors).reshape(w.shape)
+    rs = row_scale.reshape(-1, *([1] * (w.dim() - 1))) if isinstance(row_scale, torch.Tensor) else row_scale
+    weff = w + rs * h
+    if conv is None:
+        return F.linear(x, weff, b)
+    return F.conv2d(x, weff, b, *conv)
+
+
+LINEAR_CASES = [((2, 3, 5), 4, 5, 2), ((6, 4), 3, 4, 3)]  # x shape, out, in, rank
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES)
+@pytest.mark.parametrize("rs_kind", [0, 1])
+def test_gradcheck_merged_linear(case, rs_kind):
+    xs, out, inn, r = case
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*xs, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, inn, generator=g, dtype=torch.float64)
+    b = torch.randn(out, generator=g, dtype=torch.float64)
+    fs = [t.requires_grad_() for t in _flat_factors(out, inn, r, seed=3)]
+    rs = _row_scales(out, torch.float64)[rs_kind]
+    f = lambda x, *fs: ops.merged_linear(x, w, b, fs, rs)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, *fs))
+    # only some inputs need a gradient (frozen x; one factor pair)
+    x2 = x.detach()
+    fs2 = [fs[0].detach(), fs[1].detach(), fs[2], fs[3]]
+    assert torch.autograd.gradcheck(lambda *t: ops.merged_linear(x2, w, None, t, rs), fs2)
+    assert torch.autograd.gradcheck(lambda x: ops.merged_linear(x, w, b, [t.detach() for t in fs], rs), (x,))
+
+
+CONV_CASES = {
+    "1x1": ((3, 4, 1, 1), {}),
+    "1x1_s2": ((3, 4, 1, 1), {"stride": 2}),
+    "3x3": ((3, 2, 3, 3), {}),
+    "3x3_s2_p1_d2": ((3, 2, 3, 3), {"stride": 2, "padding": 1, "dilation": 2}),
+    "3x2_p1": ((3, 2, 3, 2), {"padding": (1, 0)}),
+}
+
+
+@pytest.mark.parametrize(
+    "name,tucker",
+    [(n, False) for n in CONV_CASES] + [(n, True) for n, (ws, _) in CONV_CASES.items() if ws[2:] != (1, 1)],
+)
+def test_gradcheck_merged_conv2d(name, tucker):
+    wshape, kw = CONV_CASES[name]
+    out, inn, kh, kwid = wshape
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, inn, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(*wshape, generator=g, dtype=torch.float64)
+    b = torch.randn(out, generator=g, dtype=torch.float64)
+    if tucker:
+        fs = _tucker_factors(out, inn, 2, (kh, kwid), seed=5)
+    else:
+        fs = _flat_factors(out, inn * kh * kwid, 2, seed=5)
+    fs = [t.requires_grad_() for t in fs]
+    for rs in _row_scales(out, torch.float64):
+        f = lambda x, *fs: ops.merged_conv2d(x, w, b, fs, rs, **kw)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, *fs))
+
+
+def _compare_merged_fp32(fn, plain, x, factors):
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    f1 = [t.clone().requires_grad_() for t in factors]
+    f2 = [t.clone().requires_grad_() for t in factors]
+    y1, y2 = fn(x1, f1), plain(x2, f2)
+    assert y1.dtype == torch.float32
+    close32(y1, y2)
+    gy = torch.randn_like(y1)
+    y1.backward(gy)
+    y2.backward(gy)
+    close32(x1.grad, x2.grad)
+    for a, b in zip(f1, f2):
+        close32(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("rs_kind", [0, 1])
+def test_merged_ops_match_plain_fp32(rs_kind):
+    g = torch.Generator().manual_seed(6)
+    f32 = torch.float32
+    # Linear, attention-like token count
+    out, inn = 48, 40
+    w, b = torch.randn(out, inn, generator=g), torch.randn(out, generator=g)
+    rs = _row_scales(out, f32)[rs_kind]
+    x = torch.randn(2, 33, inn, generator=g)
+    fs = [0.3 * t for t in _flat_factors(out, inn, 8, dtype=f32)]
+    _compare_merged_fp32(lambda x, f: ops.merged_linear(x, w, b, f, rs),
+                         lambda x, f: _plain_merged(x, w, b, f, rs), x, fs)
+    # 3x3 conv, stride 2, padding 1, dilation 2, flat and Tucker
+    out, inn = 24, 16
+    w, b = torch.randn(out, inn, 3, 3, generator=g), torch.randn(out, generator=g)
+    rs = _row_scales(out, f32)[rs_kind]
+    x = torch.randn(2, inn, 11, 11, generator=g)
+    conv = (2, 1, 2)
+    fs = [0.3 * t for t in _flat_factors(out, inn * 9, 4, dtype=f32)]
+    _compare_merged_fp32(lambda x, f: ops.merged_conv2d(x, w, b, f, rs, *conv),
+                         lambda x, f: _plain_merged(x, w, b, f, rs, conv), x, fs)
+    fs = [0.5 * t for t in _tucker_factors(out, inn, 4, (3, 3), dtype=f32)]
+    _compare_merged_fp32(lambda x, f: ops.merged_conv2d(x, w, b, f, rs, *conv),
+                         lambda x, f: _plain_merged(x, w, b, f, rs, conv), x, fs)
+
+
+def test_merged_ops_shape_errors():
+    w1a, w1b, w2a, w2b = _flat_factors(4, 3, 2)
+    w = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError):
+        ops.merged_linear(torch.randn(2, 3, dtype=torch.float64), w, None, [w1a, w1b.T, w2a, w2b])
+    with pytest.raises(ValueError):
+        ops.merged_conv2d(torch.randn(1, 3, 5, 5, dtype=torch.float64), w.reshape(4, 3, 1, 1).expand(4, 3, 3, 3),
+                          None, [w1a, w1b, w2a, w2b])
+
+
+def test_merged_ops_save_no_full_size_tensor():
+    """The memory claim: autograd keeps x, the frozen weight (a parameter: no new memory) and the
+    small factors; the plain formula additionally keeps a full-size W + ΔW."""
+    out, inn, r = 96, 80, 4
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 7, inn, generator=g, requires_grad=True)
+    w = torch.randn(out, inn, generator=g)
+    fs = [t.requires_grad_() for t in _flat_factors(out, inn, r, dtype=torch.float32)]
+    with _SavedCounter() as c:
+        y = ops.merged_linear(x, w, None, fs, torch.ones(out))
+    expected = sorted([x.numel(), w.numel(), out] + [t.numel() for t in fs])
+    assert sorted(c.numels) == expected
+    y.sum().backward()
+    with _SavedCounter() as c_plain:
+        _plain_merged(x, w, None, fs, 1.0)
+    assert sorted(c_plain.numels).count(out * inn) >= 2  # the products, W + ΔW
+    # conv: x, W, factors only
+    wc = torch.randn(out, inn, 3, 3, generator=g)
+    xc = torch.randn(1, inn, 6, 6, generator=g, requires_grad=True)
+    fc = [t.requires_grad_() for t in _flat_factors(out, inn * 9, r, dtype=torch.float32)]
+    with _SavedCounter() as c:
+        ops.merged_conv2d(xc, wc, None, fc, 0.5, padding=1).sum().backward()
+    assert sorted(c.numels) == sorted([xc.numel(), wc.numel()] + [t.numel() for t in fc])
+
+
+# ------------------------------------------------------------------------------ Khatri-Rao form
+def test_kr_factors_reproduce_h():
+    fs = _flat_factors(7, 5, 3, 2)  # unequal ranks
+    u, v = ops.kr_factors(*fs)
+    assert u.shape == (7, 6) and v.shape == (6, 5)
+    torch.testing.assert_close(u @ v, plain_hada(*fs))
+    fs = [t.requires_grad_() for t in _flat_factors(4, 3, 2)]
+    assert torch.autograd.gradcheck(lambda *f: ops.kr_factors(*f)[0] @ ops.kr_factors(*f)[1], fs)
+
+
+@pytest.mark.parametrize("conv", [(1, 0, 1), (2, 1, 2)])
+def test_kr_tucker_chain_is_the_tucker_conv(conv):
+    stride, padding, dilation = conv
+    t1, w1a, w1b, t2, w2a, w2b = fs = _tucker_factors(5, 4, 2, (3, 2), seed=8)
+    v, core, u = ops.kr_tucker_factors(*fs)
+    assert v.shape == (4, 4) and core.shape == (4, 4, 3, 2) and u.shape == (5, 4)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    z = F.conv2d(F.conv2d(x, v[:, :, None, None]), core, None, stride, padding, dilation)
+    y = F.conv2d(z, u[:, :, None, None])
+    expect = F.conv2d(x, plain_tucker(*fs), None, stride, padding, dilation)
+    torch.testing.assert_close(y, expect)
+
+
+# ------------------------------------------------------------------------------ cost model
+def test_cost_model_choices():
+    """Per-call choices on the issue-5 UNet's shapes (batch 2, 32x32 latents, rank 8)."""
+    c = lambda **kw: ops.choose_path(rank1=8, **kw)  # noqa: E731
+    # wide token count, narrow layer: the one weight-gradient product is cheapest
+    assert c(out=128, in_ch=128, n_out=2048) == "merge"  # level-0 attention projection
+    assert c(out=1024, in_ch=128, n_out=2048) == "merge"  # level-0 GEGLU projection
+    assert c(out=128, in_ch=128, kernel=9, n_out=2048) == "merge"  # level-0 resnet 3x3 conv
+    # few tokens or wide layers: rank-64 Khatri-Rao path
+    assert c(out=512, in_ch=512, n_out=2) == "kr"  # time_emb_proj: batch 2 tokens
+    assert c(out=256, in_ch=512, n_out=154) == "kr"  # cross-attention to_k on 2 x 77 text tokens
+    assert c(out=512, in_ch=512, n_out=128) == "kr"  # 8x8 attention
+    assert c(out=512, in_ch=512, kernel=9, n_out=128) == "kr"  # 8x8 resnet conv
+    assert c(out=256, in_ch=256, kernel=9, n_out=128) == "kr"  # stride-2 downsampler
+    # no merge allowed (half precision / autocast): KR or the straightforward delta path
+    assert c(allow_merge=False, out=1280, in_ch=1280, n_out=8192) == "kr"
+    assert ops.choose_path(False, out=3, in_ch=4, rank1=2, n_out=6) == "delta"  # tiny: fewest kernels
+    # forward only (no grad): the merged weight costs no token-dependent work at all
+    assert c(out=320, in_ch=320, n_out=8192, backward=False) == "merge"
+    costs = ops.path_costs(out=320, in_ch=320, rank1=8, n_out=8192)
+    assert set(costs) == {"merge", "kr", "delta"} and costs["delta"] > costs["merge"]

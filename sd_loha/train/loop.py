@@ -204,13 +204,23 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
 
     started = time.time()
 
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch --multi_gpu set it
     accelerator = Accelerator(
+        # accelerate only forms a CPU process group (gloo) when told it runs on CPU; without this, processes
+        # launched on a machine without an accelerator would each train alone and write the same files
+        cpu=launched > 1 and not _has_accelerator(),
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.log_with == "none" else ("tensorboard" if cfg.log_with in ("tensorboard", "auto") and _has_tensorboard() else None),
         project_dir=cfg.effective_logging_dir,
     )
     main = accelerator.is_main_process
     device = accelerator.device
+    if launched > 1 and accelerator.num_processes != launched:
+        raise TrainingError(f"{launched} processes were launched (WORLD_SIZE) but accelerate set up "
+                            f"{accelerator.num_processes}: they would train separately and overwrite each other's files")
+    if launched == 1 and accelerator.num_processes == 1 and "MASTER_PORT" in os.environ and main:
+        print("note: one training process. `accelerate launch --num_processes N` starts N processes only on N GPUs "
+              "(or under mpirun); on CPU use `accelerate launch --multi_gpu --num_processes N ...`", flush=True)
 
     # ---- 2. dataset preflight ------------------------------------------------------------------
     preflight = run_preflight(
@@ -316,30 +326,39 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
                                   total_steps=total_steps, num_cycles=cfg.lr_scheduler_num_cycles,
                                   power=cfg.lr_scheduler_power)
     optimizer = accelerator.prepare(optimizer)  # fp16 loss scaling; the scheduler stays ours (one step per step)
-    ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
 
     global_step, epoch, batches_done = 0, 0, 0
+    losses: list[float] = []
+    val_losses: list[tuple[int, float]] = []
+    state = None
     if resume_path is not None:
         state = load_state(resume_path)
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state["ema"] is not None:
-            for e, v in zip(ema, state["ema"]["params"]):
-                e.copy_(v)
         restore_rng(state)
         prog = state["progress"]
         global_step, epoch, batches_done = prog["step"], prog["epoch"], prog["batches_done"]
+        losses = [float(v) for v in prog.get("losses", [])]  # the whole run's curve, not just the resumed part
+        val_losses = [(int(s), float(v)) for s, v in prog.get("val_losses", [])]
         if main:
             print(f"resumed from {resume_path}: step {global_step}, epoch {epoch + 1}", flush=True)
+    # EMA starts from the weights training starts from (the resumed ones, when the state has no EMA)
+    ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
+    if ema is not None and state is not None and state["ema"] is not None:
+        for e, v in zip(ema, state["ema"]["params"]):
+            e.copy_(v)
+    if accelerator.num_processes > 1 and accelerator.process_index > 0:
+        # Every process drew the same LoHA initialisation from the shared seed (it must: gradients are averaged
+        # into one set of weights). From here on each draws its own noise and timesteps, or they would all
+        # denoise with identical noise. Rank 0 keeps the seeded (or resumed) stream.
+        torch.manual_seed(hash((cfg.seed, accelerator.process_index, global_step)) % (2**63))
 
     val_dataset = None
     if preflight.validation_items:
         val_dataset = TrainDataset(preflight.validation_items, captions=CaptionOptions(trigger_word=cfg.trigger_word or None),
                                    seed=cfg.seed, use_repeats=False)
 
-    losses: list[float] = []
-    val_losses: list[tuple[int, float]] = []
     samples: list[Path] = []
     saved: list[Path] = []
     if accelerator.trackers == [] and accelerator.log_with:
@@ -378,23 +397,56 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
     def validation_loss() -> float:
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # same noise and timesteps every time
         total, n = 0.0, 0
-        unet.eval()
-        with torch.no_grad():
-            for i in range(len(val_dataset)):
-                batch = collate_examples([val_dataset[(i, 0)]])
-                total += float(step_loss(batch, gen))
-                n += 1
-        unet.train()
+        modules = [unet, *text_encoders]
+        for m in modules:
+            m.eval()  # no rank/module dropout while measuring
+        try:
+            with torch.no_grad():
+                for i in range(len(val_dataset)):
+                    batch = collate_examples([val_dataset[(i, 0)]])
+                    total += float(step_loss(batch, gen))
+                    n += 1
+        finally:
+            unet.train()
+            for te in text_encoders:
+                te.train(cfg.train_text_encoder)
         return total / max(n, 1)
 
+    def record_validation() -> None:
+        v = validation_loss()
+        val_losses.append((global_step, v))
+        accelerator.log({"val_loss": v}, step=global_step)
+        emit({"type": "validation", "step": global_step, "loss": v})
+
+    def epochs_seen() -> int:
+        # `epoch` counts finished epochs once the last batch of one is done (batches_done back to 0)
+        return max(1, epoch + (1 if batches_done else 0))
+
+    def nan_error(value: float) -> TrainingError:
+        return TrainingError(
+            f"loss became {value} at step {global_step + 1}. Likely causes: learning rate too high "
+            f"({cfg.learning_rate:g}; LoHA at rank {cfg.network_dim} diverges fast, try half), or fp16 "
+            "overflow (use mixed_precision = \"bf16\" or \"no\"). The last saved adapter is intact"
+            + (f": {saved[-1]}" if saved else "") + "."
+        )
+
     def save_adapter(name: str) -> Path:
+        weights = ema if ema is not None else params
+        limit = torch.finfo(SAVE_DTYPES[cfg.save_precision]).max
+        if not all(bool(torch.isfinite(w).all()) and float(w.detach().abs().max()) <= limit for w in weights):
+            # never write a file that loads as NaN/inf (or overflows the save precision) into someone's model
+            raise TrainingError(
+                f"the LoHA weights diverged by step {global_step} (inf/NaN, or beyond {cfg.save_precision} range): "
+                f"the learning rate ({cfg.learning_rate:g}) is too high; try a tenth of it. Nothing was saved for this "
+                "step" + (f"; the last saved adapter is intact: {saved[-1]}" if saved else "") + "."
+            )
         if ema is not None:  # the file gets the EMA weights; training continues on the raw ones
             raw = [p.detach().clone() for p in params]
             with torch.no_grad():
                 for p, e in zip(params, ema):
                     p.copy_(e)
         try:
-            meta = _training_metadata(cfg, preflight, step=global_step, epoch=epoch + 1, started=started,
+            meta = _training_metadata(cfg, preflight, step=global_step, epoch=epochs_seen(), started=started,
                                       num_processes=accelerator.num_processes)
             path = network.save(output_dir / f"{name}.safetensors", metadata=meta, dtype=SAVE_DTYPES[cfg.save_precision])
         finally:
@@ -410,12 +462,13 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
         return save_state(output_dir, global_step, network_sd=network.state_dict(torch.float32), optimizer=optimizer,
                           scheduler=lr_scheduler, ema={"params": ema} if ema is not None else None,
                           progress={"step": global_step, "epoch": epoch, "batches_done": batches_done,
-                                    "total_steps": total_steps})
+                                    "total_steps": total_steps, "losses": losses, "val_losses": val_losses})
 
-    def checkpoint(tag: str) -> None:
-        if not main:
+    def checkpoint(tags: list[str]) -> None:
+        if not main or not tags:
             return
-        save_adapter(f"{cfg.output_name}-{tag}")
+        for tag in tags:
+            save_adapter(f"{cfg.output_name}-{tag}")
         rotate(output_dir, f"{cfg.output_name}-step*.safetensors", cfg.save_last_n)
         rotate(output_dir, f"{cfg.output_name}-epoch*.safetensors", cfg.save_last_n)
         if cfg.save_state:
@@ -428,6 +481,9 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
         path = sample_grid(pipe, network, cfg, output_dir / "samples" / f"{tag}.png")
         samples.append(path)
         emit({"type": "sample", "path": str(path), "step": global_step})
+
+    def every(n: int | None, count: int) -> bool:
+        return bool(n) and count % n == 0
 
     # ---- 7. the loop -----------------------------------------------------------------------------------
     if main:
@@ -450,13 +506,8 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
                     if not _is_oom(e):
                         raise
                     raise TrainingError(oom_advice(cfg, e)) from None
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {float(loss)} at step {global_step + 1}. Likely causes: learning rate too high "
-                        f"({cfg.learning_rate:g}; LoHA at rank {cfg.network_dim} diverges fast, try half), or fp16 "
-                        "overflow (use mixed_precision = \"bf16\" or \"no\"). The last saved adapter is intact"
-                        + (f": {saved[-1]}" if saved else "") + "."
-                    )
+                if accelerator.num_processes == 1 and not torch.isfinite(loss):
+                    raise nan_error(float(loss.detach()))  # several processes check together below, so none waits forever
                 try:
                     accelerator.backward(loss / cfg.gradient_accumulation_steps)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -466,10 +517,16 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
                 accum_loss += loss.item() / cfg.gradient_accumulation_steps
                 micro += 1
                 batches_done += 1
-                if micro % cfg.gradient_accumulation_steps and batches_done < batches_per_epoch:
+                epoch_ended = batches_done >= batches_per_epoch
+                if micro % cfg.gradient_accumulation_steps and not epoch_ended:
                     continue
+                stop_seen = False
                 if accelerator.num_processes > 1:
-                    _all_reduce_grads(accelerator, params)
+                    # One all-reduce for the gradients, the loss and the stop flag: a NaN on any process, or a stop
+                    # seen by any process, ends every process at the same step (none is left waiting in a collective).
+                    accum_loss, stop_seen = _all_reduce_grads(accelerator, params, accum_loss, stop.is_set)
+                    if not math.isfinite(accum_loss):
+                        raise nan_error(accum_loss)
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -493,59 +550,65 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
                       "loss": accum_loss, "it_s": rate, "eta_s": (total_steps - global_step) / rate})
                 accum_loss = 0.0
 
-                if val_dataset is not None and cfg.validation_every_n_steps and global_step % cfg.validation_every_n_steps == 0:
-                    v = validation_loss()
-                    val_losses.append((global_step, v))
-                    accelerator.log({"val_loss": v}, step=global_step)
-                    emit({"type": "validation", "step": global_step, "loss": v})
-                if cfg.sample_every_n_steps and global_step % cfg.sample_every_n_steps == 0:
-                    make_samples(f"step{global_step:06d}")
+                # Epoch-end work happens right after the epoch's last step, also when that step ends the run
+                # (a for-else on the loader skipped it then, and a run shorter than an epoch never validated).
+                if epoch_ended:
+                    epoch += 1
+                    batches_done = 0
                 done = global_step >= total_steps
-                if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0 and not done:
-                    checkpoint(f"step{global_step:06d}")
-                if stop.is_set and not done:
+                if val_dataset is not None and (every(cfg.validation_every_n_steps, global_step)
+                                                or (epoch_ended and not cfg.validation_every_n_steps)):
+                    record_validation()
+                if not done:  # the end of the run makes the final samples and file below
+                    if every(cfg.sample_every_n_steps, global_step):
+                        make_samples(f"step{global_step:06d}")
+                    elif epoch_ended and every(cfg.sample_every_n_epochs, epoch):
+                        make_samples(f"epoch{epoch:04d}")
+                    tags = []
+                    if every(cfg.save_every_n_steps, global_step):
+                        tags.append(f"step{global_step:06d}")
+                    if epoch_ended and every(cfg.save_every_n_epochs, epoch):
+                        tags.append(f"epoch{epoch:04d}")
+                    checkpoint(tags)  # adapter file(s), then one resumable state
+                if (stop_seen if accelerator.num_processes > 1 else stop.is_set) and not done:
                     stopped = True
                     break
-                if done:
+                if done or epoch_ended:
                     break
-            else:  # the epoch ran out
+            else:  # nothing left of this epoch (a state saved at an epoch's very end by an older version)
                 epoch += 1
                 batches_done = 0
-                if val_dataset is not None and not cfg.validation_every_n_steps:
-                    v = validation_loss()
-                    val_losses.append((global_step, v))
-                    emit({"type": "validation", "step": global_step, "loss": v})
-                if cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
-                    make_samples(f"epoch{epoch:04d}")
-                if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and global_step < total_steps:
-                    checkpoint(f"epoch{epoch:04d}")
-                continue
-            break
     bar.close()
+    if val_dataset is not None and not stopped and (not val_losses or val_losses[-1][0] != global_step):
+        record_validation()  # the validation loss of the final adapter
 
     # ---- 8. the result -------------------------------------------------------------------------------------
-    final = None
+    # Every process reports the file; the main process writes it (the others wait for it below).
+    final = output_dir / (f"{cfg.output_name}-step{global_step:06d}.safetensors" if stopped
+                          else f"{cfg.output_name}.safetensors")
     curve = None
     if main:
         if stopped:
-            final = save_adapter(f"{cfg.output_name}-step{global_step:06d}")
+            final = save_adapter(final.stem)
             state_dir = save_resumable()
             print(f"stopped at step {global_step}: adapter {final}, resume with --resume {state_dir}", flush=True)
         else:
-            final = save_adapter(cfg.output_name)
+            final = save_adapter(final.stem)
             if cfg.save_state:
                 save_resumable()
                 rotate(output_dir, "state-*", cfg.save_last_n or 2)
             if cfg.sample_prompts:
                 make_samples("final")
-        (output_dir / "loss.csv").write_text("step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
-        curve = loss_curve(list(range(1, len(losses) + 1)), losses, output_dir / "loss.png",
+        loss_steps = list(range(global_step - len(losses) + 1, global_step + 1))  # losses end at global_step
+        (output_dir / "loss.csv").write_text("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in zip(loss_steps, losses)))
+        curve = loss_curve(loss_steps, losses, output_dir / "loss.png",
                            val_steps=[s for s, _ in val_losses], val_losses=[v for _, v in val_losses])
         print(f"saved {final}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     network.remove()
-    result = TrainResult(final, output_dir, global_step, epoch, stopped, losses, val_losses, samples, saved, curve, preflight_text)
+    result = TrainResult(final, output_dir, global_step, epochs_seen(), stopped, losses, val_losses, samples, saved, curve,
+                         preflight_text)
     emit({"type": "done", "output": str(final) if final else None, "stopped": stopped, "step": global_step})
     return result
 
@@ -574,15 +637,18 @@ def oom_advice(cfg: TrainConfig, error: BaseException) -> str:
     return "out of memory during a training step (" + str(error).splitlines()[0][:200] + "). Try: " + "; ".join(tips) + "."
 
 
-def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
+def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter], loss: float, stop: bool = False) -> tuple[float, bool]:
+    """Average the adapter gradients over the processes in place; the loss and a stop flag ride along.
+    Returns (mean loss, whether any process asked to stop)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    flat = accelerator.reduce(flat, reduction="mean")
+    extra = torch.tensor([loss, float(stop)], dtype=grads[0].dtype, device=grads[0].device)
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads] + [extra]), reduction="mean")
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+    return float(flat[-2]), bool(flat[-1] > 0)
 
 
 def _enable_te_checkpointing(te) -> None:
@@ -596,6 +662,13 @@ def _enable_te_checkpointing(te) -> None:
         te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _has_accelerator() -> bool:
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, MPS, XPU, ...
+    if acc is not None:
+        return bool(acc.is_available())
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
 def _has_tensorboard() -> bool:
     import importlib.util
 
@@ -606,10 +679,11 @@ def sample_grid(pipe, network: LoHANetwork, cfg: TrainConfig, path: Path) -> Pat
     """Images from the live network (eval mode, fixed seeds) for each sample prompt, as one labelled PNG."""
     import diffusers
 
-    unet = pipe.unet
+    models = [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     pipe.set_progress_bar_config(disable=True)
-    was_training = unet.training
-    unet.eval()
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()  # no rank/module dropout in the samples: they show what the saved file does
     old_scheduler = pipe.scheduler
     cls_name, extra, _ = SAMPLERS[cfg.sample_sampler]
     pipe.scheduler = getattr(diffusers, cls_name).from_config(old_scheduler.config, **extra)
@@ -619,12 +693,32 @@ def sample_grid(pipe, network: LoHANetwork, cfg: TrainConfig, path: Path) -> Pat
         with torch.no_grad():
             for i, prompt in enumerate(cfg.sample_prompts):
                 gen = torch.Generator().manual_seed(cfg.sample_seed + i)
-                images.append(pipe(prompt, negative_prompt=cfg.sample_negative_prompt or None,
-                                   num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance_scale,
-                                   width=w, height=h, generator=gen).images[0])
+                images.append(pipe(**_prompt_kwargs(pipe, cfg, prompt), num_inference_steps=cfg.sample_steps,
+                                   guidance_scale=cfg.sample_guidance_scale, width=w, height=h,
+                                   generator=gen).images[0])
     finally:
         pipe.scheduler = old_scheduler
-        unet.train(was_training)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, labels=list(cfg.sample_prompts)).save(path)
     return path
+
+
+def _prompt_kwargs(pipe, cfg: TrainConfig, prompt: str) -> dict[str, Any]:
+    """The pipeline's prompt arguments, with the clip_skip the adapter was trained with.
+
+    clip_skip 1 is the pipelines' default. Above it, SDXL takes diffusers' own clip_skip (which counts skipped
+    layers: ours minus one). The SD 1.x/2.x pipeline's clip_skip path reads `text_encoder.text_model`, which
+    transformers 5's CLIPTextModel no longer has, so for those the embeddings come from the trainer's own
+    encoder (prompt and negative prompt both skip layers, as in A1111).
+    """
+    negative = cfg.sample_negative_prompt or None
+    if cfg.clip_skip <= 1:
+        return {"prompt": prompt, "negative_prompt": negative}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return {"prompt": prompt, "negative_prompt": negative, "clip_skip": cfg.clip_skip - 1}
+    encode = Conditioner(pipe, sdxl=False, clip_skip=cfg.clip_skip, train_text_encoder=False)
+    device = pipe.unet.device
+    return {"prompt_embeds": encode([prompt], device)["encoder_hidden_states"],
+            "negative_prompt_embeds": encode([negative or ""], device)["encoder_hidden_states"]}

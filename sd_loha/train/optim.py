@@ -42,7 +42,9 @@ def make_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, arg
     return cls(param_groups, lr=lr, **args)
 
 
-def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int):
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                   num_cycles: int = 1, power: float = 1.0):
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                         num_cycles=num_cycles, power=power)

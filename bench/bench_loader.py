@@ -1,0 +1,387 @@
+"""Loader benchmark: sd-loha's merge path vs diffusers' LoRA path on an SD 1.5-size pipeline (CPU).
+
+    python bench/bench_loader.py                 # writes the "## Loader" section of bench/RESULTS.md
+    python bench/bench_loader.py --repeats 5 --steps 3 --threads 2
+
+What it builds (offline, random weights): the real SD 1.5 UNet config (860M parameters) and the real
+CLIP ViT-L/14 text-encoder config (123M), with sd-loha's tiny tokenizer (no text is encoded for the
+loader timings) and no VAE. On it:
+
+* a full-preset LoHA made by add_loha (rank 8, alpha 4, conv_rank 4, conv_alpha 1; attention, MLP,
+  resnet and sampler convs, text-encoder attention + MLP), factors randomised, saved in fp16;
+* a kohya LoRA with the same kohya module names (rank 8, alpha 4, k×k convs as LoCon), fp16.
+
+Timed side by side in one process (median of --repeats, each from a clean pipeline state):
+
+* sd-loha: apply_loha (read + parse + name lookup + backups + merge), set_loha_strength, remove_loha,
+  for the LoHA file and for the LoRA file;
+* diffusers: pipe.load_lora_weights + pipe.fuse_lora, re-strengthening (unfuse_lora + set_adapters +
+  fuse_lora), unfuse_lora + unload_lora_weights, for the LoRA file (diffusers cannot load LoHA);
+* generation cost: UNet forward passes at 64×64 latents (512×512 images), batch 1, one UNet call per
+  step: base and LoHA-merged steps alternate on the same UNet (strength 0 / 1), then diffusers' LoRA
+  loaded but unfused (PEFT wrappers) and fused.
+
+Exactness is checked on the way: remove_loha must give every parameter back bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    only_cross_attention=False,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    use_linear_projection=False,
+)
+
+SD15_TEXT = dict(  # openai/clip-vit-large-patch14 text config (SD 1.5's text encoder)
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+
+
+def build_sd15_pipeline(seed: int = 0):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sd_loha.models import _tiny_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).eval()
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=_tiny_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    for m in (unet, text_encoder):
+        m.requires_grad_(False)
+    return pipe
+
+
+def make_files(pipe, folder: Path) -> tuple[Path, Path, int, int]:
+    """The LoHA file (add_loha) and a kohya LoRA file with the same module names."""
+    from safetensors.torch import save_file
+
+    from sd_loha import add_loha
+    from sd_loha.models import text_encoders
+
+    network = add_loha(pipe, preset="full", rank=8, alpha=4.0, conv_rank=4, conv_alpha=1.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    loha = folder / "bench_loha.safetensors"
+    network.save(loha, dtype=torch.float16)
+    rows = network.listing()
+    network.remove()
+
+    models = {"unet": pipe.unet, **text_encoders(pipe)}
+    sd = {}
+    for r in rows:
+        w = models[r["part"]].get_submodule(r["path"]).weight
+        k = r["key"]
+        if w.dim() == 4:
+            sd[f"{k}.lora_down.weight"] = torch.randn(8, *w.shape[1:], generator=g) * 0.05
+            sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], 8, 1, 1, generator=g) * 0.05
+        else:
+            sd[f"{k}.lora_down.weight"] = torch.randn(8, w.shape[1], generator=g) * 0.05
+            sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], 8, generator=g) * 0.05
+        sd[f"{k}.alpha"] = torch.tensor(4.0)
+    lora = folder / "bench_lora.safetensors"
+    save_file({k: v.to(torch.float16) if k.endswith("weight") else v for k, v in sd.items()}, str(lora))
+    n_unet = sum(r["part"] == "unet" for r in rows)
+    return loha, lora, n_unet, len(rows) - n_unet
+
+
+def timed(fn, *args, **kwargs) -> float:
+    gc.collect()
+    t = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t
+
+
+def params_equal(model, reference: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(p, reference[n]) for n, p in model.named_parameters())
+
+
+def max_abs_diff(model, reference: dict[str, torch.Tensor]) -> float:
+    return max(float((p - reference[n]).abs().max()) for n, p in model.named_parameters())
+
+
+def unet_steps(pipe, steps: int, seed: int = 0) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, 4, 64, 64, generator=g)
+    hidden = torch.randn(1, 77, 768, generator=g)
+    times = []
+    with torch.inference_mode():
+        for i in range(steps):
+            t = time.perf_counter()
+            pipe.unet(sample, torch.tensor([999 - 100 * i]), hidden)
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 1024 / 1024:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def versions() -> str:
+    import diffusers
+    import peft
+    import transformers
+
+    import sd_loha
+
+    return (f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}, sd-loha {sd_loha.__version__}")
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f}"
+
+
+def write_results(path: Path, section: str) -> None:
+    """Replace (or add) the '## Loader' section of RESULTS.md, leaving other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.strip() == "## Loader"), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + ([""] + lines[end:] if end < len(lines) else []))
+        new = new.rstrip("\n") + "\n"
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="UNet forward passes per generation measurement")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="'' to skip writing")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of one apply_loha")
+    ap.add_argument("--no-diffusers", action="store_true", help="time sd-loha only (e.g. to compare two versions)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python bench/bench_loader.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    load_before = os.getloadavg()
+
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    from sd_loha import apply_loha, remove_loha, set_loha_strength
+
+    t0 = time.perf_counter()
+    pipe = build_sd15_pipeline()
+    t_build = time.perf_counter() - t0
+    n_unet_params = sum(p.numel() for p in pipe.unet.parameters())
+    n_te_params = sum(p.numel() for p in pipe.text_encoder.parameters())
+    print(f"built SD 1.5-size pipeline in {t_build:.1f}s: UNet {n_unet_params / 1e6:.0f}M, text encoder "
+          f"{n_te_params / 1e6:.0f}M parameters; {args.threads} threads", flush=True)
+    base_unet = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    base_te = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters()}
+
+    tmp = Path(tempfile.mkdtemp(prefix="sd_loha_bench_"))
+    loha, lora, n_unet, n_te = make_files(pipe, tmp)
+    print(f"files: LoHA {loha.stat().st_size / 2**20:.1f} MiB, LoRA {lora.stat().st_size / 2**20:.1f} MiB; "
+          f"{n_unet} UNet + {n_te} text-encoder layers", flush=True)
+
+    # warm-up (first-call costs of the allocator / BLAS) — not timed
+    apply_loha(pipe, loha)
+    remove_loha(pipe)
+
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        apply_loha(pipe, loha)
+        prof.disable()
+        remove_loha(pipe)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+
+    res: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        res.setdefault(key, []).append(value)
+
+    exact = True
+    for rep in range(args.repeats):
+        for label, path in (("loha", loha), ("lora", lora)):
+            add(f"ours_{label}_apply", timed(apply_loha, pipe, path))
+            add(f"ours_{label}_set", timed(set_loha_strength, pipe, path.stem, 0.5))
+            add(f"ours_{label}_remove", timed(remove_loha, pipe, path.stem))
+            exact &= params_equal(pipe.unet, base_unet) and params_equal(pipe.text_encoder, base_te)
+
+        if args.no_diffusers:
+            print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items()), flush=True)
+            continue
+        # diffusers: load + fuse, re-strengthen, unfuse + unload
+        t_load = timed(pipe.load_lora_weights, str(lora), adapter_name="bench")
+        t_fuse = timed(pipe.fuse_lora, lora_scale=1.0)
+        add("diff_load", t_load)
+        add("diff_fuse", t_fuse)
+        add("diff_apply", t_load + t_fuse)
+
+        def restrength():
+            pipe.unfuse_lora()
+            pipe.set_adapters(["bench"], adapter_weights=[0.5])
+            pipe.fuse_lora(lora_scale=1.0)
+
+        add("diff_set", timed(restrength))
+
+        def unload():
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+
+        add("diff_remove", timed(unload))
+        diff_err = max(max_abs_diff(pipe.unet, base_unet), max_abs_diff(pipe.text_encoder, base_te))
+        # start each repeat from the exact base weights
+        with torch.no_grad():
+            for n, p in pipe.unet.named_parameters():
+                p.copy_(base_unet[n])
+            for n, p in pipe.text_encoder.named_parameters():
+                p.copy_(base_te[n])
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in res.items()), flush=True)
+
+    # generation cost: UNet forward at 64x64 latents. Base and merged steps alternate on the same UNet
+    # (strength 0 = the original weights bit for bit, strength 1 = merged), so drifting machine load hits
+    # both arms alike; then diffusers' LoRA unfused (PEFT wrappers) and fused, one after the other.
+    if args.steps <= 0 or args.no_diffusers:
+        print({k: fmt(v) for k, v in res.items()}, f"exact restore: {exact}")
+        return 0
+    gen: dict[str, list[float]] = {"base": [], "loha_merged": []}
+    apply_loha(pipe, loha, strength=0.0)
+    for i in range(args.steps):
+        for arm, strength in (("base", 0.0), ("loha_merged", 1.0)) if i % 2 == 0 else (("loha_merged", 1.0), ("base", 0.0)):
+            set_loha_strength(pipe, loha.stem, strength)
+            gen[arm] += unet_steps(pipe, 1, seed=i)
+    remove_loha(pipe)
+    exact &= params_equal(pipe.unet, base_unet) and params_equal(pipe.text_encoder, base_te)
+    pipe.load_lora_weights(str(lora), adapter_name="bench")
+    gen["diffusers_lora_unfused"] = unet_steps(pipe, args.steps)
+    pipe.fuse_lora()
+    gen["diffusers_lora_fused"] = unet_steps(pipe, args.steps)
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    load_after = os.getloadavg()
+
+    rows = [
+        ("apply (read + merge)", "apply_loha", fmt(res["ours_loha_apply"]), fmt(res["ours_lora_apply"]),
+         "load_lora_weights + fuse_lora", f"{fmt(res['diff_apply'])} ({fmt(res['diff_load'])} + {fmt(res['diff_fuse'])})"),
+        ("change strength", "set_loha_strength", fmt(res["ours_loha_set"]), fmt(res["ours_lora_set"]),
+         "unfuse_lora + set_adapters + fuse_lora", fmt(res["diff_set"])),
+        ("remove", "remove_loha", fmt(res["ours_loha_remove"]), fmt(res["ours_lora_remove"]),
+         "unfuse_lora + unload_lora_weights", fmt(res["diff_remove"])),
+    ]
+    table = ["| operation | sd-loha call | sd-loha, LoHA file (s) | sd-loha, LoRA file (s) | diffusers call | diffusers, LoRA file (s) |",
+             "|---|---|---|---|---|---|"]
+    table += [f"| {a} | `{b}` | {c} | {d} | `{e}` | {f} |" for a, b, c, d, e, f in rows]
+    labels = {"base": "base model (interleaved with the next row)", "loha_merged": "LoHA merged by sd-loha (interleaved)",
+              "diffusers_lora_unfused": "diffusers: LoRA loaded, not fused (PEFT wrappers)",
+              "diffusers_lora_fused": "diffusers: LoRA fused"}
+    gtable = ["| UNet forward, 64×64 latents, batch 1 | median s/step | min s/step | steps |", "|---|---|---|---|"]
+    gtable += [f"| {labels[k]} | {statistics.median(v):.2f} | {min(v):.2f} | {len(v)} |" for k, v in gen.items()]
+
+    notes = [
+        f"- remove_loha restored every UNet and text-encoder parameter bit for bit: **{'yes' if exact else 'NO'}**; "
+        f"diffusers' unfuse_lora + unload_lora_weights left a max abs error of {diff_err:.1e}.",
+        f"- Adapter: {n_unet} UNet + {n_te} text-encoder layers (full preset); LoHA rank 8 / alpha 4, convs 3×3 rank 4 / "
+        f"alpha 1; LoRA rank 8 / alpha 4 on the same names; both stored fp16, merged into an fp32 pipeline.",
+        f"- Median of {args.repeats} repeats; each sd-loha apply includes reading and validating the file, building the "
+        "name tables, the clean backups and the fp32 merge. diffusers' numbers include PEFT injection.",
+        f"- Peak RSS of the whole run {rss_gb():.1f} GiB (pipeline {4 * (n_unet_params + n_te_params) / 2**30:.1f} GiB fp32; "
+        "sd-loha keeps a clean copy of each patched weight while an adapter is merged).",
+        f"- Load average before/after the run: {load_before[0]:.1f} / {load_after[0]:.1f} "
+        "(the machine is shared; other jobs inflate every number alike).",
+    ]
+    section = "\n".join([
+        "## Loader",
+        "",
+        f"Command: `{command.strip()}`",
+        "",
+        f"Machine: {machine()}; torch threads {args.threads}.",
+        f"Software: {versions()}.",
+        f"Model: SD 1.5 UNet config ({n_unet_params / 1e6:.0f}M params) + CLIP ViT-L/14 text encoder "
+        f"({n_te_params / 1e6:.0f}M), random weights, fp32, CPU.",
+        "",
+        *table,
+        "",
+        *gtable,
+        "",
+        *notes,
+        "",
+    ])
+    print()
+    print(section)
+    if args.results:
+        write_results(Path(args.results), section)
+        print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
