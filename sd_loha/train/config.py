@@ -365,7 +365,8 @@ class TrainConfig:
     )
     validation_every_n_steps: int | None = _opt(
         "dataset", "int", None,
-        "Compute the validation loss every N steps. Not set: once per epoch. Needs validation_split > 0.",
+        "Compute the validation loss every N steps. Not set: at the end of every epoch. Either way the final "
+        "adapter's validation loss is computed at the end of the run. Needs validation_split > 0.",
         optional=True, min=1, default_doc="once per epoch", example="100",
     )
 

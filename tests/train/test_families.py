@@ -87,6 +87,13 @@ def test_family_trains_and_file_loads_everywhere(tmp_path, monkeypatch, family):
     assert tags["demo_images"]["sdlohastyle"] == 16 and tags["demo_images"]["poster"] == 16
     assert json.loads(meta["ss_dataset_dirs"]) == {"demo_images": {"n_repeats": 1, "img_count": 16}}
     assert json.loads(meta["ss_network_args"])["algo"] == "loha"
+    # every module got a gradient (its zero-initialised hada_w2_a moved) except, on SDXL, CLIP-L's last layer:
+    # SDXL reads that encoder's penultimate hidden states, so its last layer never influences the UNet
+    untrained = sorted(k for k, t in tensors.items() if k.endswith("hada_w2_a") and not t.abs().sum())
+    if family == "tiny-sdxl":
+        assert untrained and all(k.startswith("lora_te1_text_model_encoder_layers_1_") for k in untrained), untrained
+    else:
+        assert untrained == []
     if overrides.get("conv_dim"):
         assert any("resnets_0_conv1." in k or "_in_layers_2." in k for k in tensors), \
             "preset full with conv_dim > 0 must adapt the ResNets' 3x3 convs"

@@ -201,6 +201,7 @@ def test_option_paths_train_every_module(tmp_path):
                                huber_c=0.1, noise_offset=0.1, gradient_checkpointing=True, gradient_accumulation_steps=2,
                                max_train_steps=2), progress=False, on_event=events.append)
     assert result.steps == 2 and len(result.losses) == 2
+    assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2]  # 4 batches, 2 optimizer steps
     assert all(0 < v < 10 for v in result.losses)
     tensors, meta = read_file(result.output)
     assert _untrained(tensors) == []
