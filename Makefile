@@ -1,5 +1,5 @@
 # The two quickstart commands (see README.md). Both set up .venv first (idempotent).
-.PHONY: setup demo test bench
+.PHONY: setup demo test soak bench
 
 setup:
 	./scripts/setup
@@ -9,6 +9,9 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+soak: setup
+	.venv/bin/python -m pytest -q -m soak
 
 bench: setup
 	.venv/bin/python bench/bench_loader.py

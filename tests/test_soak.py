@@ -17,7 +17,7 @@ def _rss_mb() -> float:
 
 def _adapter(tiny_pipe, tmp_path, seed, name):
     pipe = tiny_pipe("tiny-sd1")
-    net = add_loha(pipe, preset="full", rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0)
+    net = add_loha(pipe, preset="attn-mlp", rank=4, alpha=2.0)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
@@ -27,9 +27,9 @@ def _adapter(tiny_pipe, tmp_path, seed, name):
     return path
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_200_cycles_bit_identical_and_memory_flat(tiny_pipe, tmp_path, dtype):
+@pytest.mark.soak
+def test_200_cycles_bit_identical_and_memory_flat(tiny_pipe, tmp_path):
+    dtype = torch.float16  # half precision is where subtract-to-change-strength drifts
     a = _adapter(tiny_pipe, tmp_path, 0, "a")
     b = _adapter(tiny_pipe, tmp_path, 1, "b")
     pipe = tiny_pipe("tiny-sd1").to(dtype=dtype)
