@@ -55,6 +55,12 @@ def _saved_adapters(out: Path) -> list[Path]:
     return sorted(out.glob("run-step*.safetensors"))
 
 
+def _newest_step(out: Path) -> int:
+    """Step of the newest saved adapter (save_last_n rotates old ones away, so count by step, not by files)."""
+    steps = [int(p.stem.split("step")[-1]) for p in _saved_adapters(out)]
+    return max(steps, default=0)
+
+
 def _assert_all_outputs_valid(out: Path) -> None:
     for f in out.glob("*.safetensors"):
         tensors, _ = read_safetensors(f)  # raises on a truncated or corrupt file
@@ -90,10 +96,11 @@ def test_signal_saves_adapter_and_state_then_resume_finishes(tmp_path, sig):
 def test_sigkill_at_random_moments_never_corrupts_and_resume_works(tmp_path):
     out = tmp_path / "out"
     rng = random.Random(0)
-    for attempt in range(3):
+    for _ in range(3):
+        newest = _newest_step(out)
         extra = ["--resume"] if any(out.glob("state-*")) else []
         proc = subprocess.Popen(_cmd(out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-        _wait_for(lambda: len(_saved_adapters(out)) >= 1 + attempt, proc, timeout=180)
+        _wait_for(lambda: _newest_step(out) > newest, proc, timeout=180)  # a save after this (re)start
         time.sleep(rng.uniform(0.0, 1.5))  # anywhere in a step or a save (saves come every 3 steps)
         proc.kill()
         proc.wait(timeout=30)
