@@ -151,16 +151,18 @@ def max_abs_diff(model, reference: dict[str, torch.Tensor]) -> float:
     return max(float((p - reference[n]).abs().max()) for n, p in model.named_parameters())
 
 
-def unet_steps(pipe, steps: int, seed: int = 0) -> list[float]:
+def unet_steps(pipe, steps: int, seed: int = 0) -> list[tuple[float, float]]:
+    """(wall s, process CPU s) per UNet call. On a shared machine the CPU time of a 1-thread run is the
+    steadier number: other jobs stretch the wall clock, not the work done."""
     g = torch.Generator().manual_seed(seed)
     sample = torch.randn(1, 4, 64, 64, generator=g)
     hidden = torch.randn(1, 77, 768, generator=g)
     times = []
     with torch.inference_mode():
         for i in range(steps):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             pipe.unet(sample, torch.tensor([999 - 100 * i]), hidden)
-            times.append(time.perf_counter() - t)
+            times.append((time.perf_counter() - t, time.process_time() - c))
     return times
 
 
@@ -343,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     labels = {"base": "base model (interleaved with the next row)", "loha_merged": "LoHA merged by sd-loha (interleaved)",
               "diffusers_lora_unfused": "diffusers: LoRA loaded, not fused (PEFT wrappers)",
               "diffusers_lora_fused": "diffusers: LoRA fused"}
-    gtable = ["| UNet forward, 64×64 latents, batch 1 | median s/step | min s/step | steps |", "|---|---|---|---|"]
-    gtable += [f"| {labels[k]} | {statistics.median(v):.2f} | {min(v):.2f} | {len(v)} |" for k, v in gen.items()]
+    gtable = ["| UNet forward, 64×64 latents, batch 1 | wall s/step, median (min) | CPU s/step, median (min) | steps |",
+              "|---|---|---|---|"]
+    for k, v in gen.items():
+        wall, cpu = [w for w, _ in v], [c for _, c in v]
+        gtable.append(f"| {labels[k]} | {statistics.median(wall):.2f} ({min(wall):.2f}) | "
+                      f"{statistics.median(cpu):.2f} ({min(cpu):.2f}) | {len(v)} |")
 
     notes = [
         f"- remove_loha restored every UNet and text-encoder parameter bit for bit: **{'yes' if exact else 'NO'}**; "
