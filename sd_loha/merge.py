@@ -1,6 +1,6 @@
 """Loading adapter files into diffusers pipelines: merge, change strength, remove.
 
-Every patched weight keeps a clean copy of its original. The merged weight is always recomputed as
+Every patched weight keeps its clean original (on the CPU: the original tensor itself). The merged weight is always recomputed as
 original + Σ strength·ΔW over the adapters on that layer, in fp32, and cast once: changing a strength
 never subtracts in half precision, and removing the last adapter restores the original bit for bit.
 After merging, the pipeline runs exactly the modules it ran before, so generation costs the same.
@@ -8,11 +8,9 @@ After merging, the pipeline runs exactly the modules it ran before, so generatio
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +72,28 @@ class _Adapter:
 @dataclass
 class _Slot:
     module: nn.Module
-    original: torch.Tensor  # clean copy, CPU, original dtype
+    original: torch.Tensor  # the clean original on the CPU, original dtype: never written to
     adapters: list[str] = field(default_factory=list)  # in the order they were applied
+
+    def restore(self) -> None:
+        """Put the original back, bit for bit."""
+        weight = self.module.weight
+        if _same_tensor_kind(weight, self.original):
+            weight.data = self.original  # no copy: the original tensor itself
+        else:
+            weight.copy_(self.original)  # moved or cast since the merge: copy_ crosses devices and dtypes
+
+    def writable_weight(self) -> torch.Tensor:
+        """The weight, made safe to overwrite: while it still is the original tensor (a CPU weight just
+        taken over, or restored at strength 0) it gets fresh memory of the same kind first."""
+        weight = self.module.weight
+        if weight.data_ptr() == self.original.data_ptr():
+            weight.data = _empty_like(self.original)
+        return weight
+
+
+def _same_tensor_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
 
 class _Registry:
@@ -100,11 +118,11 @@ class _Registry:
         with torch.no_grad():
             for key in keys:
                 slot = self.slots[key]
-                weight = slot.module.weight
                 active = [self.adapters[n] for n in slot.adapters if self.adapters[n].strength(key[0]) != 0.0]
                 if not active:
-                    weight.copy_(slot.original)  # bit for bit (copy_ moves across devices itself)
+                    slot.restore()
                     continue
+                weight = slot.writable_weight()
                 original = slot.original.to(weight.device)  # no copy when it is already there
                 # fp32 weights accumulate in place; half-precision (or channels-last) ones in an fp32 buffer,
                 # copied (cast once) at the end.
@@ -202,50 +220,25 @@ def _full_delta(mod: AdapterModule, shape: torch.Size, device: torch.device) -> 
     return lora_delta(f["lora_up.weight"], f["lora_down.weight"], f.get("lora_mid.weight"), shape=shape, scale=mod.scale)
 
 
-_HUGEPAGE = 2 << 20
-_MADV_HUGEPAGE = 14
+def _take_original(weight: torch.Tensor) -> torch.Tensor:
+    """The clean original of a weight about to be merged.
+
+    A contiguous CPU weight is kept as it is: the tensor itself becomes the clean copy and the merged
+    weight gets fresh memory (`_Slot.writable_weight`), which saves a full copy of every patched weight,
+    and removing the adapter just puts the tensor back. Accelerator weights are copied to the CPU, so
+    the clean copies never take accelerator memory; so are channels-last CPU weights, so that the
+    original can be walked by rows (copy_ puts values back into any layout)."""
+    data = weight.detach()
+    if data.device.type == "cpu" and data.is_contiguous():
+        return data
+    out = _empty_like(data, device="cpu")
+    return out.copy_(data)
 
 
-def _backup(weight: torch.Tensor) -> torch.Tensor:
-    """A clean copy of `weight` on the CPU: contiguous whatever the weight's memory format (channels-last
-    convs), so the merge can walk it by rows (copy_ puts values back into any layout).
-
-    Most of the cost of ~1 GB of backups is the kernel faulting in fresh 4 KiB pages, not the copy; on
-    Linux, where transparent huge pages are usually available on request ("madvise"), asking for 2 MiB
-    pages before the first write makes the backups ~3x cheaper. Best effort: any failure just means
-    ordinary pages."""
-    out = torch.empty(weight.shape, dtype=weight.dtype, device="cpu")
-    if out.nbytes >= 2 * _HUGEPAGE:
-        _advise_hugepages(out)
-    return out.copy_(weight.detach())
-
-
-def _advise_hugepages(t: torch.Tensor) -> None:
-    global _madvise
-    if _madvise is None:
-        _madvise = _load_madvise()
-    if not _madvise:
-        return
-    start = (t.data_ptr() + _HUGEPAGE - 1) // _HUGEPAGE * _HUGEPAGE
-    end = (t.data_ptr() + t.nbytes) // _HUGEPAGE * _HUGEPAGE
-    if end > start:
-        _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)  # errors ignored
-
-
-def _load_madvise():
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        fn.restype = ctypes.c_int
-        return fn
-    except (OSError, AttributeError):
-        return False
-
-
-_madvise = None
+def _empty_like(t: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """An uninitialised contiguous tensor like `t`. (Asking Linux for transparent huge pages here made the
+    first merge of a process slower, not faster, when measured on SD 1.5: 4 KiB pages it is.)"""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device if device is None else device)
 
 
 def _registry(pipe: Any, create: bool = False) -> _Registry | None:
@@ -428,7 +421,7 @@ def apply_loha(
         slot = reg.slots.get(key)
         if slot is None:
             module = models[key[0]].get_submodule(key[1])
-            slot = reg.slots[key] = _Slot(module, _backup(module.weight))
+            slot = reg.slots[key] = _Slot(module, _take_original(module.weight))
         slot.adapters.append(name)
     try:
         reg.recompute(layers)

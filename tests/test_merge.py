@@ -163,6 +163,19 @@ def test_remove_restores_every_parameter(tiny_pipe, sd1_files):
         remove_loha(pipe, "a")
 
 
+def test_remove_after_pipeline_cast_gives_cast_original(tiny_pipe, sd1_files):
+    """On the CPU the original tensor itself is the clean copy and the merged weight is fresh memory. A
+    pipeline cast after the merge (pipe.to(float16)) must not get the fp32 original tensor back on
+    removal: it gets the original cast like every other parameter."""
+    pipe = tiny_pipe("tiny-sd1")
+    apply_loha(pipe, sd1_files["a"])
+    pipe.to(dtype=torch.float16)
+    remove_loha(pipe)
+    ref = tiny_pipe("tiny-sd1").to(dtype=torch.float16)
+    assert_unchanged(pipe, snapshot(ref))
+    assert all(p.dtype == torch.float16 for p in pipe.unet.parameters())
+
+
 def test_two_adapters_sum_of_deltas(tiny_pipe, sd1_files):
     pipe = tiny_pipe("tiny-sd1")
     base = snapshot(pipe)
