@@ -60,8 +60,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import SCHEDULERS
     from .models import TINY_MODELS
+    from .schedulers import SCHEDULERS
 
     p = argparse.ArgumentParser(prog="sd-loha", description="Train and load LoHA adapters for Stable Diffusion.")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -10,7 +10,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
@@ -18,18 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
 from .models import load_pipeline
-
-# name -> (diffusers scheduler class, extra config, A1111's label)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-    "pndm": ("PNDMScheduler", {}, "PLMS"),
-}
-
+from .schedulers import make_scheduler
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -140,13 +128,8 @@ class GenerationSession:
         self.adapters = list(specs)
 
     def set_scheduler(self, name: str) -> str:
-        import diffusers
-
-        if name not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-        cls_name, extra, label = SCHEDULERS[name]
-        cls = getattr(diffusers, cls_name)
-        self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config, **extra)
+        """Switch the sampler (see sd_loha.schedulers); returns its A1111 label."""
+        self.pipe.scheduler, label = make_scheduler(name, self.pipe.scheduler.config)
         return label
 
     def generate(self, prompt: str, *, negative_prompt: str = "", seed: int = -1, steps: int = 20,

@@ -74,21 +74,27 @@ class _Slot:
     module: nn.Module
     original: torch.Tensor  # the clean original on the CPU, original dtype: never written to
     adapters: list[str] = field(default_factory=list)  # in the order they were applied
+    # The merged weight's memory while the original is back in place (every adapter at strength 0), kept
+    # so that a strength change does not allocate and fault in fresh memory again.
+    spare: torch.Tensor | None = None
 
     def restore(self) -> None:
         """Put the original back, bit for bit."""
         weight = self.module.weight
         if _same_tensor_kind(weight, self.original):
+            if weight.data_ptr() != self.original.data_ptr():
+                self.spare = weight.data
             weight.data = self.original  # no copy: the original tensor itself
         else:
             weight.copy_(self.original)  # moved or cast since the merge: copy_ crosses devices and dtypes
 
     def writable_weight(self) -> torch.Tensor:
         """The weight, made safe to overwrite: while it still is the original tensor (a CPU weight just
-        taken over, or restored at strength 0) it gets fresh memory of the same kind first."""
+        taken over, or restored at strength 0) it gets memory of its own first."""
         weight = self.module.weight
         if weight.data_ptr() == self.original.data_ptr():
-            weight.data = _empty_like(self.original)
+            weight.data = self.spare if self.spare is not None else _empty_like(self.original)
+            self.spare = None
         return weight
 
 

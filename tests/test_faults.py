@@ -173,3 +173,30 @@ def test_disk_full_during_training_says_so(small_fs):
     err = proc.stdout + proc.stderr
     assert "No space left on device" in err or "disk is full" in err, err[-2000:]
     _assert_all_outputs_valid(small_fs)
+
+
+def test_out_of_memory_stops_with_advice(tmp_path):
+    """A real allocation failure: the training process's address space is capped (RLIMIT_AS) 512 MiB above
+    what it uses once torch and diffusers are imported, and the run asks for 16 images of 768 px per step.
+    The run stops with advice that names the settings to change, not a traceback."""
+    out = tmp_path / "out"
+    train_args = _cmd(out, "--set", "train_batch_size=16", "--set", "resolution=768", "--set", "min_bucket_reso=256",
+                      "--set", "max_bucket_reso=1024", "--set", "cache_latents=false")[3:]
+    script = (
+        "import resource, sys\n"
+        "import torch, diffusers, transformers, accelerate\n"
+        "from sd_loha.cli import main\n"
+        "vm = int(next(l for l in open('/proc/self/status') if l.startswith('VmSize')).split()[1]) * 1024\n"
+        "limit = vm + 512 * 2**20\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, *train_args], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "out of memory" in err and ("can't allocate memory" in err or "MemoryError" in err), err[-3000:]
+    assert "train_batch_size (now 16)" in err and "gradient_checkpointing" in err and "cache_latents" in err
+    assert "Traceback" not in err
+    assert not list(out.glob("*.safetensors")), "no adapter file is written by a run that never finished a step"
+    assert not list(out.glob("*.tmp*")), "no temporary file is left behind"

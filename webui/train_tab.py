@@ -14,8 +14,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from sd_loha.train.config import (GROUPS, LR_SCHEDULERS, PRESETS, ConfigError, TrainConfig, check_output_dir,
-                                  check_paths, load_config)
+from sd_loha.train.checks import check_output_dir, check_paths
+from sd_loha.train.config import GROUPS, LR_SCHEDULERS, PRESETS, ConfigError, TrainConfig, load_config
 
 from .paths import PathPolicy, PathRefused
 from .runner import RunActive, TrainingRunner, describe_error

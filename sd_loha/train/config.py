@@ -2,14 +2,15 @@
 
 Every option is a field of :class:`TrainConfig`; its metadata (group, type, default, allowed values,
 help) drives parsing, validation, :meth:`TrainConfig.to_toml` and the generated reference
-``docs/config.md`` (:func:`config_reference_markdown`).
+``docs/config.md`` (sd_loha/train/config_docs.py).
 
 Entry points::
 
     cfg = load_config("style.toml", ["max_train_steps=50", "output_dir=out"])
     cfg = config_from_kwargs(pretrained_model="tiny-sd1", train_data_dir="data", output_dir="out")
     cfg = TrainConfig.from_dict({...})          # flat or grouped in tables, like the TOML file
-    check_paths(cfg); check_output_dir(cfg, resume=None)   # before any model loads
+
+The file-system checks that run before any model loads are in :mod:`sd_loha.train.checks`.
 
 All problems are collected and raised together as one :class:`ConfigError`.
 """
@@ -24,12 +25,14 @@ import logging
 import math
 import os
 import re
-import sys
 import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from ..schedulers import ALIASES as SCHEDULER_ALIASES
+from ..schedulers import SCHEDULERS
 
 __all__ = [
     "ConfigError",
@@ -47,10 +50,6 @@ __all__ = [
     "loads_config",
     "config_from_kwargs",
     "as_config",
-    "check_paths",
-    "check_output_dir",
-    "find_previous_outputs",
-    "config_reference_markdown",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,33 +77,8 @@ LR_SCHEDULERS: tuple[str, ...] = (
 )
 DEFAULT_MAX_TRAIN_STEPS = 1600
 
-#: sample_sampler name -> (diffusers scheduler class name, extra from_config kwargs, description)
-SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral (A1111 'Euler a')"),
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
-    "pndm": ("PNDMScheduler", {}, "PNDM"),
-    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
-    "heun": ("HeunDiscreteScheduler", {}, "Heun"),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}, "DPM2"),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}, "DPM2 ancestral"),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
-    "dpmsolver++_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
-        "DPM++ 2M Karras",
-    ),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
-}
-_SAMPLER_ALIASES = {
-    "k_euler_a": "euler_a",
-    "k_euler": "euler",
-    "k_lms": "lms",
-    "k_dpm_2": "dpm_2",
-    "k_dpm_2_a": "dpm_2_a",
-    "dpm++_2m": "dpmsolver++",
-    "dpm++_2m_karras": "dpmsolver++_karras",
-}
+SAMPLERS = SCHEDULERS  # sample_sampler names: the same samplers as generation
+_SAMPLER_ALIASES = SCHEDULER_ALIASES
 
 #: optimizer names that are not torch.optim classes (case-insensitive) -> canonical spelling
 EXTRA_OPTIMIZERS: dict[str, str] = {"adamw8bit": "AdamW8bit", "prodigy": "Prodigy"}
@@ -346,7 +320,7 @@ class TrainConfig:
     cache_latents: bool = _opt(
         "dataset", "bool", True,
         "Encode every image with the VAE once before training and keep the latents in memory "
-        "(much faster; the VAE is then unloaded).",
+        "(much faster: the VAE then only runs for validation images and samples).",
     )
     cache_latents_to_disk: bool = _opt(
         "dataset", "bool", False,
@@ -355,8 +329,8 @@ class TrainConfig:
     )
     cache_text_encoder_outputs: bool = _opt(
         "dataset", "bool", False,
-        "Encode captions once and unload the text encoder(s) (saves memory, mostly for SDXL). Only "
-        "possible when the text encoder is not trained.",
+        "Encode each caption once and reuse its text-encoder output (saves time, mostly for SDXL's two "
+        "encoders). Only possible when the text encoder is not trained and captions do not change per step.",
     )
     validation_split: float = _opt(
         "dataset", "float", 0.0,
@@ -1494,156 +1468,6 @@ def as_config(
 
 
 # --------------------------------------------------------------------------------------------------
-# File-system checks (run before any model is loaded)
-# --------------------------------------------------------------------------------------------------
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    return bool(_HUB_ID.fullmatch(s)) and ".." not in s and not s.lower().endswith(_MODEL_SUFFIXES)
-
-
-def _where_of(cfg: TrainConfig, key: str) -> str | None:
-    return getattr(cfg, "_origins", {}).get(key)
-
-
-def check_paths(cfg: TrainConfig) -> None:
-    """Check the paths named by the config; raises :class:`ConfigError` listing every problem."""
-    problems: list[Problem] = []
-
-    def add(key: str, msg: str, fix: str | None = None) -> None:
-        problems.append(Problem(_where_of(cfg, key), msg, fix))
-
-    # training data
-    d = cfg.train_data_dir
-    if d:
-        p = Path(d).expanduser()
-        if not p.exists():
-            add("train_data_dir", f"train_data_dir '{d}' does not exist",
-                "point it at the folder that holds your images (or their kohya '10_name' subfolders)")
-        elif not p.is_dir():
-            add("train_data_dir", f"train_data_dir '{d}' is a file, not a folder",
-                "point it at the folder that holds your images")
-
-    # base model
-    m = cfg.pretrained_model
-    if m and m not in BUILTIN_MODELS:
-        p = Path(m).expanduser()
-        if p.is_dir():
-            if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
-                add("pretrained_model",
-                    f"pretrained_model '{m}' is a folder but not a diffusers model (no model_index.json)",
-                    "point it at the folder that holds model_index.json, or at a single .safetensors checkpoint")
-        elif p.is_file():
-            if p.suffix.lower() not in _MODEL_SUFFIXES:
-                add("pretrained_model", f"pretrained_model '{m}' is not a model file (expected .safetensors or .ckpt)",
-                    "point it at a .safetensors/.ckpt checkpoint or a diffusers folder")
-        elif _looks_like_hub_id(m):
-            parent = p.parent
-            if str(parent) not in ("", ".") and parent.is_dir():
-                add("pretrained_model",
-                    f"pretrained_model '{m}' does not exist, though the folder '{parent}' does",
-                    "fix the local path (or, for a Hugging Face id, make sure no local folder of that name exists)")
-        else:
-            hint = ", ".join(BUILTIN_MODELS)
-            if m.lower().endswith(_MODEL_SUFFIXES) or os.sep in m or "/" in m or m.startswith(("~", ".")):
-                add("pretrained_model", f"pretrained_model '{m}' does not exist", "check the path")
-            else:
-                s = _suggest(m, BUILTIN_MODELS)
-                add("pretrained_model",
-                    f"pretrained_model '{m}' is not an existing file or folder, a built-in model ({hint}) or a "
-                    f"Hugging Face id (org/name)" + (f" (did you mean '{s}'?)" if s else ""),
-                    "give a local path, a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, or a built-in name")
-
-    # VAE
-    if cfg.vae:
-        p = Path(cfg.vae).expanduser()
-        if not p.exists() and not _looks_like_hub_id(cfg.vae):
-            add("vae", f"vae '{cfg.vae}' does not exist", "give a VAE file, a diffusers VAE folder or a hub id")
-
-    # starting weights
-    if cfg.network_weights:
-        p = Path(cfg.network_weights).expanduser()
-        if not p.exists():
-            add("network_weights", f"network_weights '{cfg.network_weights}' does not exist",
-                "point it at an existing LoHA .safetensors file, or remove the option")
-        elif not p.is_file():
-            add("network_weights", f"network_weights '{cfg.network_weights}' is a folder, not a file",
-                "point it at the LoHA .safetensors file")
-
-    # writable output folders
-    for key in ("output_dir", "logging_dir"):
-        value = getattr(cfg, key)
-        if value:
-            msg = _unwritable(Path(value).expanduser())
-            if msg:
-                add(key, f"{key} '{value}' {msg}", "choose a folder you can write to")
-
-    if problems:
-        raise ConfigError(problems, header=f"config paths have {len(problems)} problem{'s' * (len(problems) != 1)}")
-
-
-def _unwritable(p: Path) -> str | None:
-    if p.exists():
-        if not p.is_dir():
-            return "is a file, not a folder"
-        return None if os.access(p, os.W_OK | os.X_OK) else "is not writable"
-    anc = p.absolute().parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        return f"cannot be created: '{anc}' is a file"
-    if not os.access(anc, os.W_OK | os.X_OK):
-        return f"cannot be created: '{anc}' is not writable"
-    return None
-
-
-def find_previous_outputs(output_dir: str | os.PathLike[str], output_name: str) -> list[Path]:
-    """Files and folders in output_dir that a run named output_name writes: LoHA files
-    ``<name>.safetensors`` / ``<name>[-_.]*.safetensors`` and state folders (``<name>*state*`` or ``state*``)."""
-    d = Path(output_dir).expanduser()
-    if not d.is_dir():
-        return []
-    stem = re.escape(output_name)
-    file_re = re.compile(rf"{stem}([-_.].*)?\.safetensors", re.IGNORECASE)
-    dir_re = re.compile(rf"({stem}([-_.].*)?[-_.]state([-_.].*)?|states?([-_.].*)?)", re.IGNORECASE)
-    found = []
-    for child in sorted(d.iterdir()):
-        if child.is_file() and file_re.fullmatch(child.name):
-            found.append(child)
-        elif child.is_dir() and dir_re.fullmatch(child.name):
-            found.append(child)
-    return found
-
-
-def check_output_dir(cfg: TrainConfig, resume: str | os.PathLike[str] | bool | None = None) -> None:
-    """Refuse an output_dir that already holds this run name's outputs (two runs writing to one folder)
-    unless ``overwrite = true`` or the run resumes."""
-    if cfg.overwrite or resume or not cfg.output_dir:
-        return
-    found = find_previous_outputs(cfg.output_dir, cfg.output_name)
-    if not found:
-        return
-    names = ", ".join(f.name + ("/" if f.is_dir() else "") for f in found[:5])
-    if len(found) > 5:
-        names += f", ... ({len(found)} in all)"
-    raise ConfigError(
-        [
-            Problem(
-                _where_of(cfg, "output_dir"),
-                f"output_dir '{cfg.output_dir}' already holds outputs of a run named '{cfg.output_name}' ({names}); "
-                "two runs writing to one folder would overwrite each other's files",
-                "use a new output_dir or output_name, continue that run with --resume, or set overwrite = true "
-                "(--set overwrite=true) to replace them",
-            )
-        ],
-        header="output folder in use",
-    )
-
-
-# --------------------------------------------------------------------------------------------------
 # TOML writing
 # --------------------------------------------------------------------------------------------------
 
@@ -1692,129 +1516,3 @@ def _toml_value(v: Any) -> str:
         )
         return "{ " + items + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference documentation
-# --------------------------------------------------------------------------------------------------
-
-_DOC_INTRO = """\
-# Training configuration reference
-
-<!-- Generated from sd_loha/train/config.py by config_reference_markdown(); do not edit by hand.
-     Regenerate with: python -m sd_loha.train.config > docs/config.md -->
-
-Every training option has exactly one name (kohya sd-scripts' name wherever kohya users know it), and that
-name means the same thing in a TOML config file, on the command line and in Python.
-
-```bash
-sd-loha train --config my_style.toml --set max_train_steps=50 --set output_dir=out
-```
-
-## Writing a config file
-
-- Options can sit at the top level or in the tables `[model]`, `[dataset]`, `[network]`, `[training]`,
-  `[saving]`, `[sampling]` and `[logging]`. Tables only help reading: **the option's name is what counts**,
-  so an option placed in another table than the one listed below still works. Unknown tables, unknown
-  options and an option set twice (e.g. in two tables) are errors.
-- An option that is not set keeps its default. TOML has no null: to leave an optional option unset,
-  leave it out.
-- Relative paths are relative to the current directory (as in kohya), not to the config file.
-- Names of choices (optimizers, schedulers, precisions, samplers) are case-insensitive: `adamw8bit` works.
-- Mistyped option names get a suggestion, and kohya/LyCORIS options that sd-loha names differently or does
-  not need (`pretrained_model_name_or_path`, `network_module`, `network_args`, `xformers`, ...) say what to
-  write instead.
-
-## `--set` on the command line
-
-- `--set key=value`, repeatable. The value is read as a TOML literal (`50`, `1e-4`, `true`, `"a b"`,
-  `["attn1", "attn2"]`, `{ weight_decay = 0.01 }`); if it is not valid TOML it is taken as a plain string,
-  so `--set output_dir=out/run1` and `--set mixed_precision=bf16` need no quotes.
-- A table prefix is allowed and ignored: `--set training.learning_rate=2e-4`.
-- `--set optimizer_args.weight_decay=0.05` changes one optimizer argument and keeps the others.
-- `--set key=none` unsets an optional option (one whose default below reads "not set" or similar).
-- Precedence, lowest first: defaults, base settings (Python/web UI), the config file, `--set`.
-  `max_train_steps` and `max_train_epochs` exclude each other: setting one in a later layer (say `--set
-  max_train_epochs=10` over a file with `max_train_steps`) unsets the other; setting both in one layer is
-  an error.
-
-## Validation
-
-Every problem is reported at once, each with where it was set (file and table, or the `--set` argument),
-what is wrong and how to fix it. Warnings (settings that are legal but probably not what you meant) are
-logged and do not stop training. Paths are checked separately, before any model is loaded; an `output_dir`
-that already holds files of the same `output_name` is refused unless `overwrite = true` or the run resumes.
-
-## From Python
-
-```python
-from sd_loha.train.config import load_config, config_from_kwargs, TrainConfig
-
-cfg = load_config("my_style.toml", ["max_train_steps=50"])
-cfg = config_from_kwargs(pretrained_model="tiny-sd1", train_data_dir="data", output_dir="out")
-cfg = TrainConfig.from_dict({"training": {"output_dir": "out"}, "pretrained_model": "tiny-sd1", ...})
-print(cfg.to_toml())   # grouped TOML that loads back to an equal config
-```
-"""
-
-
-def _md(s: str) -> str:
-    return s.replace("|", "\\|")
-
-
-def _default_text(spec: OptionSpec) -> str:
-    if spec.required:
-        return "**required**"
-    if spec.default_doc is not None:
-        return spec.default_doc
-    if spec.default is None:
-        return "not set"
-    if isinstance(spec.default, (list, dict)) and not spec.default:
-        return "`[]`" if isinstance(spec.default, list) else "`{}`"
-    return f"`{_toml_value(spec.default)}`"
-
-
-def _allowed_text(spec: OptionSpec) -> str:
-    parts = []
-    if spec.choices:
-        parts.append(", ".join(f"`{c}`" for c in spec.choices))
-    if spec.aliases:
-        parts.append("aliases: " + ", ".join(f"`{a}`→`{c}`" for a, c in spec.aliases.items()))
-    r = spec.range_text()
-    if r:
-        parts.append(r)
-    if spec.multiple_of:
-        parts.append(f"multiple of {spec.multiple_of}")
-    if spec.optional and not spec.required:
-        parts.append(", ".join(f"`{w}`" for w in ("none", *spec.none_words)) + " unsets")
-    return "; ".join(parts)
-
-
-def config_reference_markdown() -> str:
-    """The option reference (docs/config.md), generated from the TrainConfig metadata."""
-    out = [_DOC_INTRO]
-    for group in GROUPS:
-        out += [f"## [{group}] — {GROUP_TITLES[group]}", ""]
-        out += ["| Option | Type | Default | Allowed | Description |", "|---|---|---|---|---|"]
-        for spec in OPTIONS.values():
-            if spec.group == group:
-                out.append(
-                    f"| `{spec.name}` | {_md(spec.type_text())} | {_md(_default_text(spec))} | "
-                    f"{_md(_allowed_text(spec))} | {_md(spec.help)} |"
-                )
-        out.append("")
-    out += ["## Samplers (`sample_sampler`)", "", "| Name | diffusers scheduler | Notes |", "|---|---|---|"]
-    for name, (cls, kwargs, desc) in SAMPLERS.items():
-        extra = ", ".join(f"{k}={_toml_value(v)}" for k, v in kwargs.items())
-        out.append(f"| `{name}` | `{cls}`{f' ({extra})' if extra else ''} | {_md(desc)} |")
-    aliases = ", ".join(f"`{a}`→`{c}`" for a, c in _SAMPLER_ALIASES.items())
-    out += ["", f"Accepted aliases: {aliases}.", ""]
-    out += ["## Cross-option checks", ""]
-    for level, text in CHECKS_DOC:
-        out.append(f"- **{level}**: {text}")
-    out.append("")
-    return "\n".join(out)
-
-
-if __name__ == "__main__":  # python -m sd_loha.train.config > docs/config.md
-    sys.stdout.write(config_reference_markdown())

@@ -28,7 +28,8 @@ from ..io import read_safetensors
 from ..models import detect_family, load_pipeline
 from ..network import SAVE_DTYPES, LoHANetwork, add_loha
 from .conditioning import Conditioner, sdxl_time_ids
-from .config import SAMPLERS, TrainConfig, as_config, check_output_dir, check_paths
+from .checks import check_output_dir, check_paths
+from .config import SAMPLERS, TrainConfig, as_config
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_scheduler
 from .report import image_grid, loss_curve
@@ -187,7 +188,14 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
     with OutputDirLock(output_dir) if main_process else contextlib.nullcontext():
         if main_process:
             clean_stale_temp(output_dir)
-        return _run(cfg, resume_path, output_dir, on_event or (lambda e: None), stop_event, progress)
+        try:
+            return _run(cfg, resume_path, output_dir, on_event or (lambda e: None), stop_event, progress)
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+            # Wherever it happens (loading, caching, a step, sampling), running out of memory gets advice;
+            # files already saved are complete (atomic writes), so nothing is lost.
+            if isinstance(e, TrainingError) or not _is_oom(e):
+                raise
+            raise TrainingError(oom_advice(cfg, e)) from None
 
 
 def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Callable[[Event], None],
@@ -500,20 +508,10 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
             sampler.set_epoch(epoch, skip_batches=batches_done)
             dataset.set_epoch(epoch)
             for batch in loader:
-                try:
-                    loss = step_loss(batch)
-                except (torch.OutOfMemoryError, RuntimeError) as e:
-                    if not _is_oom(e):
-                        raise
-                    raise TrainingError(oom_advice(cfg, e)) from None
+                loss = step_loss(batch)
                 if accelerator.num_processes == 1 and not torch.isfinite(loss):
                     raise nan_error(float(loss.detach()))  # several processes check together below, so none waits forever
-                try:
-                    accelerator.backward(loss / cfg.gradient_accumulation_steps)
-                except (torch.OutOfMemoryError, RuntimeError) as e:
-                    if not _is_oom(e):
-                        raise
-                    raise TrainingError(oom_advice(cfg, e)) from None
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
                 accum_loss += loss.item() / cfg.gradient_accumulation_steps
                 micro += 1
                 batches_done += 1
@@ -615,7 +613,8 @@ def _run(cfg: TrainConfig, resume_path: Path | None, output_dir: Path, emit: Cal
 
 def _is_oom(e: BaseException) -> bool:
     text = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+    return (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text)
 
 
 def oom_advice(cfg: TrainConfig, error: BaseException) -> str:
@@ -634,7 +633,8 @@ def oom_advice(cfg: TrainConfig, error: BaseException) -> str:
         tips.append("train_text_encoder = false with cache_text_encoder_outputs = true")
     w, h = cfg.resolution
     tips.append(f"lower resolution / max_bucket_reso (now {w}x{h}, max {cfg.max_bucket_reso})")
-    return "out of memory during a training step (" + str(error).splitlines()[0][:200] + "). Try: " + "; ".join(tips) + "."
+    first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    return ("out of memory (" + first_line + "). Adapters saved so far are complete. Try: " + "; ".join(tips) + ".")
 
 
 def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter], loss: float, stop: bool = False) -> tuple[float, bool]:

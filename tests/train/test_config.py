@@ -14,14 +14,12 @@ from sd_loha.train.config import (
     ConfigError,
     TrainConfig,
     as_config,
-    check_output_dir,
-    check_paths,
     config_from_kwargs,
-    config_reference_markdown,
-    find_previous_outputs,
     load_config,
     loads_config,
 )
+from sd_loha.train.checks import check_output_dir, check_paths, find_previous_outputs
+from sd_loha.train.config_docs import config_reference_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 REQ = ["pretrained_model=tiny-sd1", "train_data_dir=data", "output_dir=out"]
@@ -462,7 +460,7 @@ def test_as_config(tmp_path):
 def test_docs_config_md_is_up_to_date():
     doc = REPO / "docs" / "config.md"
     assert doc.read_text(encoding="utf-8") == config_reference_markdown(), (
-        "docs/config.md is stale: run  python -m sd_loha.train.config > docs/config.md"
+        "docs/config.md is stale: run  python -m sd_loha.train.config_docs > docs/config.md"
     )
 
 

@@ -1,0 +1,155 @@
+"""File-system checks of a training config, run before any model is loaded: the base model, the data
+and output folders exist (or can be made) and a finished run is not overwritten by accident."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .config import BUILTIN_MODELS, ConfigError, Problem, TrainConfig, _suggest
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return bool(_HUB_ID.fullmatch(s)) and ".." not in s and not s.lower().endswith(_MODEL_SUFFIXES)
+
+
+def _where_of(cfg: TrainConfig, key: str) -> str | None:
+    return getattr(cfg, "_origins", {}).get(key)
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Check the paths named by the config; raises :class:`ConfigError` listing every problem."""
+    problems: list[Problem] = []
+
+    def add(key: str, msg: str, fix: str | None = None) -> None:
+        problems.append(Problem(_where_of(cfg, key), msg, fix))
+
+    # training data
+    d = cfg.train_data_dir
+    if d:
+        p = Path(d).expanduser()
+        if not p.exists():
+            add("train_data_dir", f"train_data_dir '{d}' does not exist",
+                "point it at the folder that holds your images (or their kohya '10_name' subfolders)")
+        elif not p.is_dir():
+            add("train_data_dir", f"train_data_dir '{d}' is a file, not a folder",
+                "point it at the folder that holds your images")
+
+    # base model
+    m = cfg.pretrained_model
+    if m and m not in BUILTIN_MODELS:
+        p = Path(m).expanduser()
+        if p.is_dir():
+            if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
+                add("pretrained_model",
+                    f"pretrained_model '{m}' is a folder but not a diffusers model (no model_index.json)",
+                    "point it at the folder that holds model_index.json, or at a single .safetensors checkpoint")
+        elif p.is_file():
+            if p.suffix.lower() not in _MODEL_SUFFIXES:
+                add("pretrained_model", f"pretrained_model '{m}' is not a model file (expected .safetensors or .ckpt)",
+                    "point it at a .safetensors/.ckpt checkpoint or a diffusers folder")
+        elif _looks_like_hub_id(m):
+            parent = p.parent
+            if str(parent) not in ("", ".") and parent.is_dir():
+                add("pretrained_model",
+                    f"pretrained_model '{m}' does not exist, though the folder '{parent}' does",
+                    "fix the local path (or, for a Hugging Face id, make sure no local folder of that name exists)")
+        else:
+            hint = ", ".join(BUILTIN_MODELS)
+            if m.lower().endswith(_MODEL_SUFFIXES) or os.sep in m or "/" in m or m.startswith(("~", ".")):
+                add("pretrained_model", f"pretrained_model '{m}' does not exist", "check the path")
+            else:
+                s = _suggest(m, BUILTIN_MODELS)
+                add("pretrained_model",
+                    f"pretrained_model '{m}' is not an existing file or folder, a built-in model ({hint}) or a "
+                    f"Hugging Face id (org/name)" + (f" (did you mean '{s}'?)" if s else ""),
+                    "give a local path, a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, or a built-in name")
+
+    # VAE
+    if cfg.vae:
+        p = Path(cfg.vae).expanduser()
+        if not p.exists() and not _looks_like_hub_id(cfg.vae):
+            add("vae", f"vae '{cfg.vae}' does not exist", "give a VAE file, a diffusers VAE folder or a hub id")
+
+    # starting weights
+    if cfg.network_weights:
+        p = Path(cfg.network_weights).expanduser()
+        if not p.exists():
+            add("network_weights", f"network_weights '{cfg.network_weights}' does not exist",
+                "point it at an existing LoHA .safetensors file, or remove the option")
+        elif not p.is_file():
+            add("network_weights", f"network_weights '{cfg.network_weights}' is a folder, not a file",
+                "point it at the LoHA .safetensors file")
+
+    # writable output folders
+    for key in ("output_dir", "logging_dir"):
+        value = getattr(cfg, key)
+        if value:
+            msg = _unwritable(Path(value).expanduser())
+            if msg:
+                add(key, f"{key} '{value}' {msg}", "choose a folder you can write to")
+
+    if problems:
+        raise ConfigError(problems, header=f"config paths have {len(problems)} problem{'s' * (len(problems) != 1)}")
+
+
+def _unwritable(p: Path) -> str | None:
+    if p.exists():
+        if not p.is_dir():
+            return "is a file, not a folder"
+        return None if os.access(p, os.W_OK | os.X_OK) else "is not writable"
+    anc = p.absolute().parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"cannot be created: '{anc}' is a file"
+    if not os.access(anc, os.W_OK | os.X_OK):
+        return f"cannot be created: '{anc}' is not writable"
+    return None
+
+
+def find_previous_outputs(output_dir: str | os.PathLike[str], output_name: str) -> list[Path]:
+    """Files and folders in output_dir that a run named output_name writes: LoHA files
+    ``<name>.safetensors`` / ``<name>[-_.]*.safetensors`` and state folders (``<name>*state*`` or ``state*``)."""
+    d = Path(output_dir).expanduser()
+    if not d.is_dir():
+        return []
+    stem = re.escape(output_name)
+    file_re = re.compile(rf"{stem}([-_.].*)?\.safetensors", re.IGNORECASE)
+    dir_re = re.compile(rf"({stem}([-_.].*)?[-_.]state([-_.].*)?|states?([-_.].*)?)", re.IGNORECASE)
+    found = []
+    for child in sorted(d.iterdir()):
+        if child.is_file() and file_re.fullmatch(child.name):
+            found.append(child)
+        elif child.is_dir() and dir_re.fullmatch(child.name):
+            found.append(child)
+    return found
+
+
+def check_output_dir(cfg: TrainConfig, resume: str | os.PathLike[str] | bool | None = None) -> None:
+    """Refuse an output_dir that already holds this run name's outputs (two runs writing to one folder)
+    unless ``overwrite = true`` or the run resumes."""
+    if cfg.overwrite or resume or not cfg.output_dir:
+        return
+    found = find_previous_outputs(cfg.output_dir, cfg.output_name)
+    if not found:
+        return
+    names = ", ".join(f.name + ("/" if f.is_dir() else "") for f in found[:5])
+    if len(found) > 5:
+        names += f", ... ({len(found)} in all)"
+    raise ConfigError(
+        [
+            Problem(
+                _where_of(cfg, "output_dir"),
+                f"output_dir '{cfg.output_dir}' already holds outputs of a run named '{cfg.output_name}' ({names}); "
+                "two runs writing to one folder would overwrite each other's files",
+                "use a new output_dir or output_name, continue that run with --resume, or set overwrite = true "
+                "(--set overwrite=true) to replace them",
+            )
+        ],
+        header="output folder in use",
+    )
