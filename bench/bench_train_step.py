@@ -324,15 +324,15 @@ def layer_sweep(reps: int):
     from sd_loha.layers import LoHALayer
 
     torch.set_num_threads(1)
-    print("| layer | input | frozen layer | merge | merge_kr | kr | delta | fastest | cost model picks |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layer | input | frozen layer | merge | kr | delta | fastest | cost model picks |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind, o, i, k, st, xs in SWEEP:
         torch.manual_seed(0)
         base = (nn.Linear(i, o) if kind == "linear" else nn.Conv2d(i, o, k, stride=st, padding=k // 2)).requires_grad_(False)
         lay = LoHALayer(base, rank=RANK, alpha=ALPHA)
         randomize_(lay.parameters())
         x = torch.randn(*xs, requires_grad=True)
-        ts = {v: [] for v in ("floor", "merge", "merge_kr", "kr", "delta")}
+        ts = {v: [] for v in ("floor", "merge", "kr", "delta")}
 
         def run(v):
             if v == "floor":
@@ -355,11 +355,10 @@ def layer_sweep(reps: int):
         med = {v: statistics.median(t) * 1e3 for v, t in ts.items()}
         lay.path = "auto"
         pick = lay.choose_path(x)
-        best = min(("merge", "merge_kr", "kr", "delta"), key=med.__getitem__)
+        best = min(("merge", "kr", "delta"), key=med.__getitem__)
         fl = med["floor"]
         name = f"{kind} {o}×{i}" + (f" k{k}" if k > 1 else "") + (f" s{st}" if st > 1 else "")
-        print(f"| {name} | {tuple(xs)} | {fl:.2f} ms | +{med['merge'] - fl:.2f} | +{med['merge_kr'] - fl:.2f} | "
-              f"+{med['kr'] - fl:.2f} | "
+        print(f"| {name} | {tuple(xs)} | {fl:.2f} ms | +{med['merge'] - fl:.2f} | +{med['kr'] - fl:.2f} | "
               f"+{med['delta'] - fl:.2f} | {best} | {pick} |", flush=True)
 
 
@@ -400,21 +399,10 @@ def main(argv=None):
                          "only with --threads 1: OpenMP threads spin while waiting)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--without-path", action="append", default=[], choices=["merge", "merge_kr", "kr", "delta"],
-                    help="keep sd-loha's auto choice off this path (A/B of one path's effect; repeatable)")
     ap.add_argument("--layer-sweep", action="store_true",
                     help="instead: per-layer time of each sd-loha path (calibrates ops.path_costs)")
     ap.add_argument("--sweep-reps", type=int, default=15)
     args = ap.parse_args(argv)
-    if args.without_path:
-        from sd_loha import ops
-
-        full_costs = ops.path_costs
-
-        def restricted(**shape):
-            return {k: v for k, v in full_costs(**shape).items() if k not in args.without_path}
-
-        ops.path_costs = restricted
     if args.layer_sweep:
         torch.set_num_threads(1)
         print(f"# machine: {machine_note(torch.device('cpu'))}")

@@ -16,9 +16,6 @@ the token count of x):
   backward gets the factor gradients from one weight-gradient product and saves nothing of the
   weight's size.  Only when x, W and the factors share one fp32/fp64 dtype and autocast is off
   (in half precision W + ΔW would round small deltas away).
-- "merge_kr" (flat forms): the same single op forward; backward gets the factor gradients through
-  the Khatri-Rao form (four thin products) instead of one full-size weight gradient: cheaper for
-  wide layers with many tokens.
 - "kr": base(x) + U (V x), the Khatri-Rao form (:func:`sd_loha.ops.kr_factors`): a rank r1·r2
   LoRA-like path, cheapest for wide layers or few tokens.
 - "delta": base(x) + op(x, ΔW), the straightforward formula.
@@ -39,7 +36,7 @@ from . import ops
 __all__ = ["LoHALayer", "wrap", "KINDS"]
 
 KINDS = ("linear", "conv1x1", "conv", "conv_tucker")
-PATHS = ("merge", "merge_kr", "kr", "delta")
+PATHS = ("merge", "kr", "delta")
 
 # Attributes of the wrapped module that code elsewhere (diffusers, our own injection code) may
 # read from the layer as if it were the original module.
@@ -368,14 +365,11 @@ class LoHALayer(nn.Module):
         if self.path != "auto":
             if self.path not in PATHS:
                 raise ValueError(f"LoHALayer.path must be 'auto' or one of {PATHS}, got {self.path!r}")
-            if self.path in ("merge", "merge_kr") and not self._merge_ok(x):
+            if self.path == "merge" and not self._merge_ok(x):
                 raise ValueError(
-                    f"LoHALayer: path '{self.path}' needs an fp32/fp64 input, weight and factors of one dtype, "
+                    "LoHALayer: path 'merge' needs an fp32/fp64 input, weight and factors of one dtype, "
                     "no autocast, a frozen plain nn.Linear / nn.Conv2d base and numeric conv padding"
                 )
-            if self.path == "merge_kr" and self.tucker:
-                raise ValueError("LoHALayer: path 'merge_kr' is for flat layers; a Tucker conv can use 'merge', "
-                                 "'kr' or 'delta'")
             return self.path
         p, b = self.hada_w1_a, self.base
         w = b.weight
@@ -418,7 +412,7 @@ class LoHALayer(nn.Module):
         b = self.base
         return y + F.conv2d(x, dw, None, b.stride, b.padding, b.dilation, 1)
 
-    def _forward_merge(self, x: torch.Tensor, row_scale, kr_back: bool = False) -> torch.Tensor:
+    def _forward_merge(self, x: torch.Tensor, row_scale) -> torch.Tensor:
         """One op with W + row_scale * H (see :func:`sd_loha.ops.merged_linear`)."""
         b = self.base
         fs = [getattr(self, n) for n in self._param_names()]
@@ -426,9 +420,8 @@ class LoHALayer(nn.Module):
             w1a, w1b, w2a, w2b, t1, t2 = fs
             fs = [t1, w1a, w1b, t2, w2a, w2b]
         if self.kind == "linear":
-            return ops.merged_linear(x, b.weight, b.bias, fs, row_scale, kr_back=kr_back)
-        return ops.merged_conv2d(x, b.weight, b.bias, fs, row_scale, b.stride, self._conv_padding(), b.dilation,
-                                 kr_back=kr_back)
+            return ops.merged_linear(x, b.weight, b.bias, fs, row_scale)
+        return ops.merged_conv2d(x, b.weight, b.bias, fs, row_scale, b.stride, self._conv_padding(), b.dilation)
 
     def _forward_kr(self, x: torch.Tensor, row_scale) -> torch.Tensor:
         """base(x) + U (V x), the Khatri-Rao (rank r1*r2) form of ΔW; the row scale (and rank
@@ -465,8 +458,8 @@ class LoHALayer(nn.Module):
         row_scale = self._row_scale()
         path = self.choose_path(x)
         self.last_path = path
-        if path in ("merge", "merge_kr"):
-            return self._forward_merge(x, row_scale, kr_back=path == "merge_kr")
+        if path == "merge":
+            return self._forward_merge(x, row_scale)
         if path == "kr":
             return self._forward_kr(x, row_scale)
         return self._forward_delta(x, row_scale)

@@ -246,14 +246,12 @@ def _merged(weight: torch.Tensor, p1s: torch.Tensor, p2: torch.Tensor) -> torch.
 class _MergedHadaOp(torch.autograd.Function):
     """y = op(x, W + diag(row_scale) H, bias), one linear / conv per call.
 
-    Saves x and the small factors only. Backward rebuilds the merged weight for the input gradient;
-    the factor gradients come either (kr_back=False) from dL/dH = row_scale * gᵀx, one weight-gradient
-    product of the layer's full size, or (kr_back=True, flat forms) through the Khatri-Rao form
-    H = U V: dL/dU = gᵀ(x Vᵀ) and dL/dV = (g U)ᵀ x, four thin products through R = r1·r2 channels,
-    cheaper than the full weight gradient for wide layers."""
+    Saves x and the small factors only; backward rebuilds the two Hadamard operands once and uses
+    them three times: for the merged weight (input gradient), and for the two halves of
+    dL/dH = row_scale * gᵀx (one weight-gradient product, then straight to the factors)."""
 
     @staticmethod
-    def forward(ctx, conv, tucker, kr_back, row_scale, x, weight, bias, *factors):
+    def forward(ctx, conv, tucker, row_scale, x, weight, bias, *factors):
         p1s, p2 = _hada_parts(tucker, factors, row_scale)
         w_eff = _merged(weight, p1s, p2)
         del p1s, p2
@@ -263,7 +261,7 @@ class _MergedHadaOp(torch.autograd.Function):
             stride, padding, dilation = conv
             y = torch.nn.functional.conv2d(x, w_eff, bias, stride, padding, dilation, 1)
         rs_t = row_scale if isinstance(row_scale, torch.Tensor) else None
-        ctx.conv, ctx.tucker, ctx.kr_back, ctx.has_bias = conv, tucker, kr_back, bias is not None
+        ctx.conv, ctx.tucker, ctx.has_bias = conv, tucker, bias is not None
         ctx.row_scale = None if rs_t is not None else row_scale
         ctx.save_for_backward(x, weight, rs_t, *factors)
         return y
@@ -274,29 +272,15 @@ class _MergedHadaOp(torch.autograd.Function):
         x, weight, rs_t, *factors = ctx.saved_tensors
         row_scale = rs_t if rs_t is not None else ctx.row_scale
         tucker, conv = ctx.tucker, ctx.conv
-        need_x = ctx.needs_input_grad[4]
-        need_f = ctx.needs_input_grad[7:]
-        if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
+        need_x = ctx.needs_input_grad[3]
+        need_f = ctx.needs_input_grad[6:]
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             raise RuntimeError("merged LoHA op: the base weight and bias must be frozen")
         need_w = any(need_f)
         grads_f: list = [None] * len(factors)
         grad_x = None
         if not (need_x or need_w):
-            return (None, None, None, None, None, None, None, *grads_f)
-        if ctx.kr_back:
-            if need_x:
-                p1s, p2 = _hada_parts(tucker, factors, row_scale)
-                w_eff = _merged(weight, p1s, p2)
-                del p1s, p2
-                if conv is None:
-                    grad_x = g @ w_eff
-                else:
-                    grad_x = torch.ops.aten.convolution_backward(
-                        g, x, w_eff, None, *conv, False, [0, 0], 1, [True, False, False])[0]
-                del w_eff
-            if need_w:
-                grads_f = _kr_factor_grads(g, x, weight.shape, conv, factors, row_scale, need_f)
-            return (None, None, None, None, grad_x, None, None, *grads_f)
+            return (None, None, None, None, None, None, *grads_f)
         p1s, p2 = _hada_parts(tucker, factors, row_scale)
         w_eff = _merged(weight, p1s, p2) if need_x else weight
         g = g.contiguous()
@@ -313,7 +297,7 @@ class _MergedHadaOp(torch.autograd.Function):
             )
             del w_eff
         if not need_w:
-            return (None, None, None, None, grad_x, None, None, *grads_f)
+            return (None, None, None, grad_x, None, None, *grads_f)
         gw = gw.reshape(p1s.shape)  # dL/d(P1s * P2)
         if tucker:
             t1, w1a, w1b, t2, w2a, w2b = factors
@@ -348,47 +332,7 @@ class _MergedHadaOp(torch.autograd.Function):
                     grads_f[2] = d2 @ w2b.mT
                 if need_f[3]:
                     grads_f[3] = w2a.mT @ d2
-        return (None, None, None, None, grad_x, None, None, *grads_f)
-
-
-def _kr_factor_grads(g, x, weight_shape, conv, factors, row_scale, need_f) -> list:
-    """Gradients of the four flat factors through the Khatri-Rao form ΔW = U V (see kr_factors), with
-    the row scale on U: z = x Vᵀ, dL/dU = gᵀ z, h = g U, dL/dV = hᵀ x (convs: V is a k×k conv to R
-    channels with the layer's stride / padding / dilation, U a 1x1 conv); then to the factors."""
-    w1a, w1b, w2a, w2b = factors
-    r1, r2 = w1a.shape[1], w2a.shape[1]
-    w1as = _scale_rows(w1a, row_scale, False)
-    u, v = kr_factors(w1as, w1b, w2a, w2b)  # (out, R), (R, in_flat)
-    big_r = r1 * r2
-    if conv is None:
-        g2 = g.reshape(-1, g.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        z = x2 @ v.mT                      # (n, R)
-        gu = g2.mT @ z                     # (out, R)
-        del z
-        gv = (g2 @ u).mT @ x2              # (R, in)
-    else:
-        stride, padding, dilation = conv
-        vw = v.reshape(big_r, *weight_shape[1:])
-        z = torch.nn.functional.conv2d(x, vw, None, stride, padding, dilation, 1)          # (N, R, H', W')
-        gu = g.transpose(0, 1).reshape(g.shape[1], -1) @ z.transpose(0, 1).reshape(big_r, -1).mT
-        del z
-        h = torch.nn.functional.conv2d(g, u.mT[:, :, None, None])                          # (N, R, H', W')
-        gv = torch.ops.aten.convolution_backward(
-            h, x, vw, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
-        gv = gv.reshape(big_r, -1)
-    gu3 = gu.reshape(-1, r1, r2)
-    gv3 = gv.reshape(r1, r2, -1)
-    grads: list = [None] * 4
-    if need_f[0]:
-        grads[0] = _scale_rows(torch.einsum("oij,oj->oi", gu3, w2a), row_scale, False)
-    if need_f[1]:
-        grads[1] = torch.einsum("ijk,jk->ik", gv3, w2b)
-    if need_f[2]:
-        grads[2] = torch.einsum("oij,oi->oj", gu3, w1as)
-    if need_f[3]:
-        grads[3] = torch.einsum("ijk,ik->jk", gv3, w1b)
-    return grads
+        return (None, None, None, grad_x, None, None, *grads_f)
 
 
 def _check_factors(factors, weight: torch.Tensor, tucker: bool) -> None:
@@ -419,20 +363,18 @@ def _check_factors(factors, weight: torch.Tensor, tucker: bool) -> None:
         )
 
 
-def merged_linear(x, weight, bias, factors, row_scale=1.0, kr_back: bool = False) -> torch.Tensor:
+def merged_linear(x, weight, bias, factors, row_scale=1.0) -> torch.Tensor:
     """``F.linear(x, weight + diag(row_scale) H, bias)`` with H = (w1a w1b) ⊙ (w2a w2b).
 
     ``factors`` = (w1a, w1b, w2a, w2b); ``row_scale`` a number (multiplier * alpha / r) or an (out,)
     tensor (that times a rank-dropout mask).  Everything in one dtype (fp32 / fp64).  Autograd
     saves x and the factors only, nothing of size (out, in); ``weight`` / ``bias`` must be frozen.
-    ``kr_back``: factor gradients through the Khatri-Rao form instead of the full weight gradient.
     """
     _check_factors(factors, weight, False)
-    return _MergedHadaOp.apply(None, False, kr_back, row_scale, x, weight, bias, *factors)
+    return _MergedHadaOp.apply(None, False, row_scale, x, weight, bias, *factors)
 
 
-def merged_conv2d(x, weight, bias, factors, row_scale=1.0, stride=1, padding=0, dilation=1,
-                  kr_back: bool = False) -> torch.Tensor:
+def merged_conv2d(x, weight, bias, factors, row_scale=1.0, stride=1, padding=0, dilation=1) -> torch.Tensor:
     """``F.conv2d(x, weight + diag(row_scale) H, bias, stride, padding, dilation)``.
 
     ``factors`` = flat (w1a, w1b, w2a, w2b) with w_b (r, in*kh*kw), or Tucker (t1, w1a, w1b, t2,
@@ -440,11 +382,9 @@ def merged_conv2d(x, weight, bias, factors, row_scale=1.0, stride=1, padding=0, 
     saving rule as :func:`merged_linear`.
     """
     tucker = len(factors) == 6
-    if kr_back and tucker:
-        raise ValueError("kr_back is for the flat forms; Tucker convs use the full weight gradient")
     _check_factors(factors, weight, tucker)
     conv = (_as_pair(stride), _as_pair(padding), _as_pair(dilation))
-    return _MergedHadaOp.apply(conv, tucker, kr_back, row_scale, x, weight, bias, *factors)
+    return _MergedHadaOp.apply(conv, tucker, row_scale, x, weight, bias, *factors)
 
 
 def kr_factors(w1a, w1b, w2a, w2b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -507,9 +447,6 @@ def path_costs(
       (Tucker: 1x1 to R at input resolution, a k×k R -> R core, 1x1 to out).
     - ``delta``: the pre-issue-5 path, base op plus a second full op with ΔW: two extra full ops
       in backward, one in forward, plus the weight work of ``merge``.
-    - ``merge_kr`` (training, flat forms only): ``merge``'s forward; backward rebuilds the merged
-      weight for the input gradient and gets the factor gradients through the Khatri-Rao form:
-      2·n·R·(in·k + out), no full-size weight gradient.
 
     ``kernel`` = kh·kw, ``n_out`` / ``n_in`` = output / input tokens (batch × positions).  Plain
     arithmetic on Python ints, cheap enough for every call.
@@ -537,13 +474,7 @@ def path_costs(
     kr = COST_THIN * thin * (3 if backward else 1) + COST_PASS * n_out * out * passes + COST_CALL * calls * (
         2.8 if backward else 1
     )
-    costs = {"merge": merge, "kr": kr, "delta": delta}
-    if backward and not tucker:
-        # merge_kr: the merged forward, then the merged weight rebuilt for the input gradient and the
-        # factor gradients through four thin products (no full-size weight gradient, no dL/dH work).
-        costs["merge_kr"] = (oi * scale_r * 2 * COST_W_FWD + COST_THIN * 2 * n_out * big_r * (in_flat + out)
-                             + COST_CALL * 30)
-    return costs
+    return {"merge": merge, "kr": kr, "delta": delta}
 
 
 def choose_path(allow_merge: bool = True, **shape) -> str:
@@ -551,8 +482,7 @@ def choose_path(allow_merge: bool = True, **shape) -> str:
     base weight, the input and the factors in one fp32/fp64 dtype and no autocast)."""
     costs = path_costs(**shape)
     if not allow_merge:
-        costs.pop("merge", None)
-        costs.pop("merge_kr", None)
+        del costs["merge"]
     return min(costs, key=costs.__getitem__)
 
 
