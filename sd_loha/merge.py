@@ -150,7 +150,7 @@ class _Registry:
                         torch.add(base, delta, out=acc)  # promotes a half-precision original to fp32 first
                         continue
                     _add_flat_delta(mod, strength, base.reshape(base.shape[0], -1), acc.view(acc.shape[0], -1), ws)
-                    # (base.reshape is a view: backups and acc are contiguous)
+                    # (base.reshape is a view: originals kept on the CPU and acc are contiguous)
                 if acc is not weight:
                     weight.copy_(acc)  # the single cast
 
@@ -485,7 +485,7 @@ def remove_loha(pipe: Any, name: str | None = None) -> None:
         reg.recompute(adapter.layers)
         for key in adapter.layers:
             if not reg.slots[key].adapters:
-                del reg.slots[key]  # weight is the original again; drop the backup
+                del reg.slots[key]  # weight is the original again; drop the clean copy and any spare buffer
 
 
 def list_loha(pipe: Any) -> dict[str, tuple[float, float]]:
