@@ -191,7 +191,9 @@ def test_out_of_memory_stops_with_advice(tmp_path):
         "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, *train_args], env=_env(), capture_output=True, text=True,
+    # On the CPU even where a GPU exists: CUDA reserves far more address space than the cap allows.
+    env = dict(_env(), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", script, *train_args], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr
