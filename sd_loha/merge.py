@@ -1,9 +1,10 @@
 """Loading adapter files into diffusers pipelines: merge, change strength, remove.
 
-Every patched weight keeps its clean original (on the CPU: the original tensor itself). The merged weight is always recomputed as
-original + Σ strength·ΔW over the adapters on that layer, in fp32, and cast once: changing a strength
-never subtracts in half precision, and removing the last adapter restores the original bit for bit.
-After merging, the pipeline runs exactly the modules it ran before, so generation costs the same.
+Every patched weight keeps its clean original (on the CPU: the original tensor itself). The merged
+weight is always recomputed as original + Σ strength·ΔW over the adapters on that layer, in fp32, and
+cast once: changing a strength never subtracts in half precision, and removing the last adapter
+restores the original bit for bit. After merging, the pipeline runs exactly the modules it ran before,
+so generation costs the same.
 """
 
 from __future__ import annotations
