@@ -17,3 +17,13 @@ def tiny_pipe():
     from sd_loha.models import build_tiny_pipeline
 
     return build_tiny_pipeline
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test, restored afterwards (for modules of tiny tensors, where a
+    second OpenMP thread only waits at every op's barrier)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

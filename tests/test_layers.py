@@ -20,14 +20,9 @@ NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TUCKER = ("hada_t1", "hada_t2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and immune to the OpenMP stalls a
-    shared, oversubscribed machine causes with more (gradchecks ran ~10x slower there)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# These tensors are tiny: one intra-op thread is as fast, and immune to the OpenMP stalls a shared,
+# oversubscribed machine causes with more (gradchecks ran ~10x slower there).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close32(actual, expected, rtol=1e-5):
@@ -186,23 +181,30 @@ def test_scale_alpha_over_rank():
 
 
 # ------------------------------------------------------------------------------ gradcheck
-@pytest.mark.parametrize("form", list(FORMS))
-def test_gradcheck_layer(form):
-    layer = randomize(build(form, rank=2, alpha=1.5, multiplier=0.7).double())
+def gradcheck_layer(layer, hw: int, seed: int | None = None) -> bool:
+    """fp64 gradcheck of a layer's output w.r.t. its input and every factor (re-seeding before each
+    call when given, so a rank-dropout mask repeats)."""
     names = pnames(layer)
-    x = make_input(layer, batch=1, hw=6, dtype=torch.float64).requires_grad_()
+    x = make_input(layer, batch=1, hw=hw, dtype=torch.float64).requires_grad_()
     params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
 
     def f(x, *ps):
+        if seed is not None:
+            torch.manual_seed(seed)
         return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
 
-    assert torch.autograd.gradcheck(f, (x, *params))
+    return torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_gradcheck_layer(form):
+    layer = randomize(build(form, rank=2, alpha=1.5, multiplier=0.7).double())
+    assert gradcheck_layer(layer, hw=6)
 
 
 # ------------------------------------------------------------------------------ vs plain formula (fp32)
-@pytest.mark.parametrize("form", list(FORMS))
-def test_matches_plain_formula_fp32(form):
-    layer = randomize(build(form, rank=3, alpha=2.0, multiplier=0.8))
+def check_against_plain_formula(layer) -> None:
+    """fp32: the layer's output, input gradient and every factor gradient equal the plain formula's."""
     names = pnames(layer)
     x = make_input(layer, hw=9)
     x_ref = x.clone().requires_grad_()
@@ -218,7 +220,14 @@ def test_matches_plain_formula_fp32(form):
     close32(x.grad, x_ref.grad)
     for n in names:
         close32(getattr(layer, n).grad, ref[n].grad)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_matches_plain_formula_fp32(form):
+    layer = randomize(build(form, rank=3, alpha=2.0, multiplier=0.8))
+    check_against_plain_formula(layer)
     # delta_weight() is the same ΔW (fp32, weight shape, no multiplier)
+    ref = {n: getattr(layer, n).detach().clone() for n in pnames(layer)}
     close32(layer.delta_weight(), plain_delta(layer, ref).detach())
 
 
@@ -435,14 +444,7 @@ def _forced(layer, path):
 @pytest.mark.parametrize("form", list(FORMS))
 def test_gradcheck_each_path(form, path):
     layer = _forced(randomize(build(form, rank=2, alpha=1.5, multiplier=0.7).double()), path)
-    names = pnames(layer)
-    x = make_input(layer, batch=1, hw=6, dtype=torch.float64).requires_grad_()
-    params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
-
-    def f(x, *ps):
-        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
-
-    assert torch.autograd.gradcheck(f, (x, *params))
+    assert gradcheck_layer(layer, hw=6)
     assert layer.last_path == path
 
 
@@ -452,36 +454,15 @@ def test_gradcheck_each_path_rank_dropout(form, path):
     """Rank dropout on: the (seeded, so repeatable) mask scales rows of ΔW in every path."""
     layer = randomize(build(form, rank=2, rank_dropout=0.4, rank_dropout_scale=True).double()).train()
     _forced(layer, path)
-    names = pnames(layer)
-    x = make_input(layer, batch=1, hw=5, dtype=torch.float64).requires_grad_()
-    params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
-
-    def f(x, *ps):
-        torch.manual_seed(3)
-        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
-
-    assert torch.autograd.gradcheck(f, (x, *params))
+    assert gradcheck_layer(layer, hw=5, seed=3)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("form", list(FORMS))
 def test_each_path_matches_plain_formula_fp32(form, path):
     layer = _forced(randomize(build(form, rank=3, alpha=2.0, multiplier=0.8)), path)
-    names = pnames(layer)
-    x = make_input(layer, hw=9)
-    x_ref = x.clone().requires_grad_()
-    x.requires_grad_()
-    ref = {n: getattr(layer, n).detach().clone().requires_grad_() for n in names}
-    y = layer(x)
+    check_against_plain_formula(layer)
     assert layer.last_path == path
-    y_ref = plain_forward(layer, x_ref, ref)
-    close32(y, y_ref)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    close32(x.grad, x_ref.grad)
-    for n in names:
-        close32(getattr(layer, n).grad, ref[n].grad)
 
 
 @pytest.mark.parametrize("form", ["linear", "conv3x3_s2_p1_d2", "tucker3x3"])

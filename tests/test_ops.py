@@ -14,14 +14,9 @@ from sd_loha import ops
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and immune to the OpenMP stalls a
-    shared, oversubscribed machine causes with more (gradchecks ran ~10x slower there)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# These tensors are tiny: one intra-op thread is as fast, and immune to the OpenMP stalls a shared,
+# oversubscribed machine causes with more (gradchecks ran ~10x slower there).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close32(actual, expected, rtol=RTOL):

@@ -8,12 +8,8 @@ slower (measured: 0.57 s/step with 1 thread vs 7 s/step with 2 at load average 6
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(old)
