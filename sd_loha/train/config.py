@@ -44,7 +44,6 @@ __all__ = [
     "BUILTIN_MODELS",
     "PRESETS",
     "LR_SCHEDULERS",
-    "SAMPLERS",
     "DEFAULT_MAX_TRAIN_STEPS",
     "load_config",
     "loads_config",
@@ -77,8 +76,6 @@ LR_SCHEDULERS: tuple[str, ...] = (
 )
 DEFAULT_MAX_TRAIN_STEPS = 1600
 
-SAMPLERS = SCHEDULERS  # sample_sampler names: the same samplers as generation
-_SAMPLER_ALIASES = SCHEDULER_ALIASES
 
 #: optimizer names that are not torch.optim classes (case-insensitive) -> canonical spelling
 EXTRA_OPTIMIZERS: dict[str, str] = {"adamw8bit": "AdamW8bit", "prodigy": "Prodigy"}
@@ -581,7 +578,7 @@ class TrainConfig:
     sample_sampler: str = _opt(
         "sampling", "enum", "euler_a",
         "Sampler of the sample images (see the sampler table below; kohya's k_* names are accepted).",
-        choices=tuple(SAMPLERS), aliases=_SAMPLER_ALIASES,
+        choices=tuple(SCHEDULERS), aliases=SCHEDULER_ALIASES,  # the samplers of generation
     )
 
     # ---- logging -------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from .config import CHECKS_DOC, GROUP_TITLES, GROUPS, OPTIONS, SAMPLERS, OptionSpec, _SAMPLER_ALIASES, _toml_value
+from ..schedulers import ALIASES, SCHEDULERS
+from .config import CHECKS_DOC, GROUP_TITLES, GROUPS, OPTIONS, OptionSpec, _toml_value
 
 _DOC_INTRO = """\
 # Training configuration reference
@@ -115,10 +116,10 @@ def config_reference_markdown() -> str:
                 )
         out.append("")
     out += ["## Samplers (`sample_sampler`)", "", "| Name | diffusers scheduler | A1111 name |", "|---|---|---|"]
-    for name, (cls, kwargs, desc) in SAMPLERS.items():
+    for name, (cls, kwargs, desc) in SCHEDULERS.items():
         extra = ", ".join(f"{k}={_toml_value(v)}" for k, v in kwargs.items())
         out.append(f"| `{name}` | `{cls}`{f' ({extra})' if extra else ''} | {_md(desc)} |")
-    aliases = ", ".join(f"`{a}`→`{c}`" for a, c in _SAMPLER_ALIASES.items())
+    aliases = ", ".join(f"`{a}`→`{c}`" for a, c in ALIASES.items())
     out += ["", f"Accepted aliases: {aliases}.", ""]
     out += ["## Cross-option checks", ""]
     for level, text in CHECKS_DOC:

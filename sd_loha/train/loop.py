@@ -29,7 +29,8 @@ from ..models import detect_family, load_pipeline
 from ..network import SAVE_DTYPES, LoHANetwork, add_loha
 from .conditioning import Conditioner, sdxl_time_ids
 from .checks import check_output_dir, check_paths
-from .config import SAMPLERS, TrainConfig, as_config
+from .. import schedulers
+from .config import TrainConfig, as_config
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_scheduler
 from .report import image_grid, loss_curve
@@ -677,16 +678,13 @@ def _has_tensorboard() -> bool:
 
 def sample_grid(pipe, network: LoHANetwork, cfg: TrainConfig, path: Path) -> Path:
     """Images from the live network (eval mode, fixed seeds) for each sample prompt, as one labelled PNG."""
-    import diffusers
-
     models = [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     pipe.set_progress_bar_config(disable=True)
     was_training = [m.training for m in models]
     for m in models:
         m.eval()  # no rank/module dropout in the samples: they show what the saved file does
     old_scheduler = pipe.scheduler
-    cls_name, extra, _ = SAMPLERS[cfg.sample_sampler]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(old_scheduler.config, **extra)
+    pipe.scheduler, _ = schedulers.make_scheduler(cfg.sample_sampler, old_scheduler.config)
     w, h = cfg.sample_size
     images = []
     try:
