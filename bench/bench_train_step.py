@@ -47,6 +47,7 @@ import ctypes
 import gc
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -356,6 +357,49 @@ def layer_sweep(reps: int):
               f"+{med['delta'] - fl:.2f} | {best} | {pick} |", flush=True)
 
 
+# ------------------------------------------------------------------------------------------ paired A/B
+def paired(other: str, unet, inp, targets: str, warmup: int, rounds: int, clock, device, autocast):
+    """sd-loha against one other variant, nothing else in the process's rotation: rounds of
+    A B B A / B A A B (so drift and order effects cancel); per round the ratio of the two sums.
+    Prints every round, the median ratio and a bootstrap 95% interval of that median."""
+    paths = target_paths(unet, targets)
+    models = {v: make_variant(v, unet, targets, paths, torch.float32) for v in ("sd-loha", other)}
+    times: dict[str, list[float]] = {v: [] for v in models}
+
+    def one(v):
+        m, params, _ = models[v]
+        sync(device)
+        t0 = clock()
+        step(v, m, params, inp, autocast)
+        sync(device)
+        return clock() - t0
+
+    for _ in range(warmup):
+        for v in models:
+            one(v)
+    ratios = []
+    for r in range(rounds):
+        order = ("sd-loha", other, other, "sd-loha") if r % 2 == 0 else (other, "sd-loha", "sd-loha", other)
+        t_round: dict[str, float] = {v: 0.0 for v in models}
+        for v in order:
+            dt = one(v)
+            t_round[v] += dt
+            times[v].append(dt)
+        ratios.append(t_round["sd-loha"] / t_round[other])
+        print(f"  round {r}: sd-loha {t_round['sd-loha'] / 2:.3f}s  {other} {t_round[other] / 2:.3f}s  "
+              f"ratio {ratios[-1]:.3f}", flush=True)
+    rng = random.Random(0)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    lo, hi = boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]
+    faster = sum(r < 1 for r in ratios)
+    print(f"\n| targets | sd-loha step (median) | {other} step (median) | sd-loha / {other} (median of "
+          f"{rounds} ABBA rounds) | 95% interval | rounds sd-loha faster |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {targets} | {statistics.median(times['sd-loha']) * 1e3:.0f} ms | "
+          f"{statistics.median(times[other]) * 1e3:.0f} ms | {statistics.median(ratios):.3f} | "
+          f"{lo:.3f}-{hi:.3f} | {faster} of {rounds} |", flush=True)
+
+
 # ------------------------------------------------------------------------------------------ main
 def machine_note(device):
     if device.type == "cuda":
@@ -396,6 +440,9 @@ def main(argv=None):
     ap.add_argument("--layer-sweep", action="store_true",
                     help="instead: per-layer time of each sd-loha path (calibrates ops.path_costs)")
     ap.add_argument("--sweep-reps", type=int, default=15)
+    ap.add_argument("--pair", metavar="VARIANT", default=None,
+                    help="instead: sd-loha against VARIANT only (e.g. peft-lora), in A B B A rounds, "
+                         "median ratio with a bootstrap 95%% interval; --steps rounds (default 20)")
     args = ap.parse_args(argv)
     if args.layer_sweep:
         torch.set_num_threads(1)
@@ -424,6 +471,11 @@ def main(argv=None):
           f"batch {inp.batch}, latents {inp.latent}x{inp.latent}, {args.dtype}, device {device}")
     print(f"# machine: {machine_note(device)}")
     print(f"# command: python {' '.join(sys.argv)}  (clock: {args.clock})")
+
+    if args.pair:
+        for targets in [t for t in args.targets.split(",") if t]:
+            paired(args.pair, unet, inp, targets, args.warmup, args.steps or 20, clock, device, autocast)
+        return
 
     rows = []
     for targets in [t for t in args.targets.split(",") if t]:

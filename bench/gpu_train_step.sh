@@ -5,6 +5,7 @@
 # runs), variants: floor, sd-loha, LyCORIS LoHA, PEFT LoHa, PEFT LoRA r16 (same parameter count),
 # targets attn-mlp and full.  Prints step time (median), it/s, ratio to the floor, autograd-saved
 # bytes and peak memory (torch.cuda.max_memory_allocated minus memory_allocated before the step).
+# Then sd-loha against PEFT LoRA alone, in A B B A rounds (median ratio, bootstrap 95% interval).
 #
 #   bash bench/gpu_train_step.sh            # ~1-2 minutes on an H200 after the model build
 #   bash bench/gpu_train_step.sh --steps 20 # extra args go to bench_train_step.py
@@ -19,5 +20,6 @@ import torch
 assert torch.cuda.is_available(), "no CUDA device visible to torch"
 print(torch.__version__, torch.cuda.get_device_name())
 PYEOF
-exec "$PY" bench/bench_train_step.py --size sd15 --device cuda --dtype bf16 --batch 4 --latent 64 \
-    --warmup 3 --steps 10 "$@"
+ARGS=(--size sd15 --device cuda --dtype bf16 --batch 4 --latent 64 --warmup 3)
+"$PY" bench/bench_train_step.py "${ARGS[@]}" --steps 10 "$@"
+"$PY" bench/bench_train_step.py "${ARGS[@]}" --targets attn-mlp,full --pair peft-lora --steps 10 "$@"

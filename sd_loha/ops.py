@@ -226,16 +226,32 @@ def _scale_rows(wa: torch.Tensor, row_scale, tucker: bool) -> torch.Tensor:
     return wa * row_scale
 
 
-def _hada_parts(tucker: bool, factors, row_scale):
-    """The two full-size Hadamard operands, the first one carrying the row scale.
-    flat: (P1s, P2) of shape (out, in_flat); Tucker: (W1s, W2) of shape (out, in, S)."""
-    if tucker:
-        t1, w1a, w1b, t2, w2a, w2b = factors
-        t1_3 = t1.reshape(t1.shape[0], t1.shape[1], -1)
-        t2_3 = t2.reshape(t2.shape[0], t2.shape[1], -1)
-        return _tucker3(t1_3, _scale_rows(w1a, row_scale, True), w1b), _tucker3(t2_3, w2a, w2b)
+def _tucker_parts(factors, row_scale):
+    """The two full-size Tucker Hadamard operands (W1s, W2), each (out, in, S); W1s carries the row
+    scale."""
+    t1, w1a, w1b, t2, w2a, w2b = factors
+    t1_3 = t1.reshape(t1.shape[0], t1.shape[1], -1)
+    t2_3 = t2.reshape(t2.shape[0], t2.shape[1], -1)
+    return _tucker3(t1_3, _scale_rows(w1a, row_scale, True), w1b), _tucker3(t2_3, w2a, w2b)
+
+
+def _pad_rank(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """``t`` with dimension ``dim`` (0 or 1 of a 2-D tensor) zero-padded to size r."""
+    n = r - t.shape[dim]
+    if n == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, n) if dim == 1 else (0, 0, 0, n))
+
+
+def _stack_flat(factors, row_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two flat factor pairs stacked for one batched product: (A, B) with A = (w1a·s, w2a)
+    (2, out, r) and B = (w1b, w2b) (2, r, in_flat), so bmm(A, B) = (P1s, P2), the two Hadamard
+    operands, the first carrying the row scale.  Unequal ranks are zero-padded to the larger one
+    (zero columns / rows add nothing to either product)."""
     w1a, w1b, w2a, w2b = factors
-    return _scale_rows(w1a, row_scale, False) @ w1b, w2a @ w2b
+    r = max(w1a.shape[1], w2a.shape[1])
+    a = torch.stack((_pad_rank(_scale_rows(w1a, row_scale, False), r, 1), _pad_rank(w2a, r, 1)))
+    return a, torch.stack((_pad_rank(w1b, r, 0), _pad_rank(w2b, r, 0)))
 
 
 def _merged(weight: torch.Tensor, p1s: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
@@ -248,13 +264,22 @@ class _MergedHadaOp(torch.autograd.Function):
 
     Saves x and the small factors only; backward rebuilds the two Hadamard operands once and uses
     them three times: for the merged weight (input gradient), and for the two halves of
-    dL/dH = row_scale * gᵀx (one weight-gradient product, then straight to the factors)."""
+    dL/dH = row_scale * gᵀx (one weight-gradient product, then straight to the factors).  Flat
+    factors go through batched products (both pairs in one bmm), which keeps the per-layer kernel
+    count low: at a few hundred tokens the rank-r products and their launch overhead are a large
+    part of the adapter's cost."""
 
     @staticmethod
     def forward(ctx, conv, tucker, row_scale, x, weight, bias, *factors):
-        p1s, p2 = _hada_parts(tucker, factors, row_scale)
-        w_eff = _merged(weight, p1s, p2)
-        del p1s, p2
+        if tucker:
+            w_eff = _merged(weight, *_tucker_parts(factors, row_scale))
+            saved = factors
+        else:
+            a, b = _stack_flat(factors, row_scale)
+            p = torch.bmm(a, b)
+            w_eff = _merged(weight, p[0], p[1])
+            del p
+            saved = (a, b)
         if conv is None:
             y = torch.nn.functional.linear(x, w_eff, bias)
         else:
@@ -263,13 +288,14 @@ class _MergedHadaOp(torch.autograd.Function):
         rs_t = row_scale if isinstance(row_scale, torch.Tensor) else None
         ctx.conv, ctx.tucker, ctx.has_bias = conv, tucker, bias is not None
         ctx.row_scale = None if rs_t is not None else row_scale
-        ctx.save_for_backward(x, weight, rs_t, *factors)
+        ctx.ranks = None if tucker else (factors[0].shape[1], factors[2].shape[1])
+        ctx.save_for_backward(x, weight, rs_t, *saved)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, weight, rs_t, *factors = ctx.saved_tensors
+        x, weight, rs_t, *saved = ctx.saved_tensors
         row_scale = rs_t if rs_t is not None else ctx.row_scale
         tucker, conv = ctx.tucker, ctx.conv
         need_x = ctx.needs_input_grad[3]
@@ -277,11 +303,16 @@ class _MergedHadaOp(torch.autograd.Function):
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             raise RuntimeError("merged LoHA op: the base weight and bias must be frozen")
         need_w = any(need_f)
-        grads_f: list = [None] * len(factors)
+        grads_f: list = [None] * len(need_f)
         grad_x = None
         if not (need_x or need_w):
             return (None, None, None, None, None, None, *grads_f)
-        p1s, p2 = _hada_parts(tucker, factors, row_scale)
+        if tucker:
+            p1s, p2 = _tucker_parts(saved, row_scale)
+        else:
+            a, b = saved
+            p = torch.bmm(a, b)  # (P1s, P2)
+            p1s, p2 = p[0], p[1]
         w_eff = _merged(weight, p1s, p2) if need_x else weight
         g = g.contiguous()
         if conv is None:
@@ -299,39 +330,39 @@ class _MergedHadaOp(torch.autograd.Function):
         if not need_w:
             return (None, None, None, grad_x, None, None, *grads_f)
         gw = gw.reshape(p1s.shape)  # dL/d(P1s * P2)
-        if tucker:
-            t1, w1a, w1b, t2, w2a, w2b = factors
-            k = t1.shape[2:]
-            t1_3 = t1.reshape(t1.shape[0], t1.shape[1], -1)
-            t2_3 = t2.reshape(t2.shape[0], t2.shape[1], -1)
-            w1as = _scale_rows(w1a, row_scale, True)
-            if need_f[0] or need_f[1] or need_f[2]:
-                gt1, ga1s, gb1 = _tucker_side_grads(gw * p2, t1_3, w1as, w1b, k, need_f[0], need_f[1], need_f[2])
-                grads_f[0], grads_f[2] = gt1, gb1
-                if ga1s is not None:
-                    grads_f[1] = _scale_rows(ga1s, row_scale, True)
-            del p2
-            if need_f[3] or need_f[4] or need_f[5]:
-                grads_f[3], grads_f[4], grads_f[5] = _tucker_side_grads(
-                    gw.mul_(p1s), t2_3, w2a, w2b, k, need_f[3], need_f[4], need_f[5]
-                )
-        else:
-            w1a, w1b, w2a, w2b = factors
-            w1as = _scale_rows(w1a, row_scale, False)
-            if need_f[0] or need_f[1]:
-                d1 = gw * p2  # dL/dP1s
-                if need_f[0]:
-                    grads_f[0] = _scale_rows(d1 @ w1b.mT, row_scale, False)
-                if need_f[1]:
-                    grads_f[1] = w1as.mT @ d1
-                del d1
-            del p2
-            if need_f[2] or need_f[3]:
-                d2 = gw.mul_(p1s)  # dL/dP2, in place on our own temporary
-                if need_f[2]:
-                    grads_f[2] = d2 @ w2b.mT
-                if need_f[3]:
-                    grads_f[3] = w2a.mT @ d2
+        if not tucker:
+            # p * gw = (gw⊙P1s, gw⊙P2) = (dL/dP2, dL/dP1s): each slot holds the OTHER operand's
+            # gradient, so it meets the other pair's factors (a, b flipped on the batch axis).
+            del p1s, p2
+            d = p.mul_(gw)
+            del gw
+            ga = torch.bmm(d, b.flip(0).mT)  # (dL/dw2a, dL/d(w1a·s)), padded
+            gb = torch.bmm(a.flip(0).mT, d)  # (dL/dw2b, dL/dw1b), padded
+            r1, r2 = ctx.ranks
+            if need_f[0]:
+                grads_f[0] = _scale_rows(ga[1, :, :r1], row_scale, False)
+            if need_f[1]:
+                grads_f[1] = gb[1, :r1]
+            if need_f[2]:
+                grads_f[2] = ga[0, :, :r2]
+            if need_f[3]:
+                grads_f[3] = gb[0, :r2]
+            return (None, None, None, grad_x, None, None, *grads_f)
+        t1, w1a, w1b, t2, w2a, w2b = saved
+        k = t1.shape[2:]
+        t1_3 = t1.reshape(t1.shape[0], t1.shape[1], -1)
+        t2_3 = t2.reshape(t2.shape[0], t2.shape[1], -1)
+        w1as = _scale_rows(w1a, row_scale, True)
+        if need_f[0] or need_f[1] or need_f[2]:
+            gt1, ga1s, gb1 = _tucker_side_grads(gw * p2, t1_3, w1as, w1b, k, need_f[0], need_f[1], need_f[2])
+            grads_f[0], grads_f[2] = gt1, gb1
+            if ga1s is not None:
+                grads_f[1] = _scale_rows(ga1s, row_scale, True)
+        del p2
+        if need_f[3] or need_f[4] or need_f[5]:
+            grads_f[3], grads_f[4], grads_f[5] = _tucker_side_grads(
+                gw.mul_(p1s), t2_3, w2a, w2b, k, need_f[3], need_f[4], need_f[5]
+            )
         return (None, None, None, grad_x, None, None, *grads_f)
 
 

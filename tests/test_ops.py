@@ -357,18 +357,19 @@ def _plain_merged(x, w, b, factors, row_scale, conv=None):
     return F.conv2d(x, weff, b, *conv)
 
 
-LINEAR_CASES = [((2, 3, 5), 4, 5, 2), ((6, 4), 3, 4, 3)]  # x shape, out, in, rank
+# x shape, out, in, rank of the first pair, rank of the second (unequal ranks: zero-padded inside)
+LINEAR_CASES = [((2, 3, 5), 4, 5, 2, 2), ((6, 4), 3, 4, 3, 3), ((3, 5), 4, 5, 3, 1), ((3, 5), 4, 5, 1, 2)]
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES)
 @pytest.mark.parametrize("rs_kind", [0, 1])
 def test_gradcheck_merged_linear(case, rs_kind):
-    xs, out, inn, r = case
+    xs, out, inn, r1, r2 = case
     g = torch.Generator().manual_seed(2)
     x = torch.randn(*xs, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(out, inn, generator=g, dtype=torch.float64)
     b = torch.randn(out, generator=g, dtype=torch.float64)
-    fs = [t.requires_grad_() for t in _flat_factors(out, inn, r, seed=3)]
+    fs = [t.requires_grad_() for t in _flat_factors(out, inn, r1, r2, seed=3)]
     rs = _row_scales(out, torch.float64)[rs_kind]
     f = lambda x, *fs: ops.merged_linear(x, w, b, fs, rs)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, *fs))
@@ -462,7 +463,8 @@ def test_merged_ops_shape_errors():
 
 def test_merged_ops_save_no_full_size_tensor():
     """The memory claim: autograd keeps x, the frozen weight (a parameter: no new memory) and the
-    small factors; the plain formula additionally keeps a full-size W + ΔW."""
+    small factors (stacked pairwise for the batched products); the plain formula additionally
+    keeps a full-size W + ΔW."""
     out, inn, r = 96, 80, 4
     g = torch.Generator().manual_seed(7)
     x = torch.randn(5, 7, inn, generator=g, requires_grad=True)
@@ -470,7 +472,8 @@ def test_merged_ops_save_no_full_size_tensor():
     fs = [t.requires_grad_() for t in _flat_factors(out, inn, r, dtype=torch.float32)]
     with _SavedCounter() as c:
         y = ops.merged_linear(x, w, None, fs, torch.ones(out))
-    expected = sorted([x.numel(), w.numel(), out] + [t.numel() for t in fs])
+    assert [t.shape[1] for t in fs[::2]] == [r, r]
+    expected = sorted([x.numel(), w.numel(), out, 2 * out * r, 2 * r * inn])  # x, W, row scale, (w1a, w2a), (w1b, w2b)
     assert sorted(c.numels) == expected
     y.sum().backward()
     with _SavedCounter() as c_plain:
@@ -482,7 +485,7 @@ def test_merged_ops_save_no_full_size_tensor():
     fc = [t.requires_grad_() for t in _flat_factors(out, inn * 9, r, dtype=torch.float32)]
     with _SavedCounter() as c:
         ops.merged_conv2d(xc, wc, None, fc, 0.5, padding=1).sum().backward()
-    assert sorted(c.numels) == sorted([xc.numel(), wc.numel()] + [t.numel() for t in fc])
+    assert sorted(c.numels) == sorted([xc.numel(), wc.numel(), 2 * out * r, 2 * r * inn * 9])
 
 
 # ------------------------------------------------------------------------------ Khatri-Rao form
