@@ -4,6 +4,7 @@
     python bench/bench_train_step.py                      # mid-size UNet, CPU, fp32 (issue 5's setup)
     python bench/bench_train_step.py --size tiny          # seconds; smoke test
     python bench/bench_train_step.py --size sd15 --device cuda --dtype bf16 --batch 4 --latent 64   # GPU
+    python bench/bench_train_step.py --targets attn-mlp --pair peft-lora --steps 30   # sd-loha vs LoRA alone, ABBA
 
 One process, one UNet built from a config with random weights (no downloads).  Every variant is a
 copy of that UNet that shares its frozen weight tensors (deepcopy with the parameters memoised),
