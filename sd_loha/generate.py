@@ -19,6 +19,7 @@ from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
 from .models import load_pipeline
 from .schedulers import make_scheduler
 
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """One adapter to load: a file and its strengths (te_strength None = same as strength)."""

@@ -286,7 +286,7 @@ class _MergedHadaOp(torch.autograd.Function):
             stride, padding, dilation = conv
             y = torch.nn.functional.conv2d(x, w_eff, bias, stride, padding, dilation, 1)
         rs_t = row_scale if isinstance(row_scale, torch.Tensor) else None
-        ctx.conv, ctx.tucker, ctx.has_bias = conv, tucker, bias is not None
+        ctx.conv, ctx.tucker = conv, tucker
         ctx.row_scale = None if rs_t is not None else row_scale
         ctx.ranks = None if tucker else (factors[0].shape[1], factors[2].shape[1])
         ctx.save_for_backward(x, weight, rs_t, *saved)

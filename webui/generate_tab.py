@@ -17,8 +17,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from sd_loha.generate import AdapterSpec, GenerationSession, save_png
-from sd_loha.schedulers import SCHEDULERS
 from sd_loha.models import TINY_MODELS
+from sd_loha.schedulers import SCHEDULERS
 
 from .paths import PathPolicy, PathRefused, split_list
 

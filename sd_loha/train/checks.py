@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import BUILTIN_MODELS, ConfigError, Problem, TrainConfig, _suggest
@@ -21,6 +22,18 @@ def _where_of(cfg: TrainConfig, key: str) -> str | None:
     return getattr(cfg, "_origins", {}).get(key)
 
 
+def _check_exists(add: Callable[[str, str, str | None], None], key: str, value: str, *, folder: bool,
+                  missing_fix: str, wrong_kind_fix: str) -> None:
+    """Report `key` when its path does not exist, or is a file where a folder is wanted (or the reverse)."""
+    p = Path(value).expanduser()
+    if not p.exists():
+        add(key, f"{key} '{value}' does not exist", missing_fix)
+    elif folder and not p.is_dir():
+        add(key, f"{key} '{value}' is a file, not a folder", wrong_kind_fix)
+    elif not folder and not p.is_file():
+        add(key, f"{key} '{value}' is a folder, not a file", wrong_kind_fix)
+
+
 def check_paths(cfg: TrainConfig) -> None:
     """Check the paths named by the config; raises :class:`ConfigError` listing every problem."""
     problems: list[Problem] = []
@@ -29,15 +42,10 @@ def check_paths(cfg: TrainConfig) -> None:
         problems.append(Problem(_where_of(cfg, key), msg, fix))
 
     # training data
-    d = cfg.train_data_dir
-    if d:
-        p = Path(d).expanduser()
-        if not p.exists():
-            add("train_data_dir", f"train_data_dir '{d}' does not exist",
-                "point it at the folder that holds your images (or their kohya '10_name' subfolders)")
-        elif not p.is_dir():
-            add("train_data_dir", f"train_data_dir '{d}' is a file, not a folder",
-                "point it at the folder that holds your images")
+    if cfg.train_data_dir:
+        _check_exists(add, "train_data_dir", cfg.train_data_dir, folder=True,
+                      missing_fix="point it at the folder that holds your images (or their kohya '10_name' subfolders)",
+                      wrong_kind_fix="point it at the folder that holds your images")
 
     # base model
     m = cfg.pretrained_model
@@ -77,13 +85,9 @@ def check_paths(cfg: TrainConfig) -> None:
 
     # starting weights
     if cfg.network_weights:
-        p = Path(cfg.network_weights).expanduser()
-        if not p.exists():
-            add("network_weights", f"network_weights '{cfg.network_weights}' does not exist",
-                "point it at an existing LoHA .safetensors file, or remove the option")
-        elif not p.is_file():
-            add("network_weights", f"network_weights '{cfg.network_weights}' is a folder, not a file",
-                "point it at the LoHA .safetensors file")
+        _check_exists(add, "network_weights", cfg.network_weights, folder=False,
+                      missing_fix="point it at an existing LoHA .safetensors file, or remove the option",
+                      wrong_kind_fix="point it at the LoHA .safetensors file")
 
     # writable output folders
     for key in ("output_dir", "logging_dir"):

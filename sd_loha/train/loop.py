@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
+from .. import schedulers
 from ..io import read_safetensors
 from ..models import detect_family, load_pipeline
 from ..network import SAVE_DTYPES, LoHANetwork, add_loha
-from .conditioning import Conditioner, sdxl_time_ids
 from .checks import check_output_dir, check_paths
-from .. import schedulers
+from .conditioning import Conditioner, sdxl_time_ids
 from .config import TrainConfig, as_config
 from .loss import diffusion_loss
 from .optim import make_optimizer, make_scheduler

@@ -6,7 +6,11 @@ with the Train tab's fields as positional inputs), so they check the UI logic wi
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
+import textwrap
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -243,6 +247,13 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
+def _generate_args(adapter: str, i: int) -> list:
+    """Arguments of the /generate endpoint for request i: the adapter at strength i % 2, seed 100 + i // 2
+    (so requests 2k and 2k+1 share a seed and differ in strength)."""
+    slots = [adapter, float(i % 2), "", None, 1.0, "", None, 1.0, ""]
+    return ["tiny-sd1", "sdlohastyle, poster", "", 2, 5.0, 64, 64, "euler", 100 + i // 2, 1, *slots]
+
+
 def test_twenty_concurrent_generation_requests(client, ui):
     """20 requests sent at once from 20 clients queue and all complete, each with its own seed and strength:
     the queue never mixes one request's adapter strength into another's image."""
@@ -251,9 +262,7 @@ def test_twenty_concurrent_generation_requests(client, ui):
     clients = [gradio_client.Client(url, verbose=False, download_files=False) for _ in range(20)]
     jobs = []
     for i, c in enumerate(clients):
-        slots = [adapter, float(i % 2), "", None, 1.0, "", None, 1.0, ""]
-        jobs.append(c.submit("tiny-sd1", "sdlohastyle, poster", "", 2, 5.0, 64, 64, "euler", 100 + i // 2, 1, *slots,
-                             api_name="/generate"))
+        jobs.append(c.submit(*_generate_args(adapter, i), api_name="/generate"))
     results = [j.result(timeout=600) for j in jobs]
     files = []
     for i, (msg, _, params, out) in enumerate(results):
@@ -265,18 +274,12 @@ def test_twenty_concurrent_generation_requests(client, ui):
     # gives exactly the image it gave in the crowd.
     assert all(np.abs(_pixels(files[2 * k]) - _pixels(files[2 * k + 1])).max() > 0 for k in range(10))
     for i in (0, 7, 19):
-        slots = [adapter, float(i % 2), "", None, 1.0, "", None, 1.0, ""]
-        _, _, _, again = client.predict("tiny-sd1", "sdlohastyle, poster", "", 2, 5.0, 64, 64, "euler", 100 + i // 2, 1,
-                                        *slots, api_name="/generate")
+        _, _, _, again = client.predict(*_generate_args(adapter, i), api_name="/generate")
         assert np.array_equal(_pixels(again[0]), _pixels(files[i])), i
 
 
 def test_client_disconnect_does_not_stop_training(ui, tmp_path):
     """A browser tab that closes (here: a client process killed mid-run) leaves the training running."""
-    import subprocess
-    import sys
-    import textwrap
-
     demo, url, policy = ui
     wait_for(lambda: not demo.sdl_runner.snapshot()["active"], 300, what="an earlier run to end")
     args = form_args(policy, output_dir="disconnect_run", length=12)
@@ -288,8 +291,6 @@ def test_client_disconnect_does_not_stop_training(ui, tmp_path):
         print(msg, flush=True)
         time.sleep(600)
     """)
-    import json
-
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(args)], stdout=subprocess.PIPE, text=True)
     try:
         first = proc.stdout.readline()
