@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..atomic import save_image_atomic
+
 
 def image_grid(images: Sequence[Image.Image], labels: Sequence[str] | None = None, cols: int | None = None) -> Image.Image:
     cols = cols or min(len(images), 4)
@@ -44,8 +46,7 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path, *, val
     all_y = list(losses) + list(val_losses)
     if not all_y:
         d.text((pad_l, h // 2), "no steps recorded", fill="black")
-        img.save(path)
-        return path
+        return save_image_atomic(img, path)
     lo, hi = min(all_y), max(all_y)
     hi = hi if hi > lo else lo + 1e-6
     x_max = max(list(steps) + list(val_steps) + [1])
@@ -67,5 +68,4 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path, *, val
     for s, v in zip(val_steps, val_losses):
         x, y = xy(s, v)
         d.ellipse([x - 3, y - 3, x + 3, y + 3], fill="#c0392b")
-    img.save(path)
-    return path
+    return save_image_atomic(img, path)

@@ -42,12 +42,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_state(output_dir: Path, step: int, *, network_sd: dict[str, torch.Tensor], optimizer, scheduler,
-               progress: dict[str, Any], ema: dict[str, torch.Tensor] | None = None) -> Path:
+               progress: dict[str, Any], ema: dict[str, Any] | None = None,
+               scaler: dict[str, Any] | None = None) -> Path:
     final = output_dir / f"{STATE_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
     try:
         save_safetensors_atomic(network_sd, tmp / "network.safetensors")
-        _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema},
+        _torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema,
+                     "scaler": scaler},
                     tmp / "optimizer.pt")
         rng = _rng_state()
         _torch_save({"rng_torch": rng["torch"], "rng_cuda": rng.get("cuda"),
@@ -99,6 +101,7 @@ def load_state(path: Path) -> dict[str, Any]:
         "optimizer": opt["optimizer"],
         "scheduler": opt["scheduler"],
         "ema": opt.get("ema"),
+        "scaler": opt.get("scaler"),  # fp16 loss scale: without it a resumed fp16 run re-learns the scale
         "progress": progress,
         "rng": {"python": (py[0], tuple(py[1]), py[2]), "torch": rng["rng_torch"], "cuda": rng.get("rng_cuda"),
                 "numpy": (np_state[0], np_state[1].numpy(), *np_state[2:])},

@@ -12,6 +12,7 @@ import torch
 from sd_loha import apply_loha
 from sd_loha.models import build_tiny_pipeline
 from sd_loha.naming import text_encoder_module_names, unet_module_names
+from sd_loha.train.events import Progress
 from sd_loha.train.loop import train
 
 from .helpers import base_config, read_file
@@ -72,7 +73,7 @@ def test_family_trains_and_file_loads_everywhere(tmp_path, monkeypatch, family):
     result = train(base_config(tmp_path / "out", pretrained_model=family, max_train_steps=4, **overrides),
                    progress=False, on_event=events.append)
     assert result.steps == 4 and not result.stopped
-    assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2, 3, 4]
+    assert [e.step for e in events if isinstance(e, Progress)] == [1, 2, 3, 4]
     assert result.output == tmp_path / "out" / "loha.safetensors" and result.output.is_file()
 
     tensors, meta = read_file(result.output)

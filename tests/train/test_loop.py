@@ -14,6 +14,7 @@ from sd_loha import add_loha
 from sd_loha.models import build_tiny_pipeline
 from sd_loha.train import loop as loop_mod
 from sd_loha.train.config import ConfigError
+from sd_loha.train.events import Done, Progress
 from sd_loha.train.loop import TrainingError, train
 from sd_loha.train.state import load_state
 
@@ -82,7 +83,7 @@ def test_stop_saves_adapter_and_state_then_resume_finishes(tmp_path):
 
     def on_event(e):
         events.append(e)
-        if e["type"] == "progress" and e["step"] == 2:
+        if isinstance(e, Progress) and e.step == 2:
             stop.set()
 
     cfg = base_config(tmp_path / "out", max_train_steps=5, save_state=True)
@@ -92,7 +93,7 @@ def test_stop_saves_adapter_and_state_then_resume_finishes(tmp_path):
     assert_finite_file(result.output)
     assert (tmp_path / "out" / "state-00000002" / "progress.json").is_file()
     assert not (tmp_path / "out" / "loha.safetensors").exists()
-    assert events[-1] == {"type": "done", "output": str(result.output), "stopped": True, "step": 2}
+    assert events[-1] == Done(output=str(result.output), stopped=True, step=2)
 
     finished = train(cfg, resume=True, progress=False)
     assert not finished.stopped and finished.steps == 5 and len(finished.losses) == 5
@@ -201,7 +202,7 @@ def test_option_paths_train_every_module(tmp_path):
                                huber_c=0.1, noise_offset=0.1, gradient_checkpointing=True, gradient_accumulation_steps=2,
                                max_train_steps=2), progress=False, on_event=events.append)
     assert result.steps == 2 and len(result.losses) == 2
-    assert [e["step"] for e in events if e["type"] == "progress"] == [1, 2]  # 4 batches, 2 optimizer steps
+    assert [e.step for e in events if isinstance(e, Progress)] == [1, 2]  # 4 batches, 2 optimizer steps
     assert all(0 < v < 10 for v in result.losses)
     tensors, meta = read_file(result.output)
     assert _untrained(tensors) == []

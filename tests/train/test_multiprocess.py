@@ -65,7 +65,7 @@ def _reduce_worker(rank: int, port: int, queue) -> None:
                       MASTER_PORT=str(port))
     from accelerate import Accelerator
 
-    from sd_loha.train.loop import _all_reduce_grads
+    from sd_loha.train.runtime import all_reduce_grads as _all_reduce_grads
 
     acc = Accelerator(cpu=True)
     params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(1))]
