@@ -22,7 +22,13 @@ class TrainingError(RuntimeError):
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # accelerate keeps its settings in process-wide singletons that refuse a change of mixed precision; one
+    # process runs several trainings (the web UI, tests), so each run starts from fresh ones. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch --multi_gpu set it
     log_with = None
     if cfg.log_with in ("tensorboard", "auto") and _has_tensorboard():
