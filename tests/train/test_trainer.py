@@ -167,3 +167,32 @@ def test_run_outputs_are_written_atomically(tmp_path, monkeypatch):
     for name in ("loss.csv", "loss.png", "step000001.png", "final.png", "loha.safetensors"):
         assert name in renamed, name
         assert not list(out.rglob(f".{name}.*.tmp"))
+
+
+def test_validation_loss_recomputed_from_the_heldout_images(tmp_path):
+    """validation_loss is the plain denoising loss over the held-out images, in order, with noise and timesteps
+    from a generator seeded with seed + 1: recomputed here from the pipeline's own parts."""
+    from sd_loha.data.dataset import collate_examples
+
+    t = _trainer(tmp_path, validation_split=0.25, train_text_encoder=False)
+    with torch.no_grad():
+        for p in t.params:  # a network that changes the prediction
+            p.add_(torch.randn_like(p) * 0.1)
+    held_out = {it.path for it in t.preflight.validation_items}
+    assert len(held_out) == 4 and not held_out & {it.path for it in t.preflight.items}
+
+    pipe, sched = t.pipe, t.noise_scheduler
+    gen = torch.Generator().manual_seed(t.cfg.seed + 1)
+    expected = []
+    t.unet.eval()
+    with torch.no_grad():
+        for i in range(len(t.val_dataset)):
+            ex = collate_examples([t.val_dataset[(i, 0)]])
+            latents = pipe.vae.encode(ex["pixel_values"]).latent_dist.mean * pipe.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=gen)
+            step = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=gen)
+            ids = pipe.tokenizer(ex["captions"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            pred = pipe.unet(sched.add_noise(latents, noise, step), step, pipe.text_encoder(ids)[0]).sample
+            expected.append(float(torch.nn.functional.mse_loss(pred, noise)))
+    assert t.validation_loss() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
