@@ -1,6 +1,6 @@
 """The one background training job of the web UI.
 
-:class:`TrainingRunner` runs ``sd_loha.train.loop.train`` in a daemon thread and keeps what its events
+:class:`TrainingRunner` runs ``sd_loha.train.loop.train`` in a daemon thread and keeps what its typed events
 say (phase, step, loss history, samples, saved files, the result or the error) in a snapshot that
 browsers poll. The job belongs to the server, not to a browser session: closing the tab or losing the
 connection does not stop it, and a browser that connects later sees it. One job at a time: a second
@@ -17,6 +17,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from sd_loha.train.events import Caching, Done, Event, Preflight, Progress, Sample, Saved, Validation
 
 logger = logging.getLogger(__name__)
 
@@ -178,48 +180,44 @@ class TrainingRunner:
         self._state.log.append(time.strftime("%H:%M:%S ") + line)
         del self._state.log[:-200]
 
-    def _update(self, **kw: Any) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self._state, k, v)
-            self._state.version += 1
+    def _phase(self, status: str, message: str) -> None:  # lock held
+        """Show the run's new phase, unless a Stop request is showing: that stays until the run ends."""
+        if self._state.status != "stopping":
+            self._state.status, self._state.message = status, message
 
-    def _on_event(self, e: dict[str, Any]) -> None:
-        kind = e.get("type")
+    def _on_event(self, event: Event) -> None:
+        """The trainer's callback: fold one typed event (sd_loha.train.events) into the state."""
+        if not isinstance(event, Event):  # a programming error in the trainer: say what was expected
+            raise TypeError(f"on_event expects an sd_loha.train.events.Event, got {type(event).__name__}: {event!r}")
         with self._lock:
             s = self._state
-            stopping = s.status == "stopping"
-            if kind == "preflight":
-                s.preflight = e.get("text", "")
-                rep = e.get("report") or {}
-                s.preflight_report = rep or None
-                self._log(f"dataset: {rep.get('images_used', '?')} images used, {len(rep.get('skipped', []))} skipped")
-                if not stopping:
-                    s.status, s.message = "loading", "Loading the base model…"
-            elif kind == "caching":
-                s.caching = (int(e.get("done", 0)), int(e.get("total", 0)))
-                if not stopping:
-                    s.status = "caching"
-                    s.message = f"Caching latents: {s.caching[0]} / {s.caching[1]} images"
-            elif kind == "progress":
-                s.step, s.total, s.epoch = int(e["step"]), int(e["total"]), int(e.get("epoch", 0))
-                s.loss, s.it_s, s.eta_s = float(e["loss"]), float(e.get("it_s") or 0), float(e.get("eta_s") or 0)
-                while s.losses and s.losses[-1][0] >= s.step:  # a resumed run repeats no step, but be safe
-                    s.losses.pop()
-                s.losses.append((s.step, s.loss))
-                if not stopping:
-                    s.status, s.message = "training", "Training"
-            elif kind == "validation":
-                s.val_losses.append((int(e["step"]), float(e["loss"])))
-                self._log(f"validation loss {float(e['loss']):.4f} at step {e['step']}")
-            elif kind == "sample":
-                s.samples.append((str(e["path"]), int(e.get("step", s.step))))
-                self._log(f"sample images: {e['path']}")
-            elif kind == "saved":
-                s.saved.append(str(e["path"]))
-                self._log(f"saved {e['path']}")
-            elif kind == "done":
-                self._log("run ended" + (" (stopped)" if e.get("stopped") else ""))
+            match event:
+                case Preflight(report=rep, text=text):
+                    s.preflight, s.preflight_report = text, rep or None
+                    self._log(f"dataset: {rep.get('images_used', '?')} images used, "
+                              f"{len(rep.get('skipped', []))} skipped")
+                    self._phase("loading", "Loading the base model…")
+                case Caching(done=done, total=total):
+                    s.caching = (done, total)
+                    self._phase("caching", f"Caching latents: {done} / {total} images")
+                case Progress():
+                    s.step, s.total, s.epoch = event.step, event.total, event.epoch
+                    s.loss, s.it_s, s.eta_s = event.loss, event.it_s, event.eta_s
+                    while s.losses and s.losses[-1][0] >= s.step:  # a resumed run repeats no step, but be safe
+                        s.losses.pop()
+                    s.losses.append((s.step, s.loss))
+                    self._phase("training", "Training")
+                case Validation(step=step, loss=loss):
+                    s.val_losses.append((step, loss))
+                    self._log(f"validation loss {loss:.4f} at step {step}")
+                case Sample(path=path, step=step):
+                    s.samples.append((path, step))
+                    self._log(f"sample images: {path}")
+                case Saved(path=path):
+                    s.saved.append(path)
+                    self._log(f"saved {path}")
+                case Done(stopped=stopped):
+                    self._log("run ended" + (" (stopped)" if stopped else ""))
             s.version += 1
 
     def _run(self, config: Any, resume: bool | str, stop: threading.Event) -> None:
@@ -227,7 +225,9 @@ class TrainingRunner:
         try:
             if train is None:
                 from sd_loha.train.loop import train
-            self._update(status="preflight", message="Checking the dataset…")
+            with self._lock:  # a Stop pressed before this thread ran must stay on screen
+                self._phase("preflight", "Checking the dataset…")
+                self._state.version += 1
             result = train(config, resume=resume or None, on_event=self._on_event, stop_event=stop, progress=False)
         except BaseException as e:  # noqa: BLE001 - a failed run must never take the server down
             logger.exception("training failed")

@@ -1,56 +1,84 @@
 """Train tab: dataset preflight, the common options as fields, the rest as TOML, Start/Stop/Resume, live view.
 
-The settings are a :class:`~sd_loha.train.config.TrainConfig`: the fields override the same options of the
-TOML box, and Save writes ``TrainConfig.to_toml()``, so a file saved here trains identically with
-``sd-loha train --config FILE`` (paths are written resolved and absolute), and any CLI config loads here.
-All the training itself is ``sd_loha.train.loop.train`` in the background runner (webui/runner.py).
+The settings are a :class:`~sd_loha.train.config.TrainConfig` built by the library's own parser: the TOML box
+is read as a ``--config`` file is (same checks, same messages), the fields are a layer over it, and Save
+writes ``TrainConfig.to_toml()``, so a file saved here trains identically with ``sd-loha train --config FILE``
+(paths are written resolved and absolute), and any CLI config loads here. All the training itself is
+``sd_loha.train.loop.train`` in the background runner (webui/runner.py).
 """
 
 
 import html
 import math
 import os
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sd_loha.atomic import write_atomic
 from sd_loha.train.checks import check_output_dir, check_paths
-from sd_loha.train.config import GROUPS, LR_SCHEDULERS, PRESETS, ConfigError, TrainConfig, load_config
+from sd_loha.train.config import OPTIONS, ConfigError, TrainConfig, config_from_layers, load_config, loads_config
 
 from .paths import PathPolicy, PathRefused
 from .runner import RunActive, TrainingRunner, describe_error
 
-# Form fields in display order: option name -> (label, kind). "length" and "length_unit" stand for
-# max_train_steps / max_train_epochs; 0 or empty in an "optional" number means "not set".
-FIELDS: dict[str, tuple[str, str]] = {
-    "pretrained_model": ("Base model (built-in tiny model, .safetensors / diffusers folder in the models folder, or hub id)", "model"),
-    "train_data_dir": ("Dataset folder (inside the data folder)", "text"),
-    "output_dir": ("Output folder (inside the outputs folder)", "text"),
-    "output_name": ("Output name (file name stem)", "text"),
-    "overwrite": ("Overwrite this output name's earlier files", "bool"),
-    "preset": ("Preset (which layers get LoHA modules)", "choice"),
-    "network_dim": ("Rank", "int"),
-    "network_alpha": ("Alpha", "float"),
-    "conv_dim": ("Conv rank (0 = no k×k convs)", "int"),
-    "conv_alpha": ("Conv alpha", "float"),
-    "train_text_encoder": ("Train the text encoder(s) too", "bool"),
-    "learning_rate": ("Learning rate", "float"),
-    "unet_lr": ("UNet LR (empty = learning rate)", "optfloat"),
-    "text_encoder_lr": ("Text encoder LR (empty = learning rate)", "optfloat"),
-    "length_unit": ("Run length in", "unit"),
-    "length": ("Steps / epochs", "int"),
-    "resolution": ("Resolution (512, or W,H)", "resolution"),
-    "train_batch_size": ("Batch size", "int"),
-    "lr_scheduler": ("LR schedule", "choice"),
-    "seed": ("Seed", "int"),
-    "save_every_n_steps": ("Save every N steps (0 = only at the end)", "optint"),
-    "sample_prompts": ("Sample prompts (one per line; empty = no samples)", "lines"),
-    "sample_every_n_steps": ("Sample every N steps (0 = only at the end)", "optint"),
-    "sample_steps": ("Sample denoising steps", "int"),
+# Form fields in display order: option name -> label. Each is the option of that name (its widget follows the
+# option's kind in OPTIONS), except "length_unit" and "length", which stand for max_train_steps / max_train_epochs.
+FIELDS: dict[str, str] = {
+    "pretrained_model": "Base model (built-in tiny model, .safetensors / diffusers folder in the models folder, or hub id)",
+    "train_data_dir": "Dataset folder (inside the data folder)",
+    "output_dir": "Output folder (inside the outputs folder)",
+    "output_name": "Output name (file name stem)",
+    "overwrite": "Overwrite this output name's earlier files",
+    "preset": "Preset (which layers get LoHA modules)",
+    "network_dim": "Rank",
+    "network_alpha": "Alpha",
+    "conv_dim": "Conv rank (0 = no k×k convs)",
+    "conv_alpha": "Conv alpha",
+    "train_text_encoder": "Train the text encoder(s) too",
+    "learning_rate": "Learning rate",
+    "unet_lr": "UNet LR (empty = learning rate)",
+    "text_encoder_lr": "Text encoder LR (empty = learning rate)",
+    "length_unit": "Run length in",
+    "length": "Steps / epochs",
+    "resolution": "Resolution (512, or W,H)",
+    "train_batch_size": "Batch size",
+    "lr_scheduler": "LR schedule",
+    "seed": "Seed",
+    "save_every_n_steps": "Save every N steps (0 = only at the end)",
+    "sample_prompts": "Sample prompts (one per line; empty = no samples)",
+    "sample_every_n_steps": "Sample every N steps (0 = only at the end)",
+    "sample_steps": "Sample denoising steps",
 }
 FIELD_NAMES = list(FIELDS)
-PATH_OPTIONS = ("train_data_dir", "output_dir", "vae", "network_weights", "logging_dir")
+LENGTH_FIELDS = {"length_unit": "unit", "length": "int"}
+_WIDGETS = {"path": "text", "str": "text", "enum": "choice", "list": "lines"}  # option kind -> widget kind
 DEMO_TOML = Path(__file__).resolve().parent.parent / "train_configs" / "demo.toml"
+TOML_BOX, FORM = "TOML box", "fields"  # the names problems are reported under
+
+
+def field_kind(name: str) -> str:
+    """The widget kind of a field, from its option's kind; an optional number ("optint"/"optfloat") reads 0 or
+    empty as "not set"."""
+    if name in LENGTH_FIELDS:
+        return LENGTH_FIELDS[name]
+    if name == "pretrained_model":
+        return "model"  # a dropdown of the models the UI may load, custom values allowed
+    spec = OPTIONS[name]
+    kind = _WIDGETS.get(spec.kind, spec.kind)
+    return "opt" + kind if spec.optional and kind in ("int", "float") else kind
+
+
+# How each path option is checked against the folders the UI may use; the value is replaced by the resolved
+# path. Every option of kind "path" must be here (tests/webui/test_train_tab.py checks it).
+PATH_CHECKS: dict[str, Callable[[PathPolicy, str], str]] = {
+    "pretrained_model": lambda policy, v: policy.check_model(v),
+    "vae": lambda policy, v: policy.check_model(v, what="VAE"),
+    "network_weights": lambda policy, v: str(policy.check_adapter(v, what="network_weights")),
+    "train_data_dir": lambda policy, v: str(policy.resolve(v, "dataset", what="train_data_dir")),
+    "output_dir": lambda policy, v: str(policy.resolve(v, "output_dir", what="output_dir")),
+    "logging_dir": lambda policy, v: str(policy.resolve(v, "logging_dir", what="logging_dir")),
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,25 +99,21 @@ def demo_config(policy: PathPolicy) -> TrainConfig | None:
     if not DEMO_TOML.is_file():
         return None
     data = policy.data_dir / "demo"
-    images = data if data.is_dir() else policy.root("demo")
-    return load_config(DEMO_TOML, [f"train_data_dir={_toml_str(str(images))}",
-                                   f"output_dir={_toml_str(str(policy.outputs_dir / 'demo'))}"])
-
-
-def _toml_str(s: str) -> str:
-    return "'" + s + "'" if "'" not in s else '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    folders = {"train_data_dir": str(data if data.is_dir() else policy.root("demo")),
+               "output_dir": str(policy.outputs_dir / "demo")}
+    return config_from_layers([(DEMO_TOML.read_text(encoding="utf-8"), str(DEMO_TOML)), (folders, "web UI")])
 
 
 def config_to_form(cfg: TrainConfig) -> dict[str, Any]:
     f: dict[str, Any] = {}
-    for name, (_, kind) in FIELDS.items():
-        if name in ("length", "length_unit"):
+    for name in FIELDS:
+        if name in LENGTH_FIELDS:
             continue
-        v = getattr(cfg, name)
-        if name == "resolution":
+        kind, v = field_kind(name), getattr(cfg, name)
+        if kind == "resolution":
             w, h = v
             v = str(w) if w == h else f"{w},{h}"
-        elif name == "sample_prompts":
+        elif kind == "lines":
             v = "\n".join(v)
         elif kind == "optint":
             v = v or 0
@@ -103,30 +127,15 @@ def config_to_form(cfg: TrainConfig) -> dict[str, Any]:
     return f
 
 
-def _flatten_toml(text: str, source: str) -> dict[str, Any]:
-    if not (text or "").strip():
-        return {}
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{source}: not valid TOML: {e}"]) from None
-    flat: dict[str, Any] = {}
-    for k, v in data.items():
-        if k in GROUPS and isinstance(v, dict):
-            flat.update(v)
-        else:
-            flat[k] = v
-    return flat
-
-
 def _form_values(form: dict[str, Any]) -> dict[str, Any]:
+    """The fields as option values (None = not set), for the layer over the TOML box."""
     out: dict[str, Any] = {}
-    for name, (_, kind) in FIELDS.items():
-        if name not in form or name in ("length", "length_unit"):
+    for name in FIELDS:
+        if name not in form or name in LENGTH_FIELDS:
             continue
-        v = form[name]
+        kind, v = field_kind(name), form[name]
         if kind in ("int", "optint") and v is not None and v != "":
-            v = int(v) if float(v).is_integer() else v
+            v = int(v) if float(v).is_integer() else v  # the browser sends 8.0; 8.5 stays for the error
         if kind == "optint":
             v = v or None
         elif kind == "optfloat":
@@ -146,36 +155,35 @@ def _form_values(form: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _layers(form: dict[str, Any], toml_text: str) -> list[tuple[str | dict[str, Any], str]]:
+    """The TOML box read as a --config file, the fields over it (as --set is over the file)."""
+    return [(toml_text or "", TOML_BOX), (_form_values(form), FORM)]
+
+
 def build_config(policy: PathPolicy, form: dict[str, Any], toml_text: str = "") -> TrainConfig:
     """The TrainConfig of the TOML box overridden by the form, every path checked against the policy and
     written resolved (absolute), so the saved TOML trains the same from any working folder."""
-    flat = _flatten_toml(toml_text, "TOML box")
-    flat.update(_form_values(form))
+    cfg = config_from_layers(_layers(form, toml_text))
     problems = []
-    if flat.get("pretrained_model"):
+    for name, check in PATH_CHECKS.items():
+        value = getattr(cfg, name)
+        if not value:
+            continue
         try:
-            flat["pretrained_model"] = policy.check_model(flat["pretrained_model"])
+            setattr(cfg, name, check(policy, value))
         except PathRefused as e:
             problems.append(str(e))
-    if flat.get("vae"):
-        try:
-            flat["vae"] = policy.check_model(flat["vae"], what="VAE")
-        except PathRefused as e:
-            problems.append(str(e))
-    if flat.get("network_weights"):
-        try:
-            flat["network_weights"] = str(policy.check_adapter(flat["network_weights"], what="network_weights"))
-        except PathRefused as e:
-            problems.append(str(e))
-    for key, use in (("train_data_dir", "dataset"), ("output_dir", "output_dir"), ("logging_dir", "logging_dir")):
-        if flat.get(key):
-            try:
-                flat[key] = str(policy.resolve(flat[key], use, what=key))
-            except PathRefused as e:
-                problems.append(str(e))
     if problems:
         raise ConfigError(problems, header="paths refused")
-    return TrainConfig.from_dict(flat, source="web UI")
+    return cfg
+
+
+def toml_box_config(policy: PathPolicy, toml_text: str) -> TrainConfig:
+    """The TOML box alone (for "Apply TOML to the fields"); the options every run needs default to the UI's
+    folders and the tiny model when the box leaves them out."""
+    needed = {"pretrained_model": "tiny-sd1", "train_data_dir": str(policy.data_dir),
+              "output_dir": str(policy.outputs_dir)}
+    return loads_config(toml_text or "", base=needed, source=TOML_BOX)
 
 
 def dataset_escapes(policy: PathPolicy, folder: Path, limit: int = 5) -> list[str]:
@@ -195,17 +203,13 @@ def preflight_report(policy: PathPolicy, form: dict[str, Any], toml_text: str = 
     """Run the dataset preflight with the form's dataset settings; returns the PreflightReport."""
     from sd_loha.data.preflight import run_preflight
 
-    flat = _flatten_toml(toml_text, "TOML box")
-    flat.update(_form_values(form))
-    folder = policy.resolve(flat.get("train_data_dir"), "dataset", must_exist=True, what="dataset folder")
+    # The dataset check needs neither a base model nor an output folder: stand-ins satisfy the validation.
+    stand_ins = {"pretrained_model": "tiny-sd1", "output_dir": str(policy.outputs_dir)}
+    cfg = config_from_layers([*_layers(form, toml_text), (stand_ins, "dataset check")])
+    folder = policy.resolve(cfg.train_data_dir, "dataset", must_exist=True, what="dataset folder")
     escapes = dataset_escapes(policy, folder)
     if escapes:
         raise PathRefused(f"the dataset folder holds links that lead outside the allowed folders: {', '.join(escapes)}")
-    keep = {"resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
-            "caption_extension", "train_batch_size", "validation_split", "seed", "trigger_word"}
-    probe = {k: v for k, v in flat.items() if k in keep and v is not None}
-    probe.update(pretrained_model="tiny-sd1", train_data_dir=str(folder), output_dir=str(policy.outputs_dir))
-    cfg = TrainConfig.from_dict(probe, source="web UI")
     return run_preflight(
         folder, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
         max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
@@ -343,7 +347,7 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
     comps: dict[str, Any] = {}
 
     def field(name: str, **kw):
-        label, kind = FIELDS[name]
+        label, kind = FIELDS[name], field_kind(name)
         eid = "train-" + name.replace("_", "-")
         v = defaults.get(name)
         if kind == "model":
@@ -351,8 +355,7 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
         elif kind == "bool":
             c = gr.Checkbox(value=bool(v), label=label, elem_id=eid, **kw)
         elif kind == "choice":
-            choices = PRESETS if name == "preset" else LR_SCHEDULERS
-            c = gr.Dropdown(choices=list(choices), value=v, label=label, elem_id=eid, **kw)
+            c = gr.Dropdown(choices=list(OPTIONS[name].choices), value=v, label=label, elem_id=eid, **kw)
         elif kind == "unit":
             c = gr.Radio(["steps", "epochs"], value=v, label=label, elem_id=eid, **kw)
         elif kind in ("int", "optint"):
@@ -537,18 +540,16 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
             cfg = build_config(policy, _form(form_vals), toml_text)
         except (PathRefused, ConfigError, ValueError) as e:
             return f"**Cannot save:**\n\n```text\n{e}\n```", gr.skip()
-        p.parent.mkdir(parents=True, exist_ok=True)
         text = cfg.to_toml()
-        p.write_text(text, encoding="utf-8")
+        try:
+            write_atomic(p, text.encode("utf-8"))
+        except OSError as e:
+            return f"**Cannot save:**\n\n```text\n{e}\n```", gr.skip()
         return f"Saved `{p}` (train it from the command line with `sd-loha train --config {p}`).", text
 
     def on_apply(toml_text):
         try:
-            flat = _flatten_toml(toml_text, "TOML box")
-            flat.setdefault("pretrained_model", "tiny-sd1")
-            flat.setdefault("train_data_dir", str(policy.data_dir))
-            flat.setdefault("output_dir", str(policy.outputs_dir))
-            cfg = TrainConfig.from_dict(flat, source="TOML box")
+            cfg = toml_box_config(policy, toml_text)
         except ConfigError as e:
             return (f"**TOML problem:**\n\n```text\n{e}\n```", *([gr.skip()] * len(FIELD_NAMES)))
         f = config_to_form(cfg)

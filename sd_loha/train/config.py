@@ -1513,3 +1513,17 @@ def _toml_value(v: Any) -> str:
         )
         return "{ " + items + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings in layers (a UI's fields over its TOML box)
+# --------------------------------------------------------------------------------------------------
+
+
+def config_from_layers(layers: Sequence[tuple[str | Mapping[str, Any], str]]) -> TrainConfig:
+    """Validate settings given as layers, lowest first: each a TOML text or a flat or grouped mapping, with
+    the name its problems are reported under. A later layer wins; ``None`` in a mapping unsets.
+
+    The checks and messages are load_config's, so a UI's TOML box fails exactly as the same text in a
+    ``--config`` file does (invalid TOML, a key set twice, unknown keys, wrong types)."""
+    return _build([_file_layer(d, src) if isinstance(d, str) else _Layer.from_mapping(d, src) for d, src in layers])
