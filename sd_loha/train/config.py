@@ -33,6 +33,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..schedulers import ALIASES as SCHEDULER_ALIASES
 from ..schedulers import SCHEDULERS
+from .loss import HUBER_SCHEDULES, LOSS_TYPES
+from .optim import OptimizerError, check_optimizer_args, resolve_optimizer
 
 __all__ = [
     "ConfigError",
@@ -76,14 +78,6 @@ LR_SCHEDULERS: tuple[str, ...] = (
 )
 DEFAULT_MAX_TRAIN_STEPS = 1600
 
-
-#: optimizer names that are not torch.optim classes (case-insensitive) -> canonical spelling
-EXTRA_OPTIMIZERS: dict[str, str] = {"adamw8bit": "AdamW8bit", "prodigy": "Prodigy"}
-_REFUSED_TORCH_OPTIMIZERS = {
-    "Optimizer": "it is the abstract base class",
-    "LBFGS": "it needs a closure that re-evaluates the loss, which a diffusion training loop cannot provide",
-    "SparseAdam": "it only works with sparse gradients",
-}
 
 #: kohya sd-scripts / LyCORIS option names that sd-loha does not use, with what to do instead.
 KOHYA_HINTS: dict[str, str] = {
@@ -264,8 +258,8 @@ class TrainConfig:
     )
     enable_bucket: bool = _opt(
         "dataset", "bool", True,
-        "Aspect-ratio bucketing: group images by aspect ratio instead of center-cropping everything to "
-        "a square.",
+        "Aspect-ratio bucketing: group images by aspect ratio instead of resizing and cropping every image to "
+        "resolution (center crop unless random_crop).",
     )
     min_bucket_reso: int = _opt(
         "dataset", "int", 256, "Smallest bucket side in pixels.", min=64, multiple_of=8,
@@ -280,7 +274,8 @@ class TrainConfig:
     )
     bucket_no_upscale: bool = _opt(
         "dataset", "bool", False,
-        "Never upscale: an image smaller than the resolution gets a bucket of its own size.",
+        "Never upscale: an image smaller than its nearest bucket gets a bucket of its own size (shrunk to the "
+        "resolution's area and max_bucket_reso, rounded down to bucket_reso_steps). Only with enable_bucket.",
     )
     random_crop: bool = _opt(
         "dataset", "bool", False, "Crop at a random position instead of the center when an image must be cropped.",
@@ -311,27 +306,33 @@ class TrainConfig:
     )
     trigger_word: str = _opt(
         "dataset", "str", "",
-        "Word put in front of every caption that does not already contain it; never shuffled or dropped "
-        "(empty: none). Images without a caption file get just this.",
+        "Word put in front of every caption that does not already contain it; never shuffled or tag-dropped "
+        "(caption_dropout_rate still empties the whole caption; empty: none). Images without a caption file get "
+        "just this.",
     )
     cache_latents: bool = _opt(
         "dataset", "bool", True,
-        "Encode every image with the VAE once before training and keep the latents in memory "
-        "(much faster: the VAE then only runs for validation images and samples).",
+        "Encode every image with the VAE once before training and keep the latents (both flips with flip_aug); "
+        "much faster: the VAE then only runs for validation images and samples. random_crop turns caching off "
+        "(a warning says so).",
     )
     cache_latents_to_disk: bool = _opt(
         "dataset", "bool", False,
-        "Also store cached latents on disk so later runs reuse them (invalidated when resolution, "
-        "bucketing, cropping or the VAE change). Needs cache_latents.",
+        "Also store cached latents on disk (output_dir/.cache/latents) so later runs reuse them; an entry is "
+        "reused while the image file (path, size, modification time), its bucket and crop, the flip and the VAE "
+        "are unchanged. Needs cache_latents.",
     )
     cache_text_encoder_outputs: bool = _opt(
         "dataset", "bool", False,
         "Encode each caption once and reuse its text-encoder output (saves time, mostly for SDXL's two "
-        "encoders). Only possible when the text encoder is not trained and captions do not change per step.",
+        "encoders). Needs train_text_encoder = false. caption_dropout_rate is fine (the empty caption is cached "
+        "too); with shuffle_caption or caption_tag_dropout_rate captions change every step and are encoded per "
+        "step instead.",
     )
     validation_split: float = _opt(
         "dataset", "float", 0.0,
-        "Fraction of images held out to compute a validation loss (0 = no validation).",
+        "Fraction of images held out to compute a validation loss (at least one, chosen by seed; 0 = no "
+        "validation). Held-out images use no caption shuffling or dropout, no flip and no rank/module dropout.",
         min=0.0, max=0.5, max_open=True,
     )
     validation_every_n_steps: int | None = _opt(
@@ -345,9 +346,10 @@ class TrainConfig:
     preset: str = _opt(
         "network", "enum", "attn-mlp",
         "Which layers get LoHA modules: attn-only (UNet attention projections), attn-mlp (attention and "
-        "feed-forward layers of the transformer blocks, incl. proj_in/proj_out), full (also the ResNet "
-        "convolutions, down/upsamplers and time embedding; k x k convs only when conv_dim > 0). The "
-        "text encoders' attention and MLP layers are added when train_text_encoder is true.",
+        "feed-forward layers of the transformer blocks, incl. proj_in/proj_out), full (also the ResNet blocks' "
+        "convolutions and time-embedding projections and the down/upsampler convolutions; k x k convs only when "
+        "conv_dim > 0). With train_text_encoder the text encoders' attention layers (attn-only) or attention and "
+        "MLP layers (attn-mlp, full) are added.",
         choices=PRESETS,
     )
     network_dim: int = _opt(
@@ -363,7 +365,8 @@ class TrainConfig:
     )
     conv_dim: int = _opt(
         "network", "int", 0,
-        "LoHA rank of k x k convolutions (0 = do not adapt k x k convs). Used by preset full.",
+        "LoHA rank of k x k convolutions (0 = do not adapt k x k convs). They are in preset full, or added by "
+        "network_include.",
         min=0,
     )
     conv_alpha: float = _opt(
@@ -375,22 +378,30 @@ class TrainConfig:
         "Tucker decomposition for k x k convolutions (fewer parameters; only matters when conv_dim > 0).",
     )
     rank_dropout: float = _opt(
-        "network", "float", 0.0, "Probability of dropping each rank of the update during training.",
+        "network", "float", 0.0,
+        "Training only: in every forward pass each output row of a layer's update ΔW (one output feature or "
+        "channel) is dropped with this probability, a fresh mask per pass, not rescaled. This is LyCORIS's "
+        "rank_dropout: despite the name it drops rows of ΔW, not ranks of the factorisation.",
         min=0.0, max=1.0, max_open=True,
     )
     module_dropout: float = _opt(
-        "network", "float", 0.0, "Probability of skipping a whole LoHA module for a training step.",
+        "network", "float", 0.0,
+        "Training only: probability that a LoHA module is skipped (the layer runs unadapted) in a forward pass, "
+        "drawn per module and per pass (so per micro-batch with gradient accumulation).",
         min=0.0, max=1.0, max_open=True,
     )
     network_include: list[str] = _opt(
         "network", "list", [],
-        "Extra module-name patterns to adapt on top of the preset (empty: the preset alone).",
-        example='["attn1"]',
+        "Extra layers to adapt on top of the preset: shell-style patterns (* ? [...]) matched against the whole "
+        "module path (down_blocks.0.attentions.0.proj_in) or the kohya name (lora_unet_down_blocks_0_...), so "
+        "wrap a name part in * (empty: the preset alone).",
+        example='["*.attn1.*"]',
     )
     network_exclude: list[str] = _opt(
         "network", "list", [],
-        "Module-name patterns never adapted, even when the preset or network_include selects them.",
-        example='["time_emb"]',
+        "Layers never adapted, even when the preset or network_include selects them: patterns as in "
+        "network_include.",
+        example='["*time_emb_proj"]',
     )
     train_text_encoder: bool = _opt(
         "network", "bool", True,
@@ -398,7 +409,8 @@ class TrainConfig:
     )
     network_weights: str | None = _opt(
         "network", "path", None,
-        "Start from an existing LoHA .safetensors file (its ranks and targets must match this network). "
+        "Start from an existing LoHA .safetensors file: its factors and its alpha values (the file's alpha "
+        "wins over network_alpha and conv_alpha, as in kohya); its ranks and targets must match this network. "
         "To continue an interrupted run with its optimizer state, resume instead.",
         optional=True, example='"old/loha.safetensors"',
     )
@@ -412,7 +424,8 @@ class TrainConfig:
     )
     output_name: str = _opt(
         "training", "str", "loha",
-        "File name stem of the saved LoHA files (output_name.safetensors, output_name-000400.safetensors, ...).",
+        "File name stem of the saved LoHA files (output_name.safetensors at the end; output_name-step000400 and "
+        "output_name-epoch0002.safetensors for intermediate saves; output_name-step000123 when stopped early).",
     )
     train_batch_size: int = _opt("training", "int", 1, "Images per batch.", min=1)
     max_train_steps: int | None = _opt(
@@ -445,13 +458,19 @@ class TrainConfig:
     )
     optimizer_type: str = _opt(
         "training", "optimizer", "AdamW",
-        "AdamW, AdamW8bit (needs bitsandbytes), Prodigy (needs prodigyopt), any torch.optim class name "
-        "(SGD, Adafactor, ...), or a full import path module.Class. Case-insensitive.",
+        "AdamW; kohya's AdamW8bit, PagedAdamW8bit, PagedAdamW, PagedAdamW32bit, Lion8bit, PagedLion8bit "
+        "(bitsandbytes), Lion (lion-pytorch), Prodigy (prodigyopt); any torch.optim class (SGD, RAdam, ...; "
+        "Adafactor is torch's, not kohya's transformers one); or an import path module.Class, e.g. "
+        "torch.optim.RAdam or transformers.optimization.Adafactor. Names are case-insensitive, import paths are "
+        "not. The class is imported when the config is checked, so a missing package fails before any model "
+        "loads. bitsandbytes keeps tensors under 4096 elements (its min_8bit_size) in 32 bits, which includes "
+        "the LoHA factors of small layers.",
     )
     optimizer_args: dict[str, Any] = _opt(
         "training", "dict", {},
         "Extra optimizer keyword arguments, as a TOML table ({ weight_decay = 0.01, betas = [0.9, 0.99] }) "
-        "or kohya-style strings ([\"weight_decay=0.01\", \"betas=0.9,0.99\"]).",
+        "or kohya-style strings ([\"weight_decay=0.01\", \"betas=0.9,0.99\"]). Checked against the "
+        "optimizer's signature, and tried on it, when the config is checked; lr is set by learning_rate.",
         example="{ weight_decay = 0.01 }",
     )
     lr_scheduler: str = _opt(
@@ -465,7 +484,10 @@ class TrainConfig:
         min=0,
     )
     lr_scheduler_num_cycles: int = _opt(
-        "training", "int", 1, "Number of restarts for cosine_with_restarts.", min=1,
+        "training", "int", 1,
+        "Number of cosine cycles of cosine_with_restarts (1 = a plain cosine decay, N = N - 1 restarts to the "
+        "full rate).",
+        min=1,
     )
     lr_scheduler_power: float = _opt(
         "training", "float", 1.0, "Power of the polynomial schedule.", min=0.0, min_open=True,
@@ -481,14 +503,16 @@ class TrainConfig:
     mixed_precision: str = _opt(
         "training", "enum", "no",
         "Precision of the frozen model and the forward pass: no (fp32), fp16 or bf16. The LoHA "
-        "weights always train in fp32. bf16 needs a GPU that supports it.",
+        "weights always train in fp32. bf16 needs a GPU that supports it (or runs, slowly, on the CPU); fp16 "
+        "uses loss scaling.",
         choices=("no", "fp16", "bf16"), aliases={"fp32": "no", "float": "no", "float32": "no", "none": "no",
                                                  "float16": "fp16", "bfloat16": "bf16"},
     )
     gradient_checkpointing: bool = _opt(
         "training", "bool", False, "Trade compute for memory: recompute activations in the backward pass.",
     )
-    seed: int = _opt("training", "int", 42, "Random seed of the run (noise, shuffling, dropout).", min=0)
+    seed: int = _opt("training", "int", 42,
+                     "Random seed of the run (LoHA initialisation, noise and timesteps, shuffling, dropout).", min=0)
     min_snr_gamma: float | None = _opt(
         "training", "float", None,
         "Min-SNR-gamma loss weighting (5.0 is typical; speeds up convergence). Not set: off.",
@@ -496,20 +520,43 @@ class TrainConfig:
     )
     noise_offset: float = _opt(
         "training", "float", 0.0,
-        "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).", min=0.0, max=1.0,
+        "Noise offset: adds this times a random constant per image and channel to the noise (0.05-0.1 helps "
+        "very dark/bright images; 0 = off).", min=0.0, max=1.0,
     )
     loss_type: str = _opt(
-        "training", "enum", "l2", "Loss: l2 (mean squared error), huber or smooth_l1 (robust to outliers).",
-        choices=("l2", "huber", "smooth_l1"), aliases={"mse": "l2", "smooth-l1": "smooth_l1"},
+        "training", "enum", "l2",
+        "Loss: l2 (mean squared error), huber (pseudo-Huber, 2c(sqrt(d² + c²) - c): quadratic for errors below c, "
+        "linear above, so outliers pull less) or smooth_l1 (the same divided by c: 2(sqrt(d² + c²) - c)). c comes "
+        "from huber_c and huber_schedule.",
+        choices=LOSS_TYPES, aliases={"mse": "l2", "smooth-l1": "smooth_l1"},
     )
     huber_c: float = _opt(
-        "training", "float", 0.1, "Huber/smooth-L1 threshold (only for those loss types).",
+        "training", "float", 0.1,
+        "The Huber/smooth-L1 parameter c (kohya's huber_c). huber_schedule constant: c itself; snr: the value c "
+        "falls to at high noise; exponential: the value at the last timestep. Only used by loss_type huber and "
+        "smooth_l1.",
+        min=0.0, min_open=True,
+    )
+    huber_schedule: str = _opt(
+        "training", "enum", HUBER_SCHEDULES[0],
+        "How c depends on each sample's timestep t (kohya's huber_schedule): snr: c = (1 - huber_c)/(1 + σ)² + "
+        "huber_c with σ = sqrt((1 - ᾱ_t)/ᾱ_t), about 1 at low noise and huber_c at high noise; exponential: c = "
+        "huber_c^(t/T) x huber_scale (T: the model's number of training timesteps, 1000 for SD); constant: "
+        "c = huber_c x huber_scale. Only used by loss_type huber and smooth_l1.",
+        choices=HUBER_SCHEDULES,
+    )
+    huber_scale: float = _opt(
+        "training", "float", 1.0,
+        "Multiplier of c for huber_schedule exponential and constant (kohya's huber_scale; like kohya, the snr "
+        "schedule does not use it).",
         min=0.0, min_open=True,
     )
     ema_decay: float | None = _opt(
         "training", "float", None,
-        "Keep an exponential moving average of the LoHA weights with this decay (e.g. 0.999) and save "
-        "the averaged weights. Not set: no EMA.",
+        "Keep an exponential moving average of the LoHA weights with this decay (e.g. 0.999), with diffusers' "
+        "warm-up: the first update copies the weights, update t after it uses min(ema_decay, (1 + t)/(10 + t)). "
+        "The saved files, samples and validation loss "
+        "use the average; training continues on the raw weights. Not set: no EMA.",
         optional=True, min=0.0, max=1.0, min_open=True, max_open=True, default_doc="off", example="0.999",
     )
     max_data_loader_n_workers: int = _opt(
@@ -527,8 +574,8 @@ class TrainConfig:
     )
     save_last_n: int | None = _opt(
         "saving", "int", None,
-        "Keep only the newest N intermediate saves (and their states); the final file is always kept. "
-        "Not set: keep all.",
+        "Keep only the newest N intermediate step saves and the newest N epoch saves; the final file is always "
+        "kept. Resumable states are kept to the newest N too (2 when not set). Not set: keep every adapter file.",
         optional=True, min=1, default_doc="keep all", example="4",
     )
     save_precision: str = _opt(
@@ -538,7 +585,8 @@ class TrainConfig:
     )
     save_state: bool = _opt(
         "saving", "bool", True,
-        "Write a resumable training state (optimizer, scheduler, RNG, step) next to every save.",
+        "Write a resumable training state (adapter, optimizer, scheduler, EMA, loss scaler, RNG, step) next to "
+        "every intermediate save and at the end (see save_last_n). A run that is stopped early always writes one.",
     )
     overwrite: bool = _opt(
         "saving", "bool", False,
@@ -548,7 +596,7 @@ class TrainConfig:
     # ---- sampling ------------------------------------------------------------------------------
     sample_prompts: list[str] = _opt(
         "sampling", "list", [],
-        "Prompts for sample images during training (a single string is one prompt).",
+        "Prompts for sample images during training and at the end of the run (a single string is one prompt).",
         example='["a cat, my_style"]',
     )
     sample_negative_prompt: str = _opt(
@@ -562,7 +610,9 @@ class TrainConfig:
         "sampling", "int", None, "Make samples every N epochs. Not set: no epoch-based samples.",
         optional=True, min=1, default_doc="off", example="1",
     )
-    sample_seed: int = _opt("sampling", "int", 1234, "Seed of the sample images (the same every time).", min=0)
+    sample_seed: int = _opt("sampling", "int", 1234,
+                            "Seed of the sample images: prompt i uses sample_seed + i, the same at every sample step.",
+                            min=0)
     sample_steps: int = _opt("sampling", "int", 20, "Denoising steps per sample image.", min=1)
     sample_guidance_scale: float = _opt(
         "sampling", "float", 7.0, "Classifier-free guidance scale of the samples.", min=0.0,
@@ -903,45 +953,11 @@ def _canonical_choice(spec: OptionSpec, v: str) -> str:
     raise _Bad(msg)
 
 
-@functools.lru_cache(maxsize=1)
-def _torch_optimizers() -> dict[str, str]:
-    """lower-case name -> canonical name of every torch.optim optimizer class (imports torch)."""
-    import inspect
-
-    import torch.optim
-
-    out = {}
-    for n in dir(torch.optim):
-        obj = getattr(torch.optim, n)
-        if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer):
-            out[n.lower()] = n
-    return out
-
-
 def _canonical_optimizer(v: str) -> str:
-    name = v.strip()
-    if re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", name):
-        return name  # an import path, checked when the optimizer is built
-    low = name.lower()
-    if low in EXTRA_OPTIMIZERS:
-        return EXTRA_OPTIMIZERS[low]
-    torch_names = _torch_optimizers()
-    if low in torch_names:
-        canon = torch_names[low]
-        if canon in _REFUSED_TORCH_OPTIMIZERS:
-            raise _Bad(
-                f"optimizer_type '{canon}' cannot be used: {_REFUSED_TORCH_OPTIMIZERS[canon]}",
-                "use AdamW, AdamW8bit or Prodigy",
-            )
-        return canon
-    pool = list(EXTRA_OPTIMIZERS.values()) + [
-        n for n in torch_names.values() if n not in _REFUSED_TORCH_OPTIMIZERS
-    ]
-    s = _suggest(name, pool)
-    msg = f"optimizer_type {_show(v)} is not AdamW8bit, Prodigy or a torch.optim optimizer"
-    if s:
-        msg += f" (did you mean '{s}'?)"
-    raise _Bad(msg, "for an optimizer from another package write its import path, e.g. 'lion_pytorch.Lion'")
+    try:
+        return resolve_optimizer(v).name  # imports the class's package now, not after the model loaded
+    except OptimizerError as e:
+        raise _Bad(e.message, e.fix) from None
 
 
 def _parse_literal(text: str) -> Any:
@@ -1220,6 +1236,10 @@ CHECKS_DOC: tuple[tuple[str, str], ...] = (
     ("error", "pretrained_model, train_data_dir and output_dir must be set."),
     ("error", "max_train_steps and max_train_epochs are both set (a later layer setting one unsets the other)."),
     ("error", "cache_text_encoder_outputs = true while train_text_encoder = true."),
+    ("error", "optimizer_type names no optimizer class, or its package is not installed (it is imported while the "
+              "config is checked)."),
+    ("error", "optimizer_args that the optimizer class does not take (its signature) or refuses (it is built once on a "
+              "dummy parameter), and lr or params in optimizer_args."),
     ("error", "cache_latents_to_disk = true while cache_latents = false."),
     ("error", "min_bucket_reso > max_bucket_reso, or either is not a multiple of bucket_reso_steps."),
     ("error", "with enable_bucket, a side of resolution outside [min_bucket_reso, max_bucket_reso]."),
@@ -1291,6 +1311,12 @@ def _cross_check(cfg: TrainConfig, where: Mapping[str, str | None], bad: set[str
         err(("cache_text_encoder_outputs", "train_text_encoder"),
             "cache_text_encoder_outputs = true needs a frozen text encoder, but train_text_encoder = true",
             "set train_text_encoder = false, or cache_text_encoder_outputs = false")
+
+    if cfg.optimizer_args and ok("optimizer_type", "optimizer_args", "learning_rate"):
+        try:
+            check_optimizer_args(resolve_optimizer(cfg.optimizer_type), cfg.optimizer_args, cfg.learning_rate)
+        except OptimizerError as e:
+            err(("optimizer_type", "optimizer_args"), e.message, e.fix)
 
     if cfg.cache_latents_to_disk and not cfg.cache_latents:
         err(("cache_latents_to_disk", "cache_latents"),

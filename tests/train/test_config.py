@@ -162,7 +162,7 @@ def test_override_without_equals():
 
 
 def test_kohya_optimizer_args_strings(tmp_path):
-    p = write(tmp_path, REQ_TOML + 'optimizer_args = ["weight_decay=0.01", "betas=0.9,0.99", '
+    p = write(tmp_path, REQ_TOML + 'optimizer_type = "Prodigy"\noptimizer_args = ["weight_decay=0.01", "betas=0.9,0.99", '
                                    '"decouple=True", "d_coef=2", "safeguard_warmup=False"]\n')
     assert load_config(p).optimizer_args == {
         "weight_decay": 0.01, "betas": [0.9, 0.99], "decouple": True, "d_coef": 2, "safeguard_warmup": False
@@ -211,8 +211,22 @@ def test_kohya_option_hints(tmp_path):
                                "constant, constant_with_warmup; got 'cosin' (did you mean 'cosine'?)"),
         ("preset=attn_mlp", "(did you mean 'attn-mlp'?)"),
         ("sample_sampler=eular_a", "(did you mean 'euler_a'?)"),
-        ("optimizer_type=adamw8bitt", "is not AdamW8bit, Prodigy or a torch.optim optimizer (did you mean 'AdamW8bit'?)"),
+        ("optimizer_type=adamw8bitt", "optimizer_type 'adamw8bitt' is not one of kohya's names (AdamW8bit, Prodigy, ...) "
+                                      "or a torch.optim optimizer (did you mean 'AdamW8bit'?). For an optimizer from "
+                                      "another package write its import path, e.g. 'torch.optim.RAdam'"),
         ("optimizer_type=LBFGS", "optimizer_type 'LBFGS' cannot be used"),
+        ("optimizer_type=torch.optim.Adamw", "optimizer_type 'torch.optim.Adamw': torch.optim has no 'Adamw' "
+                                             "(did you mean 'torch.optim.AdamW'?)"),
+        ("optimizer_type=os.path", "optimizer_type 'os.path' is not an optimizer class"),
+        ("optimizer_type=no_such_pkg.Opt", "optimizer_type 'no_such_pkg.Opt': there is no module 'no_such_pkg'. "
+                                           "Install the package that provides it"),
+        ("optimizer_args={betass=[0.9, 0.99]}", "--set optimizer_args={betass=[0.9, 0.99]}: optimizer_args: 'betass' is "
+                                                "not an argument of optimizer_type 'AdamW' (did you mean 'betas'?). "
+                                                "Its arguments: betas, eps, weight_decay"),
+        ("optimizer_args={eps=-1.0}", "refused by optimizer_type 'AdamW': Invalid epsilon value: -1.0"),
+        ("optimizer_args={lr=1e-3}", "optimizer_args: 'lr' cannot be given. Set learning_rate"),
+        ("huber_schedule=snrr", "huber_schedule must be one of snr, exponential, constant; got 'snrr' (did you mean 'snr'?)"),
+        ("huber_scale=0", "huber_scale must be > 0"),
         ("network_dim=0", "network_dim must be >= 1, got 0"),
         ("network_alpha=0", "network_alpha must be > 0, got 0.0"),
         ("rank_dropout=1", "rank_dropout must be in [0, 1), got 1.0"),
@@ -319,7 +333,12 @@ def test_case_insensitive_enums_aliases_and_optimizers():
         "AdamW8bit", "cosine", "float", "l2", "euler_a", "full", "none")
     assert cfg_with("optimizer_type=sgd").optimizer_type == "SGD"
     assert cfg_with("optimizer_type=prodigy").optimizer_type == "Prodigy"
-    assert cfg_with("optimizer_type=lion_pytorch.Lion").optimizer_type == "lion_pytorch.Lion"
+    assert cfg_with("optimizer_type=pagedadamw8bit").optimizer_type == "PagedAdamW8bit"
+    assert cfg_with("optimizer_type=LION8BIT").optimizer_type == "Lion8bit"
+    assert cfg_with("optimizer_type=torch.optim.RAdam").optimizer_type == "torch.optim.RAdam"  # import paths as written
+    assert cfg_with("optimizer_type=bitsandbytes.optim.PagedAdamW8bit").optimizer_type == "bitsandbytes.optim.PagedAdamW8bit"
+    assert cfg_with("huber_schedule=Exponential").huber_schedule == "exponential"
+    assert cfg_with().huber_schedule == "snr" and cfg_with().huber_c == 0.1 and cfg_with().huber_scale == 1.0  # kohya's
 
 
 @pytest.mark.parametrize(
@@ -390,7 +409,11 @@ def test_to_toml_round_trip(tmp_path):
         learning_rate=3.3e-5,
         text_encoder_lr=1e-5,
         network_include=["attn1", 'we"ird\\'],
-        optimizer_args={"betas": [0.9, 0.99], "weight_decay": 0.01, "decouple": True, "odd key": "x"},
+        optimizer_type="Prodigy",
+        optimizer_args={"betas": [0.9, 0.99], "weight_decay": 0.01, "decouple": True, "d_coef": 2.0},
+        loss_type="smooth_l1",
+        huber_schedule="exponential",
+        huber_scale=2.0,
         lr_warmup_steps=0.05,
         lr_scheduler="cosine",
         v_parameterization=False,
@@ -406,6 +429,7 @@ def test_to_toml_round_trip(tmp_path):
     assert TrainConfig.from_dict(c.to_dict(grouped=True)) == c
     assert "\n[dataset]\n" in c.to_toml() and "resolution = [768, 512]" in c.to_toml()
     assert "train_data_dir = 'C:\\data\\set 1'" in c.to_toml()  # literal string for Windows paths
+    assert C._toml_value({"odd key": "x", "ok": 1}) == '{ "odd key" = "x", ok = 1 }'  # keys that need quotes
 
 
 def test_to_toml_of_defaults_round_trips_and_omits_unset(tmp_path):
