@@ -201,7 +201,7 @@ def dataset_escapes(policy: PathPolicy, folder: Path, limit: int = 5) -> list[st
 
 def preflight_report(policy: PathPolicy, form: dict[str, Any], toml_text: str = ""):
     """Run the dataset preflight with the form's dataset settings; returns the PreflightReport."""
-    from sd_loha.data.preflight import run_preflight
+    from sd_loha.train.checks import config_preflight
 
     # The dataset check needs neither a base model nor an output folder: stand-ins satisfy the validation.
     stand_ins = {"pretrained_model": "tiny-sd1", "output_dir": str(policy.outputs_dir)}
@@ -210,13 +210,7 @@ def preflight_report(policy: PathPolicy, form: dict[str, Any], toml_text: str = 
     escapes = dataset_escapes(policy, folder)
     if escapes:
         raise PathRefused(f"the dataset folder holds links that lead outside the allowed folders: {', '.join(escapes)}")
-    return run_preflight(
-        folder, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
-        max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
-        bucket_no_upscale=cfg.bucket_no_upscale, caption_extension=cfg.caption_extension,
-        batch_size=cfg.train_batch_size, validation_split=cfg.validation_split, seed=cfg.seed,
-        trigger_word=cfg.trigger_word or None,
-    )
+    return config_preflight(cfg, folder=folder)
 
 
 def preflight_markdown(report) -> str:

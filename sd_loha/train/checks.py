@@ -157,3 +157,18 @@ def check_output_dir(cfg: TrainConfig, resume: str | os.PathLike[str] | bool | N
         ],
         header="output folder in use",
     )
+
+
+def config_preflight(cfg: TrainConfig, *, folder: str | os.PathLike | None = None, num_processes: int = 1):
+    """The dataset preflight with the config's dataset settings (the trainer's and the web UI's one call).
+    `folder` replaces train_data_dir when the caller resolved it already (the web UI's allowed folders)."""
+    from ..data.preflight import run_preflight
+
+    return run_preflight(
+        folder if folder is not None else cfg.train_data_dir, resolution=cfg.resolution,
+        enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso, max_bucket_reso=cfg.max_bucket_reso,
+        bucket_reso_steps=cfg.bucket_reso_steps, bucket_no_upscale=cfg.bucket_no_upscale,
+        caption_extension=cfg.caption_extension, batch_size=cfg.train_batch_size,
+        validation_split=cfg.validation_split, seed=cfg.seed, trigger_word=cfg.trigger_word or None,
+        num_processes=num_processes,
+    )

@@ -31,7 +31,7 @@ from ..io import read_safetensors
 from ..models import detect_family, load_pipeline
 from ..network import SAVE_DTYPES, add_loha
 from . import events
-from .checks import check_output_dir, check_paths
+from .checks import check_output_dir, check_paths, config_preflight
 from .conditioning import Conditioner, sdxl_time_ids
 from .config import TrainConfig, as_config
 from .ema import AdapterEMA
@@ -174,17 +174,8 @@ class Trainer:
     def _setup_dataset(self) -> None:
         from ..data.captions import CaptionOptions
         from ..data.dataset import TrainDataset
-        from ..data.preflight import run_preflight
-
         cfg = self.cfg
-        self.preflight = run_preflight(
-            cfg.train_data_dir, resolution=cfg.resolution, enable_bucket=cfg.enable_bucket,
-            min_bucket_reso=cfg.min_bucket_reso, max_bucket_reso=cfg.max_bucket_reso,
-            bucket_reso_steps=cfg.bucket_reso_steps, bucket_no_upscale=cfg.bucket_no_upscale,
-            caption_extension=cfg.caption_extension, batch_size=cfg.train_batch_size,
-            validation_split=cfg.validation_split, seed=cfg.seed, trigger_word=cfg.trigger_word or None,
-            num_processes=self.accelerator.num_processes,
-        )
+        self.preflight = config_preflight(cfg, num_processes=self.accelerator.num_processes)
         self.preflight_text = self.preflight.format()
         self._print(self.preflight_text)
         self.emit(events.Preflight(report=self.preflight.to_dict(), text=self.preflight_text))
