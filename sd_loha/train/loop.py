@@ -357,7 +357,8 @@ class Trainer:
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, cond["encoder_hidden_states"],
                              added_cond_kwargs=cond["added_cond_kwargs"]).sample
         return diffusion_loss(self.noise_scheduler, pred, latents, noise, timesteps, loss_type=cfg.loss_type,
-                              huber_c=cfg.huber_c, min_snr_gamma=cfg.min_snr_gamma)
+                              huber_c=cfg.huber_c, huber_schedule=cfg.huber_schedule, huber_scale=cfg.huber_scale,
+                              min_snr_gamma=cfg.min_snr_gamma)
 
     def optimizer_step(self) -> None:
         """Clip, update, advance the schedule, average into the EMA."""

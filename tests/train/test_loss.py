@@ -168,8 +168,6 @@ def test_loss_weights():
     torch.testing.assert_close(loss_weights(sched, t, min_snr_gamma=5.0), min_snr_weights(sched, t, 5.0))
 
 
-@pytest.mark.xfail(strict=True, reason="train/loop.py does not pass huber_schedule and huber_scale to diffusion_loss "
-                                       "yet; remove this marker when it does")
 def test_huber_options_reach_the_trainer_loss(tmp_path):
     def first_loss(name: str, **overrides) -> float:
         cfg = base_config(tmp_path / name, max_train_steps=1, train_text_encoder=False, loss_type="huber", **overrides)
