@@ -3,7 +3,7 @@ changing adapters or strengths between images merges once and re-strengthens exa
 
 from __future__ import annotations
 
-import hashlib
+import json
 import math
 import os
 import random
@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .io import short_addnet_hash
 from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
 from .models import load_pipeline
 from .schedulers import make_scheduler
@@ -56,13 +57,19 @@ class AdapterSpec:
         return cls(path, nums[0], nums[1])
 
 
-def file_hash(path: str | os.PathLike) -> str:
-    """A1111's short 'AutoV2'-style hash (first 10 hex digits of the SHA-256), for PNG parameters."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:10]
+def _infotext_value(value: object) -> str:
+    """A field value as A1111's infotext writes it: JSON-quoted when it holds a comma, colon or newline
+    (its reader would otherwise end the value there), as is otherwise."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def lora_hashes(adapters: Sequence[AdapterSpec]) -> str | None:
+    """The `Lora hashes` field: `name: <addnet shorthash>` per adapter file, A1111's spelling (the name
+    loses its ':' and ',' as A1111 drops them), or None when no adapter is a file on disk."""
+    entries = [f"{a.name.replace(':', '').replace(',', '')}: {short_addnet_hash(a.path)}"
+               for a in adapters if os.path.isfile(a.path)]
+    return ", ".join(entries) or None
 
 
 def a1111_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: str, cfg: float, seed: int,
@@ -75,13 +82,10 @@ def a1111_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: 
     lines = [prompt + tags]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    fields = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {cfg:g}", f"Seed: {seed}", f"Size: {width}x{height}",
-              f"Model: {Path(model).stem if os.path.exists(model) else model}"]
-    hashes = [f"{a.name}: {file_hash(a.path)}" for a in adapters if os.path.isfile(a.path)]
-    if hashes:
-        fields.append('Lora hashes: "' + ", ".join(hashes) + '"')
-    fields.append("Version: sd-loha")
-    lines.append(", ".join(fields))
+    fields = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{cfg:g}", "Seed": seed, "Size": f"{width}x{height}",
+              "Model": Path(model).stem if os.path.exists(model) else model, "Lora hashes": lora_hashes(adapters),
+              "Version": "sd-loha"}
+    lines.append(", ".join(f"{k}: {_infotext_value(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
 
 

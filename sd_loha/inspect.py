@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .io import AdapterModule, ParsedFile, load_adapter
+from .io import SHORTHASH_DIGITS, AdapterModule, ParsedFile, addnet_hash, load_adapter
 from .merge import PART_LABELS, file_architecture
 from .naming import name_part
 from .ops import loha_delta, lora_delta
@@ -66,8 +67,11 @@ def summarize(source: str | os.PathLike | ParsedFile, *, delta_norms: bool = Fal
         if delta_norms:
             key = f"{part}:{block_of(name)}"
             norms[key] = norms.get(key, 0.0) + float(_flat_delta(mod).norm() ** 2)
+    path = Path(parsed.source)
     out: dict[str, Any] = {
         "file": parsed.source,
+        # What A1111 writes as `Lora hashes` and Civitai looks the file up by (None for an in-memory state dict).
+        "addnet_hash": addnet_hash(path) if path.is_file() else None,
         "architecture": file_architecture(parsed) or "unknown",
         "algorithms": dict(algos),
         "modules": sum(algos.values()),
@@ -86,6 +90,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"file:          {summary['file']}",
         f"made for:      {summary['architecture']}",
+    ]
+    if summary.get("addnet_hash"):
+        lines.append(f"addnet hash:   {summary['addnet_hash'][:SHORTHASH_DIGITS]} (A1111 / Civitai; full {summary['addnet_hash']})")
+    lines += [
         f"modules:       {summary['modules']}  ("
         + ", ".join(f"{k}: {v}" for k, v in summary["algorithms"].items()) + ")",
     ]

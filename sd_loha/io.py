@@ -7,6 +7,8 @@ and adapter files come from strangers on the internet.
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import math
 import os
@@ -15,6 +17,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -27,10 +30,9 @@ LOHA_PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TUCKER_PARAMS = ("hada_t1", "hada_t2")
 LORA_PARAMS = ("lora_up.weight", "lora_down.weight", "lora_mid.weight")
 KNOWN_PARAMS = set(LOHA_PARAMS + TUCKER_PARAMS + LORA_PARAMS + ("alpha", "scale", "dora_scale"))
-# A header larger than this is not an adapter file (real ones are a few hundred KB of JSON at most).
+# Headers beyond this are not read back to explain a failure (real adapters have a few hundred KB of JSON;
+# safetensors itself refuses headers over 100 MB).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class AdapterFileError(ValueError):
@@ -157,39 +159,49 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum(dtype=torch.float64)))
 
 
-def _check_header(path: Path) -> None:
-    """Validate the safetensors header ourselves so truncated or absurd files get a clear message."""
+def _header_length(f: BinaryIO, size: int) -> int:
+    """The safetensors header length n (the first 8 bytes, little-endian), or -1 when the file cannot hold
+    that header."""
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        return -1
+    (n,) = struct.unpack("<Q", head)
+    return n if n <= size - 8 else -1
+
+
+def _unreadable(path: Path, reason: str) -> AdapterFileError:
+    """Why safetensors refused `path`, in words a user can act on. Only the failure path reads the header
+    here: safetensors itself validates headers, dtypes and offsets; this names what it found wrong."""
     size = path.stat().st_size
     if size < 8:
-        raise AdapterFileError(f"{path}: file is {size} bytes; a safetensors file is at least 8 bytes. Re-download it.")
+        return AdapterFileError(f"{path}: file is {size} bytes; a safetensors file is at least 8 bytes. Re-download it.")
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES or n > size - 8:
-            raise AdapterFileError(
-                f"{path}: not a valid safetensors file (header claims {n} bytes, file has {size}). "
+        n = _header_length(f, size)
+        if n < 0 or n > MAX_HEADER_BYTES:
+            f.seek(0)
+            (claimed,) = struct.unpack("<Q", f.read(8))
+            return AdapterFileError(
+                f"{path}: not a valid safetensors file (header claims {claimed} bytes, file has {size}). "
                 "It is truncated or not safetensors; re-download or re-export it."
             )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AdapterFileError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt.") from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(f"{path}: safetensors header is not a JSON object; the file is corrupt.")
+            return AdapterFileError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt. "
+                                    "Re-download or re-export it.")
     data_size = size - 8 - n
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            numel = math.prod(int(d) for d in info["shape"])
-            nbytes = numel * DTYPE_BYTES.get(info["dtype"], 1)
-        except (KeyError, TypeError, ValueError):
-            raise AdapterFileError(f"{path}: tensor {key!r} has a malformed header entry; the file is corrupt.") from None
-        if not (0 <= start <= end <= data_size) or end - start != nbytes:
-            raise AdapterFileError(
-                f"{path}: tensor {key!r} declares {nbytes} bytes at offsets {start}..{end}, but the file holds "
-                f"{data_size} bytes of data. The file is truncated or corrupt; re-download it."
-            )
+    entries = header.items() if isinstance(header, dict) else ()
+    ends = {k: v.get("data_offsets") for k, v in entries if k != "__metadata__" and isinstance(v, dict)}
+    ends = {k: o[1] for k, o in ends.items() if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)}
+    if ends and max(ends.values()) > data_size:
+        last = max(ends, key=ends.get)
+        return AdapterFileError(
+            f"{path}: tensor {last!r} ends at byte {ends[last]} of the data, but the file holds {data_size} bytes "
+            "of data. The file is truncated or corrupt; re-download it."
+        )
+    return AdapterFileError(f"{path}: not a valid safetensors file ({reason}). The file is corrupt; "
+                            "re-download or re-export it.")
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -202,16 +214,48 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         )
     if not p.is_file():
         raise AdapterFileError(f"{p}: no such file")
-    _check_header(p)
     try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(p), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
+    except OSError as e:  # the file is fine or not, but this process cannot read it
+        raise AdapterFileError(f"{p}: cannot read the file ({e.strerror or e}); check its permissions") from None
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise AdapterFileError(f"{p}: cannot read safetensors file ({e})") from None
+        raise _unreadable(p, str(e)) from None
     return tensors, metadata
+
+
+# A1111 prints this many hex digits of the addnet hash (its "shorthash"); Civitai looks files up by them.
+SHORTHASH_DIGITS = 12
+ADDNET_HASH_KEY = "sshs_model_hash"  # kohya's metadata key for the full addnet hash
+
+
+def _addnet_hash_of(f: BinaryIO, size: int, name: str) -> str:
+    n = _header_length(f, size)
+    if n < 0:
+        raise AdapterFileError(f"{name}: not a safetensors file (no complete header), so it has no addnet hash")
+    f.seek(8 + n)
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def addnet_hash(source: str | os.PathLike | bytes) -> str:
+    """The "addnet" hash (64 hex digits) of a safetensors file or its bytes: sha256 of everything after the
+    header. A1111's `Lora hashes`, Civitai and kohya's `sshs_model_hash` name adapters by it; because the
+    header is left out, editing the metadata does not change it. The file is read in 1 MiB chunks."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _addnet_hash_of(io.BytesIO(source), len(source), "<bytes>")
+    with open(source, "rb") as f:
+        return _addnet_hash_of(f, os.fstat(f.fileno()).st_size, str(source))
+
+
+def short_addnet_hash(source: str | os.PathLike | bytes) -> str:
+    """The first 12 hex digits of :func:`addnet_hash`, as A1111 writes them into PNG parameters."""
+    return addnet_hash(source)[:SHORTHASH_DIGITS]
 
 
 def parse_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "<state dict>",
@@ -296,9 +340,13 @@ def _umask() -> int:
 
 
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: Mapping[str, str] | None = None) -> Path:
+                            metadata: Mapping[str, str] | None = None, *, with_addnet_hash: bool = False) -> Path:
     """Write to a temp file in the same folder and rename it over `path`, so a crash, a kill or a full
-    disk never leaves a half-written file under the final name."""
+    disk never leaves a half-written file under the final name.
+
+    with_addnet_hash: also write `sshs_model_hash` (the :func:`addnet_hash` of this very file, as kohya
+    does), which A1111 takes from the metadata instead of hashing the file itself.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for k, v in tensors.items():
@@ -307,7 +355,12 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     # Serialise in memory and write with Python's file I/O: a full disk then raises a real OSError (ENOSPC)
     # instead of safetensors' opaque error. Adapter files are megabytes, so the extra copy is cheap.
-    data = serialize({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = serialize(plain, metadata=meta)
+    if with_addnet_hash:
+        # The hash covers only the bytes after the header, which metadata cannot change: the second
+        # serialisation has the same tensor bytes as the first, so the hash is the final file's.
+        data = serialize(plain, metadata={**meta, ADDNET_HASH_KEY: addnet_hash(data)})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -171,8 +171,7 @@ class LoHALayer(nn.Module):
             self.hada_w2_b = nn.Parameter(torch.empty(rank, in_flat, **kw))
         alpha = float(rank if alpha is None or float(alpha) == 0 else alpha)
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=device))
-        # Python copy of alpha so forward needs no device sync; refreshed on state-dict load.
-        self._alpha_value = alpha
+        self._remember_alpha(alpha)
         self.reset_parameters()
 
     # ---------------------------------------------------------------- init / bookkeeping
@@ -191,16 +190,42 @@ class LoHALayer(nn.Module):
     def tucker(self) -> bool:
         return self.kind == "conv_tucker"
 
+    # The forward needs alpha as a Python float: reading the buffer each call would be a device sync
+    # per layer per step. The float is re-read only when the buffer is another tensor or its version
+    # counter moved, so every way of writing alpha (load_state_dict, copy_ into factors()["alpha"],
+    # set_alpha, .to(device)) reaches the forward, and none can leave a stale scale behind.
+    def _alpha_key(self) -> tuple[int, int | None]:
+        buf = self.alpha
+        try:
+            version: int | None = buf._version
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            version = None
+        return id(buf), version
+
+    def _remember_alpha(self, value: float) -> None:
+        self._alpha_value = float(value)
+        # Holding the tensor keeps its id from being reused by another tensor.
+        self._alpha_seen = (self.alpha, self._alpha_key())
+
+    @property
+    def alpha_value(self) -> float:
+        """alpha as a float, following the ``alpha`` buffer."""
+        seen, key = self._alpha_seen
+        if (seen is not self.alpha or key != self._alpha_key()) and self.alpha.device.type != "meta":
+            self._remember_alpha(float(self.alpha))
+        return self._alpha_value
+
     @property
     def scale(self) -> float:
         """alpha / rank."""
-        return self._alpha_value / self.rank
+        return self.alpha_value / self.rank
 
+    @torch.no_grad()
     def set_alpha(self, alpha: float | None) -> None:
-        """Change alpha (None or 0 -> rank); keeps the buffer and the cached value in step."""
+        """Change alpha (None or 0 -> rank)."""
         alpha = float(self.rank if alpha is None or float(alpha) == 0 else alpha)
         self.alpha.fill_(alpha)
-        self._alpha_value = alpha
+        self._remember_alpha(alpha)
 
     _FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     _TUCKER_NAMES = ("hada_t1", "hada_t2")
@@ -209,9 +234,10 @@ class LoHALayer(nn.Module):
         return self._FACTOR_NAMES + (self._TUCKER_NAMES if self.tucker else ())
 
     def factors(self) -> dict[str, torch.Tensor]:
-        """The tensors to save, keyed by their file names: ``alpha`` (0-dim fp32), ``hada_*``
-        (detached, sharing storage with the parameters, in the parameters' dtype)."""
-        out = {"alpha": torch.tensor(self._alpha_value, dtype=torch.float32)}
+        """The tensors to save, keyed by their file names: ``alpha`` (the 0-dim buffer) and
+        ``hada_*`` (in the parameters' dtype), all detached and sharing storage with the layer, so
+        copying a file's tensors into them loads the file (alpha included)."""
+        out = {"alpha": self.alpha.detach()}
         for name in self._param_names():
             out[name] = getattr(self, name).detach()
         return out
@@ -259,8 +285,6 @@ class LoHALayer(nn.Module):
             if old in state_dict and new not in state_dict:
                 state_dict[new] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.alpha.device.type != "meta":
-            self._alpha_value = float(self.alpha)
 
     def __getattr__(self, name: str):
         try:
@@ -274,7 +298,7 @@ class LoHALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"kind={self.kind}, rank={self.rank}, alpha={self._alpha_value:g}, "
+            f"kind={self.kind}, rank={self.rank}, alpha={self.alpha_value:g}, "
             f"multiplier={self.multiplier:g}, rank_dropout={self.rank_dropout:g}, "
             f"module_dropout={self.module_dropout:g}"
         )

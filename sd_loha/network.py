@@ -24,6 +24,8 @@ from .models import ModelFamily, detect_family, text_encoders, unet_family_name
 from .naming import text_encoder_save_name, unet_save_name
 from .targets import select_targets
 
+# Layer kinds that take conv_rank / conv_alpha (1x1 convs count as linear layers).
+KXK_KINDS = ("conv", "conv_tucker")
 TE_PREFIXES = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
 SAVE_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                "float": torch.float32, "fp32": torch.float32, "float32": torch.float32}
@@ -72,7 +74,7 @@ class LoHANetwork:
         """One row per adapted layer: part, path, file key, kind, rank, alpha, parameter count."""
         return [
             {"part": m.part, "path": m.path, "key": m.key, "kind": m.layer.kind, "rank": m.layer.rank,
-             "alpha": float(m.layer.alpha), "params": sum(p.numel() for p in m.layer.parameters(recurse=False))}
+             "alpha": m.layer.alpha_value, "params": sum(p.numel() for p in m.layer.parameters(recurse=False))}
             for m in self.modules
         ]
 
@@ -91,29 +93,49 @@ class LoHANetwork:
         for m in self.modules:
             for param, tensor in m.layer.factors().items():
                 t = tensor.detach().cpu()
-                if dtype is not None and param != "alpha":
+                if param == "alpha":
+                    t = t.to(torch.float32)  # whatever the layer was cast to, files carry an fp32 alpha
+                elif dtype is not None:
                     t = t.to(dtype)
                 sd[f"{m.key}.{param}"] = t.contiguous()
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
-        """Load factors saved by `state_dict`/`save` (e.g. to continue from a file). Returns missing keys."""
+        """Load factors and alphas saved by `state_dict`/`save` (e.g. to continue from a file). Returns
+        missing keys.
+
+        The file's alpha wins over the one the network was created with: it is a buffer of each layer
+        (as in kohya's modules), the forward scales by it / rank (kohya's keeps its construction-time
+        scale), `save` writes it, and the `ss_network_alpha` / `conv_alpha` metadata follow it.
+        """
         missing = []
         with torch.no_grad():
             for m in self.modules:
+                # factors() shares storage with the layer: copying into it loads the layer.
                 for param, tensor in m.layer.factors().items():
                     key = f"{m.key}.{param}"
                     if key not in state_dict:
                         missing.append(key)
                         continue
                     src = state_dict[key]
+                    if param == "alpha" and src.numel() == 1:
+                        src = src.reshape(())  # some writers store alpha as shape (1,)
                     if src.shape != tensor.shape:
                         raise ValueError(f"{key}: shape {tuple(src.shape)} in the file, {tuple(tensor.shape)} in the network; "
                                          "rank, conv rank or Tucker settings differ from the file's")
                     tensor.copy_(src.to(tensor.dtype))
         if strict and missing:
             raise KeyError(f"{len(missing)} network tensors missing from the state dict, e.g. {missing[:3]}")
+        self._settings_follow_alphas()
         return missing
+
+    def _settings_follow_alphas(self) -> None:
+        """Set the `alpha` / `conv_alpha` settings (written as metadata) to the layers' alphas where
+        all layers of that kind agree, so the metadata never contradicts the tensors."""
+        for setting, kxk in (("alpha", False), ("conv_alpha", True)):
+            values = {m.layer.alpha_value for m in self.modules if (m.layer.kind in KXK_KINDS) == kxk}
+            if len(values) == 1:
+                self.settings[setting] = values.pop()
 
     def metadata(self, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
         """kohya ss_* and SAI modelspec.* keys describing this network (all values strings)."""
@@ -154,7 +176,7 @@ class LoHANetwork:
         if isinstance(dtype, str):
             dtype = SAVE_DTYPES[dtype]
         meta = self.metadata({"modelspec.title": Path(path).stem, **dict(metadata or {})})
-        return save_safetensors_atomic(self.state_dict(dtype), path, meta)
+        return save_safetensors_atomic(self.state_dict(dtype), path, meta, with_addnet_hash=True)
 
     def remove(self) -> None:
         """Unwrap every layer, putting the original frozen modules back."""

@@ -21,7 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sd_loha.io as sd_io
-from sd_loha import AdapterFileError, ArchitectureMismatchError, apply_loha, list_loha
+from sd_loha import (
+    AdapterFileError,
+    ArchitectureMismatchError,
+    apply_loha,
+    list_loha,
+    remove_loha,
+)
 from sd_loha.io import load_adapter, read_safetensors, save_safetensors_atomic
 
 from .loader_helpers import assert_unchanged, changed, make_loha_file, snapshot
@@ -280,11 +286,49 @@ def test_header_declaring_absurd_sizes(sd1, tmp_path):
     raw = json.dumps(header).encode()
     bad.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
     _refused(sd1, bad, match=[str(bad), f"{name}.hada_w1_a", "re-download"])
-    # shape and offsets that disagree
+    # shape and offsets that disagree: safetensors' own check, reported with the file and what to do
     header = {f"{name}.hada_w1_a": {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 16]}}
     raw = json.dumps(header).encode()
     bad.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
-    _refused(sd1, bad, match=["declares 4000000 bytes"])
+    _refused(sd1, bad, match=[str(bad), "invalid shape, data type, or offset", "corrupt", "re-download"])
+
+
+# Every safetensors dtype torch can hold (io.py once sized tensors from its own table, which lacked the
+# unsigned and fp8 kinds, and called such valid files truncated).
+EXTRA_DTYPES = [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2, torch.int16,
+                torch.bool, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", EXTRA_DTYPES, ids=str)
+def test_files_with_any_safetensors_dtype_are_read(sd1, tmp_path, dtype):
+    name = kname(TO_Q)
+    sd = loha_sd(name, 32, 32, alpha=3)
+    # An odd element count, so a wrong element size cannot line up with the offsets by chance.
+    extra = torch.arange(7, dtype=torch.float32).to(dtype)
+    path = tmp_path / "extra.safetensors"
+    save_file({**sd, f"{name}.extra_tensor": extra}, str(path))
+    tensors, _ = read_safetensors(path)
+    assert tensors[f"{name}.extra_tensor"].dtype == dtype
+    assert torch.equal(tensors[f"{name}.extra_tensor"].view(torch.uint8), extra.view(torch.uint8))
+    before = weight(sd1, TO_Q).clone()
+    report = apply_loha(sd1, path)  # the unknown tensor is reported, the module merged
+    expected = before + 3 / 3 * hada(sd, name)
+    torch.testing.assert_close(weight(sd1, TO_Q), expected, **W_TOL)
+    assert report is not None
+    remove_loha(sd1)
+
+    # The same file cut short still gets the clear message.
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-3])
+    msg = _refused(sd1, cut, match=[str(cut), "truncated", "re-download"])
+    assert "extra_tensor" in msg or "hada" in msg  # names the tensor that runs past the end
+
+
+def test_trailing_bytes_are_corrupt(sd1, tmp_path):
+    path = tmp_path / "long.safetensors"
+    save_file(loha_sd(kname(TO_Q), 32, 32), str(path))
+    path.write_bytes(path.read_bytes() + b"\0" * 8)
+    _refused(sd1, path, match=[str(path), "corrupt", "re-download"])
 
 
 class _Marker:

@@ -632,3 +632,48 @@ def test_activation_checkpointing(form, path):
         layer.zero_grad()
     for a, b in zip(*grads):
         close32(a, b)
+
+
+# ------------------------------------------------------------------------------ alpha as a buffer
+def _alpha_writers():
+    """Every way a file's alpha reaches a layer; each must change the forward, not only the buffer."""
+
+    def via_factors(layer, a):  # what LoHANetwork.load_state_dict does
+        with torch.no_grad():
+            layer.factors()["alpha"].copy_(torch.tensor(a))
+
+    def via_load_state_dict(layer, a):
+        layer.load_state_dict({**layer.state_dict(), "alpha": torch.tensor(a)})
+
+    def via_set_alpha(layer, a):
+        layer.set_alpha(a)
+
+    return {"factors": via_factors, "load_state_dict": via_load_state_dict, "set_alpha": via_set_alpha}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("writer", list(_alpha_writers()))
+@pytest.mark.parametrize("form", ["linear", "conv3x3_pad1"])
+def test_written_alpha_sets_the_forward_scale(form, writer, path):
+    layer = _forced(randomize(build(form, rank=4, alpha=4.0)), path)
+    x = make_input(layer)
+    layer(x)  # a forward before the write: no value may be left over from it
+    _alpha_writers()[writer](layer, 2.0)
+    p = {n: getattr(layer, n).detach() for n in NAMES}
+    h = ((p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])).reshape(layer.base.weight.shape)
+    w = layer.base.weight + (2.0 / 4) * h  # FORMAT.md: ΔW = alpha / r · H
+    b = layer.base
+    ref = F.linear(x, w, b.bias) if form == "linear" else F.conv2d(x, w, b.bias, b.stride, b.padding)
+    with torch.no_grad():
+        close32(layer(x), ref)
+    assert layer.scale == 0.5 and float(layer.factors()["alpha"]) == 2.0
+    assert "alpha=2" in repr(layer)
+
+
+def test_alpha_follows_the_buffer_across_dtype_and_copy():
+    layer = randomize(build("linear", rank=4, alpha=1.0))
+    layer.double()  # a new buffer tensor: its value is read again
+    assert layer.alpha.dtype == torch.float64 and layer.scale == 0.25
+    twin = copy.deepcopy(layer)
+    twin.set_alpha(3.0)
+    assert (twin.scale, layer.scale) == (0.75, 0.25)
