@@ -6,14 +6,12 @@ and adapter files come from strangers on the internet.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as serialize
 
+from .atomic import write_atomic
 from .naming import name_part, split_key
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -333,12 +332,6 @@ def load_adapter(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> Pars
     return parse_state_dict(tensors, source=str(source), metadata=metadata)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                             metadata: Mapping[str, str] | None = None, *, with_addnet_hash: bool = False) -> Path:
     """Write to a temp file in the same folder and rename it over `path`, so a crash, a kill or a full
@@ -348,7 +341,6 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     does), which A1111 takes from the metadata instead of hashing the file itself.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for k, v in tensors.items():
         if not all_finite(v):
             raise AdapterFileError(f"refusing to write {path}: tensor {k} has NaN or Inf values")
@@ -361,19 +353,4 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
         # The hash covers only the bytes after the header, which metadata cannot change: the second
         # serialisation has the same tensor bytes as the first, so the hash is the final file's.
         data = serialize(plain, metadata={**meta, ADDNET_HASH_KEY: addnet_hash(data)})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; other tools (A1111 as another user) must read it
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        hint = " (disk is full: free space or choose another output folder)" if e.errno == errno.ENOSPC else ""
-        raise OSError(e.errno, f"could not write {path}: {e.strerror}{hint}; the previous file (if any) is untouched") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, data)
