@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from .io import short_addnet_hash
 from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
 from .models import load_pipeline
-from .schedulers import make_scheduler
+from .schedulers import make_scheduler, sampler_problem
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,9 @@ class GenerationSession:
                  guidance_scale: float = 7.0, width: int | None = None, height: int | None = None,
                  scheduler: str = "euler_a", num_images: int = 1) -> list[tuple[Image.Image, str]]:
         """Images with their A1111-style parameter text; seed -1 picks a random seed (reported in the text)."""
+        problem = sampler_problem(scheduler, steps)
+        if problem:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
         label = self.set_scheduler(scheduler)
         default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         width, height = width or default, height or default

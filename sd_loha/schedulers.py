@@ -38,6 +38,28 @@ ALIASES: dict[str, str] = {
 }
 
 
+#: what a sampler needs beyond diffusers: name -> (package it imports, fewest inference steps it runs)
+REQUIREMENTS: dict[str, tuple[str | None, int]] = {
+    "lms": ("scipy", 1),  # LMSDiscreteScheduler integrates its coefficients with scipy
+    "pndm": (None, 4),  # PLMS needs 4 steps of warm-up history; fewer fail inside diffusers' set_timesteps
+}
+
+
+def sampler_problem(name: str, steps: int) -> tuple[str, str] | None:
+    """(what is wrong, what to do) when sampler `name` cannot run `steps` steps here; None when it can."""
+    import importlib.util
+
+    key = resolve(name)
+    package, min_steps = REQUIREMENTS.get(key, (None, 1))
+    if package and importlib.util.find_spec(package) is None:
+        return (f"sampler {key!r} needs the package {package!r}, which is not installed",
+                f"pip install {package}, or choose another sampler (e.g. euler_a)")
+    if steps < min_steps:
+        return (f"sampler {key!r} needs at least {min_steps} steps, got {steps}",
+                f"use {min_steps} or more steps, or another sampler (e.g. euler_a)")
+    return None
+
+
 def resolve(name: str) -> str:
     """The canonical name for `name` (an alias or a name, any case); ValueError listing the names if unknown."""
     key = name.strip().lower()

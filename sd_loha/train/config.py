@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..schedulers import ALIASES as SCHEDULER_ALIASES
-from ..schedulers import SCHEDULERS
+from ..schedulers import SCHEDULERS, sampler_problem
 from .loss import HUBER_SCHEDULES, LOSS_TYPES
 from .optim import OptimizerError, check_optimizer_args, resolve_optimizer
 
@@ -1227,6 +1227,12 @@ def _build(layers: Sequence[_Layer]) -> TrainConfig:
     return cfg
 
 
+def tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
 # --------------------------------------------------------------------------------------------------
 # Cross-option rules
 # --------------------------------------------------------------------------------------------------
@@ -1240,6 +1246,9 @@ CHECKS_DOC: tuple[tuple[str, str], ...] = (
               "config is checked)."),
     ("error", "optimizer_args that the optimizer class does not take (its signature) or refuses (it is built once on a "
               "dummy parameter), and lr or params in optimizer_args."),
+    ("error", "sample_sampler needs a package that is not installed (lms: scipy), or more sample_steps than "
+              "given (pndm: 4)."),
+    ("error", 'log_with = "tensorboard" while tensorboard is not installed.'),
     ("error", "cache_latents_to_disk = true while cache_latents = false."),
     ("error", "min_bucket_reso > max_bucket_reso, or either is not a multiple of bucket_reso_steps."),
     ("error", "with enable_bucket, a side of resolution outside [min_bucket_reso, max_bucket_reso]."),
@@ -1311,6 +1320,17 @@ def _cross_check(cfg: TrainConfig, where: Mapping[str, str | None], bad: set[str
         err(("cache_text_encoder_outputs", "train_text_encoder"),
             "cache_text_encoder_outputs = true needs a frozen text encoder, but train_text_encoder = true",
             "set train_text_encoder = false, or cache_text_encoder_outputs = false")
+
+    if ok("sample_sampler", "sample_steps"):
+        problem = sampler_problem(cfg.sample_sampler, cfg.sample_steps)
+        if problem:
+            err(("sample_sampler", "sample_steps"),
+                f"sample_sampler = {cfg.sample_sampler!r} with sample_steps = {cfg.sample_steps}: {problem[0]}",
+                problem[1])
+
+    if cfg.log_with == "tensorboard" and not tensorboard_installed():
+        err(("log_with",), 'log_with = "tensorboard" but tensorboard is not installed',
+            'pip install tensorboard, or log_with = "auto" (TensorBoard when installed) or "none"')
 
     if cfg.optimizer_args and ok("optimizer_type", "optimizer_args", "learning_rate"):
         try:

@@ -5,7 +5,6 @@ Kept apart from the recipe (loop.py) so the training step reads without them.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import threading
@@ -13,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, tensorboard_installed
 
 
 class TrainingError(RuntimeError):
@@ -31,7 +30,7 @@ def make_accelerator(cfg: TrainConfig):
     GradientState._reset_state()
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch --multi_gpu set it
     log_with = None
-    if cfg.log_with in ("tensorboard", "auto") and _has_tensorboard():
+    if cfg.log_with in ("tensorboard", "auto") and tensorboard_installed():
         log_with = "tensorboard"
     accelerator = Accelerator(
         # accelerate only forms a CPU process group (gloo) when told it runs on CPU; without this, processes
@@ -90,10 +89,6 @@ def has_accelerator() -> bool:
     if acc is not None:
         return bool(acc.is_available())
     return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
-
-
-def _has_tensorboard() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
 class StopFlag:

@@ -654,7 +654,7 @@ def test_sample_sampler_is_the_scheduler_the_pipeline_uses(tmp_path, sampler_tra
     original = t.pipe.scheduler
     names = [n for n in SAMPLER_CLASSES if n != "lms" or importlib.util.find_spec("scipy")]  # lms needs scipy
     for name in names:
-        # 4 steps: PNDM's PLMS warm-up needs them (see the xfail test below)
+        # 4 steps: PNDM's PLMS warm-up needs them (fewer are refused: see the test below)
         _set_sampling(t, tmp_path, sample_sampler=name, sample_prompts=["a red circle"], sample_steps=4)
         t.make_samples(name)
         used = {type(c["scheduler"]).__name__ for c in unet.take()}
@@ -666,9 +666,6 @@ def test_sample_sampler_is_the_scheduler_the_pipeline_uses(tmp_path, sampler_tra
     assert sched.config.algorithm_type == "dpmsolver++" and sched.config.use_karras_sigmas
 
 
-@pytest.mark.xfail(strict=True, reason="sample_sampler = lms needs scipy, which sd-loha does not depend on: the config "
-                   "accepts it and the run dies at its first sample step (ImportError from diffusers' "
-                   "LMSDiscreteScheduler). Refuse it at config validation naming `pip install scipy`, or depend on scipy")
 def test_lms_sampler_without_scipy_is_refused_before_training(tmp_path):
     if importlib.util.find_spec("scipy"):
         pytest.skip("scipy is installed here: lms samples are tested above")
@@ -676,9 +673,6 @@ def test_lms_sampler_without_scipy_is_refused_before_training(tmp_path):
         _config(tmp_path / "out", sample_sampler="lms", sample_prompts=["a"], sample_every_n_steps=100)
 
 
-@pytest.mark.xfail(strict=True, reason="sample_sampler = pndm with sample_steps < 4 passes validation and crashes "
-                   "at the first sample step inside diffusers' PNDMScheduler.set_timesteps (\"operands could not be "
-                   "broadcast together\"); refuse it at config validation (pndm needs sample_steps >= 4)")
 def test_pndm_with_too_few_steps_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="sample_steps"):
         _config(tmp_path / "out", sample_sampler="pndm", sample_steps=2, sample_prompts=["a"], sample_every_n_steps=100)
@@ -714,9 +708,6 @@ def test_tensorboard_logs_land_in_logging_dir(tmp_path):
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
 
 
-@pytest.mark.xfail(strict=True, reason="log_with = \"tensorboard\" without tensorboard installed silently logs "
-                   "nothing (runtime.make_accelerator falls back to none); it should fail at config validation, "
-                   "naming log_with and `pip install tensorboard`, as a missing optimizer package does")
 def test_tensorboard_asked_for_but_not_installed_is_refused(tmp_path):
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         pytest.skip("tensorboard is installed here")
