@@ -1,5 +1,5 @@
 # The two quickstart commands (see README.md). Both set up .venv first (idempotent).
-.PHONY: setup demo test soak bench
+.PHONY: setup demo test soak bench floors
 
 setup:
 	./scripts/setup
@@ -15,3 +15,7 @@ soak: setup
 
 bench: setup
 	.venv/bin/python bench/bench_loader.py
+
+# The oldest versions pyproject.toml allows, on its oldest Python, with a fast test subset (.venv-floors).
+floors:
+	./scripts/floors

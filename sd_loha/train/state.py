@@ -52,8 +52,11 @@ def save_state(output_dir: Path, step: int, *, network_sd: dict[str, torch.Tenso
                      "scaler": scaler},
                     tmp / "optimizer.pt")
         rng = _rng_state()
+        # numpy's Mersenne Twister keys are uint32, which torch.save cannot serialize before torch 2.5;
+        # int64 holds them exactly on every torch (load_state casts back).
+        np_key = torch.from_numpy(rng["numpy"][1].astype(np.int64))
         _torch_save({"rng_torch": rng["torch"], "rng_cuda": rng.get("cuda"),
-                     "rng_numpy": (rng["numpy"][0], torch.from_numpy(rng["numpy"][1].copy()), *rng["numpy"][2:])},
+                     "rng_numpy": (rng["numpy"][0], np_key, *rng["numpy"][2:])},
                     tmp / "rng.pt")
         (tmp / "progress.json").write_text(json.dumps({**progress, "rng_python": _py_rng_to_json(rng["python"])}))
         for f in tmp.iterdir():
@@ -104,7 +107,7 @@ def load_state(path: Path) -> dict[str, Any]:
         "scaler": opt.get("scaler"),  # fp16 loss scale: without it a resumed fp16 run re-learns the scale
         "progress": progress,
         "rng": {"python": (py[0], tuple(py[1]), py[2]), "torch": rng["rng_torch"], "cuda": rng.get("rng_cuda"),
-                "numpy": (np_state[0], np_state[1].numpy(), *np_state[2:])},
+                "numpy": (np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:])},
     }
 
 
