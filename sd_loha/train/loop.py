@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..atomic import write_text_atomic
-from ..io import read_safetensors
+from ..io import all_finite, read_safetensors
 from ..models import detect_family, load_pipeline
 from ..network import SAVE_DTYPES, add_loha
 from . import events
@@ -219,8 +219,13 @@ class Trainer:
             module_dropout=cfg.module_dropout,
         )
         if cfg.network_weights:
-            try:  # the file's alpha wins over network_alpha (kohya): it is part of the state dict
-                self.network.load_state_dict(read_safetensors(cfg.network_weights)[0], strict=True)
+            tensors = read_safetensors(cfg.network_weights)[0]
+            bad = sorted(k for k, v in tensors.items() if not all_finite(v))
+            if bad:
+                raise TrainingError(f"network_weights {cfg.network_weights}: {bad[0]} has NaN/Inf values (the run that "
+                                    "wrote it diverged); start from an earlier file of that run")
+            try:  # the file's alpha wins over network_alpha: it is part of the state dict
+                self.network.load_state_dict(tensors, strict=True)
             except (KeyError, ValueError) as e:
                 raise TrainingError(f"network_weights {cfg.network_weights} does not fit this network ({e}); it must "
                                     "come from a run with the same base model family, preset, ranks and targets") from None

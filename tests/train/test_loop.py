@@ -149,7 +149,8 @@ def test_validation_loss_at_every_epoch_end_including_the_last(tmp_path):
                                preset="attn-only", train_text_encoder=False), progress=False)
     assert "4 held out for validation" in result.preflight
     assert [s for s, _ in result.val_losses] == [3, 6]
-    assert all(0 < v < 10 for _, v in result.val_losses)
+    # its value is checked against a recomputation in test_trainer.py; here: the adapter changed it between epochs
+    assert result.val_losses[0][1] != result.val_losses[1][1]
     assert result.epochs == 2 and read_file(result.output)[1]["ss_epoch"] == "2"
     assert (tmp_path / "out" / "loss.png").is_file()
 
@@ -249,3 +250,15 @@ def test_network_weights_start_from_a_file_and_must_fit(tmp_path):
 
     with pytest.raises(TrainingError, match="does not fit this network"):
         train(base_config(tmp_path / "other", network_weights=str(start), network_dim=2), progress=False)
+
+
+def test_network_weights_with_nan_values_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    net = add_loha(build_tiny_pipeline("tiny-sd1"), preset="attn-mlp", rank=4, alpha=2.0)
+    sd = {k: v.clone() for k, v in net.state_dict(torch.float32).items()}
+    key = next(k for k in sd if k.endswith("hada_w1_a"))
+    sd[key][0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"))  # written around our own writer, which refuses NaN
+    with pytest.raises(TrainingError, match=f"{key} has NaN/Inf values"):
+        train(base_config(tmp_path / "out", network_weights=str(tmp_path / "nan.safetensors")), progress=False)

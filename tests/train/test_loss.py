@@ -179,3 +179,35 @@ def test_huber_options_reach_the_trainer_loss(tmp_path):
     scaled = first_loss("scaled", huber_schedule="constant", huber_scale=3.0)
     assert snr_loss == pytest.approx(first_loss("default"), rel=1e-6)  # snr is the default
     assert len({round(v, 7) for v in (snr_loss, constant, scaled)}) == 3
+
+
+@pytest.mark.parametrize("loss_type, schedule", [("l2", "snr"), ("huber", "constant"), ("huber", "snr"),
+                                                 ("smooth_l1", "exponential")])
+def test_trainer_loss_step_is_the_formula_of_loss_type_and_huber_c(tmp_path, loss_type, schedule):
+    """The trainer's own loss for one batch equals the textbook formula for loss_type with huber_c = 0.3 (per-sample
+    c from the schedule), recomputed here from the UNet's prediction and the same noise and timesteps."""
+    from sd_loha.train.config import config_from_kwargs
+    from sd_loha.train.loop import Trainer
+
+    out = tmp_path / "out"
+    cfg = config_from_kwargs(**base_config(out, loss_type=loss_type, huber_c=0.3, huber_schedule=schedule,
+                                           train_text_encoder=False))
+    t = Trainer(cfg, out, progress=False)
+    t.setup()
+    batch = next(iter(t.loader))
+    preds = []
+    t.unet.register_forward_hook(lambda m, args, output: preds.append(output.sample.detach().float()))
+    loss = float(t.loss_step(batch, torch.Generator().manual_seed(5)).detach())
+
+    gen = torch.Generator().manual_seed(5)  # loss_step draws the noise, then the timesteps
+    latents = batch["latents"]
+    noise = torch.randn(latents.shape, generator=gen)
+    steps = torch.randint(0, t.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    d2 = (preds[0] - noise) ** 2
+    abar = t.noise_scheduler.alphas_cumprod[steps].double()
+    c = {"constant": torch.full_like(abar, 0.3),
+         "snr": (1 - 0.3) / (1 + ((1 - abar) / abar).sqrt()) ** 2 + 0.3,
+         "exponential": 0.3 ** (steps.double() / t.noise_scheduler.config.num_train_timesteps)}[schedule]
+    c = c.float().view(-1, 1, 1, 1)
+    elem = {"l2": d2, "huber": 2 * c * ((d2 + c**2).sqrt() - c), "smooth_l1": 2 * ((d2 + c**2).sqrt() - c)}[loss_type]
+    assert loss == pytest.approx(float(elem.mean(dim=(1, 2, 3)).mean()), rel=1e-5)
