@@ -401,7 +401,7 @@ def test_lora_merge_matches_diffusers_fuse_lora(tiny_pipe, tmp_path):
     base = snapshot(ours)
     report = apply_loha(ours, path, strict=True)
     assert report.total == len(rows)
-    theirs.load_lora_weights(str(path), adapter_name="k")
+    theirs.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="k")  # diffusers 0.31 needs the name
     theirs.fuse_lora()
     mine, peft_models = all_models(ours), all_models(theirs)
     for r in rows:
@@ -456,6 +456,8 @@ def test_sdxl_ldm_and_diffusers_names_patch_the_same_layers(tiny_pipe, tmp_path)
     assert any(r["key"].startswith("lora_te2_text_model_encoder_") for r in rows)
 
 
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                    reason="the transformers 5 CLIPTextModel layout (no text_model level) does not exist in 4.x")
 @pytest.mark.parametrize("with_text_model", [True, False], ids=["text_model_", "short"])
 def test_text_encoder_names_on_transformers5_clip(tiny_pipe, with_text_model):
     pipe = tiny_pipe("tiny-sd1")
