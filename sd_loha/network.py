@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from .io import save_safetensors_atomic
 from .layers import LoHALayer, wrap
 from .models import ModelFamily, detect_family, text_encoders, unet_family_name
 from .naming import text_encoder_save_name, unet_save_name
-from .targets import select_targets
+from .targets import layer_names, select_targets, unmatched_patterns
+
+logger = logging.getLogger(__name__)
 
 # Layer kinds that take conv_rank / conv_alpha (1x1 convs count as linear layers).
 KXK_KINDS = ("conv", "conv_tucker")
@@ -235,9 +238,11 @@ def add_loha(
         raise ValueError(f"rank must be >= 1, got {rank}")
     models, family = _resolve_models(target, text_encoder)
     modules: list[NetworkModule] = []
+    names: list[tuple[str, str]] = []
     for part, model in models.items():
         model.requires_grad_(False)
         prefix = "lora_unet" if part == "unet" else TE_PREFIXES[part]
+        names += layer_names(model, prefix)
         sdxl = part == "unet" and unet_family_name(model.config) == "sdxl"
         for t in select_targets(model, part=part, prefix=prefix, preset=preset, rank=rank, alpha=alpha,
                                 conv_rank=conv_rank, conv_alpha=conv_alpha, include=include, exclude=exclude):
@@ -247,6 +252,11 @@ def add_loha(
             parent, attr = _split_parent(model, t.path)
             setattr(parent, attr, layer)
             modules.append(NetworkModule(part, t.path, key, layer, parent, attr))
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for p in unmatched_patterns(list(patterns or []), names):
+            logger.warning("%s pattern %r matches no layer of the adapted models, so it changes nothing; patterns "
+                           "are globs over module paths or kohya names, e.g. '*.attn1.*' or 'lora_unet_mid_block_*'",
+                           option, p)
     if not modules:
         raise ValueError(f"add_loha: preset {preset!r} with include={include} exclude={exclude} selected no layers")
     settings = dict(preset=preset, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,

@@ -16,7 +16,7 @@ layers and use rank/alpha. Patterns are shell globs (fnmatch) tested against the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -89,3 +89,16 @@ def select_targets(
             continue  # grouped convs do not occur in SD UNets; LoHA's flat factors assume groups=1
         targets.append(Target(path, module, conv_rank if kxk else rank, conv_alpha if kxk else alpha))
     return targets
+
+
+def layer_names(model: nn.Module, prefix: str) -> list[tuple[str, str]]:
+    """(dotted path, kohya name) of every Linear/Conv2d of `model`: what include/exclude patterns are tested on."""
+    return [(path, f"{prefix}_{path.replace('.', '_')}") for path, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def unmatched_patterns(patterns: Sequence[str], names: Iterable[tuple[str, str]]) -> list[str]:
+    """The patterns that match no layer name: most often a typo, or a path written without the globs
+    (`attn1` instead of `*.attn1.*`), which would otherwise change nothing without a word."""
+    names = list(names)
+    return [p for p in patterns if not any(_matches([p], path, kohya) for path, kohya in names)]

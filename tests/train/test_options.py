@@ -259,6 +259,17 @@ def test_include_exclude_and_text_encoder(tmp_path):
     assert {m.path for m in k.network.modules} == {p for p in attn_only if not p.startswith("down_blocks.")}
 
 
+def test_patterns_that_match_no_layer_are_reported(tmp_path, caplog):
+    """A pattern without its globs ('attn1' for '*.attn1.*') matches nothing and would change nothing silently."""
+    with caplog.at_level("WARNING", logger="sd_loha.network"):
+        t = _trainer(tmp_path, network_include=["time_embedding.*"], network_exclude=["attn1", "*attn2*"],
+                     train_text_encoder=False)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("exclude pattern 'attn1' matches no layer" in m for m in said), said
+    assert not any("time_embedding" in m or "attn2" in m for m in said)  # those matched
+    assert any(m.path.endswith("attn1.to_q") for m in t.network.modules)  # and 'attn1' indeed excluded nothing
+
+
 def test_rank_and_module_dropout_change_training_steps_only(tmp_path):
     """With dropout, the same batch, noise and timesteps give a different loss on every training step (the
     dropped rows / modules are drawn anew) but one loss in eval mode, which equals the loss without dropout."""
