@@ -152,7 +152,6 @@ def assert_file_loads_everywhere(path: Path, family: str, monkeypatch, te_parts:
     from sd_loha import apply_loha
     from sd_loha.models import build_tiny_pipeline
 
-    lycoris_kohya = pytest.importorskip("lycoris.kohya")
     tensors, _ = read_file(path)
     file_modules = {k.split(".")[0] for k in tensors}
     # 1. sd-loha's loader, strict: every module of the file matches a layer of a fresh pipeline
@@ -168,6 +167,8 @@ def assert_file_loads_everywhere(path: Path, family: str, monkeypatch, te_parts:
     assert any(not torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), merged.unet.state_dict().values()))
 
     # 2. the real LyCORIS package: create_network_from_weights on a fresh pipeline finds every module
+    # (a skip from here on still means everything above passed; lycoris-lora 4.1.3 needs torch >= 2.5)
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
     ref = build_tiny_pipeline(family)
     # create_network_from_weights first builds a network from LyCORIS's class-level default targets, which
     # name the time embedding twice on a diffusers UNet (by class and by name: "duplicated lora name"),
