@@ -1,0 +1,197 @@
+"""Full-size Stable Diffusion pipelines with random weights, built from the real configs (no download).
+
+The real-size smoke (bench/smoke_real_size.py) and the GPU script (bench/gpu_configs.py) train on these, so
+size-dependent failures (attention shapes, memory) show without a checkpoint. Each pipeline is a diffusers
+folder written once into a cache and reused while its configs are unchanged:
+
+    python bench/random_models.py sd15 sdxl            # prints the folders (builds what is missing)
+    python bench/random_models.py sd15 --size small    # same layout, tiny widths: for dry runs
+
+The configs are diffusers' own for runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0
+(the fields that differ from the classes' defaults). Text encoders get the vocabulary of the tokenizer kept in
+sd_loha/assets (984 tokens, not CLIP's 49408): the embedding table is the only part smaller than the real one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sd_loha.models import (
+    _tiny_tokenizer,  # the repo's tokenizer, as the tiny models use it
+)
+
+DEFAULT_CACHE = Path(os.environ.get("SD_LOHA_BENCH_CACHE", Path.home() / ".cache" / "sd-loha" / "random-models"))
+
+# ---- the real configs ------------------------------------------------------------------------------------
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),  # diffusers' name for the head count
+    cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 size/crop ids x 256 + CLIP-G's pooled 1280
+)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")  # openai/clip-vit-large-patch14
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")  # SDXL text_encoder_2 (OpenCLIP bigG)
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+           block_out_channels=(128, 256, 512, 512),
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD15_SCHEDULER = ("PNDMScheduler", dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1))
+SDXL_SCHEDULER = ("EulerDiscreteScheduler", dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, interpolation_type="linear"))
+
+# One table: model -> component -> (class, config). The "small" size overrides widths and depths only.
+MODELS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
+    "sd15": {
+        "unet": ("UNet2DConditionModel", SD15_UNET),
+        "text_encoder": ("CLIPTextModel", CLIP_L),
+        "vae": ("AutoencoderKL", dict(VAE, sample_size=512, scaling_factor=0.18215)),
+    },
+    "sdxl": {
+        "unet": ("UNet2DConditionModel", SDXL_UNET),
+        "text_encoder": ("CLIPTextModel", CLIP_L),
+        "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G),
+        "vae": ("AutoencoderKL", dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)),
+    },
+}
+SCHEDULERS = {"sd15": SD15_SCHEDULER, "sdxl": SDXL_SCHEDULER}
+SMALL = {
+    "sd15": {"unet": dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=32, norm_num_groups=8),
+             "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  projection_dim=32)},
+    "sdxl": {"unet": dict(block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 2, 2),
+                          attention_head_dim=(2, 4, 8), cross_attention_dim=96, norm_num_groups=8,
+                          addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 64),
+             "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  projection_dim=32),
+             "text_encoder_2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    projection_dim=64)},
+}
+SMALL_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def component_configs(model: str, size: str = "full") -> dict[str, tuple[str, dict[str, Any]]]:
+    """The (class name, config) of each weighted component of `model` at `size` ("full" or "small")."""
+    if model not in MODELS:
+        raise SystemExit(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
+    parts = {name: (cls, dict(cfg)) for name, (cls, cfg) in MODELS[model].items()}
+    if size == "small":
+        for name, extra in SMALL[model].items():
+            parts[name][1].update(extra)
+        parts["vae"][1].update(SMALL_VAE)
+    elif size != "full":
+        raise SystemExit(f"unknown size {size!r}: full or small")
+    return parts
+
+
+def _build(cls_name: str, config: dict[str, Any], tokenizer) -> torch.nn.Module:
+    import diffusers
+    import transformers
+
+    if cls_name.startswith("CLIP"):
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+        te_config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), **ids, **config)
+        return getattr(transformers, cls_name)(te_config)
+    return getattr(diffusers, cls_name)(**config)
+
+
+def folder_for(model: str, size: str, cache: Path = DEFAULT_CACHE) -> Path:
+    """The cache folder of `model` at `size`; its name changes whenever the configs do."""
+    spec = json.dumps([component_configs(model, size), SCHEDULERS[model]], sort_keys=True, default=list)
+    return cache / f"{model}-{size}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
+
+
+def ensure_pipeline(model: str, size: str = "full", cache: Path = DEFAULT_CACHE, dtype: torch.dtype = torch.float16,
+                    seed: int = 0) -> Path:
+    """A diffusers folder of `model` with random weights (built once; later calls return the cached one)."""
+    folder = folder_for(model, size, cache)
+    if (folder / "model_index.json").is_file():
+        return folder
+    import diffusers
+
+    tokenizer = _tiny_tokenizer()
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.manual_seed(seed)
+    components: dict[str, Any] = {}
+    for name, (cls_name, config) in component_configs(model, size).items():
+        t0 = time.perf_counter()
+        module = _build(cls_name, config, tokenizer).to(dtype).eval()
+        n = sum(p.numel() for p in module.parameters())
+        print(f"  {model} {name}: {cls_name}, {n / 1e6:.0f}M parameters, built in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        components[name] = module
+    sched_cls, sched_cfg = SCHEDULERS[model]
+    components["scheduler"] = getattr(diffusers, sched_cls)(**sched_cfg)
+    components["tokenizer"] = tokenizer
+    if model == "sdxl":
+        components["tokenizer_2"] = _tiny_tokenizer()
+    else:
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, PIPELINES[model])(**components)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    del pipe, components
+    tmp.rename(folder)  # complete folders only: an interrupted build leaves a .tmp that the next one replaces
+    return folder
+
+
+def prepare(model: str, size: str = "full", cache: Path = DEFAULT_CACHE) -> Path:
+    """ensure_pipeline in a child process: the 10 GB a full SDXL build touches stay out of the caller (the heap
+    keeps freed memory), whose peak memory is what the benchmarks measure."""
+    folder = folder_for(model, size, cache)
+    if not (folder / "model_index.json").is_file():
+        subprocess.run([sys.executable, __file__, model, "--size", size, "--cache", str(cache)], check=True)
+    return folder
+
+
+def parameter_counts(model: str, size: str = "full") -> dict[str, int]:
+    """Parameters per component (built on the meta device: no memory, no time)."""
+    tokenizer = _tiny_tokenizer()
+    counts = {}
+    with torch.device("meta"):
+        for name, (cls_name, config) in component_configs(model, size).items():
+            counts[name] = sum(p.numel() for p in _build(cls_name, config, tokenizer).parameters())
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", choices=sorted(MODELS))
+    ap.add_argument("--size", default="full", choices=("full", "small"))
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    args = ap.parse_args(argv)
+    for model in args.models:
+        print(ensure_pipeline(model, args.size, args.cache), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
