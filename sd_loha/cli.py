@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (AdapterFileError, OSError, ValueError, KeyError, RuntimeError) as e:
+        if args.verbose:  # where it happened, for a bug report
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -195,14 +195,14 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         cfg = self.cfg
-        self.pipe = load_pipeline(cfg.pretrained_model, dtype=torch.float32, vae=cfg.vae)
+        self.weight_dtype = weight_dtype_for(cfg.mixed_precision)
+        # The VAE stays fp32 (fp16 VAEs overflow to NaN); samples decode through it in fp32 (sampling.py).
+        self.pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, vae_dtype=torch.float32, vae=cfg.vae)
         if cfg.v_parameterization is not None:
             self.pipe.scheduler.register_to_config(prediction_type="v_prediction" if cfg.v_parameterization else "epsilon")
         self.family = detect_family(self.pipe)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self._print(f"base model: {cfg.pretrained_model} ({self.family.label})")
-        self.weight_dtype = weight_dtype_for(cfg.mixed_precision)
-        # The VAE stays fp32 (fp16 VAEs overflow to NaN); samples decode through it in fp32 (sampling.py).
         self.vae = self.pipe.vae.to(self.device, dtype=torch.float32).requires_grad_(False).eval()
         self.unet = self.pipe.unet.to(self.device, dtype=self.weight_dtype).requires_grad_(False)
         self.text_encoders = [te for te in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
