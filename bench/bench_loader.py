@@ -53,39 +53,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    only_cross_attention=False,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    use_linear_projection=False,
-)
+from sd_loha.architectures import CLIP_L, SD15_UNET  # noqa: E402
 
-SD15_TEXT = dict(  # openai/clip-vit-large-patch14 text config (SD 1.5's text encoder)
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    vocab_size=49408,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
+# the real SD 1.5 shapes (sd_loha/architectures.py); CLIP-L keeps its real 49408-token embedding table here
+SD15_TEXT = dict(CLIP_L, vocab_size=49408)
 
 
 def build_sd15_pipeline(seed: int = 0):

@@ -58,6 +58,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sd_loha.architectures import SD15_UNET  # noqa: E402
+
 SIZES = {
     # (UNet config, batch, latent size, encoder tokens)
     "tiny": (
@@ -73,9 +75,7 @@ SIZES = {
         2, 32, 77,
     ),
     "sd15": (
-        dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        {k: v for k, v in SD15_UNET.items() if k not in ("sample_size", "in_channels", "out_channels")},
         1, 32, 77,  # CPU default; the GPU script passes --batch 4 --latent 64 (512x512 images)
     ),
 }
@@ -316,7 +316,6 @@ def layer_sweep(reps: int):
     interleaved repetitions; next to ``ops.path_costs``'s estimate and choice."""
     from torch import nn
 
-    from sd_loha import ops
     from sd_loha.layers import LoHALayer
 
     torch.set_num_threads(1)

@@ -29,41 +29,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sd_loha.architectures import CLIP_G, CLIP_L, SD15_SCHEDULER, SD15_UNET, SD_VAE, SDXL_SCHEDULER, SDXL_UNET
 from sd_loha.models import (
     _tiny_tokenizer,  # the repo's tokenizer, as the tiny models use it
 )
 
 DEFAULT_CACHE = Path(os.environ.get("SD_LOHA_BENCH_CACHE", Path.home() / ".cache" / "sd-loha" / "random-models"))
 
-# ---- the real configs ------------------------------------------------------------------------------------
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
-)
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),  # diffusers' name for the head count
-    cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32,
-    addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,  # 6 size/crop ids x 256 + CLIP-G's pooled 1280
-)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")  # openai/clip-vit-large-patch14
-CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-              max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")  # SDXL text_encoder_2 (OpenCLIP bigG)
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-           block_out_channels=(128, 256, 512, 512),
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-SD15_SCHEDULER = ("PNDMScheduler", dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1))
-SDXL_SCHEDULER = ("EulerDiscreteScheduler", dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, interpolation_type="linear"))
+VAE = SD_VAE
 
 # One table: model -> component -> (class, config). The "small" size overrides widths and depths only.
 MODELS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {

@@ -27,6 +27,7 @@ from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from sd_loha.architectures import SD15_UNET, SD21_UNET, SDXL_UNET
 from sd_loha.naming import (
     kohya_name,
     name_part,
@@ -39,40 +40,8 @@ from sd_loha.naming import (
     unet_save_name,
 )
 
-# diffusers' stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the module tree).
-SDXL_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-
-# runwayml/stable-diffusion-v1-5 unet/config.json.
-SD15_CONFIG = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2,
-    attention_head_dim=8,
-    cross_attention_dim=768,
-)
-
-# stabilityai/stable-diffusion-2-1 unet/config.json: SD1 layout with linear projections.
-SD21_CONFIG = dict(SD15_CONFIG, sample_size=96, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-                   use_linear_projection=True)
+# The real UNets' configs (sd_loha/architectures.py): every layer's name is checked on them.
+SDXL_CONFIG, SD15_CONFIG, SD21_CONFIG = SDXL_UNET, SD15_UNET, SD21_UNET
 
 # The kind of 2-block UNet tests train on; layers_per_block=1 moves every LDM index.
 TINY_CONFIG = dict(
