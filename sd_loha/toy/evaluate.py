@@ -62,12 +62,28 @@ def grid(scenes: list[world.Scene], images: list[np.ndarray], columns: int = 8, 
     return canvas
 
 
+@torch.no_grad()
+def vae_grid(vae: Any, seed: int = 0, per_kind: int = 3, scale: int = 2) -> Image.Image:
+    """Pairs of rows, pictures the VAE never trained on above their encode/decode: held-out kinds, then posters."""
+    from .pretrain import heldout_sets, to_tensor
+
+    sets = heldout_sets(seed, n=per_kind * len(world.HELDOUT_KINDS))
+    pictures = [im for name, ims in sets.items() if name != "scenes" for im in ims[:per_kind]]
+    rec = vae.decode(vae.encode(to_tensor(pictures).to(vae.dtype)).latent_dist.mode()).sample.float()
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    columns = len(pictures) // 2
+    rows = [np.concatenate(block[i * columns:(i + 1) * columns], 1) for i in range(2) for block in (pictures, rec)]
+    full = np.concatenate(rows, 0)
+    return Image.fromarray(full).resize((full.shape[1] * scale, full.shape[0] * scale), Image.Resampling.NEAREST)
+
+
 def main(argv: list[str] | None = None) -> None:
     from ..models import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="toy-sd1", help="toy-sd1 or a folder written by sd_loha.toy.pretrain")
     p.add_argument("--grid", type=Path, help="write a labelled grid of the pictures here (PNG)")
+    p.add_argument("--vae-grid", type=Path, help="write held-out pictures above their VAE reconstructions here (PNG)")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--guidance", type=float, default=GUIDANCE)
     args = p.parse_args(argv)
@@ -78,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid:
         grid(scenes, images).save(args.grid)
         print(f"wrote {args.grid}")
+    if args.vae_grid:
+        vae_grid(pipe.vae).save(args.vae_grid)
+        print(f"wrote {args.vae_grid}")
 
 
 if __name__ == "__main__":

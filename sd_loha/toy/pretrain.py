@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -238,6 +239,16 @@ def assemble(vae, text_encoder, tokenizer, unet):
                                    requires_safety_checker=False)
 
 
+def ship_repo_tokenizer(folder: Path) -> None:
+    """The repo's tokenizer files in their slow-tokenizer layout (vocab.json + merges.txt), which every supported
+    transformers version reads; save_pretrained of transformers 5 writes only tokenizer.json, which 4.x's
+    CLIPTokenizer cannot read."""
+    from ..models import TOKENIZER_DIR
+
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(TOKENIZER_DIR, folder)
+
+
 def heldout_sets(seed: int, n: int = 96) -> dict[str, list[np.ndarray]]:
     """Pictures the VAE never trained on: held-out kinds, fresh scenes, and the bundled posters at 64 px."""
     from PIL import Image
@@ -274,6 +285,7 @@ def pretrain(out: Path, s: Settings) -> dict[str, Any]:
         pipe = copy.deepcopy(assemble(vae, text_encoder, tokenizer, unet)).to(torch.float16)
         out.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(str(out), safe_serialization=True)
+        ship_repo_tokenizer(out / "tokenizer")
         log(f"saved {out}")
 
     unet, text_encoder = train_unet(vae, tokenizer, s, log, save)
