@@ -272,8 +272,9 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
         pipe.vae = vae_model
     pipe.to(device=device)
     for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            component.to(dtype=vae_dtype if name == "vae" else dtype)
+        target = vae_dtype if name == "vae" else dtype
+        if isinstance(component, torch.nn.Module) and getattr(component, "dtype", None) != target:
+            component.to(dtype=target)
     return pipe
 
 

@@ -41,7 +41,7 @@ from .optim import make_optimizer, make_scheduler
 from .report import loss_curve
 from .runtime import (StopFlag, TrainingError, all_reduce_grads, enable_te_checkpointing, ensure_loss_scaler, is_oom,
                       make_accelerator, oom_advice)
-from .sampling import sample_grid
+from .sampling import sample_grid, sample_images, sampling_key
 from .state import OutputDirLock, clean_stale_temp, latest_state, load_state, restore_rng, rotate, save_state
 
 __all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
@@ -138,6 +138,7 @@ class Trainer:
         self.samples: list[Path] = []
         self.saved: list[Path] = []
         self._resumed_ema: dict | None = None
+        self._base_samples: tuple[tuple, list] | None = None  # (sampling settings, images)
 
     # ---- setup: one method per component, in data order ---------------------------------------------
     def setup(self, resume_path: Path | None = None) -> None:
@@ -203,12 +204,12 @@ class Trainer:
         self.family = detect_family(self.pipe)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self._print(f"base model: {cfg.pretrained_model} ({self.family.label})")
-        self.vae = self.pipe.vae.to(self.device, dtype=torch.float32).requires_grad_(False).eval()
-        self.unet = self.pipe.unet.to(self.device, dtype=self.weight_dtype).requires_grad_(False)
+        self.vae = self.pipe.vae.to(self.device).requires_grad_(False).eval()
+        self.unet = self.pipe.unet.to(self.device).requires_grad_(False)
         self.text_encoders = [te for te in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
                               if te is not None]
         for te in self.text_encoders:
-            te.to(self.device, dtype=self.weight_dtype).requires_grad_(False)
+            te.to(self.device).requires_grad_(False)
 
     def _setup_network(self) -> None:
         cfg = self.cfg
@@ -416,11 +417,25 @@ class Trainer:
         self.accelerator.log({"val_loss": v}, step=self.step)
         self.emit(events.Validation(step=self.step, loss=v))
 
+    def base_samples(self) -> list:
+        """The sample prompts from the base model (the adapter at strength 0), made once per sampling settings."""
+        key = sampling_key(self.cfg)
+        if self._base_samples is None or self._base_samples[0] != key:
+            self.network.set_multiplier(0.0)
+            try:
+                self._base_samples = (key, sample_images(self.pipe, self.cfg))
+            finally:
+                self.network.set_multiplier(1.0)
+        return self._base_samples[1]
+
     def make_samples(self, tag: str) -> Path | None:
+        """A grid of the sample prompts, each beside the base model's picture (what the saved file changes)."""
         if not self.main or not self.cfg.sample_prompts:
             return None
+        base = self.base_samples()
         with self.file_weights():
-            path = sample_grid(self.pipe, self.cfg, self.output_dir / "samples" / f"{tag}.png")
+            path = sample_grid(self.pipe, self.cfg, self.output_dir / "samples" / f"{tag}.png", base=base,
+                               label=f"step {self.step}")
         self.samples.append(path)
         self.emit(events.Sample(path=str(path), step=self.step))
         return path

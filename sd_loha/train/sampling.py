@@ -63,9 +63,24 @@ def sample_images(pipe: Any, cfg: TrainConfig) -> list[Image.Image]:
     return images
 
 
-def sample_grid(pipe: Any, cfg: TrainConfig, path: Path) -> Path:
-    """The sample prompts' images as one labelled PNG, written atomically."""
-    return save_image_atomic(image_grid(sample_images(pipe, cfg), labels=list(cfg.sample_prompts)), path)
+def sample_grid(pipe: Any, cfg: TrainConfig, path: Path, *, base: list[Image.Image] | None = None,
+                label: str = "") -> Path:
+    """The sample prompts' images as one labelled PNG, written atomically. With `base` (the same prompts and
+    seeds from the base model), each row is prompt i: base | now, so every grid shows what the adapter changed."""
+    images, prompts = sample_images(pipe, cfg), list(cfg.sample_prompts)
+    if base is None:
+        grid = image_grid(images, labels=prompts)
+    else:
+        pairs = [im for pair in zip(base, images) for im in pair]
+        labels = [text for p in prompts for text in (f"base: {p}", f"{label or 'adapter'}: {p}")]
+        grid = image_grid(pairs, labels=labels, cols=2)
+    return save_image_atomic(grid, path)
+
+
+def sampling_key(cfg: TrainConfig) -> tuple:
+    """Everything the sample images depend on besides the weights (when the base images must be redone)."""
+    return (tuple(cfg.sample_prompts), cfg.sample_negative_prompt, cfg.sample_seed, cfg.sample_steps,
+            cfg.sample_guidance_scale, cfg.sample_size, cfg.sample_sampler, cfg.clip_skip)
 
 
 def _prompt_kwargs(pipe: Any, cfg: TrainConfig, prompt: str) -> dict[str, Any]:

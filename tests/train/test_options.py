@@ -615,13 +615,16 @@ def test_sample_prompts_steps_size_and_guidance(tmp_path, sampler_trainer):
     t, unet = sampler_trainer
     grid = Image.open(t.make_samples("a"))
     calls = unet.take()
-    # two prompts x two steps, each a CFG batch of 2 at 64x64 px (8x8 latents); the grid holds both side by side
-    assert [c["shape"] for c in calls] == [(2, 4, 8, 8)] * 4
-    assert grid.size[0] == 2 * 64
+    # two prompts x two steps, each a CFG batch of 2 at 64x64 px (8x8 latents), for the base model and for the
+    # adapter; each row of the grid is one prompt: base | adapter
+    assert [c["shape"] for c in calls] == [(2, 4, 8, 8)] * 8
+    assert grid.size == (2 * 64, 2 * (64 + 14))
+    t.make_samples("again")
+    assert len(unet.take()) == 4  # the base images are made once per sampling settings
     _set_sampling(t, tmp_path, sample_steps=3, sample_width=96, sample_height=64, sample_guidance_scale=1.0)
     grid = Image.open(t.make_samples("b"))
-    # guidance 1: no unconditional half
-    assert [c["shape"] for c in unet.take()] == [(1, 4, 8, 12)] * 6
+    # guidance 1: no unconditional half (new settings: the base images again)
+    assert [c["shape"] for c in unet.take()] == [(1, 4, 8, 12)] * 12
     assert grid.size[0] == 2 * 96
 
 

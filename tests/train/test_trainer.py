@@ -43,7 +43,8 @@ def test_samples_in_mixed_precision(tmp_path, model, precision):
     assert t.vae.dtype == torch.float32 and all(p.dtype == torch.float32 for p in t.params)
     path = t.make_samples("check")
     img = _pixels(path)
-    assert img.shape[1] == 64 and np.isfinite(img).all() and img.std() > 1.0  # a picture, not a flat (NaN) fill
+    assert img.shape[1] == 2 * 64  # base | now
+    assert np.isfinite(img).all() and img.std() > 1.0  # a picture, not a flat (NaN) fill
 
 
 def test_ema_equals_diffusers_ema_model():
@@ -196,3 +197,24 @@ def test_validation_loss_recomputed_from_the_heldout_images(tmp_path):
             pred = pipe.unet(sched.add_noise(latents, noise, step), step, pipe.text_encoder(ids)[0]).sample
             expected.append(float(torch.nn.functional.mse_loss(pred, noise)))
     assert t.validation_loss() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+
+
+def test_sample_grid_shows_the_base_model_beside_the_adapter(tmp_path):
+    """Each row: the base model's picture (the adapter at strength 0), then the adapter's, same prompt and seed."""
+    from sd_loha.train.sampling import sample_images
+
+    t = _trainer(tmp_path, sample_prompts=["a red circle", "a blue square"], sample_steps=2, sample_width=64,
+                 sample_height=64, train_text_encoder=False)
+    with torch.no_grad():
+        for p in t.params:
+            p.add_(torch.randn_like(p) * 0.5)
+    grid = _pixels(t.make_samples("check"))
+    adapter = [np.asarray(im).astype(np.float32) for im in sample_images(t.pipe, t.cfg)]
+    t.network.remove()
+    base = [np.asarray(im).astype(np.float32) for im in sample_images(t.pipe, t.cfg)]
+    label = 14
+    for row in range(2):
+        y = row * (64 + label) + label
+        assert np.array_equal(grid[y:y + 64, :64], base[row])
+        assert np.array_equal(grid[y:y + 64, 64:], adapter[row])
+        assert np.abs(base[row] - adapter[row]).mean() > 5.0
