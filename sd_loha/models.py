@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
-TINY_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
+# Built-in models, loaded offline: the random tiny ones (fast tests) and `toy-sd1`, pretrained on a procedural world
+# and shipped in sd_loha/assets (docs/toy-model.md). The tiny-sd1 default stays first.
+TOY_MODELS: dict[str, Path] = {"toy-sd1": Path(__file__).parent / "assets" / "toy-sd1"}
+TINY_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl", *TOY_MODELS)
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 
 
@@ -136,12 +139,27 @@ def _tiny_scheduler(prediction_type: str):
     )
 
 
+def load_toy_pipeline(name: str = "toy-sd1"):
+    """The pretrained toy pipeline shipped in the package (fp16 safetensors, read as fp32; offline)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = TOY_MODELS[name]
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"built-in model {name!r}: its weights are missing from {folder}; reinstall sd-loha "
+                             f"or rebuild them with `python -m sd_loha.toy.pretrain --out {folder}`")
+    return StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+
+
 def build_tiny_pipeline(name: str = "tiny-sd1", seed: int = 0):
-    """A real diffusers pipeline of the given family with random weights from `seed` (offline)."""
+    """A real diffusers pipeline of the given family with random weights from `seed` (offline); for a toy
+    name, the pretrained toy pipeline (`seed` does not apply)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     if name not in TINY_MODELS:
         raise ModelLoadError(f"unknown built-in model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+    if name in TOY_MODELS:
+        return load_toy_pipeline(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = _tiny_tokenizer()

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from . import measure, world
 
 STEPS = 20
-GUIDANCE = 7.0  # measured better than 4 for colors on a mid-training snapshot
+GUIDANCE = 4.0  # on the shipped weights: shapes right 85 % at 4, 79 % at 5, 62 % at 7 (colors 100 % at each)
 SEEDS = (0, 1)
 
 

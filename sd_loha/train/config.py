@@ -66,7 +66,7 @@ GROUP_TITLES = {
     "logging": "Logging",
 }
 
-BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd1", "tiny-sd2", "tiny-sdxl")
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd1", "tiny-sd2", "tiny-sdxl", "toy-sd1")  # = sd_loha.models.TINY_MODELS
 PRESETS: tuple[str, ...] = ("attn-only", "attn-mlp", "full")
 LR_SCHEDULERS: tuple[str, ...] = (
     "linear",
