@@ -214,8 +214,9 @@ class TrainConfig:
     pretrained_model: str | None = _opt(
         "model", "path", None,
         "Base model: a local diffusers folder (with model_index.json), a single .safetensors/.ckpt "
-        "checkpoint, a Hugging Face hub id (org/name), or a built-in tiny test model "
-        "(tiny-sd1, tiny-sd2, tiny-sdxl). SD 1.x, 2.x or SDXL is detected from the model.",
+        "checkpoint, a Hugging Face hub id (org/name), or a built-in model: toy-sd1 (a small SD 1.x pretrained on "
+        "a procedural world of shapes, docs/toy-model.md) or the random-weight test models tiny-sd1, tiny-sd2, "
+        "tiny-sdxl. SD 1.x, 2.x or SDXL is detected from the model.",
         required=True, type_doc="path, hub id or built-in name",
         example='"stable-diffusion-v1-5/stable-diffusion-v1-5"',
     )
