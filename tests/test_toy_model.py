@@ -138,3 +138,13 @@ def test_toy_vae_reconstructs_kinds_it_never_saw(one_thread):
     scenes = [all_scenes[i] for i in rng.integers(0, len(all_scenes), 64)]
     rec = roundtrip(vae, [world.render_scene(s, rng) for s in scenes])
     assert measure.score(scenes, rec)[0].all_three >= 0.95
+
+
+def test_toy_text_encoder_is_stored_in_the_layout_every_transformers_reads():
+    """Keys under `text_model.` as in every SD checkpoint: transformers 4.x silently ignores the unprefixed
+    layout that transformers 5 writes, and would run a random text encoder."""
+    from safetensors import safe_open
+
+    with safe_open(str(TOY_MODELS["toy-sd1"] / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)

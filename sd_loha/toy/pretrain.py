@@ -249,6 +249,19 @@ def ship_repo_tokenizer(folder: Path) -> None:
     shutil.copytree(TOKENIZER_DIR, folder)
 
 
+def text_encoder_in_common_layout(folder: Path) -> None:
+    """Rewrite the saved CLIPTextModel weights with the `text_model.` prefix every SD checkpoint uses.
+
+    transformers 5 saves CLIPTextModel without that level; transformers 4.x then matches none of the keys and
+    silently keeps a random text encoder (found by the version-floor run). Both versions read the prefixed form."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    sd = load_file(str(path))
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}, str(path),
+              metadata={"format": "pt"})
+
+
 def heldout_sets(seed: int, n: int = 96) -> dict[str, list[np.ndarray]]:
     """Pictures the VAE never trained on: held-out kinds, fresh scenes, and the bundled posters at 64 px."""
     from PIL import Image
@@ -286,6 +299,7 @@ def pretrain(out: Path, s: Settings) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(str(out), safe_serialization=True)
         ship_repo_tokenizer(out / "tokenizer")
+        text_encoder_in_common_layout(out / "text_encoder")
         log(f"saved {out}")
 
     unet, text_encoder = train_unet(vae, tokenizer, s, log, save)
