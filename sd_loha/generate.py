@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .atomic import save_image_atomic
 from .io import short_addnet_hash
 from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
 from .models import load_pipeline
@@ -92,10 +93,7 @@ def a1111_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:
     info = PngInfo()
     info.add_text("parameters", parameters)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
-    return path
+    return save_image_atomic(image, path, pnginfo=info)
 
 
 def default_device() -> tuple[str, torch.dtype]:

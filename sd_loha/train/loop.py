@@ -187,8 +187,8 @@ class Trainer:
         self.dataset = TrainDataset(self.preflight, captions=self.captions, flip_aug=cfg.flip_aug,
                                     random_crop=cfg.random_crop, seed=cfg.seed)
         self.val_dataset = None
+        self.val_captions = CaptionOptions(trigger_word=cfg.trigger_word or None)  # no augmentation when measuring
         if self.preflight.validation_items:
-            self.val_captions = CaptionOptions(trigger_word=cfg.trigger_word or None)
             self.val_dataset = TrainDataset(self.preflight.validation_items, captions=self.val_captions,
                                             seed=cfg.seed, use_repeats=False)
 
@@ -277,10 +277,14 @@ class Trainer:
         self._print(f"text encoder outputs cached: {n} captions")
         return cache
 
+    @property
+    def _text_keys(self) -> tuple[str, ...]:
+        """The conditioner outputs that come from the text encoders (what the text cache holds)."""
+        return ("encoder_hidden_states", "text_embeds") if self.family.is_sdxl else ("encoder_hidden_states",)
+
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
-        keys = ("encoder_hidden_states", "text_embeds") if self.family.is_sdxl else ("encoder_hidden_states",)
         cond = self.conditioner(captions, self.device)
-        return tuple(cond[k].detach() for k in keys)
+        return tuple(cond[k].detach() for k in self._text_keys)
 
     def _setup_loader(self) -> None:
         from ..data.dataset import BucketBatchSampler, collate_examples
@@ -334,8 +338,7 @@ class Trainer:
     def conditioning(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The UNet's conditioning for the batch's captions (from the text-encoder cache when there is one)."""
         if self.text_cache is not None:
-            keys = ("encoder_hidden_states", "text_embeds") if self.family.is_sdxl else ("encoder_hidden_states",)
-            cond = dict(zip(keys, self.text_cache.encode_batch(batch["captions"], self._encode_text)))
+            cond = dict(zip(self._text_keys, self.text_cache.encode_batch(batch["captions"], self._encode_text)))
         else:
             cond = self.conditioner(batch["captions"], self.device)
         out = {"encoder_hidden_states": cond["encoder_hidden_states"].to(self.weight_dtype), "added_cond_kwargs": None}

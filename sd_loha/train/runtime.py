@@ -5,6 +5,7 @@ Kept apart from the recipe (loop.py) so the training step reads without them.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 
 from .config import TrainConfig, tensorboard_installed
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -109,9 +112,7 @@ class StopFlag:
         if self.signal is not None:  # second Ctrl-C: give up on saving
             raise KeyboardInterrupt
         self.signal = signum
-        import logging
-
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "stop requested: saving the adapter and resumable state after this step (Ctrl-C again to abort)")
 
     def __exit__(self, *exc) -> None:

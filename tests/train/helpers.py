@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -41,6 +42,21 @@ def base_config(out: Path, **overrides) -> dict:
     )
     cfg.update(overrides)
     return cfg
+
+
+def stop_at_step(step: int) -> tuple[threading.Event, list, object]:
+    """(stop event, the events seen, on_event callback) that stops a run after optimizer step `step`, as the
+    web UI's Stop button or Ctrl-C would."""
+    from sd_loha.train.events import Progress
+
+    stop, seen = threading.Event(), []
+
+    def on_event(e) -> None:
+        seen.append(e)
+        if isinstance(e, Progress) and e.step == step:
+            stop.set()
+
+    return stop, seen, on_event
 
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

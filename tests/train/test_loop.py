@@ -4,7 +4,6 @@ text-embedding caching."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from sd_loha.train.events import Done, Progress
 from sd_loha.train.loop import TrainingError, train
 from sd_loha.train.state import load_state
 
-from .helpers import assert_finite_file, base_config, read_file
+from .helpers import assert_finite_file, base_config, read_file, stop_at_step
 
 # Resume must reproduce the uninterrupted run. On one machine and thread count every kernel is deterministic
 # and the state holds everything (fp32 factors, AdamW moments, scheduler, RNG, data position), so the files
@@ -78,14 +77,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_stop_saves_adapter_and_state_then_resume_finishes(tmp_path):
-    stop = threading.Event()
-    events = []
-
-    def on_event(e):
-        events.append(e)
-        if isinstance(e, Progress) and e.step == 2:
-            stop.set()
-
+    stop, events, on_event = stop_at_step(2)
     cfg = base_config(tmp_path / "out", max_train_steps=5, save_state=True)
     result = train(cfg, on_event=on_event, stop_event=stop, progress=False)
     assert result.stopped and result.steps == 2

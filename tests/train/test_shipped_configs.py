@@ -6,16 +6,13 @@ the file loads strictly in sd-loha's loader and in the real LyCORIS."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from sd_loha import cli
 from sd_loha.train.config import load_config
-from sd_loha.train.events import Progress
 from sd_loha.train.loop import train
 
-from .helpers import DEMO_IMAGES, REPO, assert_file_loads_everywhere, read_file
+from .helpers import DEMO_IMAGES, REPO, assert_file_loads_everywhere, read_file, stop_at_step
 
 CONFIGS = REPO / "train_configs"
 # shipped file -> (tiny model of its family, text-encoder parts its file adapts)
@@ -41,14 +38,7 @@ def test_shipped_config_trains_stops_resumes_and_loads(tmp_path, monkeypatch, na
                  "max_bucket_reso=128", "bucket_reso_steps=64", "max_train_steps=4", "sample_every_n_steps=2",
                  "save_every_n_steps=2", "sample_steps=2", "sample_width=64", "sample_height=64", f"output_dir={out}"]
 
-    stop = threading.Event()
-    seen = []
-
-    def on_event(e):
-        seen.append(e)
-        if isinstance(e, Progress) and e.step == 2:
-            stop.set()
-
+    stop, _, on_event = stop_at_step(2)
     first = train(path, overrides=overrides, on_event=on_event, stop_event=stop, progress=False)
     assert first.stopped and first.steps == 2
     assert (out / "samples" / "step000002.png").is_file()

@@ -5,7 +5,6 @@ atomic writes of what a run leaves behind."""
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -14,11 +13,10 @@ from PIL import Image
 
 from sd_loha.train.config import config_from_kwargs
 from sd_loha.train.ema import AdapterEMA
-from sd_loha.train.events import Progress
 from sd_loha.train.loop import Trainer, train
 from sd_loha.train.state import load_state
 
-from .helpers import base_config, read_file
+from .helpers import base_config, read_file, stop_at_step
 
 
 def _trainer(tmp_path, **overrides) -> Trainer:
@@ -98,22 +96,12 @@ def test_samples_validation_and_file_show_the_ema_weights(tmp_path):
     assert w2a and all(float(saved[k].abs().max()) == 0.0 for k in w2a)  # the file holds the average too
 
 
-def _stop_at(step: int):
-    stop = threading.Event()
-
-    def on_event(e):
-        if isinstance(e, Progress) and e.step == step:
-            stop.set()
-
-    return stop, on_event
-
-
 def test_fp16_resume_restores_the_loss_scaler(tmp_path):
     """fp16 trains with a GradScaler (ours on the CPU, accelerate's on CUDA); its state is part of the resumable
     state, so a resumed fp16 run continues the uninterrupted one: same scaler counters, same file."""
     cfg = dict(mixed_precision="fp16", max_train_steps=4, save_state=True, save_every_n_steps=2, max_grad_norm=1.0)
     whole = train(base_config(tmp_path / "whole", **cfg), progress=False)
-    stop, on_event = _stop_at(2)
+    stop, _, on_event = stop_at_step(2)
     part = base_config(tmp_path / "part", **cfg)
     assert train(part, progress=False, stop_event=stop, on_event=on_event).stopped
     resumed = train(part, resume=True, progress=False)
