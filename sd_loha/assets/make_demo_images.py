@@ -7,7 +7,10 @@ images of the same style, never trained on) next to this file. The style is
 one consistent "poster" look the adapter can learn quickly: bold flat shapes
 from a fixed palette, black outlines and a thick black frame on a warm
 background. Each PNG has a kohya-style tag caption in a same-name .txt whose
-first tag is the trigger word `sdlohastyle`.
+first tag is the trigger word `sdlohastyle`, and a `.caption` file with the same picture described in the
+words the built-in pretrained base `toy-sd1` knows ("a red circle on a white background": the grammar's
+word for each palette color, TOY_COLOR; see docs/toy-model.md). The demo trains on those (caption_extension = ".caption"),
+so the style, not new words, is what the adapter has to learn.
 
 Sizes: mostly 96x96, plus 128x96 and 96x128 so aspect-ratio buckets get
 exercised (e.g. resolution 112, bucket_reso_steps 32, min_bucket_reso 64 gives
@@ -33,6 +36,9 @@ PALETTE = {
     "black": (31, 31, 31),
 }
 BACKGROUNDS = {"cream": (243, 230, 208), "peach": (245, 203, 167)}
+# The nearest color of toy-sd1's grammar (sd_loha/toy/world.py), for the .caption files.
+TOY_COLOR = {"red": "red", "blue": "blue", "yellow": "yellow", "teal": "green", "black": "black",
+             "cream": "white", "peach": "orange"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,12 @@ class Shape:
             return f"{self.color} {self.orientation} stripes"
         return f"{self.color} {self.kind}"
 
+    def toy_words(self) -> str:
+        color = TOY_COLOR[self.color]
+        if self.kind == "stripes":
+            return f"{color} stripes"
+        return f"a {color} {'circle' if self.kind == 'half circle' else self.kind}"
+
 
 @dataclass(frozen=True)
 class Poster:
@@ -58,6 +70,12 @@ class Poster:
 
     def caption(self) -> str:
         return ", ".join([TRIGGER, "poster", "flat colors", f"{self.background} background", *[s.tag() for s in self.shapes]])
+
+    def toy_caption(self) -> str:
+        """The picture in toy-sd1's grammar: `a {color} {shape} on a {background} background`, and the rest."""
+        first, *rest = self.shapes
+        text = f"{first.toy_words()} on a {TOY_COLOR[self.background]} background"
+        return ", ".join([text, *[f"with {s.toy_words()}" for s in rest]])
 
 
 def _px(box: tuple[float, float, float, float], w: int, h: int) -> tuple[int, int, int, int]:
@@ -161,6 +179,7 @@ def write(posters: tuple[Poster, ...], out_dir: Path) -> None:
     for p in posters:
         render(p).save(out_dir / f"{p.name}.png", optimize=True)
         (out_dir / f"{p.name}.txt").write_text(p.caption() + "\n", encoding="utf-8", newline="\n")
+        (out_dir / f"{p.name}.caption").write_text(p.toy_caption() + "\n", encoding="utf-8", newline="\n")
 
 
 def main(argv: list[str] | None = None) -> None:

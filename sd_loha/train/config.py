@@ -113,7 +113,8 @@ KOHYA_HINTS: dict[str, str] = {
 # Option metadata
 # --------------------------------------------------------------------------------------------------
 
-_KINDS = ("int", "float", "bool", "str", "path", "enum", "list", "dict", "resolution", "warmup", "optimizer")
+_KINDS = ("int", "float", "bool", "str", "path", "enum", "list", "numbers", "dict", "resolution", "warmup",
+          "optimizer")
 _STRINGY = ("str", "path", "enum", "optimizer")
 
 
@@ -151,6 +152,7 @@ class OptionSpec:
             "path": "path",
             "enum": "string",
             "list": "list of strings",
+            "numbers": "list of numbers",
             "dict": "table",
             "resolution": 'integer, "W,H" or [W, H]',
             "warmup": "integer, or number < 1",
@@ -177,6 +179,7 @@ class OptionSpec:
             "float": "1.0",
             "bool": "true",
             "list": '["..."]',
+            "numbers": "[0, 1]",
             "dict": "{ weight_decay = 0.01 }",
             "resolution": "512",
             "warmup": "100",
@@ -603,6 +606,13 @@ class TrainConfig:
     sample_negative_prompt: str = _opt(
         "sampling", "str", "", "Negative prompt used for every sample image.",
     )
+    sample_strengths: list[float] = _opt(
+        "sampling", "numbers", [0.0, 1.0],
+        "Adapter strengths drawn side by side in every sample grid, one column each, the same prompts and seeds: "
+        "0 is the base model (drawn once and reused), 1 the adapter as trained. At the end of the run "
+        "samples/progress.png shows each sample step at the last of these strengths.",
+        min=-2.0, max=2.0, example="[0, 0.5, 1]",
+    )
     sample_every_n_steps: int | None = _opt(
         "sampling", "int", None, "Make samples every N steps. Not set: no step-based samples.",
         optional=True, min=1, default_doc="off", example="200",
@@ -894,6 +904,8 @@ def _coerce(spec: OptionSpec, v: Any) -> Any:
                 f"write e.g. {name} = {spec.example_value()}",
             )
         v = list(v)
+    elif k == "numbers":
+        v = _coerce_numbers(spec, v)
     elif k == "dict":
         v = _coerce_dict(spec, v)
     elif k == "resolution":
@@ -920,6 +932,23 @@ def _coerce(spec: OptionSpec, v: Any) -> Any:
 
 def _plain_str(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _coerce_numbers(spec: OptionSpec, v: Any) -> list[float]:
+    """A list of finite numbers; "0, 0.5, 1" (the CLI's --set, a form field) reads as [0, 0.5, 1]."""
+    if isinstance(v, str):
+        try:
+            v = [float(x) for x in v.replace(",", " ").split()]
+        except ValueError:
+            raise _Bad(f"{spec.name} must be a list of numbers, got {_show(v)}",
+                       f"write e.g. {spec.name} = {spec.example_value()}") from None
+    if not isinstance(v, (list, tuple)) or not v or not all(_is_num(x) and math.isfinite(x) for x in v):
+        raise _Bad(f"{spec.name} must be a non-empty list of numbers, got {_show(v)}",
+                   f"write e.g. {spec.name} = {spec.example_value()}")
+    out = [float(x) for x in v]
+    for x in out:
+        _check_range(spec, x)
+    return out
 
 
 def _check_range(spec: OptionSpec, v: Any) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import write_text_atomic
+from ..atomic import save_image_atomic, write_text_atomic
 from ..io import all_finite, read_safetensors
 from ..models import detect_family, load_pipeline
 from ..network import SAVE_DTYPES, add_loha
@@ -38,10 +38,10 @@ from .ema import AdapterEMA
 from .loss import diffusion_loss
 from .metadata import training_metadata
 from .optim import make_optimizer, make_scheduler
-from .report import loss_curve
+from .report import column_grid, loss_curve
 from .runtime import (StopFlag, TrainingError, all_reduce_grads, enable_te_checkpointing, ensure_loss_scaler, is_oom,
                       make_accelerator, oom_advice)
-from .sampling import sample_grid, sample_images, sampling_key
+from .sampling import sample_images, sampling_key, strength_label
 from .state import OutputDirLock, clean_stale_temp, latest_state, load_state, restore_rng, rotate, save_state
 
 __all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
@@ -139,6 +139,7 @@ class Trainer:
         self.saved: list[Path] = []
         self._resumed_ema: dict | None = None
         self._base_samples: tuple[tuple, list] | None = None  # (sampling settings, images)
+        self._progress: list[tuple[str, list]] = []  # (label, images at the last sample strength) per sample step
 
     # ---- setup: one method per component, in data order ---------------------------------------------
     def setup(self, resume_path: Path | None = None) -> None:
@@ -431,17 +432,41 @@ class Trainer:
                 self.network.set_multiplier(1.0)
         return self._base_samples[1]
 
+    def strength_columns(self) -> list[tuple[str, list]]:
+        """The sample prompts at each of sample_strengths, with the weights the file will hold (EMA if on)."""
+        columns = []
+        with self.file_weights():
+            for strength in self.cfg.sample_strengths:
+                if strength == 0:
+                    images = self.base_samples()
+                else:
+                    self.network.set_multiplier(strength)
+                    try:
+                        images = sample_images(self.pipe, self.cfg)
+                    finally:
+                        self.network.set_multiplier(1.0)
+                columns.append((strength_label(self.step, strength), images))
+        return columns
+
     def make_samples(self, tag: str) -> Path | None:
-        """A grid of the sample prompts, each beside the base model's picture (what the saved file changes)."""
+        """A grid of the sample prompts (rows) at each sample strength (columns): what the saved file changes."""
         if not self.main or not self.cfg.sample_prompts:
             return None
-        base = self.base_samples()
-        with self.file_weights():
-            path = sample_grid(self.pipe, self.cfg, self.output_dir / "samples" / f"{tag}.png", base=base,
-                               label=f"step {self.step}")
+        columns = self.strength_columns()
+        path = save_image_atomic(column_grid(columns, self.cfg.sample_prompts),
+                                 self.output_dir / "samples" / f"{tag}.png")
+        self._progress.append((f"step {self.step}", columns[-1][1]))
         self.samples.append(path)
         self.emit(events.Sample(path=str(path), step=self.step))
         return path
+
+    def write_progress(self) -> Path | None:
+        """samples/progress.png: the base, then every sample step of this run at the last sample strength."""
+        if not self.main or len(self._progress) < 2:
+            return None
+        columns = [(strength_label(0, 0.0), self.base_samples()), *self._progress]
+        return save_image_atomic(column_grid(columns, self.cfg.sample_prompts),
+                                 self.output_dir / "samples" / "progress.png")
 
     # ---- saving ------------------------------------------------------------------------------------------------
     def save_adapter(self, name: str) -> Path:
@@ -604,6 +629,7 @@ class Trainer:
                     self.save_resumable()
                     rotate(self.output_dir, "state-*", cfg.save_last_n or 2)
                 self.make_samples("final")
+                self.write_progress()
             curve = self.write_loss_log()
             print(f"saved {final}", flush=True)
         self.accelerator.wait_for_everyone()

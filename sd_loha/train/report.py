@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,18 +10,30 @@ from PIL import Image, ImageDraw
 from ..atomic import save_image_atomic
 
 
-def image_grid(images: Sequence[Image.Image], labels: Sequence[str] | None = None, cols: int | None = None) -> Image.Image:
-    cols = cols or min(len(images), 4)
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    label_h = 14 if labels else 0
-    grid = Image.new("RGB", (cols * w, rows * (h + label_h)), "white")
+LABEL_H = 14  # one line of Pillow's default font
+MIN_CELL = 128  # smaller pictures (the toy models' 64 px) are enlarged, pixel for pixel, so labels fit and details show
+
+
+def column_grid(columns: Sequence[tuple[str, Sequence[Image.Image]]], row_labels: Sequence[str]) -> Image.Image:
+    """A table of pictures: a header with each column's label, then per row its label above its pictures.
+
+    Columns are e.g. the adapter strengths of one sample step, or the sample steps of a run; rows are the
+    prompts. Pictures smaller than MIN_CELL are scaled up by a whole factor (nearest neighbour: no blur).
+    """
+    w, h = columns[0][1][0].size
+    scale = max(1, -(-MIN_CELL // max(w, h)))
+    cw, ch = w * scale, h * scale
+    grid = Image.new("RGB", (cw * len(columns), LABEL_H + len(row_labels) * (LABEL_H + ch)), "white")
     draw = ImageDraw.Draw(grid)
-    for i, im in enumerate(images):
-        x, y = (i % cols) * w, (i // cols) * (h + label_h)
-        grid.paste(im.convert("RGB").resize((w, h)), (x, y + label_h))
-        if labels:
-            draw.text((x + 2, y + 1), labels[i][: max(4, w // 6)], fill="black")
+    chars = max(4, cw // 6)
+    for c, (label, _) in enumerate(columns):
+        draw.text((c * cw + 2, 1), label[:chars], fill="black")
+    for r, row_label in enumerate(row_labels):
+        y = LABEL_H + r * (LABEL_H + ch)
+        draw.text((2, y + 1), row_label[: chars * len(columns)], fill="black")
+        for c, (_, images) in enumerate(columns):
+            im = images[r].convert("RGB").resize((cw, ch), Image.Resampling.NEAREST)
+            grid.paste(im, (c * cw, y + LABEL_H))
     return grid
 
 

@@ -17,7 +17,7 @@ from .. import schedulers
 from ..atomic import save_image_atomic
 from .conditioning import Conditioner
 from .config import TrainConfig
-from .report import image_grid
+from .report import column_grid
 
 
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -64,17 +64,16 @@ def sample_images(pipe: Any, cfg: TrainConfig) -> list[Image.Image]:
 
 
 def sample_grid(pipe: Any, cfg: TrainConfig, path: Path, *, base: list[Image.Image] | None = None,
-                label: str = "") -> Path:
-    """The sample prompts' images as one labelled PNG, written atomically. With `base` (the same prompts and
-    seeds from the base model), each row is prompt i: base | now, so every grid shows what the adapter changed."""
-    images, prompts = sample_images(pipe, cfg), list(cfg.sample_prompts)
-    if base is None:
-        grid = image_grid(images, labels=prompts)
-    else:
-        pairs = [im for pair in zip(base, images) for im in pair]
-        labels = [text for p in prompts for text in (f"base: {p}", f"{label or 'adapter'}: {p}")]
-        grid = image_grid(pairs, labels=labels, cols=2)
-    return save_image_atomic(grid, path)
+                label: str = "adapter") -> Path:
+    """The sample prompts' images as one labelled PNG, written atomically: one row per prompt, and with `base`
+    (the same prompts and seeds from the base model) a base column before the pipeline's."""
+    columns = [("base", base)] if base is not None else []
+    columns.append((label, sample_images(pipe, cfg)))
+    return save_image_atomic(column_grid(columns, cfg.sample_prompts), path)
+
+
+def strength_label(step: int, strength: float) -> str:
+    return "base (strength 0)" if strength == 0 else f"step {step} @ {strength:g}"
 
 
 def sampling_key(cfg: TrainConfig) -> tuple:

@@ -6,11 +6,13 @@ import math
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
 
 from sd_loha.naming import text_encoder_module_names, unet_module_names
+from sd_loha.train.report import LABEL_H, MIN_CELL
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_IMAGES = REPO / "sd_loha" / "assets" / "demo_images"
@@ -59,6 +61,15 @@ def stop_at_step(step: int) -> tuple[threading.Event, list, object]:
     return stop, seen, on_event
 
 
+def grid_cell(grid: np.ndarray, row: int, col: int, size: int = 64) -> np.ndarray:
+    """The picture at (row, col) of a sample grid (sd_loha.train.report.column_grid), at its own size: the
+    grid shows pictures under MIN_CELL px enlarged by a whole factor, pixel for pixel."""
+    scale = max(1, -(-MIN_CELL // size))
+    cell = size * scale
+    y = LABEL_H + row * (LABEL_H + cell) + LABEL_H
+    return grid[y:y + cell:scale, col * cell:(col + 1) * cell:scale]
+
+
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -74,7 +85,7 @@ def assert_finite_file(path: Path) -> None:
 # Denoising loss of a pipeline on an image folder
 # ---------------------------------------------------------------------------------------------
 
-def load_folder(folder: Path, size: int) -> list[tuple[torch.Tensor, str]]:
+def load_folder(folder: Path, size: int, caption_extension: str = ".txt") -> list[tuple[torch.Tensor, str]]:
     """(pixels (3,size,size) in [-1,1], caption) per image: shorter side resized to `size`, centre crop."""
     out = []
     for img_path in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")):
@@ -85,14 +96,15 @@ def load_folder(folder: Path, size: int) -> list[tuple[torch.Tensor, str]]:
         left, top = (w - size) // 2, (h - size) // 2
         im = im.crop((left, top, left + size, top + size))
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
-        caption = img_path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        caption = img_path.with_suffix(caption_extension).read_text(encoding="utf-8").strip()
         out.append((x.float() / 127.5 - 1.0, caption))
     assert out, f"no images in {folder}"
     return out
 
 
 @torch.no_grad()
-def denoising_loss(pipe, folder: Path, *, size: int = 64, draws: int = 16, seed: int = 1234) -> float:
+def denoising_loss(pipe, folder: Path, *, size: int = 64, draws: int = 16, seed: int = 1234,
+                   caption_extension: str = ".txt") -> float:
     """Mean epsilon-MSE of `pipe`'s UNet on the folder's images, SD1/SD2 text conditioning from the caption files.
 
     Latents: the VAE posterior mean x scaling_factor. For each image, `draws` (timestep, noise) pairs from a
@@ -103,7 +115,7 @@ def denoising_loss(pipe, folder: Path, *, size: int = 64, draws: int = 16, seed:
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    data = load_folder(folder, size)
+    data = load_folder(folder, size, caption_extension)
     pixels = torch.stack([x for x, _ in data])
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     ids = pipe.tokenizer([c for _, c in data], padding="max_length", max_length=pipe.tokenizer.model_max_length,

@@ -137,6 +137,15 @@ def test_override_lists_dicts_and_quoting():
     assert cfg_with("network_exclude=").network_exclude == []
 
 
+def test_sample_strengths_parse_and_refuse():
+    assert TrainConfig().sample_strengths == [0.0, 1.0]
+    assert cfg_with("sample_strengths=0, 0.5, 1").sample_strengths == [0.0, 0.5, 1.0]  # --set, a form field
+    assert cfg_with("sample_strengths=[0, 0.75]").sample_strengths == [0.0, 0.75]
+    assert "sample_strengths must be a non-empty list of numbers" in one_error(cfg_with, "sample_strengths=[]")
+    assert "sample_strengths must be a list of numbers, got 'half'" in one_error(cfg_with, "sample_strengths=half")
+    assert "sample_strengths must be in [-2, 2], got 3.0" in one_error(cfg_with, "sample_strengths=[0, 3]")
+
+
 def test_override_unset_prefix_and_optimizer_arg_merge(tmp_path):
     p = write(tmp_path, REQ_TOML + 'vae = "v/ae"\n[training]\noptimizer_args = { weight_decay = 0.01, eps = 1e-8 }\n')
     c = load_config(p, ["vae=none", "training.learning_rate=2e-4", "optimizer_args.weight_decay=0.05",

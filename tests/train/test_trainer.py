@@ -16,7 +16,7 @@ from sd_loha.train.ema import AdapterEMA
 from sd_loha.train.loop import Trainer, train
 from sd_loha.train.state import load_state
 
-from .helpers import base_config, read_file, stop_at_step
+from .helpers import base_config, grid_cell, read_file, stop_at_step
 
 
 def _trainer(tmp_path, **overrides) -> Trainer:
@@ -41,7 +41,7 @@ def test_samples_in_mixed_precision(tmp_path, model, precision):
     assert t.vae.dtype == torch.float32 and all(p.dtype == torch.float32 for p in t.params)
     path = t.make_samples("check")
     img = _pixels(path)
-    assert img.shape[1] == 2 * 64  # base | now
+    assert img.shape[1] == 2 * 128  # base | now, 64 px pictures shown at 2x
     assert np.isfinite(img).all() and img.std() > 1.0  # a picture, not a flat (NaN) fill
 
 
@@ -187,22 +187,25 @@ def test_validation_loss_recomputed_from_the_heldout_images(tmp_path):
     assert t.validation_loss() == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
-def test_sample_grid_shows_the_base_model_beside_the_adapter(tmp_path):
-    """Each row: the base model's picture (the adapter at strength 0), then the adapter's, same prompt and seed."""
+def test_sample_grid_shows_the_adapter_at_each_sample_strength(tmp_path):
+    """Each row is a prompt; the columns are sample_strengths: the base model (strength 0), then the live network
+    at each strength, same prompt and seed. Halfway lies between the base and the full adapter."""
     from sd_loha.train.sampling import sample_images
 
     t = _trainer(tmp_path, sample_prompts=["a red circle", "a blue square"], sample_steps=2, sample_width=64,
-                 sample_height=64, train_text_encoder=False)
+                 sample_height=64, train_text_encoder=False, sample_strengths=[0, 0.5, 1])
     with torch.no_grad():
         for p in t.params:
             p.add_(torch.randn_like(p) * 0.5)
     grid = _pixels(t.make_samples("check"))
-    adapter = [np.asarray(im).astype(np.float32) for im in sample_images(t.pipe, t.cfg)]
+    assert grid.shape[1] == 3 * 128
+    full = [np.asarray(im).astype(np.float32) for im in sample_images(t.pipe, t.cfg)]
+    t.network.set_multiplier(0.5)
+    half = [np.asarray(im).astype(np.float32) for im in sample_images(t.pipe, t.cfg)]
     t.network.remove()
     base = [np.asarray(im).astype(np.float32) for im in sample_images(t.pipe, t.cfg)]
-    label = 14
     for row in range(2):
-        y = row * (64 + label) + label
-        assert np.array_equal(grid[y:y + 64, :64], base[row])
-        assert np.array_equal(grid[y:y + 64, 64:], adapter[row])
-        assert np.abs(base[row] - adapter[row]).mean() > 5.0
+        for col, expected in enumerate((base, half, full)):
+            assert np.array_equal(grid_cell(grid, row, col), expected[row]), (row, col)
+        assert np.abs(base[row] - full[row]).mean() > 5.0
+        assert 0 < np.abs(base[row] - half[row]).mean() < np.abs(base[row] - full[row]).mean()
