@@ -37,6 +37,7 @@ from .config import TrainConfig, as_config
 from .ema import AdapterEMA
 from .loss import diffusion_loss
 from .metadata import training_metadata
+from .noise import noisy_latents, sample_noise, sample_timesteps
 from .optim import make_optimizer, make_scheduler
 from .report import column_grid, loss_curve
 from .runtime import (StopFlag, TrainingError, all_reduce_grads, enable_te_checkpointing, ensure_loss_scaler, is_oom,
@@ -352,23 +353,20 @@ class Trainer:
 
     def loss_step(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """The denoising loss of one batch: noise the latents at random timesteps, predict, compare."""
-        cfg = self.cfg
+        cfg, scheduler = self.cfg, self.noise_scheduler
         latents = (batch["latents"].to(self.device, torch.float32) if "latents" in batch
                    else self.encode_pixels(batch["pixel_values"]))
-        bsz = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=generator).to(self.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,),
-                                  generator=generator).to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noise = sample_noise(cfg, latents, generator)
+        timesteps = sample_timesteps(cfg, scheduler, latents.shape[0], self.device, generator)
+        noisy = noisy_latents(cfg, scheduler, latents, noise, timesteps, generator)
         cond = self.conditioning(batch)
         with self.accelerator.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, cond["encoder_hidden_states"],
                              added_cond_kwargs=cond["added_cond_kwargs"]).sample
-        return diffusion_loss(self.noise_scheduler, pred, latents, noise, timesteps, loss_type=cfg.loss_type,
+        return diffusion_loss(scheduler, pred, latents, noise, timesteps, loss_type=cfg.loss_type,
                               huber_c=cfg.huber_c, huber_schedule=cfg.huber_schedule, huber_scale=cfg.huber_scale,
-                              min_snr_gamma=cfg.min_snr_gamma)
+                              min_snr_gamma=cfg.min_snr_gamma, mask=batch.get("loss_mask"),
+                              sample_weights=batch.get("loss_weight"))
 
     def optimizer_step(self) -> None:
         """Clip, update, advance the schedule, average into the EMA."""
@@ -465,8 +463,11 @@ class Trainer:
         if not self.main or len(self._progress) < 2:
             return None
         columns = [(strength_label(0, 0.0), self.base_samples()), *self._progress]
-        return save_image_atomic(column_grid(columns, self.cfg.sample_prompts),
+        path = save_image_atomic(column_grid(columns, self.cfg.sample_prompts),
                                  self.output_dir / "samples" / "progress.png")
+        self.samples.append(path)
+        self.emit(events.Sample(path=str(path), step=self.step))
+        return path
 
     # ---- saving ------------------------------------------------------------------------------------------------
     def save_adapter(self, name: str) -> Path:

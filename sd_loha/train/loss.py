@@ -18,6 +18,7 @@ __all__ = [
     "diffusion_loss",
     "huber_threshold",
     "loss_weights",
+    "masked_mean",
     "min_snr_weights",
     "per_sample_loss",
     "snr",
@@ -88,8 +89,9 @@ def huber_threshold(scheduler, timesteps: torch.Tensor, *, huber_c: float, sched
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
-                    huber_c: float | torch.Tensor = 0.1) -> torch.Tensor:
-    """Mean elementwise loss of each sample, shape (batch,). ``huber_c``: one c, or one per sample."""
+                    huber_c: float | torch.Tensor = 0.1, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean elementwise loss of each sample, shape (batch,). ``huber_c``: one c, or one per sample. ``mask``:
+    per-pixel weights at the latents' size (batch, 1, h, w), see :func:`masked_mean`."""
     pred, target = pred.float(), target.float()
     if isinstance(huber_c, torch.Tensor):
         huber_c = huber_c.float().view(-1, *([1] * (pred.dim() - 1)))
@@ -101,15 +103,27 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
         elem = 2 * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r} (one of {', '.join(LOSS_TYPES)})")
+    return masked_mean(elem, mask)
+
+
+def masked_mean(elem: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each sample's mean of the elementwise loss, the pixels weighted by the mask (1 everywhere without one)."""
+    if mask is not None:
+        elem = elem * mask.to(elem.device, elem.dtype)
     return elem.mean(dim=tuple(range(1, elem.dim())))
 
 
 def diffusion_loss(scheduler, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, *,
                    loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = HUBER_SCHEDULES[0],
-                   huber_scale: float = 1.0, min_snr_gamma: float | None = None) -> torch.Tensor:
-    """The batch's training loss: per-sample loss against the scheduler's target, weighted, averaged."""
+                   huber_scale: float = 1.0, min_snr_gamma: float | None = None, mask: torch.Tensor | None = None,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's training loss: per-sample loss against the scheduler's target (over the mask's pixels), times
+    the scheme's per-sample weights and the batch's own (prior_loss_weight of regularization images), averaged."""
     c: float | torch.Tensor = huber_c
     if loss_type in ("huber", "smooth_l1"):
         c = huber_threshold(scheduler, timesteps, huber_c=huber_c, schedule=huber_schedule, huber_scale=huber_scale)
-    losses = per_sample_loss(pred, target_for(scheduler, latents, noise, timesteps), loss_type, c)
-    return (losses * loss_weights(scheduler, timesteps, min_snr_gamma=min_snr_gamma)).mean()
+    losses = per_sample_loss(pred, target_for(scheduler, latents, noise, timesteps), loss_type, c, mask)
+    weights = loss_weights(scheduler, timesteps, min_snr_gamma=min_snr_gamma)
+    if sample_weights is not None:
+        weights = weights * sample_weights.to(weights.device, weights.dtype)
+    return (losses * weights).mean()

@@ -618,14 +618,14 @@ def test_sample_prompts_steps_size_and_guidance(tmp_path, sampler_trainer):
     # two prompts x two steps, each a CFG batch of 2 at 64x64 px (8x8 latents), for the base model and for the
     # adapter; each row of the grid is one prompt: base | adapter
     assert [c["shape"] for c in calls] == [(2, 4, 8, 8)] * 8
-    assert grid.size == (2 * 64, 2 * (64 + 14))
+    assert grid.size == (2 * 128, 14 + 2 * (128 + 14))  # a header row, then per prompt a label and 64 px at 2x
     t.make_samples("again")
     assert len(unet.take()) == 4  # the base images are made once per sampling settings
     _set_sampling(t, tmp_path, sample_steps=3, sample_width=96, sample_height=64, sample_guidance_scale=1.0)
     grid = Image.open(t.make_samples("b"))
     # guidance 1: no unconditional half (new settings: the base images again)
     assert [c["shape"] for c in unet.take()] == [(1, 4, 8, 12)] * 12
-    assert grid.size[0] == 2 * 96
+    assert grid.size[0] == 2 * 96 * 2
 
 
 @torch.no_grad()
@@ -699,7 +699,7 @@ def test_sample_and_save_intervals_in_a_run(tmp_path):
                                sample_every_n_epochs=1, sample_prompts=["a red circle"], sample_steps=1,
                                sample_width=64, sample_height=64, train_text_encoder=False, preset="attn-only"),
                    progress=False)
-    assert [p.name for p in result.samples] == ["epoch0001.png", "step000003.png", "final.png"]
+    assert [p.name for p in result.samples] == ["epoch0001.png", "step000003.png", "final.png", "progress.png"]
     assert sorted(p.name for p in (tmp_path / "out" / "samples").iterdir()) == sorted(p.name for p in result.samples)
 
 
