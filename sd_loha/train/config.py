@@ -33,7 +33,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..schedulers import ALIASES as SCHEDULER_ALIASES
 from ..schedulers import SCHEDULERS, sampler_problem
-from .loss import HUBER_SCHEDULES, LOSS_TYPES
+from ..targets import PresetError, is_preset_file, read_preset
+from .loss import HUBER_SCHEDULES, LOSS_TYPES, PREDICTION_ONLY, prediction_mismatch
 from .optim import OptimizerError, check_optimizer_args, resolve_optimizer
 
 __all__ = [
@@ -85,7 +86,7 @@ KOHYA_HINTS: dict[str, str] = {
     "network_module": "sd-loha always trains LoHA; delete this line",
     "network_args": (
         "LyCORIS network_args are separate options here: preset, conv_dim, conv_alpha, use_tucker, "
-        "rank_dropout, module_dropout (and algo is always LoHA)"
+        "rank_dropout, module_dropout, network_reg_dims, network_reg_lrs (and algo is always LoHA)"
     ),
     "network_train_unet_only": "use train_text_encoder = false",
     "network_train_text_encoder_only": "not supported; sd-loha always trains the UNet",
@@ -100,7 +101,7 @@ KOHYA_HINTS: dict[str, str] = {
     "persistent_data_loader_workers": "not needed; delete this line",
     "lr_warmup": "the option is lr_warmup_steps (a step count, or a fraction of the run below 1)",
     "optimizer": "the option is optimizer_type",
-    "sample_prompt": "the option is sample_prompts (a list of strings)",
+    "sample_prompt": "the option is sample_prompts (a list of prompts, or a kohya prompts file: \"prompts.txt\")",
     "network_rank": "the option is network_dim (kohya's name for the rank)",
     "rank": "the option is network_dim (kohya's name for the rank)",
     "alpha": "the option is network_alpha",
@@ -114,7 +115,7 @@ KOHYA_HINTS: dict[str, str] = {
 # --------------------------------------------------------------------------------------------------
 
 _KINDS = ("int", "float", "bool", "str", "path", "enum", "list", "numbers", "dict", "resolution", "warmup",
-          "optimizer")
+          "optimizer", "int_patterns", "float_patterns")
 _STRINGY = ("str", "path", "enum", "optimizer")
 
 
@@ -138,6 +139,7 @@ class OptionSpec:
     default_doc: str | None = None  # how the default reads in docs ("same as learning_rate")
     type_doc: str | None = None
     example: str | None = None  # a valid TOML value, used in fix hints
+    file_suffix: str | None = None  # an enum that also takes a path ending in this (preset = "my.toml")
     name: str = ""
     default: Any = None
 
@@ -157,6 +159,8 @@ class OptionSpec:
             "resolution": 'integer, "W,H" or [W, H]',
             "warmup": "integer, or number < 1",
             "optimizer": "string",
+            "int_patterns": 'table of regex = integer, or "regex=N,..."',
+            "float_patterns": 'table of regex = number, or "regex=x,..."',
         }[self.kind]
 
     def range_text(self) -> str | None:
@@ -345,6 +349,43 @@ class TrainConfig:
         "adapter's validation loss is computed at the end of the run. Needs validation_split > 0.",
         optional=True, min=1, default_doc="once per epoch", example="100",
     )
+    reg_data_dir: str | None = _opt(
+        "dataset", "path", None,
+        "Folder of regularization (prior-preservation) images, laid out like train_data_dir (captions, kohya "
+        "'10_name' repeat folders). As in kohya, an epoch holds as many regularization samples as training "
+        "samples (images x repeats): the images join in order with their folder repeats until that count is "
+        "reached (the rest are not used), and if one pass is short each gets one more repeat, in order, until it "
+        "is; an epoch is then twice as long. Never used for validation. Their loss is multiplied by "
+        "prior_loss_weight. Not set: no regularization.",
+        optional=True, example='"data/reg_woman"',
+    )
+    prior_loss_weight: float = _opt(
+        "dataset", "float", 1.0,
+        "Multiplier of the loss of every regularization image (reg_data_dir); training images weigh 1 (kohya's "
+        "prior_loss_weight).",
+        min=0.0,
+    )
+    masked_loss: bool = _opt(
+        "dataset", "bool", False,
+        "Weight each latent pixel's loss by a mask from conditioning_data_dir (its red channel; white = 1, black "
+        "= 0, grey = partial), or from each image's alpha channel with alpha_mask. The mask follows the image's "
+        "resize, crop and flip and is area-averaged to the latents' size; the loss is mean(loss x mask) over the "
+        "pixels, as kohya computes it (not divided by the mask's area).",
+    )
+    alpha_mask: bool = _opt(
+        "dataset", "bool", False,
+        "Use each image's alpha channel / 255 as its loss mask (kohya's alpha_mask; turns masked_loss on by "
+        "itself, as in kohya). Images without transparency weigh 1 everywhere; regularization images use their "
+        "alpha too. The pixels under transparency are still composited on white for the VAE.",
+    )
+    conditioning_data_dir: str | None = _opt(
+        "dataset", "path", None,
+        "Folder of loss masks for masked_loss: one image per training image with the same file name (any image "
+        "extension), at the same path relative to train_data_dir or directly in this folder, the same size as its "
+        "image; its red channel / 255 is the weight. A training image without a mask is an error (as in kohya); "
+        "regularization images weigh 1 everywhere. Not set: no mask folder.",
+        optional=True, example='"data/my_style_masks"',
+    )
 
     # ---- network -------------------------------------------------------------------------------
     preset: str = _opt(
@@ -353,8 +394,13 @@ class TrainConfig:
         "feed-forward layers of the transformer blocks, incl. proj_in/proj_out), full (also the ResNet blocks' "
         "convolutions and time-embedding projections and the down/upsampler convolutions; k x k convs only when "
         "conv_dim > 0). With train_text_encoder the text encoders' attention layers (attn-only) or attention and "
-        "MLP layers (attn-mlp, full) are added.",
-        choices=PRESETS,
+        "MLP layers (attn-mlp, full) are added. Or a LyCORIS preset file, a path ending in .toml (e.g. "
+        "train_configs/presets/style_blocks.toml; docs/training.md): unet_target_module / "
+        "text_encoder_target_module (block classes whose layers are adapted), unet_target_name / "
+        "text_encoder_target_name (module paths, regular expressions matched from the start, or shell globs with "
+        "use_fnmatch = true), exclude_name, enable_conv, and module_algo_map / name_algo_map tables of per-class / "
+        "per-name dim, alpha and use_tucker (algo must be loha), with LyCORIS's kohya-network precedence.",
+        choices=PRESETS, file_suffix=".toml", type_doc="string: a preset name or a .toml file",
     )
     network_dim: int = _opt(
         "network", "int", 8,
@@ -394,6 +440,27 @@ class TrainConfig:
         "drawn per module and per pass (so per micro-batch with gradient accumulation).",
         min=0.0, max=1.0, max_open=True,
     )
+    dora_wd: bool = _opt(
+        "network", "bool", False,
+        "LyCORIS's weight decomposition for LoHA (DoRA; network_args dora_wd): each adapted weight becomes "
+        "W' = (W + ΔW) · m / ‖W + ΔW‖, the norm along the axis wd_on_output names, with a trainable magnitude m "
+        "that starts at ‖W‖ and is saved as each module's dora_scale. A strength s gives W + s·(W' − W), in "
+        "sd-loha's loader, A1111 and ComfyUI alike. LyCORIS advises a smaller learning rate than plain LoHA.",
+    )
+    wd_on_output: bool = _opt(
+        "network", "bool", False,
+        "With dora_wd: false takes the norm per input column (dora_scale of shape (1, in[, 1, 1])), true per "
+        "output row ((out, 1[, 1, 1]), LyCORIS's default). The default here is false because only those files "
+        "load right everywhere: A1111 always normalises per input column, so an output-row dora_scale "
+        "broadcasts into a full matrix and the pictures turn to noise, and ComfyUI divides an output-row "
+        "dora_scale by the norm of the original weight instead of ‖W + ΔW‖ (docs/format.md, LyCORIS issue 246).",
+    )
+    use_scalar: bool = _opt(
+        "network", "bool", False,
+        "LyCORIS's use_scalar: ΔW is multiplied by a trainable scalar that starts at 0, so hada_w2_a starts "
+        "random (N(0, 0.1)) instead of zero and both factor pairs learn from the first step, while ΔW still "
+        "starts at 0. The file stores hada_w1_a · scalar (LyCORIS's layout), so every loader reads it as usual.",
+    )
     network_include: list[str] = _opt(
         "network", "list", [],
         "Extra layers to adapt on top of the preset: shell-style patterns (* ? [...]) matched against the whole "
@@ -406,6 +473,26 @@ class TrainConfig:
         "Layers never adapted, even when the preset or network_include selects them: patterns as in "
         "network_include.",
         example='["*time_emb_proj"]',
+    )
+    network_reg_dims: dict[str, int] = _opt(
+        "network", "int_patterns", {},
+        "Block-wise ranks (kohya sd-scripts' network_reg_dims): regular expressions searched anywhere in each "
+        "adapted module's name in the file (lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q, "
+        "lora_te_text_model_encoder_layers_0_mlp_fc1; SDXL UNet: LDM names, lora_unet_output_blocks_2_1_...), as a "
+        "table { 'up_blocks_1_.*attn' = 16 } or kohya's string \"pattern=rank,pattern=rank\". The first pattern "
+        "in order that matches sets the module's rank (over network_dim / conv_dim and a preset file's dim); 0 "
+        "leaves the module out; a k x k conv in the preset is adapted at its pattern's rank even with conv_dim = "
+        "0. The module keeps its alpha (network_alpha, or conv_alpha for k x k convs), so its scale is alpha / "
+        "its own rank, as in kohya. A pattern that matches no module the preset selects is an error.",
+        min=0, example="{ 'up_blocks_.*attentions' = 16 }",
+    )
+    network_reg_lrs: dict[str, float] = _opt(
+        "network", "float_patterns", {},
+        "Block-wise learning rates (kohya sd-scripts' network_reg_lrs): patterns as in network_reg_dims, each with "
+        "a learning rate that replaces unet_lr / text_encoder_lr for the modules it matches first (one optimizer "
+        "param group per part and rate; the lr schedule scales each). A pattern that matches no adapted module "
+        "is an error.",
+        min=0.0, min_open=True, example="{ 'lora_te_' = 5e-5 }",
     )
     train_text_encoder: bool = _opt(
         "network", "bool", True,
@@ -522,10 +609,83 @@ class TrainConfig:
         "Min-SNR-gamma loss weighting (5.0 is typical; speeds up convergence). Not set: off.",
         optional=True, min=0.0, min_open=True, default_doc="off", example="5.0",
     )
+    debiased_estimation_loss: bool = _opt(
+        "training", "bool", False,
+        "Debiased estimation loss (kohya's debiased_estimation_loss, Yu et al. 2024): weights each sample's loss by "
+        "1/sqrt(SNR) for ε-prediction, 1/(SNR + 1) for v-prediction, SNR = ᾱ_t/(1 - ᾱ_t) capped at 1000 as in "
+        "kohya. Multiplies with the other weightings.",
+    )
+    scale_v_pred_loss_like_noise_pred: bool = _opt(
+        "training", "bool", False,
+        "Weights each sample's v-prediction loss by SNR/(SNR + 1) (SNR capped at 1000), bringing it to the size "
+        "of an ε-prediction loss (kohya's scale_v_pred_loss_like_noise_pred). v-prediction models only.",
+    )
+    v_pred_like_loss: float | None = _opt(
+        "training", "float", None,
+        "Adds this times a v-prediction-like loss to an ε-prediction loss: each sample's loss is multiplied by "
+        "1 + v_pred_like_loss x (SNR + 1)/SNR (SNR capped at 1000; kohya's v_pred_like_loss). ε-prediction models "
+        "only. Not set: off.",
+        optional=True, min=0.0, min_open=True, default_doc="off", example="0.1",
+    )
     noise_offset: float = _opt(
         "training", "float", 0.0,
         "Noise offset: adds this times a random constant per image and channel to the noise (0.05-0.1 helps "
         "very dark/bright images; 0 = off).", min=0.0, max=1.0,
+    )
+    noise_offset_random_strength: bool = _opt(
+        "training", "bool", False,
+        "Draw the noise offset's strength uniformly from [0, noise_offset) once per batch instead of using "
+        "noise_offset itself (kohya's noise_offset_random_strength). Needs noise_offset > 0.",
+    )
+    adaptive_noise_scale: float | None = _opt(
+        "training", "float", None,
+        "Adds this times the absolute mean of each latent channel to noise_offset, per image and channel, the sum "
+        "clamped at 0 (kohya's adaptive_noise_scale; may be negative). Needs noise_offset > 0. Not set: off.",
+        optional=True, min=-1.0, max=1.0, default_doc="off", example="0.00357",
+    )
+    multires_noise_iterations: int | None = _opt(
+        "training", "int", None,
+        "Multi-resolution (pyramid) noise with this many levels (kohya's multires_noise_iterations; 6-10 is "
+        "usual): level i adds Gaussian noise drawn at the latent size divided by r^i (r random in [2, 4)), "
+        "upsampled bilinearly and scaled by multires_noise_discount^i; the sum is divided by its standard "
+        "deviation. Applied after noise_offset. Not set: off.",
+        optional=True, min=1, default_doc="off", example="6",
+    )
+    multires_noise_discount: float = _opt(
+        "training", "float", 0.3,
+        "Weight decay per level of multi-resolution noise (kohya's multires_noise_discount; lower = the coarse "
+        "levels count less). Only used with multires_noise_iterations.",
+        min=0.0, max=1.0,
+    )
+    ip_noise_gamma: float | None = _opt(
+        "training", "float", None,
+        "Input perturbation (kohya's ip_noise_gamma, Ning et al. 2023; about 0.1): the UNet's input is noised "
+        "with noise + ip_noise_gamma x N(0, 1) while the target stays the noise. Not set: off.",
+        optional=True, min=0.0, min_open=True, default_doc="off", example="0.1",
+    )
+    ip_noise_gamma_random_strength: bool = _opt(
+        "training", "bool", False,
+        "Draw the input perturbation's strength uniformly from [0, ip_noise_gamma) once per batch (kohya's "
+        "ip_noise_gamma_random_strength). Needs ip_noise_gamma.",
+    )
+    min_timestep: int | None = _opt(
+        "training", "int", None,
+        "Lowest training timestep (kohya's min_timestep): timesteps are drawn uniformly from [min_timestep, "
+        "max_timestep); min_timestep = max_timestep trains at that one timestep. Not set: 0.",
+        optional=True, min=0, max=999, default_doc="0", example="100",
+    )
+    max_timestep: int | None = _opt(
+        "training", "int", None,
+        "End of the training timestep range, exclusive (kohya's max_timestep). Not set: the model's number of "
+        "training timesteps (1000 for SD).",
+        optional=True, min=1, max=1000, default_doc="1000 (the model's)", example="900",
+    )
+    zero_terminal_snr: bool = _opt(
+        "training", "bool", False,
+        "Rescale the noise schedule's betas to zero terminal SNR (kohya's zero_terminal_snr; diffusers' "
+        "rescale_betas_zero_snr, Lin et al. 2023): the last timestep is pure noise, so the model learns to "
+        "make very dark and very bright images. v-prediction models only (v_parameterization, or detected from "
+        "the model). Samples during training keep the model's own sampling schedule.",
     )
     loss_type: str = _opt(
         "training", "enum", "l2",
@@ -600,8 +760,15 @@ class TrainConfig:
     # ---- sampling ------------------------------------------------------------------------------
     sample_prompts: list[str] = _opt(
         "sampling", "list", [],
-        "Prompts for sample images during training and at the end of the run (a single string is one prompt).",
-        example='["a cat, my_style"]',
+        "Prompts for sample images during training and at the end of the run (a single string is one prompt), "
+        "each with kohya's per-prompt options after it: --n negative prompt, --w/--h size (rounded down to a "
+        "multiple of 8, at least 64), --d seed, --l guidance scale, --s steps (1-1000), --ss sampler; what a prompt "
+        "does not set comes from the sample_* options. An entry ending in .txt, .toml or .json is a kohya prompts "
+        "file standing for its prompts: .txt one prompt a line (# comments and blank lines skipped), .toml a "
+        "[prompt] table of shared settings with [[prompt.subset]] entries, .json a list of prompt lines or tables "
+        "(keys prompt, negative_prompt, width, height, seed, sample_steps, scale, sample_sampler). Files are read "
+        "and checked with the config, before any model loads.",
+        example='["a cat, my_style --n blurry --d 7"]',
     )
     sample_negative_prompt: str = _opt(
         "sampling", "str", "", "Negative prompt used for every sample image.",
@@ -620,6 +787,11 @@ class TrainConfig:
     sample_every_n_epochs: int | None = _opt(
         "sampling", "int", None, "Make samples every N epochs. Not set: no epoch-based samples.",
         optional=True, min=1, default_doc="off", example="1",
+    )
+    sample_at_first: bool = _opt(
+        "sampling", "bool", False,
+        "Also make a sample grid before the first training step (samples/at_first.png, the first in name order): "
+        "the starting point, e.g. of network_weights. Not on a resumed run.",
     )
     sample_seed: int = _opt("sampling", "int", 1234,
                             "Seed of the sample images: prompt i uses sample_seed + i, the same at every sample step.",
@@ -649,9 +821,19 @@ class TrainConfig:
     )
     log_with: str = _opt(
         "logging", "enum", "auto",
-        "Where to log loss and learning rate: tensorboard, none, or auto (tensorboard when it is "
-        "installed, otherwise none).",
-        choices=("auto", "tensorboard", "none"),
+        "Where to log the loss, the learning rates (lr, and lr/<group> per parameter group), the validation loss "
+        "and every sample grid (as an image at its step): tensorboard (event files in logging_dir), wandb (Weights "
+        "& Biases; its files in logging_dir; WANDB_MODE=offline logs without an account or network), all (both), "
+        "none, or auto (tensorboard when it is installed, otherwise none).",
+        choices=("auto", "tensorboard", "wandb", "all", "none"),
+    )
+    log_tracker_name: str = _opt(
+        "logging", "str", "sd-loha",
+        "Name of the run's log: the Weights & Biases project, and the TensorBoard subfolder of logging_dir.",
+    )
+    wandb_run_name: str | None = _opt(
+        "logging", "str", None, "Name of the Weights & Biases run. Not set: wandb picks one.",
+        optional=True, default_doc="wandb's", example='"my_style-v1"',
     )
 
     # ---- behaviour -----------------------------------------------------------------------------
@@ -884,7 +1066,7 @@ def _coerce(spec: OptionSpec, v: Any) -> Any:
         if not isinstance(v, str):
             raise _Bad(f"{name} must be a string, got {_show(v)}", f'put it in quotes, e.g. {name} = "{_plain_str(v)}"')
         if k == "enum":
-            v = _canonical_choice(spec, v)
+            v = _canonical_choice_or_file(spec, v)
         elif k == "optimizer":
             v = _canonical_optimizer(v)
     elif k == "path":
@@ -908,6 +1090,8 @@ def _coerce(spec: OptionSpec, v: Any) -> Any:
         v = _coerce_numbers(spec, v)
     elif k == "dict":
         v = _coerce_dict(spec, v)
+    elif k in ("int_patterns", "float_patterns"):
+        v = _coerce_patterns(spec, v, integer=k == "int_patterns")
     elif k == "resolution":
         v = _coerce_resolution(spec, v)
     elif k == "warmup":
@@ -983,6 +1167,17 @@ def _canonical_choice(spec: OptionSpec, v: str) -> str:
     raise _Bad(msg)
 
 
+def _canonical_choice_or_file(spec: OptionSpec, v: str) -> str:
+    if spec.file_suffix and v.strip().lower().endswith(spec.file_suffix):
+        return v.strip()  # a file: read by the cross-option checks, where its problems are reported
+    try:
+        return _canonical_choice(spec, v)
+    except _Bad as e:
+        if not spec.file_suffix:
+            raise
+        raise _Bad(e.message, f"or give a {spec.name} file, a path ending in {spec.file_suffix}") from None
+
+
 def _canonical_optimizer(v: str) -> str:
     try:
         return resolve_optimizer(v).name  # imports the class's package now, not after the model loaded
@@ -1027,6 +1222,44 @@ def _coerce_dict(spec: OptionSpec, v: Any) -> dict[str, Any]:
         f"{spec.name} must be a table of optimizer arguments, got {_show(v)}",
         f"write {spec.name} = {{ weight_decay = 0.01, betas = [0.9, 0.99] }}",
     )
+
+
+def _coerce_patterns(spec: OptionSpec, v: Any, *, integer: bool) -> dict[str, int | float]:
+    """Regular expression -> number, in order: a TOML table, kohya's network_args string "re=N,re=N" (split at
+    commas, each at its last '='), or a list of "re=N" strings."""
+    what = "an integer" if integer else "a number"
+    fix = f'write e.g. {spec.name} = {spec.example_value()}, or kohya\'s form {spec.name} = "pattern=value,pattern=value"'
+    if isinstance(v, str):
+        v = [item for item in v.split(",") if item.strip()]
+    if isinstance(v, (list, tuple)):
+        pairs = {}
+        for item in v:
+            if not isinstance(item, str) or "=" not in item:
+                raise _Bad(f"{spec.name} entries must be \"pattern=value\", got {_show(item)}", fix)
+            key, _, text = item.rpartition("=")
+            try:
+                pairs[key.strip()] = float(text)
+            except ValueError:
+                raise _Bad(f"{spec.name}: the value of {_show(key.strip())} must be {what}, got {_show(text.strip())}",
+                           fix) from None
+        v = pairs
+    if not isinstance(v, Mapping):
+        raise _Bad(f"{spec.name} must be a table of regular expression = value ({what}), got {_show(v)}", fix)
+    out: dict[str, int | float] = {}
+    for pattern, x in v.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise _Bad(f"{spec.name}: {_show(pattern)} is not a regular expression ({e})",
+                       "escape a literal character with a backslash (\\. for a dot, in a TOML literal string '...')") from None
+        if not _is_num(x) or not math.isfinite(x) or (integer and not float(x).is_integer()):
+            raise _Bad(f"{spec.name}: the value of {_show(pattern)} must be {what}, got {_show(x)}", fix)
+        try:
+            _check_range(spec, x)
+        except _Bad as e:
+            raise _Bad(f"{e.message} (pattern {_show(pattern)})", fix) from None
+        out[pattern] = int(x) if integer else float(x)
+    return out
 
 
 def _parse_arg_value(text: str) -> Any:
@@ -1263,6 +1496,31 @@ def tensorboard_installed() -> bool:
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
+def wandb_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+def _sample_prompt_problems(cfg: TrainConfig) -> list[tuple[str, str | None]]:
+    """A prompts file that cannot be read or a per-prompt option that is wrong (naming the file and line), or a
+    prompt's --ss/--s that its sampler cannot run."""
+    from .prompts import PromptError, prompt_entries
+
+    try:
+        entries = prompt_entries(cfg)
+    except PromptError as e:
+        return [(str(e) if e.where.startswith("sample_prompts") else f"sample_prompts: {e}", e.fix)]
+    out = []
+    for n, e in enumerate(entries, 1):
+        if e.sampler is None and e.steps is None:
+            continue  # sample_sampler with sample_steps is checked on its own
+        problem = sampler_problem(e.sampler or cfg.sample_sampler, e.steps or cfg.sample_steps)
+        if problem:
+            out.append((f"sample_prompts: prompt {n} ({_show(e.prompt)}): {problem[0]}", problem[1]))
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Cross-option rules
 # --------------------------------------------------------------------------------------------------
@@ -1278,12 +1536,27 @@ CHECKS_DOC: tuple[tuple[str, str], ...] = (
               "dummy parameter), and lr or params in optimizer_args."),
     ("error", "sample_sampler needs a package that is not installed (lms: scipy), or more sample_steps than "
               "given (pndm: 4)."),
-    ("error", 'log_with = "tensorboard" while tensorboard is not installed.'),
+    ("error", 'log_with = "tensorboard" or "all" while tensorboard is not installed; "wandb" or "all" while wandb '
+              "is not installed."),
+    ("error", "sample_prompts names a prompts file (.txt/.toml/.json) that is missing or unreadable, or a prompt "
+              "carries an unknown or malformed --option (the message names the file and line); a prompt's --ss/--s "
+              "that its sampler cannot run (as for sample_sampler)."),
     ("error", "cache_latents_to_disk = true while cache_latents = false."),
     ("error", "min_bucket_reso > max_bucket_reso, or either is not a multiple of bucket_reso_steps."),
     ("error", "with enable_bucket, a side of resolution outside [min_bucket_reso, max_bucket_reso]."),
     ("error", "output_name is empty, holds a path separator, or ends in .safetensors."),
     ("error", "caption_extension does not start with a dot."),
+    ("error", "preset names a .toml file that does not exist, is not valid TOML, or holds a key or value sd-loha "
+              "cannot honour (another algo than loha, LoKr's factor, DoRA per entry, the generic wrapper's "
+              "target_module, a bad regular expression)."),
+    ("error", "masked_loss = true without a mask source (conditioning_data_dir or alpha_mask), or both "
+              "alpha_mask and conditioning_data_dir set."),
+    ("error", "adaptive_noise_scale set while noise_offset = 0 (kohya: adaptive_noise_scale requires noise_offset)."),
+    ("error", "min_timestep > max_timestep."),
+    ("error", "zero_terminal_snr or scale_v_pred_loss_like_noise_pred with v_parameterization = false, or "
+              "v_pred_like_loss with v_parameterization = true; with v_parameterization not set, the same is "
+              "checked against the model's prediction type when it loads, and past the model's number of timesteps "
+              "for min_timestep/max_timestep."),
     ("warning", "cache_latents with random_crop: every step crops a different region, so latents are "
                 "not cached."),
     ("warning", "cache_text_encoder_outputs with shuffle_caption or caption_tag_dropout_rate: captions "
@@ -1291,13 +1564,19 @@ CHECKS_DOC: tuple[tuple[str, str], ...] = (
                 "alone is fine)."),
     ("warning", "lr_warmup_steps > 0 with lr_scheduler = constant (which ignores warmup)."),
     ("warning", "lr_warmup_steps >= max_train_steps."),
-    ("warning", "conv_dim > 0 with a preset other than full, or use_tucker with conv_dim = 0 (no effect)."),
+    ("warning", "conv_dim > 0 with preset attn-only or attn-mlp, or use_tucker with conv_dim = 0 (no effect)."),
     ("warning", "network_alpha > network_dim (updates scaled up; divergence risk)."),
+    ("warning", "wd_on_output = true without dora_wd (no effect), or with dora_wd (A1111 and ComfyUI load such "
+                "files wrong)."),
     ("warning", "text_encoder_lr set while train_text_encoder = false."),
     ("warning", "keep_tokens > 0 without shuffle_caption or caption_tag_dropout_rate (no effect)."),
     ("warning", "validation_every_n_steps set while validation_split = 0."),
     ("warning", "save_last_n set without save_every_n_steps/epochs; save_every_n_steps > max_train_steps."),
     ("warning", "sample_prompts without sample_every_n_steps/epochs, or the reverse."),
+    ("warning", "conditioning_data_dir set without masked_loss (no effect); prior_loss_weight other than 1 without "
+                "reg_data_dir (no effect)."),
+    ("warning", "noise_offset_random_strength while noise_offset = 0, ip_noise_gamma_random_strength without "
+                "ip_noise_gamma, multires_noise_discount changed without multires_noise_iterations (no effect)."),
 )
 
 
@@ -1358,9 +1637,16 @@ def _cross_check(cfg: TrainConfig, where: Mapping[str, str | None], bad: set[str
                 f"sample_sampler = {cfg.sample_sampler!r} with sample_steps = {cfg.sample_steps}: {problem[0]}",
                 problem[1])
 
-    if cfg.log_with == "tensorboard" and not tensorboard_installed():
-        err(("log_with",), 'log_with = "tensorboard" but tensorboard is not installed',
+    if cfg.log_with in ("tensorboard", "all") and not tensorboard_installed():
+        err(("log_with",), f'log_with = "{cfg.log_with}" but tensorboard is not installed',
             'pip install tensorboard, or log_with = "auto" (TensorBoard when installed) or "none"')
+    if cfg.log_with in ("wandb", "all") and not wandb_installed():
+        err(("log_with",), f'log_with = "{cfg.log_with}" but wandb is not installed',
+            'install it (pip install wandb), or set log_with = "tensorboard" or "none"')
+
+    if ok("sample_prompts", "sample_sampler", "sample_steps"):
+        for msg, fix in _sample_prompt_problems(cfg):
+            err(("sample_prompts",), msg, fix)
 
     if cfg.optimizer_args and ok("optimizer_type", "optimizer_args", "learning_rate"):
         try:
@@ -1406,6 +1692,36 @@ def _cross_check(cfg: TrainConfig, where: Mapping[str, str | None], bad: set[str
         err(("caption_extension",), f"caption_extension {_show(cfg.caption_extension)} must start with a dot",
             f'write caption_extension = ".{cfg.caption_extension}"')
 
+    if ok("preset") and is_preset_file(cfg.preset):
+        try:
+            read_preset(cfg.preset)
+        except PresetError as e:
+            err(("preset",), e.message, e.fix)
+
+    if cfg.masked_loss and not cfg.alpha_mask and not cfg.conditioning_data_dir:
+        err(("masked_loss",), "masked_loss = true needs masks, but neither conditioning_data_dir nor alpha_mask is set",
+            "set conditioning_data_dir to the folder of mask images, or alpha_mask = true to use the images' alpha")
+    if cfg.alpha_mask and cfg.conditioning_data_dir:
+        err(("alpha_mask", "conditioning_data_dir"),
+            "alpha_mask = true and conditioning_data_dir are both set: the loss mask has one source",
+            "keep alpha_mask (masks from the images' alpha) or conditioning_data_dir (a folder of mask images)")
+
+    if cfg.adaptive_noise_scale is not None and not cfg.noise_offset:
+        err(("adaptive_noise_scale", "noise_offset"),
+            "adaptive_noise_scale is set but noise_offset = 0: it scales the noise offset, which is off",
+            "set noise_offset (e.g. 0.0357), or remove adaptive_noise_scale")
+    if cfg.min_timestep is not None and cfg.max_timestep is not None and cfg.min_timestep > cfg.max_timestep:
+        err(("min_timestep", "max_timestep"),
+            f"min_timestep ({cfg.min_timestep}) is larger than max_timestep ({cfg.max_timestep})",
+            "swap them; timesteps are drawn from min_timestep up to max_timestep - 1")
+    if cfg.v_parameterization is not None and ok("v_parameterization"):
+        kind = "v_prediction" if cfg.v_parameterization else "epsilon"
+        for name in PREDICTION_ONLY:
+            bad_pair = getattr(cfg, name) and prediction_mismatch(
+                name, kind, f"v_parameterization = {str(cfg.v_parameterization).lower()}")
+            if bad_pair:
+                err((name, "v_parameterization"), *bad_pair)
+
     # ---- warnings -----------------------------------------------------------------------------
     if cfg.cache_latents and cfg.random_crop:
         warn(("cache_latents", "random_crop"),
@@ -1422,12 +1738,18 @@ def _cross_check(cfg: TrainConfig, where: Mapping[str, str | None], bad: set[str
             and cfg.lr_warmup_steps >= cfg.max_train_steps > 0):
         warn(("lr_warmup_steps", "max_train_steps"),
              f"lr_warmup_steps ({cfg.lr_warmup_steps}) is not shorter than max_train_steps ({cfg.max_train_steps})")
-    if cfg.conv_dim > 0 and cfg.preset != "full" and not cfg.network_include:
+    if cfg.conv_dim > 0 and cfg.preset in ("attn-only", "attn-mlp") and not cfg.network_include:
         warn(("conv_dim", "preset"),
              f"conv_dim = {cfg.conv_dim} has no effect with preset '{cfg.preset}' (k x k convs are only in "
              "preset 'full')")
     if cfg.use_tucker and cfg.conv_dim == 0:
         warn(("use_tucker", "conv_dim"), "use_tucker has no effect while conv_dim = 0")
+    if cfg.wd_on_output and not cfg.dora_wd:
+        warn(("wd_on_output", "dora_wd"), "wd_on_output has no effect while dora_wd = false")
+    elif cfg.wd_on_output:
+        warn(("wd_on_output",),
+             "wd_on_output = true writes an output-row dora_scale, which A1111 turns into noise and ComfyUI scales "
+             "by the wrong norm; set wd_on_output = false for files that load right in every tool")
     if cfg.network_alpha > cfg.network_dim:
         warn(("network_alpha", "network_dim"),
              f"network_alpha ({_num(cfg.network_alpha)}) is larger than network_dim ({cfg.network_dim}): updates are "
@@ -1450,6 +1772,12 @@ def _cross_check(cfg: TrainConfig, where: Mapping[str, str | None], bad: set[str
         warn(("save_every_n_steps", "max_train_steps"),
              f"save_every_n_steps ({cfg.save_every_n_steps}) is larger than max_train_steps "
              f"({cfg.max_train_steps}): no intermediate save will happen")
+    if cfg.conditioning_data_dir and not cfg.masked_loss:
+        warn(("conditioning_data_dir", "masked_loss"),
+             "conditioning_data_dir is set but masked_loss = false, so its masks are not used")
+    if cfg.prior_loss_weight != 1.0 and not cfg.reg_data_dir:
+        warn(("prior_loss_weight", "reg_data_dir"),
+             "prior_loss_weight is set but reg_data_dir is not: there are no regularization images to weight")
     has_interval = cfg.sample_every_n_steps is not None or cfg.sample_every_n_epochs is not None
     if cfg.sample_prompts and not has_interval:
         warn(("sample_prompts",),
@@ -1458,6 +1786,13 @@ def _cross_check(cfg: TrainConfig, where: Mapping[str, str | None], bad: set[str
     if has_interval and not cfg.sample_prompts:
         warn(("sample_every_n_steps", "sample_every_n_epochs"),
              "sample_every_n_steps/epochs is set but sample_prompts is empty: no samples will be made")
+    for name, needs, on in (("noise_offset_random_strength", "noise_offset", cfg.noise_offset),
+                            ("ip_noise_gamma_random_strength", "ip_noise_gamma", cfg.ip_noise_gamma)):
+        if getattr(cfg, name) and not on:
+            warn((name, needs), f"{name} is set but {needs} is not, so it has no effect")
+    if cfg.multires_noise_discount != OPTIONS["multires_noise_discount"].default and not cfg.multires_noise_iterations:
+        warn(("multires_noise_discount",),
+             "multires_noise_discount is only used with multires_noise_iterations, which is not set")
     return problems
 
 

@@ -9,11 +9,16 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import TrainConfig, tensorboard_installed
+
+if TYPE_CHECKING:
+    from accelerate.tracking import GeneralTracker
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +37,7 @@ def make_accelerator(cfg: TrainConfig):
     AcceleratorState._reset_state()
     GradientState._reset_state()
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun / accelerate launch --multi_gpu set it
-    log_with = None
-    if cfg.log_with in ("tensorboard", "auto") and tensorboard_installed():
-        log_with = "tensorboard"
+    log_with = make_trackers(cfg) or None
     accelerator = Accelerator(
         # accelerate only forms a CPU process group (gloo) when told it runs on CPU; without this, processes
         # launched on a machine without an accelerator would each train alone and write the same files
@@ -50,6 +53,57 @@ def make_accelerator(cfg: TrainConfig):
         print("note: one training process. `accelerate launch --num_processes N` starts N processes only on N GPUs "
               "(or under mpirun); on CPU use `accelerate launch --multi_gpu --num_processes N ...`", flush=True)
     return accelerator
+
+
+#: the trackers each log_with value stands for (auto: TensorBoard when installed)
+TRACKERS: dict[str, tuple[str, ...]] = {
+    "auto": ("tensorboard",), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb"),
+    "none": (),
+}
+
+
+def make_trackers(cfg: TrainConfig) -> list[GeneralTracker]:
+    """accelerate's trackers for log_with, built here so that they get the run's names and folder (accelerate's
+    init_trackers starts them with the config): TensorBoard in logging_dir/log_tracker_name, wandb's run files
+    under logging_dir instead of the current folder."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    names = TRACKERS[cfg.log_with]
+    if cfg.log_with == "auto" and not tensorboard_installed():
+        names = ()
+    logging_dir = cfg.effective_logging_dir
+    trackers: list[GeneralTracker] = []
+    for name in names:
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker(cfg.log_tracker_name, logging_dir))
+        else:
+            Path(logging_dir).mkdir(parents=True, exist_ok=True)
+            trackers.append(WandBTracker(cfg.log_tracker_name, dir=logging_dir, name=cfg.wandb_run_name))
+    return trackers
+
+
+def lr_scalars(lr_scheduler: Any, optimizer: Any) -> dict[str, float]:
+    """The learning rates of a step as kohya logs them: lr/<group> per parameter group (its "name", else groupN),
+    lr/d*lr/<group> for optimizers that adapt a step size d (Prodigy, D-Adaptation), and lr (the first group)."""
+    lrs = [float(x) for x in lr_scheduler.get_last_lr()]
+    out = {"lr": lrs[0]}
+    for i, (lr, group) in enumerate(zip(lrs, optimizer.param_groups)):
+        name = group.get("name") or f"group{i}"
+        out[f"lr/{name}"] = lr
+        if "d" in group:
+            out[f"lr/d*lr/{name}"] = float(group["d"]) * float(group["lr"])
+    return out
+
+
+def log_image(accelerator: Any, key: str, image: Image.Image, step: int) -> None:
+    """One picture (a sample grid) in every tracker of the run, at `step`."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({key: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({key: [image]}, step=step)
 
 
 def ensure_loss_scaler(accelerator, mixed_precision: str) -> bool:

@@ -7,6 +7,9 @@ precision never feeds half-precision latents into fp32 convolutions.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from .. import schedulers
 from ..atomic import save_image_atomic
 from .conditioning import Conditioner
 from .config import TrainConfig
+from .prompts import PromptEntry, prompt_entries
 from .report import column_grid
 
 
@@ -36,6 +40,58 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(latents).sample
 
 
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sample picture's settings: the prompt's own (a prompts file's --n/--w/--h/--d/--l/--s/--ss) over the
+    sample_* options."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    seed: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    label: str = field(default="", compare=False)  # the grid's row: the prompt, then what it sets itself
+
+
+def sample_specs(cfg: TrainConfig) -> list[SampleSpec]:
+    """The sample prompts with their settings resolved: prompt i defaults to seed sample_seed + i."""
+    w, h = cfg.sample_size
+    specs = []
+    for i, e in enumerate(prompt_entries(cfg)):
+        spec = SampleSpec(
+            prompt=e.prompt, negative_prompt=_pick(e.negative_prompt, cfg.sample_negative_prompt),
+            width=_pick(e.width, w), height=_pick(e.height, h), seed=_pick(e.seed, cfg.sample_seed + i),
+            steps=_pick(e.steps, cfg.sample_steps), guidance_scale=_pick(e.guidance_scale, cfg.sample_guidance_scale),
+            sampler=_pick(e.sampler, cfg.sample_sampler))
+        specs.append(dataclasses.replace(spec, label=_label(spec, e)))
+    return specs
+
+
+def _pick(own: Any, default: Any) -> Any:
+    return default if own is None else own
+
+
+def _label(spec: SampleSpec, entry: PromptEntry) -> str:
+    """The prompt, then what this prompt sets itself in brackets (the grid's header says nothing about them)."""
+    own = entry.own_settings()
+    parts = []
+    if "width" in own or "height" in own:
+        parts.append(f"{spec.width}x{spec.height}")
+    for name, text in (("seed", f"seed {spec.seed}"), ("guidance_scale", f"cfg {spec.guidance_scale:g}"),
+                       ("steps", f"{spec.steps} steps"), ("sampler", spec.sampler),
+                       ("negative_prompt", f"neg: {spec.negative_prompt}")):
+        if name in own:
+            parts.append(text)
+    return spec.prompt + (f" [{', '.join(parts)}]" if parts else "")
+
+
+def row_labels(cfg: TrainConfig) -> list[str]:
+    return [s.label for s in sample_specs(cfg)]
+
+
 def sample_images(pipe: Any, cfg: TrainConfig) -> list[Image.Image]:
     """One image per sample prompt from the pipeline as it is now (eval mode: no rank/module dropout)."""
     models = [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
@@ -44,16 +100,15 @@ def sample_images(pipe: Any, cfg: TrainConfig) -> list[Image.Image]:
     for m in models:
         m.eval()
     old_scheduler = pipe.scheduler
-    pipe.scheduler, _ = schedulers.make_scheduler(cfg.sample_sampler, old_scheduler.config)
-    w, h = cfg.sample_size
     images = []
     try:
         with torch.no_grad():
-            for i, prompt in enumerate(cfg.sample_prompts):
-                gen = torch.Generator().manual_seed(cfg.sample_seed + i)
-                latents = pipe(**_prompt_kwargs(pipe, cfg, prompt), num_inference_steps=cfg.sample_steps,
-                               guidance_scale=cfg.sample_guidance_scale, width=w, height=h, generator=gen,
-                               output_type="latent").images
+            for spec in sample_specs(cfg):
+                pipe.scheduler, _ = schedulers.make_scheduler(spec.sampler, old_scheduler.config)
+                gen = torch.Generator().manual_seed(spec.seed)
+                latents = pipe(**_prompt_kwargs(pipe, cfg, spec), num_inference_steps=spec.steps,
+                               guidance_scale=spec.guidance_scale, width=spec.width, height=spec.height,
+                               generator=gen, output_type="latent").images
                 pixels = decode_latents(pipe.vae, latents)
                 images.append(pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0])
     finally:
@@ -63,13 +118,34 @@ def sample_images(pipe: Any, cfg: TrainConfig) -> list[Image.Image]:
     return images
 
 
+def same_size_columns(columns: Sequence[tuple[str, Sequence[Image.Image]]]) -> list[tuple[str, list[Image.Image]]]:
+    """Prompts with their own --w/--h: every picture centred on a white cell of the largest size, so the grid
+    shows each at its own aspect ratio instead of stretching it."""
+    sizes = {im.size for _, images in columns for im in images}
+    if len(sizes) <= 1:
+        return [(label, list(images)) for label, images in columns]
+    w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
+
+    def pad(im: Image.Image) -> Image.Image:
+        cell = Image.new("RGB", (w, h), "white")
+        cell.paste(im.convert("RGB"), ((w - im.width) // 2, (h - im.height) // 2))
+        return cell
+
+    return [(label, [pad(im) for im in images]) for label, images in columns]
+
+
+def sample_grid_image(columns: Sequence[tuple[str, Sequence[Image.Image]]], cfg: TrainConfig) -> Image.Image:
+    """The labelled grid of sample columns: one row per prompt."""
+    return column_grid(same_size_columns(columns), row_labels(cfg))
+
+
 def sample_grid(pipe: Any, cfg: TrainConfig, path: Path, *, base: list[Image.Image] | None = None,
                 label: str = "adapter") -> Path:
     """The sample prompts' images as one labelled PNG, written atomically: one row per prompt, and with `base`
     (the same prompts and seeds from the base model) a base column before the pipeline's."""
     columns = [("base", base)] if base is not None else []
     columns.append((label, sample_images(pipe, cfg)))
-    return save_image_atomic(column_grid(columns, cfg.sample_prompts), path)
+    return save_image_atomic(sample_grid_image(columns, cfg), path)
 
 
 def strength_label(step: int, strength: float) -> str:
@@ -77,12 +153,12 @@ def strength_label(step: int, strength: float) -> str:
 
 
 def sampling_key(cfg: TrainConfig) -> tuple:
-    """Everything the sample images depend on besides the weights (when the base images must be redone)."""
-    return (tuple(cfg.sample_prompts), cfg.sample_negative_prompt, cfg.sample_seed, cfg.sample_steps,
-            cfg.sample_guidance_scale, cfg.sample_size, cfg.sample_sampler, cfg.clip_skip)
+    """Everything the sample images depend on besides the weights (when the base images must be redone): each
+    prompt's resolved settings, and the clip_skip of the conditioning."""
+    return (tuple(sample_specs(cfg)), cfg.clip_skip)
 
 
-def _prompt_kwargs(pipe: Any, cfg: TrainConfig, prompt: str) -> dict[str, Any]:
+def _prompt_kwargs(pipe: Any, cfg: TrainConfig, spec: SampleSpec) -> dict[str, Any]:
     """The pipeline's prompt arguments, with the clip_skip the adapter was trained with.
 
     clip_skip 1 is the pipelines' default. Above it, SDXL takes diffusers' own clip_skip (which counts skipped
@@ -90,7 +166,7 @@ def _prompt_kwargs(pipe: Any, cfg: TrainConfig, prompt: str) -> dict[str, Any]:
     transformers 5's CLIPTextModel no longer has, so for those the embeddings come from the trainer's own
     encoder (prompt and negative prompt both skip layers, as in A1111).
     """
-    negative = cfg.sample_negative_prompt or None
+    prompt, negative = spec.prompt, spec.negative_prompt or None
     if cfg.clip_skip <= 1:
         return {"prompt": prompt, "negative_prompt": negative}
     if getattr(pipe, "text_encoder_2", None) is not None:
