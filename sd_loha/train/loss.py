@@ -1,13 +1,18 @@
 """The denoising loss: prediction target from the scheduler, L2 or pseudo-Huber per sample (with kohya's
-per-timestep Huber threshold), then the per-sample weights (min-SNR-γ).
+per-timestep Huber threshold), then the per-sample weights.
 
-Every per-sample weighting scheme goes through :func:`loss_weights`, so a new one (debiased estimation,
-...) is one more term there.
+Every per-sample weighting scheme (min-SNR-γ, debiased estimation, kohya's v-prediction-like scalings) goes
+through :func:`loss_weights`, which turns a :class:`LossWeighting` (the schemes' settings), the scheduler and
+the timesteps into one weight per sample, in the spirit of diffusers' ``compute_loss_weighting_for_sd3``; a new
+scheme is one more factor there and one more field of :class:`LossWeighting`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +20,15 @@ import torch.nn.functional as F
 __all__ = [
     "HUBER_SCHEDULES",
     "LOSS_TYPES",
+    "PREDICTION_ONLY",
+    "LossWeighting",
     "diffusion_loss",
     "huber_threshold",
     "loss_weights",
     "masked_mean",
     "min_snr_weights",
     "per_sample_loss",
+    "prediction_mismatch",
     "snr",
     "target_for",
 ]
@@ -28,6 +36,23 @@ __all__ = [
 LOSS_TYPES: tuple[str, ...] = ("l2", "huber", "smooth_l1")
 #: kohya sd-scripts' huber_schedule values; the first is its default
 HUBER_SCHEDULES: tuple[str, ...] = ("snr", "exponential", "constant")
+#: kohya caps the SNR at 1000 in its debiased and v-prediction-like weights (SNR(t = 0) is about 1175 on SD's
+#: schedule, and infinite on a schedule whose ᾱ_0 is 1)
+SNR_CAP = 1000.0
+
+#: options that fit one prediction type only: option -> (the prediction type it needs, why). kohya refuses
+#: scale_v_pred_loss_like_noise_pred without v_parameterization and v_pred_like_loss with it, and warns that
+#: zero_terminal_snr without it "will be unexpected"; here all three are errors.
+PREDICTION_ONLY: dict[str, tuple[str, str]] = {
+    "zero_terminal_snr": (
+        "v_prediction",
+        "the rescaled schedule's last timestep is pure noise, where an ε-prediction model's input is its target "
+        "(nothing to learn), the image it implies divides by sqrt(ᾱ) = 0 and its SNR weights by SNR = 0; Lin et "
+        "al. 2023 pair it with v-prediction"),
+    "scale_v_pred_loss_like_noise_pred": ("v_prediction", "it rescales a v-prediction loss to ε-prediction's size"),
+    "v_pred_like_loss": ("epsilon", "it adds a v-prediction-sized copy of an ε-prediction loss"),
+}
+_PREDICTION_NAMES = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}
 
 
 def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -57,11 +82,64 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return clipped / s
 
 
-def loss_weights(scheduler, timesteps: torch.Tensor, *, min_snr_gamma: float | None = None) -> torch.Tensor:
-    """The weight of each sample's loss, shape (batch,): ones, times min-SNR-γ's weight when it is set."""
+def prediction_mismatch(option: str, prediction_type: str, source: str) -> tuple[str, str] | None:
+    """(message, fix) when ``option`` (a key of :data:`PREDICTION_ONLY`) does not fit ``prediction_type``,
+    which ``source`` says where it comes from (``v_parameterization = false``, the base model's scheduler)."""
+    needs, why = PREDICTION_ONLY[option]
+    if prediction_type == needs:
+        return None
+    have, want = _PREDICTION_NAMES.get(prediction_type, prediction_type), _PREDICTION_NAMES[needs]
+    if needs == "v_prediction":
+        fix = (f"train a v-prediction model (v_parameterization = true, or a model whose scheduler says "
+               f"prediction_type = 'v_prediction'), or remove {option}")
+    else:
+        fix = f"remove {option}, or set v_parameterization = false if the model really is an ε-prediction model"
+    return f"{option} needs a {want} model but {source} makes this run {have}: {why}", fix
+
+
+@dataclass(frozen=True)
+class LossWeighting:
+    """The settings of the per-sample weighting schemes, with kohya's option names; every one off by default.
+    The weights multiply, as kohya applies them one after the other to the same per-sample loss."""
+
+    min_snr_gamma: float | None = None
+    debiased_estimation_loss: bool = False
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LossWeighting:
+        """The settings from a TrainConfig (or anything with these attributes)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+def _capped_snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(snr(scheduler, timesteps), max=SNR_CAP)
+
+
+def loss_weights(scheduler, timesteps: torch.Tensor, weighting: LossWeighting | None = None) -> torch.Tensor:
+    """The weight of each sample's loss, shape (batch,): the product of the schemes that are on (kohya's
+    formulas; SNR = ᾱ_t/(1 - ᾱ_t) of the scheduler, capped at 1000 where kohya caps it):
+
+    - min_snr_gamma γ: min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v-prediction (uncapped SNR).
+    - scale_v_pred_loss_like_noise_pred: SNR/(SNR + 1), a v-prediction loss brought to ε-prediction's scale.
+    - v_pred_like_loss k: 1 + k (SNR + 1)/SNR, kohya's loss + k · loss/scale.
+    - debiased_estimation_loss: 1/sqrt(SNR) for ε-prediction, 1/(SNR + 1) for v-prediction.
+    """
+    w = weighting or LossWeighting()
     weights = torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
-    if min_snr_gamma:
-        weights = weights * min_snr_weights(scheduler, timesteps, min_snr_gamma)
+    if w.min_snr_gamma:
+        weights = weights * min_snr_weights(scheduler, timesteps, w.min_snr_gamma)
+    if not (w.scale_v_pred_loss_like_noise_pred or w.v_pred_like_loss or w.debiased_estimation_loss):
+        return weights
+    s = _capped_snr(scheduler, timesteps)
+    if w.scale_v_pred_loss_like_noise_pred:
+        weights = weights * s / (s + 1.0)
+    if w.v_pred_like_loss:
+        weights = weights * (1.0 + w.v_pred_like_loss * (s + 1.0) / s)
+    if w.debiased_estimation_loss:
+        v = scheduler.config.prediction_type == "v_prediction"
+        weights = weights * (1.0 / (s + 1.0) if v else 1.0 / s.sqrt())
     return weights
 
 
@@ -107,23 +185,32 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "
 
 
 def masked_mean(elem: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Each sample's mean of the elementwise loss, the pixels weighted by the mask (1 everywhere without one)."""
+    """Each sample's mean of the elementwise loss, the pixels weighted by the mask (1 everywhere without one).
+
+    kohya's apply_masked_loss: a mask (batch, 1, H, W) of another size than the loss is first area-averaged to
+    it, then mean(loss x mask) over channels and pixels; divided by the pixel count, not by the mask's sum, so
+    a half-masked image contributes about half the loss of an unmasked one.
+    """
     if mask is not None:
-        elem = elem * mask.to(elem.device, elem.dtype)
+        mask = mask.to(elem.device, elem.dtype)
+        if mask.shape[-2:] != elem.shape[-2:]:
+            mask = F.interpolate(mask, size=elem.shape[-2:], mode="area")
+        elem = elem * mask
     return elem.mean(dim=tuple(range(1, elem.dim())))
 
 
 def diffusion_loss(scheduler, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, *,
                    loss_type: str = "l2", huber_c: float = 0.1, huber_schedule: str = HUBER_SCHEDULES[0],
-                   huber_scale: float = 1.0, min_snr_gamma: float | None = None, mask: torch.Tensor | None = None,
+                   huber_scale: float = 1.0, weighting: LossWeighting | None = None, mask: torch.Tensor | None = None,
                    sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The batch's training loss: per-sample loss against the scheduler's target (over the mask's pixels), times
-    the scheme's per-sample weights and the batch's own (prior_loss_weight of regularization images), averaged."""
+    the weighting schemes' per-sample weights (:func:`loss_weights`) and the batch's own (prior_loss_weight of
+    regularization images), averaged."""
     c: float | torch.Tensor = huber_c
     if loss_type in ("huber", "smooth_l1"):
         c = huber_threshold(scheduler, timesteps, huber_c=huber_c, schedule=huber_schedule, huber_scale=huber_scale)
     losses = per_sample_loss(pred, target_for(scheduler, latents, noise, timesteps), loss_type, c, mask)
-    weights = loss_weights(scheduler, timesteps, min_snr_gamma=min_snr_gamma)
+    weights = loss_weights(scheduler, timesteps, weighting)
     if sample_weights is not None:
         weights = weights * sample_weights.to(weights.device, weights.dtype)
     return (losses * weights).mean()

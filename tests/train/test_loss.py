@@ -1,5 +1,6 @@
-"""sd_loha.train.loss against hand computations: min-SNR-γ weights (ε and v), Huber / smooth-L1 with kohya's
-per-timestep threshold (huber_schedule), targets; and the Huber options reaching the trainer's loss."""
+"""sd_loha.train.loss against hand computations: min-SNR-γ weights (ε and v), kohya's debiased estimation and
+v-prediction-like weights, Huber / smooth-L1 with kohya's per-timestep threshold (huber_schedule), targets; and
+the Huber and weighting options reaching the trainer's loss."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from diffusers import DDPMScheduler
 
 from sd_loha.train import train
 from sd_loha.train.loss import (
+    LossWeighting,
     diffusion_loss,
     huber_threshold,
     loss_weights,
@@ -90,7 +92,8 @@ def test_targets_and_weighted_loss():
     pred = torch.randn(3, 4, 2, 2, generator=gen)
     per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
     w = torch.tensor([min(s, 5.0) / s for s in (ab / (1 - ab)).flatten().tolist()])
-    assert float(diffusion_loss(eps, pred, latents, noise, t, min_snr_gamma=5.0)) == pytest.approx(float((per * w).mean()), rel=1e-4)
+    got = diffusion_loss(eps, pred, latents, noise, t, weighting=LossWeighting(min_snr_gamma=5.0))
+    assert float(got) == pytest.approx(float((per * w).mean()), rel=1e-4)
     assert float(diffusion_loss(eps, pred, latents, noise, t)) == pytest.approx(float(per.mean()), rel=1e-6)
     with pytest.raises(ValueError, match="prediction_type"):
         target_for(_scheduler("sample"), latents, noise, t)
@@ -144,7 +147,7 @@ def test_diffusion_loss_huber_schedule_and_min_snr_by_hand(prediction_type):
     values = {}
     for schedule in ("snr", "exponential", "constant"):
         got = float(diffusion_loss(sched, pred, latents, noise, t, loss_type="huber", huber_c=c0,
-                                   huber_schedule=schedule, min_snr_gamma=gamma))
+                                   huber_schedule=schedule, weighting=LossWeighting(min_snr_gamma=gamma)))
         want = 0.0
         for i, step in enumerate(t.tolist()):
             ab = _alpha_bar(step)
@@ -158,14 +161,76 @@ def test_diffusion_loss_huber_schedule_and_min_snr_by_hand(prediction_type):
     assert len({round(v, 6) for v in values.values()}) == 3  # the schedule changes the loss
     # the call without huber_schedule gets kohya's default, snr
     assert float(diffusion_loss(sched, pred, latents, noise, t, loss_type="huber", huber_c=c0,
-                                min_snr_gamma=gamma)) == pytest.approx(values["snr"], rel=1e-6)
+                                weighting=LossWeighting(min_snr_gamma=gamma))) == pytest.approx(values["snr"], rel=1e-6)
 
 
 def test_loss_weights():
     sched = _scheduler("epsilon")
     t = torch.tensor(TIMESTEPS)
     assert torch.equal(loss_weights(sched, t), torch.ones(len(TIMESTEPS)))
-    torch.testing.assert_close(loss_weights(sched, t, min_snr_gamma=5.0), min_snr_weights(sched, t, 5.0))
+    assert torch.equal(loss_weights(sched, t, LossWeighting()), torch.ones(len(TIMESTEPS)))
+    torch.testing.assert_close(loss_weights(sched, t, LossWeighting(min_snr_gamma=5.0)), min_snr_weights(sched, t, 5.0))
+
+
+def _kohya_weight(step: int, prediction_type: str, *, gamma: float | None = None, debiased: bool = False,
+                  scale_v: bool = False, v_like: float | None = None) -> float:
+    """kohya's post_process_loss on a loss of 1, in its order: apply_snr_weight (uncapped SNR),
+    scale_v_prediction_loss_like_noise_prediction and add_v_prediction_like_loss (get_snr_scale: SNR capped at
+    1000, scale = SNR/(SNR+1)), apply_debiased_estimation (capped SNR: 1/sqrt(SNR) for ε, 1/(SNR+1) for v)."""
+    ab = _alpha_bar(step)
+    snr_t = ab / (1 - ab)
+    capped = min(snr_t, 1000.0)
+    v = prediction_type == "v_prediction"
+    loss = 1.0
+    if gamma:
+        loss *= min(snr_t, gamma) / (snr_t + 1 if v else snr_t)
+    if scale_v:
+        loss *= capped / (capped + 1)
+    if v_like:
+        loss = loss + loss / (capped / (capped + 1)) * v_like
+    if debiased:
+        loss *= 1 / (capped + 1) if v else 1 / math.sqrt(capped)
+    return loss
+
+
+WEIGHTINGS = [
+    ("epsilon", dict(debiased=True)),
+    ("v_prediction", dict(debiased=True)),
+    ("v_prediction", dict(scale_v=True)),
+    ("epsilon", dict(v_like=0.1)),
+    ("epsilon", dict(gamma=5.0, debiased=True, v_like=0.3)),
+    ("v_prediction", dict(gamma=1.0, scale_v=True, debiased=True)),
+]
+
+
+@pytest.mark.parametrize("prediction_type, kw", WEIGHTINGS)
+def test_weighting_schemes_match_kohya(prediction_type, kw):
+    sched = _scheduler(prediction_type)
+    t = torch.tensor(TIMESTEPS)
+    weighting = LossWeighting(min_snr_gamma=kw.get("gamma"), debiased_estimation_loss=kw.get("debiased", False),
+                              scale_v_pred_loss_like_noise_pred=kw.get("scale_v", False),
+                              v_pred_like_loss=kw.get("v_like"))
+    got = loss_weights(sched, t, weighting)
+    for i, step in enumerate(TIMESTEPS):
+        assert float(got[i]) == pytest.approx(_kohya_weight(step, prediction_type, **kw), rel=1e-4), step
+
+
+def test_snr_cap_of_kohya():
+    """SNR(t = 0) on SD's schedule is about 1175; kohya's debiased weight uses 1000 there, min-SNR does not."""
+    sched = _scheduler("epsilon")
+    t0 = torch.tensor([0])
+    assert float(snr(sched, t0)) == pytest.approx(_alpha_bar(0) / (1 - _alpha_bar(0)), rel=1e-4) and float(snr(sched, t0)) > 1000
+    debiased = float(loss_weights(sched, t0, LossWeighting(debiased_estimation_loss=True)))
+    assert debiased == pytest.approx(1 / math.sqrt(1000), rel=1e-6)
+
+
+def test_weighting_from_config(tmp_path):
+    from sd_loha.train.config import config_from_kwargs
+
+    cfg = config_from_kwargs(**base_config(tmp_path, min_snr_gamma=5.0, debiased_estimation_loss=True,
+                                           v_pred_like_loss=0.2))
+    assert LossWeighting.from_config(cfg) == LossWeighting(min_snr_gamma=5.0, debiased_estimation_loss=True,
+                                                           v_pred_like_loss=0.2)
 
 
 def test_huber_options_reach_the_trainer_loss(tmp_path):
@@ -181,29 +246,33 @@ def test_huber_options_reach_the_trainer_loss(tmp_path):
     assert len({round(v, 7) for v in (snr_loss, constant, scaled)}) == 3
 
 
+def _one_loss_step(tmp_path, seed: int, **overrides):
+    """(trainer, its first batch, loss_step's loss for a generator seeded with `seed`, the UNet's prediction)."""
+    from sd_loha.train.config import config_from_kwargs
+    from sd_loha.train.loop import Trainer
+
+    out = tmp_path / "out"
+    t = Trainer(config_from_kwargs(**base_config(out, train_text_encoder=False, **overrides)), out, progress=False)
+    t.setup()
+    batch = next(iter(t.loader))
+    preds = []
+    t.unet.register_forward_hook(lambda m, args, output: preds.append(output.sample.detach().float()))
+    loss = float(t.loss_step(batch, torch.Generator().manual_seed(seed)).detach())
+    return t, batch, loss, preds[0]
+
+
 @pytest.mark.parametrize("loss_type, schedule", [("l2", "snr"), ("huber", "constant"), ("huber", "snr"),
                                                  ("smooth_l1", "exponential")])
 def test_trainer_loss_step_is_the_formula_of_loss_type_and_huber_c(tmp_path, loss_type, schedule):
     """The trainer's own loss for one batch equals the textbook formula for loss_type with huber_c = 0.3 (per-sample
     c from the schedule), recomputed here from the UNet's prediction and the same noise and timesteps."""
-    from sd_loha.train.config import config_from_kwargs
-    from sd_loha.train.loop import Trainer
-
-    out = tmp_path / "out"
-    cfg = config_from_kwargs(**base_config(out, loss_type=loss_type, huber_c=0.3, huber_schedule=schedule,
-                                           train_text_encoder=False))
-    t = Trainer(cfg, out, progress=False)
-    t.setup()
-    batch = next(iter(t.loader))
-    preds = []
-    t.unet.register_forward_hook(lambda m, args, output: preds.append(output.sample.detach().float()))
-    loss = float(t.loss_step(batch, torch.Generator().manual_seed(5)).detach())
+    t, batch, loss, pred = _one_loss_step(tmp_path, 5, loss_type=loss_type, huber_c=0.3, huber_schedule=schedule)
 
     gen = torch.Generator().manual_seed(5)  # loss_step draws the noise, then the timesteps
     latents = batch["latents"]
     noise = torch.randn(latents.shape, generator=gen)
     steps = torch.randint(0, t.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-    d2 = (preds[0] - noise) ** 2
+    d2 = (pred - noise) ** 2
     abar = t.noise_scheduler.alphas_cumprod[steps].double()
     c = {"constant": torch.full_like(abar, 0.3),
          "snr": (1 - 0.3) / (1 + ((1 - abar) / abar).sqrt()) ** 2 + 0.3,
@@ -211,3 +280,33 @@ def test_trainer_loss_step_is_the_formula_of_loss_type_and_huber_c(tmp_path, los
     c = c.float().view(-1, 1, 1, 1)
     elem = {"l2": d2, "huber": 2 * c * ((d2 + c**2).sqrt() - c), "smooth_l1": 2 * ((d2 + c**2).sqrt() - c)}[loss_type]
     assert loss == pytest.approx(float(elem.mean(dim=(1, 2, 3)).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("model, options, v", [
+    ("tiny-sd1", dict(debiased_estimation_loss=True, v_pred_like_loss=0.25, min_snr_gamma=5.0), False),
+    ("tiny-sd2", dict(debiased_estimation_loss=True, scale_v_pred_loss_like_noise_pred=True), True),
+])
+def test_trainer_loss_is_weighted_like_kohya(tmp_path, model, options, v):
+    """The trainer's loss for one batch equals the textbook per-sample MSE times kohya's weights, recomputed from
+    the UNet's prediction and the same noise and timesteps (loss_step draws the noise, then the timesteps)."""
+    t, batch, loss, pred = _one_loss_step(tmp_path, 5, pretrained_model=model, train_batch_size=4, **options)
+
+    gen = torch.Generator().manual_seed(5)
+    x0 = batch["latents"].float()
+    noise = torch.randn(x0.shape, generator=gen)
+    steps = torch.randint(0, 1000, (x0.shape[0],), generator=gen)
+    ab = t.noise_scheduler.alphas_cumprod[steps].view(-1, 1, 1, 1)
+    target = ab.sqrt() * noise - (1 - ab).sqrt() * x0 if v else noise
+    per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    w = torch.tensor([_kohya_weight(int(s), "v_prediction" if v else "epsilon", gamma=options.get("min_snr_gamma"),
+                                    debiased=options.get("debiased_estimation_loss", False),
+                                    scale_v=options.get("scale_v_pred_loss_like_noise_pred", False),
+                                    v_like=options.get("v_pred_like_loss")) for s in steps])
+    assert loss == pytest.approx(float((per * w).mean()), rel=1e-4)
+    assert loss != pytest.approx(float(per.mean()), rel=1e-2)
+
+
+def test_train_runs_with_the_weighting_options(tmp_path):
+    run = train(base_config(tmp_path / "w", max_train_steps=2, train_text_encoder=False, min_snr_gamma=5.0,
+                            debiased_estimation_loss=True, v_pred_like_loss=0.1), progress=False)
+    assert len(run.losses) == 2 and all(math.isfinite(v) for v in run.losses)
