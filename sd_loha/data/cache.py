@@ -12,6 +12,10 @@ Differences from kohya, on purpose:
   (kohya refuses the combination).
 - random_crop + caching: caching is turned off with a warning, since each step
   crops differently (kohya refuses).
+
+An image with a loss mask (masked_loss) caches its mask beside its latents, at
+the latents' size, for each flip; the mask file (path, size, mtime_ns) and
+channel are part of the key.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .buckets import apply_plan, pil_to_tensor, plan_resize_crop
 from .images import ImageError, load_image_with_info
+from .masks import mask_pixels, to_latent_size
 from .scan import ImageItem
 
 if TYPE_CHECKING:
@@ -80,6 +85,7 @@ class LatentCache:
         self.enabled = True
         self._keys: dict[tuple[str, bool], str] = {}  # (item.key, flipped) -> entry hash
         self._mem: dict[str, torch.Tensor] = {}
+        self._mem_masks: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -98,6 +104,10 @@ class LatentCache:
             "flip": bool(flipped),
             "encoder_id": self.encoder_id,
         }
+        if item.mask_path is not None:  # only then: caches of unmasked runs keep their keys
+            mst = os.stat(item.mask_path)
+            fields["mask"] = {"path": str(Path(item.mask_path).absolute()), "size": mst.st_size,
+                              "mtime_ns": mst.st_mtime_ns, "channel": item.mask_channel}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:40]
 
     def _file(self, h: str) -> Path:
@@ -117,7 +127,7 @@ class LatentCache:
         except Exception:  # damaged or foreign file: recompute
             return False
 
-    def _write(self, h: str, latents: torch.Tensor, item: ImageItem, flipped: bool) -> None:
+    def _write(self, h: str, latents: torch.Tensor, item: ImageItem, flipped: bool, mask: torch.Tensor | None) -> None:
         from safetensors.torch import save_file
 
         assert self.cache_dir is not None
@@ -132,7 +142,10 @@ class LatentCache:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{h[:12]}-", suffix=".tmp")
         os.close(fd)
         try:
-            save_file({"latents": latents.contiguous()}, tmp, metadata=meta)
+            tensors = {"latents": latents.contiguous()}
+            if mask is not None:
+                tensors["loss_mask"] = mask.contiguous()
+            save_file(tensors, tmp, metadata=meta)
             os.replace(tmp, self._file(h))
         except BaseException:
             try:
@@ -177,19 +190,19 @@ class LatentCache:
         for item in dataset.items:
             try:
                 st = os.stat(item.path)
-            except OSError as e:
-                stats.failed.append((item.path, f"cannot read file ({e.strerror or e})"))
+                hashes = [self.entry_key(item, flipped, st) for flipped in variants]
+            except OSError as e:  # the image, or its mask file
+                stats.failed.append((Path(e.filename or item.path), f"cannot read file ({e.strerror or e})"))
                 continue
             need: list[tuple[bool, str]] = []
-            for flipped in variants:
-                h = self.entry_key(item, flipped, st)
+            for flipped, h in zip(variants, hashes):
                 self._keys[(item.key, flipped)] = h
                 if h in self._mem:
                     stats.reused += 1
                 elif self.cache_dir is not None and self._valid_on_disk(h):
                     stats.reused += 1
                     if self.keep_in_memory:
-                        self._mem[h] = self._load(h)
+                        self._remember(h, self._load(h))
                 else:
                     need.append((flipped, h))
             if need:
@@ -200,7 +213,7 @@ class LatentCache:
         todo.sort(key=lambda t: (t[0].bucket, str(t[0].path)))
         bar = tqdm(total=total, desc="Caching latents", unit="img", disable=not progress or total == 0)
         done = 0
-        pending: list[tuple[ImageItem, bool, str, torch.Tensor]] = []
+        pending: list[tuple[ImageItem, bool, str, torch.Tensor, torch.Tensor | None]] = []
 
         def flush() -> None:
             nonlocal done
@@ -215,12 +228,12 @@ class LatentCache:
                     f"{type(lat).__name__}{tuple(lat.shape) if isinstance(lat, torch.Tensor) else ''}"
                 )
             lat = lat.detach().to("cpu")
-            for (item, flipped, h, _), one in zip(pending, lat):
+            for (item, flipped, h, _, mask), one in zip(pending, lat):
                 one = one.clone()
                 if self.cache_dir is not None:
-                    self._write(h, one, item, flipped)
+                    self._write(h, one, item, flipped, mask)
                 if self.keep_in_memory:
-                    self._mem[h] = one
+                    self._remember(h, {"latents": one, "loss_mask": mask})
             stats.encoded += len(pending)
             done += len(pending)
             bar.update(len(pending))
@@ -232,18 +245,20 @@ class LatentCache:
             for item, need in todo:
                 if pending and pending[0][0].bucket != item.bucket:
                     flush()
+                plan = plan_resize_crop(item.width, item.height, item.bucket)  # type: ignore[arg-type]
                 try:
                     loaded = load_image_with_info(item.path, needed_size=item.bucket)
+                    mask = mask_pixels(item, plan, False) if item.mask_path is not None else None
                 except ImageError as e:
                     stats.failed.append((item.path, e.reason))
                     logger.warning("%s: %s; not cached (it will be replaced by another image during training)", item.path, e.reason)
                     done += len(need)
                     bar.update(len(need))
                     continue
-                plan = plan_resize_crop(item.width, item.height, item.bucket)  # type: ignore[arg-type]
                 px = pil_to_tensor(apply_plan(loaded.image, plan))
                 for flipped, h in need:
-                    pending.append((item, flipped, h, px.flip(-1) if flipped else px))
+                    m = None if mask is None else to_latent_size(mask.flip(-1) if flipped else mask)
+                    pending.append((item, flipped, h, px.flip(-1) if flipped else px, m))
                     if len(pending) >= batch_size:
                         flush()
             flush()
@@ -257,27 +272,47 @@ class LatentCache:
         logger.info(stats.message)
         return stats
 
-    def _load(self, h: str) -> torch.Tensor:
+    def _load(self, h: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(self._file(h)))["latents"]
+            tensors = load_file(str(self._file(h)))
+            tensors["latents"]  # noqa: B018 - a file without latents is damaged
+            return tensors
         except Exception as e:
             raise LatentCacheMiss(f"cached latents {self._file(h).name} unreadable ({e})") from None
 
-    def get(self, item: ImageItem, flipped: bool = False) -> torch.Tensor:
-        """Cached latents (C, h, w) for an image; LatentCacheMiss if there are none."""
+    def _remember(self, h: str, tensors: dict[str, torch.Tensor | None]) -> None:
+        self._mem[h] = tensors["latents"]  # type: ignore[assignment]
+        if tensors.get("loss_mask") is not None:
+            self._mem_masks[h] = tensors["loss_mask"]  # type: ignore[assignment]
+
+    def _entry(self, item: ImageItem, flipped: bool) -> dict[str, torch.Tensor]:
         h = self._keys.get((item.key, bool(flipped)))
         if h is None:
             raise LatentCacheMiss(f"{item.path}: no cached latents ({'flipped' if flipped else 'plain'})")
         t = self._mem.get(h)
         if t is not None:
-            return t
+            return {"latents": t, **({"loss_mask": self._mem_masks[h]} if h in self._mem_masks else {})}
         if self.cache_dir is None:
             raise LatentCacheMiss(f"{item.path}: latents were not cached (encoding failed earlier)")
         if not self._file(h).is_file():
             raise LatentCacheMiss(f"{item.path}: cache file {self._file(h).name} is missing")
         return self._load(h)
+
+    def get(self, item: ImageItem, flipped: bool = False) -> torch.Tensor:
+        """Cached latents (C, h, w) for an image; LatentCacheMiss if there are none."""
+        return self._entry(item, flipped)["latents"]
+
+    def get_mask(self, item: ImageItem, flipped: bool = False) -> torch.Tensor | None:
+        """The cached loss mask (1, h, w) of an image with a mask (None for one without); LatentCacheMiss if
+        the entry is gone or was written without its mask."""
+        if item.mask_path is None:
+            return None
+        mask = self._entry(item, flipped).get("loss_mask")
+        if mask is None:
+            raise LatentCacheMiss(f"{item.path}: cached latents have no loss mask")
+        return mask
 
     def __len__(self) -> int:
         return len(self._keys)

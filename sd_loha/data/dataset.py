@@ -26,6 +26,7 @@ from .buckets import Size, apply_plan, pil_to_tensor, plan_resize_crop
 from .cache import LatentCache, LatentCacheMiss
 from .captions import CaptionOptions
 from .images import ImageError, load_image_with_info
+from .masks import item_loss_mask
 from .preflight import DatasetError, PreflightReport
 from .scan import ImageItem
 
@@ -42,10 +43,15 @@ class SampleKey(NamedTuple):
 class TrainDataset(Dataset):
     """Preflight items expanded by repeats; one example per (image, repeat).
 
+    Given a PreflightReport, an epoch is its training items then its
+    regularization items (report.epoch_items).
+
     Example keys: pixel_values (3,H,W) float in [-1,1] — or `latents` when a
     LatentCache is attached —, caption (processed for this step), original_size
     (h,w), crop_top_left (y,x), target_size (h,w), key (stable image id),
-    flipped, index, path.
+    flipped, index, path, loss_weight (prior_loss_weight for a regularization
+    image, else 1), and loss_mask (1,h,w) at the latents' size for an image
+    with a mask (masked_loss).
     """
 
     def __init__(
@@ -57,9 +63,10 @@ class TrainDataset(Dataset):
         random_crop: bool = False,
         seed: int = 0,
         use_repeats: bool = True,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         if isinstance(items, PreflightReport):
-            items = items.items
+            items = items.epoch_items
         self.items: list[ImageItem] = list(items)
         if not self.items:
             raise DatasetError("no items to train on (the preflight found nothing usable)")
@@ -70,6 +77,7 @@ class TrainDataset(Dataset):
         self.flip_aug = flip_aug
         self.random_crop = random_crop
         self.seed = seed
+        self.prior_loss_weight = float(prior_loss_weight)
         self.epoch = 0
         self.latent_cache: LatentCache | None = None
         # sample index -> item index, each image repeated `repeats` times (kohya)
@@ -165,6 +173,7 @@ class TrainDataset(Dataset):
             # Latents are cached from the centre crop of the preflight size.
             plan = plan_resize_crop(item.width, item.height, bucket)
             out["latents"] = self.latent_cache.get(item, flipped)
+            mask = self.latent_cache.get_mask(item, flipped)
         else:
             loaded = load_image_with_info(item.path, needed_size=bucket)
             ow, oh = loaded.original_size
@@ -177,6 +186,9 @@ class TrainDataset(Dataset):
             if flipped:
                 pixels = pixels.flip(-1)
             out["pixel_values"] = pixels
+            mask = item_loss_mask(item, plan, flipped)
+        if mask is not None:
+            out["loss_mask"] = mask
         ow, oh = plan.original_size
         out["caption"] = self.captions.process(item.caption, rng)
         out["original_size"] = (oh, ow)
@@ -185,6 +197,7 @@ class TrainDataset(Dataset):
         out["key"] = item.key
         out["flipped"] = flipped
         out["path"] = str(item.path)
+        out["loss_weight"] = self.prior_loss_weight if item.is_reg else 1.0
         return out
 
 
@@ -193,7 +206,9 @@ def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     Returns pixel_values (B,3,H,W) or latents (B,C,h,w), captions list[str],
     original_sizes / crop_top_lefts / target_sizes LongTensor (B,2) in SDXL's
-    (h,w)/(y,x) order, flipped BoolTensor (B,), keys, paths, indices.
+    (h,w)/(y,x) order, flipped BoolTensor (B,), keys, paths, indices,
+    loss_weight FloatTensor (B,), and loss_mask (B,1,h,w) when any example has
+    a mask (the others weigh 1 everywhere, as in kohya).
     """
     batch: dict[str, Any] = {}
     for name in ("pixel_values", "latents"):
@@ -207,6 +222,11 @@ def collate_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     batch["keys"] = [e["key"] for e in examples]
     batch["paths"] = [e["path"] for e in examples]
     batch["indices"] = [e.get("index") for e in examples]
+    batch["loss_weight"] = torch.tensor([float(e.get("loss_weight", 1.0)) for e in examples], dtype=torch.float32)
+    masks = [e.get("loss_mask") for e in examples]
+    shaped = next((m for m in masks if m is not None), None)
+    if shaped is not None:
+        batch["loss_mask"] = torch.stack([m if m is not None else torch.ones_like(shaped) for m in masks])
     return batch
 
 

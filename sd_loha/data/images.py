@@ -31,6 +31,7 @@ __all__ = [
     "inspect_image",
     "load_image",
     "load_image_with_info",
+    "load_mask",
     "probe_image",
 ]
 
@@ -46,6 +47,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", "
 MAX_IMAGE_PIXELS: int = 8192 * 8192 * 4
 
 _WHITE = (255, 255, 255)
+#: loss-mask channels load_mask reads: kohya's alpha_mask ("A") and conditioning_data_dir masks ("R")
+MASK_CHANNELS: tuple[str, ...] = ("A", "R")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # Image.MAX_IMAGE_PIXELS is a Pillow global; we swap it only around
 # Image.open (where Pillow checks it) and under a lock so concurrent loads in
 # threads (preflight verification) do not restore each other's values.
@@ -84,6 +88,7 @@ class ImageInfo:
     mode: str
     animated: bool = False
     notes: tuple[str, ...] = ()
+    has_alpha: bool = False  # an alpha channel or a transparent colour (alpha_mask reads it)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -267,7 +272,9 @@ def inspect_image(path: str | os.PathLike[str], *, verify: bool = False) -> Imag
         notes: list[str] = []
         if animated:
             notes.append("animated image: only the first frame is used")
-        info = ImageInfo(width=w, height=h, format=str(im.format or "?"), mode=im.mode, animated=animated, notes=tuple(notes))
+        has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+        info = ImageInfo(width=w, height=h, format=str(im.format or "?"), mode=im.mode, animated=animated,
+                         notes=tuple(notes), has_alpha=has_alpha)
     finally:
         fh.close()
     if verify:
@@ -294,6 +301,39 @@ def load_image_with_info(path: str | os.PathLike[str], *, needed_size: tuple[int
     so a 50 MP photo costs a fraction of the memory and time.
     """
     p = Path(path)
+    im, original, notes = _decode_upright(p, needed_size)
+    try:
+        rgb = _to_rgb(im)
+    except Exception as e:
+        raise ImageError(p, f"cannot convert image to RGB (colour mode {im.mode}: {e})", "unsupported") from None
+    return LoadedImage(image=_reduce_for(rgb, needed_size), original_size=original, notes=notes)
+
+
+def load_mask(path: str | os.PathLike[str], channel: str, *, needed_size: tuple[int, int] | None = None) -> LoadedImage:
+    """One channel of an image as an upright 8-bit "L" image: the loss mask of masked_loss.
+
+    channel "A": the alpha channel (255 where the image has no transparency: full weight), as kohya's
+    alpha_mask reads it; "R": the red channel of the file converted to RGB without compositing (a greyscale
+    mask's grey value), as kohya reads a conditioning_data_dir mask. The shape is decoded like
+    :func:`load_image_with_info`, so the same crop plan puts the mask on the image's pixels.
+    """
+    if channel not in MASK_CHANNELS:
+        raise ValueError(f"mask channel must be one of {MASK_CHANNELS}, got {channel!r}")
+    p = Path(path)
+    im, original, notes = _decode_upright(p, needed_size)
+    try:
+        if channel == "A":
+            band = im.convert("RGBA").getchannel("A")
+        else:
+            wide = im.mode.startswith("I;16") or im.mode in ("I", "F")
+            band = (_scale_to_8bit(im) if wide else im.convert("RGB")).getchannel("R")
+    except Exception as e:
+        raise ImageError(p, f"cannot read the mask's {channel} channel (colour mode {im.mode}: {e})", "unsupported") from None
+    return LoadedImage(image=_reduce_for(band, needed_size), original_size=original, notes=notes)
+
+
+def _decode_upright(p: Path, needed_size: tuple[int, int] | None) -> tuple[Image.Image, tuple[int, int], list[str]]:
+    """Decode the first frame, EXIF rotation applied; JPEGs shrunk while decoding when needed_size allows."""
     _check_path(p)
     im, fh = _open(p)
     notes: list[str] = []
@@ -328,21 +368,23 @@ def load_image_with_info(path: str | os.PathLike[str], *, needed_size: tuple[int
                 raise ImageError(p, "no permission to read this file", "permission") from None
             raise ImageError(p, f"image data is damaged ({msg or type(e).__name__})", "decode_error") from None
 
-        try:
-            if orient != 1:
+        if orient != 1:
+            try:
                 im = ImageOps.exif_transpose(im)
-            rgb = _to_rgb(im)
-        except Exception as e:
-            raise ImageError(p, f"cannot convert image to RGB (colour mode {im.mode}: {e})", "unsupported") from None
+            except Exception as e:
+                raise ImageError(p, f"cannot apply the EXIF rotation (colour mode {im.mode}: {e})", "unsupported") from None
     finally:
         fh.close()
+    return im, original, notes
 
-    if needed_size is not None:
-        nw, nh = max(1, needed_size[0]), max(1, needed_size[1])
-        factor = int(min(rgb.width / nw, rgb.height / nh))
-        if factor >= 2:
-            rgb = rgb.reduce(factor)
-    return LoadedImage(image=rgb, original_size=original, notes=notes)
+
+def _reduce_for(im: Image.Image, needed_size: tuple[int, int] | None) -> Image.Image:
+    """Integer box reduction that still covers needed_size (the crop plan resizes the rest of the way)."""
+    if needed_size is None:
+        return im
+    nw, nh = max(1, needed_size[0]), max(1, needed_size[1])
+    factor = int(min(im.width / nw, im.height / nh))
+    return im.reduce(factor) if factor >= 2 else im
 
 
 # --------------------------------------------------------------------------- colour conversion
@@ -393,7 +435,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode == "RGB" and "transparency" not in im.info:
         return im
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if mode in _ALPHA_MODES:
         return _composite_on_white(im)
     if mode in ("P", "L", "RGB", "1") and "transparency" in im.info:
         return _composite_on_white(im)

@@ -10,15 +10,17 @@ import math
 import os
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .buckets import BucketError, BucketManager, Size
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, ImageError, inspect_image
+from .masks import MaskIndex
 from .scan import CAPTION_EXTENSIONS, ImageItem, Skipped, scan_dataset
 
-__all__ = ["BucketStat", "DatasetError", "PreflightReport", "SubsetStat", "run_preflight"]
+__all__ = ["BucketStat", "DatasetError", "MaskStat", "PreflightReport", "RegStat", "SubsetStat", "balance_regularization",
+           "run_preflight"]
 
 # Plain-words headings for skip categories (ImageError.kind / Skipped.kind).
 SKIP_LABELS = {
@@ -60,6 +62,33 @@ class SubsetStat:
     missing_captions: int
 
 
+@dataclass(frozen=True)
+class RegStat:
+    """The regularization images of an epoch (kohya's balance against the training samples)."""
+
+    folder: Path
+    images_found: int
+    images_used: int  # images that appear in an epoch
+    images_unused: int  # usable images the balance leaves out (more reg samples than training samples)
+    samples: int  # regularization samples per epoch (their repeats after the balance)
+    train_samples: int  # training samples per epoch (images x folder repeats) they are balanced against
+    min_repeats: int
+    max_repeats: int
+    prior_loss_weight: float
+
+
+@dataclass(frozen=True)
+class MaskStat:
+    """Where the loss masks come from and which images have one."""
+
+    source: str  # "alpha_mask" or the conditioning_data_dir
+    channel: str  # "A" or "R"
+    with_mask: int  # training (and validation) images with a mask
+    full_weight: list[Path]  # of those, images whose mask is 1 everywhere by construction (no alpha channel)
+    reg_with_mask: int  # regularization images with a mask (the others weigh 1 everywhere)
+    reg_images: int
+
+
 @dataclass
 class PreflightReport:
     train_data_dir: Path
@@ -77,10 +106,19 @@ class PreflightReport:
     batch_size: int
     steps_per_epoch: int  # batches per epoch per process (before gradient accumulation)
     bucket_manager: BucketManager
+    reg_items: list[ImageItem] = field(default_factory=list)  # regularization items, repeats after the balance
+    reg: RegStat | None = None
+    masks: MaskStat | None = None
 
     @property
     def num_samples(self) -> int:
+        """Samples per epoch: training images x repeats, plus the regularization samples."""
         return sum(b.samples for b in self.buckets)
+
+    @property
+    def epoch_items(self) -> list[ImageItem]:
+        """What one epoch trains on: the training items, then the regularization items."""
+        return self.items + self.reg_items
 
     def skipped_by_kind(self) -> dict[str, list[Skipped]]:
         groups: dict[str, list[Skipped]] = defaultdict(list)
@@ -117,6 +155,8 @@ class PreflightReport:
         if cs.get("missing"):
             lines.append(f"    images without a caption are trained with {self.missing_caption_fallback}")
         lines.append(f"  resolution {res[0]}x{res[1]}; {self.bucket_manager.describe()}")
+        lines.extend(self._reg_lines())
+        lines.extend(self._mask_lines())
 
         if len(self.subsets) > 1 or any(st.repeats != 1 for st in self.subsets):
             lines.append("")
@@ -156,6 +196,33 @@ class PreflightReport:
             lines.extend(f"    - {w}" for w in self.warnings)
         return "\n".join(lines)
 
+    def _reg_lines(self) -> list[str]:
+        r = self.reg
+        if r is None:
+            return []
+        reps = f"{r.min_repeats}" if r.min_repeats == r.max_repeats else f"{r.min_repeats}-{r.max_repeats}"
+        lines = [
+            f"  regularization: {r.folder}: {r.images_found} found, {r.images_used} used"
+            + (f", {r.images_unused} not used (more than the training samples)" if r.images_unused else ""),
+            f"    {r.samples} regularization samples per epoch for {r.train_samples} training samples (kohya's "
+            f"balance; each used image {reps} time(s)); their loss x prior_loss_weight {r.prior_loss_weight:g}",
+        ]
+        return lines
+
+    def _mask_lines(self) -> list[str]:
+        m = self.masks
+        if m is None:
+            return []
+        what = "alpha channel of each image" if m.channel == "A" else f"red channel of the masks in {m.source}"
+        lines = [f"  masked loss: loss weighted by the {what} (value/255): {m.with_mask} image(s)"]
+        if m.full_weight:
+            shown = ", ".join(self._rel(p) for p in m.full_weight[:5]) + (" ..." if len(m.full_weight) > 5 else "")
+            lines.append(f"    {len(m.full_weight)} have no alpha channel and weigh 1 everywhere: {shown}")
+        if m.reg_images:
+            lines.append(f"    regularization images: {m.reg_with_mask} with a mask, "
+                         f"{m.reg_images - m.reg_with_mask} weigh 1 everywhere")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form for the web UI."""
 
@@ -168,6 +235,7 @@ class PreflightReport:
                 "width": it.width,
                 "height": it.height,
                 "bucket": list(it.bucket) if it.bucket else None,
+                "mask": str(it.mask_path) if it.mask_path else None,
             }
 
         return {
@@ -197,14 +265,24 @@ class PreflightReport:
             "warnings": list(self.warnings),
             "items": [item(i) for i in self.items],
             "validation_items": [item(i) for i in self.validation_items],
+            "reg_items": [item(i) for i in self.reg_items],
+            "regularization": None if self.reg is None else {
+                "folder": str(self.reg.folder), "images_found": self.reg.images_found,
+                "images_used": self.reg.images_used, "images_unused": self.reg.images_unused,
+                "samples": self.reg.samples, "train_samples": self.reg.train_samples,
+                "prior_loss_weight": self.reg.prior_loss_weight},
+            "masks": None if self.masks is None else {
+                "source": self.masks.source, "channel": self.masks.channel, "with_mask": self.masks.with_mask,
+                "full_weight": [self._rel(p) for p in self.masks.full_weight],
+                "reg_with_mask": self.masks.reg_with_mask, "reg_images": self.masks.reg_images},
         }
 
 
 # ---------------------------------------------------------------------- errors
 
 
-def _missing_dir_error(path: Path) -> DatasetError:
-    msg = f"train_data_dir not found: {path.absolute()}"
+def _missing_dir_error(path: Path, key: str = "train_data_dir") -> DatasetError:
+    msg = f"{key} not found: {path.absolute()}"
     parent = path.absolute().parent
     if parent.is_dir():
         try:
@@ -271,12 +349,20 @@ def run_preflight(
     trigger_word: str | None = None,
     verify: bool = True,
     num_processes: int = 1,
+    reg_data_dir: str | os.PathLike[str] | None = None,
+    prior_loss_weight: float = 1.0,
+    alpha_mask: bool = False,
+    conditioning_data_dir: str | os.PathLike[str] | None = None,
 ) -> PreflightReport:
     """Scan, verify and bucket the dataset; raise DatasetError when it cannot be used.
 
     verify=True decodes every image (JPEGs at 1/8 scale) so damaged files are
     reported now, not mid-training; set False for very large datasets.
     Settings errors (bad bucket sizes...) raise ValueError.
+    reg_data_dir: regularization images, balanced against the training samples
+    (:func:`balance_regularization`); prior_loss_weight is only shown here (the
+    dataset weighs their loss). alpha_mask / conditioning_data_dir: where each
+    image's loss mask comes from (sd_loha.data.masks).
     """
     # Absolute paths: items stay valid if the trainer or a worker changes cwd.
     root = Path(train_data_dir).expanduser().absolute()
@@ -286,15 +372,14 @@ def run_preflight(
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-    if not root.exists():
-        if root.is_symlink():
-            raise DatasetError(f"train_data_dir is a broken symbolic link: {root} -> {os.readlink(root)}")
-        raise _missing_dir_error(root)
-    if not root.is_dir():
-        hint = ""
-        if root.suffix.lower() in IMAGE_EXTENSIONS:
-            hint = f"; did you mean its folder {root.parent}?"
-        raise DatasetError(f"train_data_dir is a file, not a folder: {root.absolute()}{hint}")
+    if alpha_mask and conditioning_data_dir is not None:
+        raise ValueError("choose one mask source: alpha_mask or conditioning_data_dir, not both")
+    _check_folder(root, "train_data_dir")
+    reg_root = Path(reg_data_dir).expanduser().absolute() if reg_data_dir is not None else None
+    mask_root = Path(conditioning_data_dir).expanduser().absolute() if conditioning_data_dir is not None else None
+    for folder, key in ((reg_root, "reg_data_dir"), (mask_root, "conditioning_data_dir")):
+        if folder is not None:
+            _check_folder(folder, key)
 
     bm = BucketManager(
         resolution,
@@ -309,19 +394,7 @@ def run_preflight(
     skipped = list(scan.skipped)
     warnings = list(scan.warnings) + list(bm.notes)
 
-    items: list[ImageItem] = []
-    upscaled: list[tuple[ImageItem, float]] = []
-    for it in scan.items:
-        try:
-            bucket = bm.assign(it.width, it.height)
-        except BucketError as e:
-            skipped.append(Skipped(it.path, str(e), "too_small"))
-            continue
-        scale = max(bucket[0] / it.width, bucket[1] / it.height)
-        if scale > 2.0:
-            upscaled.append((it, scale))
-        items.append(replace(it, bucket=bucket))
-    skipped.sort(key=lambda s: str(s.path))
+    items, upscaled = _bucketed(scan.items, bm, skipped)
     images_found = len(scan.items) + len(scan.skipped)
 
     if not items:
@@ -338,10 +411,43 @@ def run_preflight(
             validation = [it for i, it in enumerate(items) if i in chosen]
             items = [it for i, it in enumerate(items) if i not in chosen]
 
+    # Regularization: never held out for validation (as in kohya), balanced against the training samples.
+    reg_items: list[ImageItem] = []
+    reg_stat: RegStat | None = None
+    if reg_root is not None:
+        reg_scan = scan_dataset(reg_root, caption_extension=cap_ext, verify=verify)
+        skipped.extend(reg_scan.skipped)
+        warnings.extend(f"reg_data_dir: {w}" for w in reg_scan.warnings)
+        usable, reg_upscaled = _bucketed(reg_scan.items, bm, skipped)
+        upscaled.extend(reg_upscaled)
+        if not usable:
+            raise DatasetError(f"reg_data_dir {reg_root} holds no usable images "
+                               f"({len(reg_scan.items) + len(reg_scan.skipped)} found, "
+                               f"{len(reg_scan.skipped) + len(reg_scan.items) - len(usable)} skipped); add "
+                               "regularization images (same layout as train_data_dir) or remove reg_data_dir")
+        train_samples = sum(it.repeats for it in items)
+        reg_items = [replace(it, is_reg=True) for it in balance_regularization(train_samples, usable)]
+        repeats = [it.repeats for it in reg_items]
+        reg_stat = RegStat(folder=reg_root, images_found=len(reg_scan.items) + len(reg_scan.skipped),
+                           images_used=len(reg_items), images_unused=len(usable) - len(reg_items),
+                           samples=sum(repeats), train_samples=train_samples, min_repeats=min(repeats),
+                           max_repeats=max(repeats), prior_loss_weight=prior_loss_weight)
+        if reg_stat.images_unused:
+            warnings.append(f"{reg_stat.images_unused} of {len(usable)} regularization images are not used: an epoch "
+                            f"balances {train_samples} training samples with as many regularization samples (kohya)")
+    skipped.sort(key=lambda s: str(s.path))
+
+    # Loss masks.
+    mask_stat: MaskStat | None = None
+    if alpha_mask or mask_root is not None:
+        items, validation, reg_items, mask_stat, mask_warnings = _attach_masks(
+            root, items, validation, reg_items, mask_root, verify=verify)
+        warnings.extend(mask_warnings)
+
     # Buckets (training items, repeats counted).
     per_bucket_images: Counter = Counter()
     per_bucket_samples: Counter = Counter()
-    for it in items:
+    for it in items + reg_items:
         per_bucket_images[it.bucket] += 1
         per_bucket_samples[it.bucket] += it.repeats
     buckets = [
@@ -406,6 +512,10 @@ def run_preflight(
         "trigger_word": trigger_word,
         "verify": verify,
         "num_processes": num_processes,
+        "reg_data_dir": str(reg_root) if reg_root is not None else None,
+        "prior_loss_weight": prior_loss_weight,
+        "alpha_mask": alpha_mask,
+        "conditioning_data_dir": str(mask_root) if mask_root is not None else None,
     }
     return PreflightReport(
         train_data_dir=root,
@@ -423,4 +533,119 @@ def run_preflight(
         batch_size=batch_size,
         steps_per_epoch=steps_per_epoch,
         bucket_manager=bm,
+        reg_items=reg_items,
+        reg=reg_stat,
+        masks=mask_stat,
     )
+
+
+def _check_folder(root: Path, key: str) -> None:
+    if not root.exists():
+        if root.is_symlink():
+            raise DatasetError(f"{key} is a broken symbolic link: {root} -> {os.readlink(root)}")
+        raise _missing_dir_error(root, key)
+    if not root.is_dir():
+        hint = ""
+        if root.suffix.lower() in IMAGE_EXTENSIONS:
+            hint = f"; did you mean its folder {root.parent}?"
+        raise DatasetError(f"{key} is a file, not a folder: {root.absolute()}{hint}")
+
+
+def _bucketed(found: list[ImageItem], bm: BucketManager,
+              skipped: list[Skipped]) -> tuple[list[ImageItem], list[tuple[ImageItem, float]]]:
+    """The items with their bucket (those no bucket fits go to `skipped`), and the ones enlarged over 2x."""
+    items: list[ImageItem] = []
+    upscaled: list[tuple[ImageItem, float]] = []
+    for it in found:
+        try:
+            bucket = bm.assign(it.width, it.height)
+        except BucketError as e:
+            skipped.append(Skipped(it.path, str(e), "too_small"))
+            continue
+        scale = max(bucket[0] / it.width, bucket[1] / it.height)
+        if scale > 2.0:
+            upscaled.append((it, scale))
+        items.append(replace(it, bucket=bucket))
+    return items, upscaled
+
+
+def balance_regularization(train_samples: int, reg_items: list[ImageItem]) -> list[ImageItem]:
+    """kohya's DreamBoothDataset balance: one epoch holds as many regularization samples as training samples.
+
+    In order, each regularization image joins with its folder repeats until the count reaches
+    train_samples (the last one keeps all its repeats; the rest are left out). If a whole pass falls
+    short, the images get one more repeat each, in order, until the count is reached. Returns the
+    images used, with their repeats for the epoch.
+    """
+    repeats: list[int] = []
+    total = 0
+    for it in reg_items:
+        if total >= train_samples:
+            break
+        repeats.append(it.repeats)
+        total += it.repeats
+    k = 0
+    while total < train_samples:
+        repeats[k % len(repeats)] += 1
+        total += 1
+        k += 1
+    return [replace(it, repeats=r) for it, r in zip(reg_items, repeats)]
+
+
+def _attach_masks(root: Path, items: list[ImageItem], validation: list[ImageItem], reg_items: list[ImageItem],
+                  mask_root: Path | None, *, verify: bool):
+    """Give every image its loss mask: its own alpha channel (alpha_mask), or the same-name file of
+    conditioning_data_dir (training and validation images; regularization images then weigh 1 everywhere).
+    A training image without a mask, or with a mask of another size, is an error naming the file."""
+    warnings: list[str] = []
+    if mask_root is None:
+        def with_alpha(its: list[ImageItem]) -> list[ImageItem]:
+            return [replace(it, mask_path=it.path, mask_channel="A") for it in its]
+
+        items, validation, reg_items = with_alpha(items), with_alpha(validation), with_alpha(reg_items)
+        full = [it.path for it in items + validation if not it.has_alpha]
+        stat = MaskStat(source="alpha_mask", channel="A", with_mask=len(items) + len(validation), full_weight=full,
+                        reg_with_mask=len(reg_items), reg_images=len(reg_items))
+        if full and len(full) == len(items) + len(validation):
+            warnings.append("alpha_mask: no training image has an alpha channel, so every mask is 1 everywhere and "
+                            "the loss is not masked; save the images as PNG/WebP with transparency")
+        return items, validation, reg_items, stat, warnings
+
+    index = MaskIndex.scan(mask_root)
+    missing: list[Path] = []
+    wrong_size: list[str] = []
+
+    def with_file(its: list[ImageItem]) -> list[ImageItem]:
+        out = []
+        for it in its:
+            mask = index.find(it.path, root)
+            if mask is None:
+                missing.append(it.path)
+                continue
+            try:
+                size = inspect_image(mask, verify=verify).size
+            except ImageError as e:
+                raise DatasetError(f"conditioning_data_dir: the mask {mask} of {it.path} cannot be used: {e.reason}") from None
+            if size != (it.width, it.height):
+                wrong_size.append(f"{mask} is {size[0]}x{size[1]}, its image {it.path.name} {it.width}x{it.height}")
+            out.append(replace(it, mask_path=mask, mask_channel="R"))
+        return out
+
+    items, validation = with_file(items), with_file(validation)
+    if missing:
+        shown = "\n    ".join(str(p) for p in missing[:10]) + ("\n    ..." if len(missing) > 10 else "")
+        raise DatasetError(
+            f"masked_loss: {len(missing)} training image(s) have no mask in conditioning_data_dir {mask_root} "
+            f"(looked for an image file of the same name, at the same relative path or directly in the folder):"
+            f"\n    {shown}\n  add a mask for each (white = full weight, black = none), or remove these images")
+    if wrong_size:
+        raise DatasetError("masked_loss: a mask must have its image's size (kohya requires it too):\n    "
+                           + "\n    ".join(wrong_size[:10]) + "\n  resize the masks to their images' sizes")
+    extra = index.unused()
+    if extra:
+        shown = ", ".join(p.name for p in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        warnings.append(f"conditioning_data_dir: {len(extra)} mask file(s) match no training image and are not used "
+                        f"({shown})")
+    stat = MaskStat(source=str(mask_root), channel="R", with_mask=len(items) + len(validation), full_weight=[],
+                    reg_with_mask=0, reg_images=len(reg_items))
+    return items, validation, reg_items, stat, warnings

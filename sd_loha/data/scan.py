@@ -92,6 +92,10 @@ class ImageItem:
     mtime_ns: int = 0
     bucket: tuple[int, int] | None = None  # (w, h), set by the preflight
     notes: tuple[str, ...] = ()
+    has_alpha: bool = False
+    is_reg: bool = False  # a regularization (prior-preservation) image: its loss is weighted by prior_loss_weight
+    mask_path: Path | None = None  # the file whose mask_channel weights this image's loss (masked_loss)
+    mask_channel: str | None = None  # "A" (alpha_mask: the image's own alpha) or "R" (a conditioning_data_dir mask)
 
     @property
     def key(self) -> str:
@@ -373,6 +377,7 @@ def scan_dataset(
                 file_size=st.st_size,
                 mtime_ns=st.st_mtime_ns,
                 notes=info.notes,
+                has_alpha=info.has_alpha,
             )
         )
     result.skipped.sort(key=lambda sk: str(sk.path))

@@ -170,5 +170,6 @@ def config_preflight(cfg: TrainConfig, *, folder: str | os.PathLike | None = Non
         bucket_reso_steps=cfg.bucket_reso_steps, bucket_no_upscale=cfg.bucket_no_upscale,
         caption_extension=cfg.caption_extension, batch_size=cfg.train_batch_size,
         validation_split=cfg.validation_split, seed=cfg.seed, trigger_word=cfg.trigger_word or None,
-        num_processes=num_processes,
+        num_processes=num_processes, reg_data_dir=cfg.reg_data_dir or None, prior_loss_weight=cfg.prior_loss_weight,
+        alpha_mask=cfg.alpha_mask, conditioning_data_dir=(cfg.conditioning_data_dir or None) if cfg.masked_loss else None,
     )

@@ -187,7 +187,8 @@ class Trainer:
                                        tag_dropout_rate=cfg.caption_tag_dropout_rate,
                                        trigger_word=cfg.trigger_word or None)
         self.dataset = TrainDataset(self.preflight, captions=self.captions, flip_aug=cfg.flip_aug,
-                                    random_crop=cfg.random_crop, seed=cfg.seed)
+                                    random_crop=cfg.random_crop, seed=cfg.seed,
+                                    prior_loss_weight=cfg.prior_loss_weight)
         self.val_dataset = None
         self.val_captions = CaptionOptions(trigger_word=cfg.trigger_word or None)  # no augmentation when measuring
         if self.preflight.validation_items:
