@@ -9,6 +9,7 @@ every random draw takes the caller's generator, so a seeded step is reproducible
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,25 @@ if TYPE_CHECKING:
 
     from .config import TrainConfig
 
-__all__ = ["noisy_latents", "offset_strength", "pyramid_noise", "sample_noise", "sample_timesteps",
-           "training_scheduler"]
+__all__ = ["OBJECTIVE_OPTIONS", "noisy_latents", "offset_strength", "plain_objective", "pyramid_noise", "sample_noise",
+           "sample_timesteps", "training_scheduler"]
+
+#: the options that shape the training objective (noise, timesteps, per-sample weights) but not the model, so a
+#: held-out loss comparable between runs leaves them at their defaults; zero_terminal_snr is the schedule the
+#: model is trained for and stays
+OBJECTIVE_OPTIONS: tuple[str, ...] = (
+    "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+    "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep", "max_timestep",
+    "min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
+)
+
+
+def plain_objective(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` with :data:`OBJECTIVE_OPTIONS` at their defaults: the plain denoising objective (Gaussian
+    noise, uniform timesteps, unweighted loss), for a validation loss that does not move with those options."""
+    from .config import OPTIONS
+
+    return dataclasses.replace(cfg, **{name: OPTIONS[name].default for name in OBJECTIVE_OPTIONS})
 
 
 def _randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -15,7 +15,15 @@ from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from sd_loha.train import train
 from sd_loha.train.config import ConfigError, config_from_kwargs
 from sd_loha.train.loop import Trainer
-from sd_loha.train.noise import noisy_latents, pyramid_noise, sample_noise, sample_timesteps, training_scheduler
+from sd_loha.train.noise import (
+    OBJECTIVE_OPTIONS,
+    noisy_latents,
+    plain_objective,
+    pyramid_noise,
+    sample_noise,
+    sample_timesteps,
+    training_scheduler,
+)
 
 from .helpers import base_config
 
@@ -212,3 +220,16 @@ def test_train_runs_with_zero_terminal_snr_on_a_v_model(tmp_path):
                             zero_terminal_snr=True, min_snr_gamma=5.0, scale_v_pred_loss_like_noise_pred=True,
                             debiased_estimation_loss=True), progress=False)
     assert len(run.losses) == 2 and all(math.isfinite(v) for v in run.losses)
+
+
+def test_plain_objective_resets_the_noise_and_weighting_options(tmp_path):
+    from sd_loha.train.config import OPTIONS
+
+    cfg = _cfg(tmp_path, noise_offset=0.1, adaptive_noise_scale=0.01, multires_noise_iterations=6, ip_noise_gamma=0.1,
+               min_timestep=100, max_timestep=900, min_snr_gamma=5.0, debiased_estimation_loss=True, network_dim=8)
+    plain = plain_objective(cfg)
+    assert all(getattr(plain, n) == OPTIONS[n].default for n in OBJECTIVE_OPTIONS)
+    assert plain.network_dim == 8 and cfg.multires_noise_iterations == 6  # the rest kept, the original untouched
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sample_noise(plain, latents, torch.Generator().manual_seed(1)),
+                               torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)))
