@@ -35,14 +35,14 @@ from .checks import check_output_dir, check_paths, config_preflight
 from .conditioning import Conditioner, sdxl_time_ids
 from .config import TrainConfig, as_config
 from .ema import AdapterEMA
-from .loss import diffusion_loss
+from .loss import LossWeighting, diffusion_loss
 from .metadata import training_metadata
-from .noise import noisy_latents, sample_noise, sample_timesteps
+from .noise import noisy_latents, sample_noise, sample_timesteps, training_scheduler
 from .optim import make_optimizer, make_scheduler
-from .report import column_grid, loss_curve
+from .report import loss_curve
 from .runtime import (StopFlag, TrainingError, all_reduce_grads, enable_te_checkpointing, ensure_loss_scaler, is_oom,
-                      make_accelerator, oom_advice)
-from .sampling import sample_images, sampling_key, strength_label
+                      log_image, lr_scalars, make_accelerator, oom_advice)
+from .sampling import sample_grid_image, sample_images, sampling_key, strength_label
 from .state import OutputDirLock, clean_stale_temp, latest_state, load_state, restore_rng, rotate, save_state
 
 __all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
@@ -196,8 +196,6 @@ class Trainer:
                                             seed=cfg.seed, use_repeats=False)
 
     def _setup_models(self) -> None:
-        from diffusers import DDPMScheduler
-
         cfg = self.cfg
         self.weight_dtype = weight_dtype_for(cfg.mixed_precision)
         # The VAE stays fp32 (fp16 VAEs overflow to NaN); samples decode through it in fp32 (sampling.py).
@@ -205,7 +203,7 @@ class Trainer:
         if cfg.v_parameterization is not None:
             self.pipe.scheduler.register_to_config(prediction_type="v_prediction" if cfg.v_parameterization else "epsilon")
         self.family = detect_family(self.pipe)
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.noise_scheduler = training_scheduler(cfg, self.pipe.scheduler.config)
         self._print(f"base model: {cfg.pretrained_model} ({self.family.label})")
         self.vae = self.pipe.vae.to(self.device).requires_grad_(False).eval()
         self.unet = self.pipe.unet.to(self.device).requires_grad_(False)
@@ -366,7 +364,7 @@ class Trainer:
                              added_cond_kwargs=cond["added_cond_kwargs"]).sample
         return diffusion_loss(scheduler, pred, latents, noise, timesteps, loss_type=cfg.loss_type,
                               huber_c=cfg.huber_c, huber_schedule=cfg.huber_schedule, huber_scale=cfg.huber_scale,
-                              min_snr_gamma=cfg.min_snr_gamma, mask=batch.get("loss_mask"),
+                              weighting=LossWeighting.from_config(cfg), mask=batch.get("loss_mask"),
                               sample_weights=batch.get("loss_weight"))
 
     def optimizer_step(self) -> None:
@@ -452,8 +450,9 @@ class Trainer:
         if not self.main or not self.cfg.sample_prompts:
             return None
         columns = self.strength_columns()
-        path = save_image_atomic(column_grid(columns, self.cfg.sample_prompts),
-                                 self.output_dir / "samples" / f"{tag}.png")
+        grid = sample_grid_image(columns, self.cfg)
+        path = save_image_atomic(grid, self.output_dir / "samples" / f"{tag}.png")
+        log_image(self.accelerator, "samples", grid, self.step)
         self._progress.append((f"step {self.step}", columns[-1][1]))
         self.samples.append(path)
         self.emit(events.Sample(path=str(path), step=self.step))
@@ -464,8 +463,9 @@ class Trainer:
         if not self.main or len(self._progress) < 2:
             return None
         columns = [(strength_label(0, 0.0), self.base_samples()), *self._progress]
-        path = save_image_atomic(column_grid(columns, self.cfg.sample_prompts),
-                                 self.output_dir / "samples" / "progress.png")
+        grid = sample_grid_image(columns, self.cfg)
+        path = save_image_atomic(grid, self.output_dir / "samples" / "progress.png")
+        log_image(self.accelerator, "progress", grid, self.step)
         self.samples.append(path)
         self.emit(events.Sample(path=str(path), step=self.step))
         return path
@@ -544,6 +544,8 @@ class Trainer:
                     "accumulation")
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not (self.progress and self.main), dynamic_ncols=True)
+        if cfg.sample_at_first and self.step == 0:
+            self.make_samples("at_first")  # the starting point; sorts before epoch*/final/progress/step*
         stopped = False
         t_last, step_times = time.time(), []
         accum_loss, micro = 0.0, 0
@@ -572,7 +574,7 @@ class Trainer:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{accum_loss:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
-                acc.log({"loss": accum_loss, "lr": lr}, step=self.step)
+                acc.log({"loss": accum_loss, **lr_scalars(self.lr_scheduler, self.optimizer)}, step=self.step)
                 self.emit(events.Progress(step=self.step, total=self.total_steps, epoch=self.epoch + 1, loss=accum_loss,
                                           lr=lr, it_s=rate, eta_s=(self.total_steps - self.step) / rate))
                 accum_loss = 0.0
