@@ -46,6 +46,14 @@ def check_paths(cfg: TrainConfig) -> None:
         _check_exists(add, "train_data_dir", cfg.train_data_dir, folder=True,
                       missing_fix="point it at the folder that holds your images (or their kohya '10_name' subfolders)",
                       wrong_kind_fix="point it at the folder that holds your images")
+    if cfg.reg_data_dir:
+        _check_exists(add, "reg_data_dir", cfg.reg_data_dir, folder=True,
+                      missing_fix="point it at the folder of regularization images (or their '1_class' subfolders)",
+                      wrong_kind_fix="point it at the folder that holds the regularization images")
+    if cfg.masked_loss and cfg.conditioning_data_dir:
+        _check_exists(add, "conditioning_data_dir", cfg.conditioning_data_dir, folder=True,
+                      missing_fix="point it at the folder of mask images (same file names as the training images)",
+                      wrong_kind_fix="point it at the folder that holds the mask images")
 
     # base model
     m = cfg.pretrained_model

@@ -37,7 +37,7 @@ from .config import TrainConfig, as_config
 from .ema import AdapterEMA
 from .loss import LossWeighting, diffusion_loss
 from .metadata import training_metadata
-from .noise import noisy_latents, sample_noise, sample_timesteps, training_scheduler
+from .noise import noisy_latents, plain_objective, sample_noise, sample_timesteps, training_scheduler
 from .optim import make_optimizer, make_scheduler
 from .report import loss_curve
 from .runtime import (StopFlag, TrainingError, all_reduce_grads, enable_te_checkpointing, ensure_loss_scaler, is_oom,
@@ -267,7 +267,7 @@ class Trainer:
         from ..data.cache import TextEmbeddingCache
         from ..data.captions import caption_variants
 
-        sets = [caption_variants(it.caption, self.captions) for it in self.preflight.items]
+        sets = [caption_variants(it.caption, self.captions) for it in self.preflight.epoch_items]
         sets += [caption_variants(it.caption, self.val_captions) for it in self.preflight.validation_items]
         if any(s is None for s in sets):
             self._print("captions change every step (shuffle_caption / caption_tag_dropout_rate): "
@@ -350,9 +350,11 @@ class Trainer:
                                           batch["target_sizes"].tolist(), self.device, self.weight_dtype)}
         return out
 
-    def loss_step(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        """The denoising loss of one batch: noise the latents at random timesteps, predict, compare."""
-        cfg, scheduler = self.cfg, self.noise_scheduler
+    def loss_step(self, batch: dict[str, Any], generator: torch.Generator | None = None, *,
+                  objective: TrainConfig | None = None) -> torch.Tensor:
+        """The denoising loss of one batch: noise the latents at random timesteps, predict, compare. `objective`:
+        the config whose noise and weighting options apply (the training config by default)."""
+        cfg, scheduler = objective or self.cfg, self.noise_scheduler
         latents = (batch["latents"].to(self.device, torch.float32) if "latents" in batch
                    else self.encode_pixels(batch["pixel_values"]))
         noise = sample_noise(cfg, latents, generator)
@@ -398,16 +400,18 @@ class Trainer:
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def validation_loss(self) -> float:
-        """Mean loss over the held-out images, same noise and timesteps every time, no dropout."""
+        """Mean loss over the held-out images, same noise and timesteps every time, no dropout, and the plain
+        objective (no noise or weighting options), so runs with different options stay comparable."""
         from ..data.dataset import collate_examples
 
-        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        gen, objective = torch.Generator().manual_seed(self.cfg.seed + 1), plain_objective(self.cfg)
         total = 0.0
         self._set_train_mode(False)
         try:
             with torch.no_grad(), self.file_weights():
                 for i in range(len(self.val_dataset)):
-                    total += float(self.loss_step(collate_examples([self.val_dataset[(i, 0)]]), gen))
+                    batch = collate_examples([self.val_dataset[(i, 0)]])
+                    total += float(self.loss_step(batch, gen, objective=objective))
         finally:
             self._set_train_mode(True)
         return total / max(len(self.val_dataset), 1)

@@ -37,6 +37,8 @@ def training_metadata(cfg: TrainConfig, preflight, *, step: int, epoch: int, sta
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_lr_warmup_steps": cfg.lr_warmup_steps,
         "ss_num_train_images": sum(it.repeats for it in preflight.items),
+        "ss_num_reg_images": sum(it.repeats for it in preflight.reg_items),
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_num_batches_per_epoch": preflight.steps_per_epoch,
         "ss_batch_size_per_device": cfg.train_batch_size,
         "ss_total_batch_size": cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps,

@@ -557,9 +557,13 @@ def test_check_paths_errors(tmp_path):
         f"network_weights={tmp_path / 'nope.safetensors'}",
         f"output_dir={tmp_path / 'afile'}",
         f"vae={tmp_path / 'vae.safetensors'}",
+        f"reg_data_dir={tmp_path / 'no_reg'}",
+        "masked_loss=true", f"conditioning_data_dir={tmp_path / 'afile'}",
     )
     msgs = errors_of(check_paths, c)
-    assert len(msgs) == 5, msgs
+    assert len(msgs) == 7, msgs
+    assert any("reg_data_dir" in m and "does not exist" in m and "regularization images" in m for m in msgs)
+    assert any("conditioning_data_dir" in m and "is a file, not a folder" in m for m in msgs)
     assert any("train_data_dir" in m and "does not exist" in m and "folder that holds your images" in m for m in msgs)
     assert any("is a folder but not a diffusers model (no model_index.json)" in m for m in msgs)
     assert any("network_weights" in m and "does not exist" in m for m in msgs)
@@ -568,7 +572,7 @@ def test_check_paths_errors(tmp_path):
 
     assert "is a file, not a folder" in one_error(check_paths, as_config(c, [
         f"train_data_dir={tmp_path / 'afile'}", "pretrained_model=tiny-sd1", "network_weights=none",
-        "vae=none", f"output_dir={tmp_path / 'o'}"]))
+        "vae=none", f"output_dir={tmp_path / 'o'}", "reg_data_dir=none", "masked_loss=false"]))
 
 
 def test_check_paths_model_names(tmp_path, monkeypatch):

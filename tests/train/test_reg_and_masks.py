@@ -16,7 +16,7 @@ from sd_loha.train import train
 from sd_loha.train.config import config_from_kwargs
 from sd_loha.train.loop import Trainer
 
-from .helpers import base_config
+from .helpers import base_config, read_file
 
 PRIOR = 0.3
 
@@ -91,6 +91,8 @@ def test_run_with_reg_images_and_masks(tmp_path):
     assert len(res.losses) == 4 and all(0 < v < 10 for v in res.losses)
     assert "4 regularization samples per epoch for 4 training samples" in res.preflight
     assert "masked loss: loss weighted by the red channel" in res.preflight
+    meta = read_file(res.output)[1]  # kohya's metadata keys for the reg images
+    assert meta["ss_num_reg_images"] == "4" and float(meta["ss_prior_loss_weight"]) == PRIOR
 
 
 def test_run_with_alpha_mask(tmp_path):

@@ -160,10 +160,12 @@ def test_run_outputs_are_written_atomically(tmp_path, monkeypatch):
 
 def test_validation_loss_recomputed_from_the_heldout_images(tmp_path):
     """validation_loss is the plain denoising loss over the held-out images, in order, with noise and timesteps
-    from a generator seeded with seed + 1: recomputed here from the pipeline's own parts."""
+    from a generator seeded with seed + 1: recomputed here from the pipeline's own parts. The training
+    objective's noise and weighting options do not apply (runs with different options stay comparable)."""
     from sd_loha.data.dataset import collate_examples
 
-    t = _trainer(tmp_path, validation_split=0.25, train_text_encoder=False)
+    t = _trainer(tmp_path, validation_split=0.25, train_text_encoder=False, min_snr_gamma=5.0, noise_offset=0.1,
+                 min_timestep=500, debiased_estimation_loss=True)
     with torch.no_grad():
         for p in t.params:  # a network that changes the prediction
             p.add_(torch.randn_like(p) * 0.1)
