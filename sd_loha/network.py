@@ -11,7 +11,7 @@ import datetime as _dt
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ from torch import nn
 from .io import save_safetensors_atomic
 from .layers import LoHALayer, wrap
 from .models import ModelFamily, detect_family, text_encoders, unet_family_name
-from .naming import text_encoder_save_name, unet_save_name
-from .targets import layer_names, select_targets, unmatched_patterns
+from .naming import text_encoder_canonical_path, text_encoder_save_name, unet_ldm_path, unet_save_name
+from .targets import (Preset, Target, candidate_targets, first_match, layer_names, load_preset, preset_label,
+                      unmatched_patterns, unmatched_regexes)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class NetworkModule:
     layer: LoHALayer
     parent: nn.Module
     attr: str
+    lr_rule: int | None = None  # index of its network_reg_lrs pattern; None: the part's lr (unet_lr / text_encoder_lr)
 
 
 class LoHANetwork:
@@ -62,9 +64,19 @@ class LoHANetwork:
         return out
 
     def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
-        groups = [{"params": self.parameters("unet"), "lr": unet_lr, "name": "unet"},
-                  {"params": self.parameters("te"), "lr": text_encoder_lr, "name": "text_encoder"}]
-        return [g for g in groups if g["params"]]
+        """One optimizer group per part ("unet", "text_encoder") at its learning rate, and, as kohya does, one per
+        part and network_reg_lrs pattern i ("unet_reg_lr_0") at the pattern's rate, for the modules it matched first."""
+        rates = list(self.settings.get("reg_lrs", {}).values())
+        groups: dict[tuple[str, int], dict[str, Any]] = {}
+        for m in self.modules:
+            part = "unet" if m.part == "unet" else "text_encoder"
+            rule = -1 if m.lr_rule is None else m.lr_rule
+            lr = rates[rule] if rule >= 0 else unet_lr if part == "unet" else text_encoder_lr
+            name = part if rule < 0 else f"{part}_reg_lr_{rule}"
+            group = groups.setdefault((part, rule), {"params": [], "lr": lr, "name": name})
+            group["params"].extend(p for p in m.layer.parameters(recurse=False) if p.requires_grad)
+        order = sorted(groups, key=lambda k: (k[0] != "unet", k[1]))  # unet first, each part's own group first
+        return [groups[k] for k in order if groups[k]["params"]]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -140,11 +152,22 @@ class LoHANetwork:
             if len(values) == 1:
                 self.settings[setting] = values.pop()
 
+    def _common(self, attr: str, kxk: bool, default: Any) -> str:
+        """The rank or alpha that every linear/1x1 (or every k×k) layer has, or "Dynamic" where they differ, as
+        kohya's resize and merge scripts write it; the setting when there is no such layer. The tensors hold
+        each module's own rank (factor shapes) and alpha, which is what loaders read."""
+        values = {getattr(m.layer, attr) for m in self.modules if (m.layer.kind in KXK_KINDS) == kxk}
+        return "Dynamic" if len(values) > 1 else str(values.pop() if values else default)
+
     def metadata(self, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
         """kohya ss_* and SAI modelspec.* keys describing this network (all values strings)."""
         s = self.settings
         now = _dt.datetime.now(_dt.timezone.utc)
-        args = {"algo": "loha", "preset": s["preset"], "conv_dim": str(s["conv_rank"]), "conv_alpha": str(s["conv_alpha"])}
+        args = {"algo": "loha", "preset": s["preset"], "conv_dim": self._common("rank", True, s["conv_rank"]),
+                "conv_alpha": self._common("alpha_value", True, s["conv_alpha"])}
+        for name, rules in (("network_reg_dims", s.get("reg_dims")), ("network_reg_lrs", s.get("reg_lrs"))):
+            if rules:  # kohya's own network_args string
+                args[name] = ",".join(f"{p}={v:g}" for p, v in rules.items())
         if s["use_tucker"]:
             args["use_tucker"] = "True"
         if s["rank_dropout"]:
@@ -153,8 +176,8 @@ class LoHANetwork:
             args["module_dropout"] = str(s["module_dropout"])
         meta: dict[str, Any] = {
             "ss_network_module": "lycoris.kohya",
-            "ss_network_dim": s["rank"],
-            "ss_network_alpha": s["alpha"],
+            "ss_network_dim": self._common("rank", False, s["rank"]),
+            "ss_network_alpha": self._common("alpha_value", False, s["alpha"]),
             "ss_network_args": json.dumps(args),
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -216,7 +239,7 @@ def _resolve_models(target: Any, text_encoder: bool) -> tuple[dict[str, nn.Modul
 def add_loha(
     target: Any,
     *,
-    preset: str = "attn-mlp",
+    preset: str | Preset = "attn-mlp",
     rank: int = 8,
     alpha: float = 4.0,
     conv_rank: int = 0,
@@ -225,33 +248,48 @@ def add_loha(
     text_encoder: bool = True,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    reg_dims: Mapping[str, int] | None = None,
+    reg_lrs: Mapping[str, float] | None = None,
     rank_dropout: float = 0.0,
     module_dropout: float = 0.0,
     rank_dropout_scale: bool = False,
 ) -> LoHANetwork:
     """Put LoHA layers into a pipeline (UNet + text encoder(s)), a single UNet, or a single text encoder.
 
-    Layers are chosen by `preset` ("attn-only", "attn-mlp", "full"), `include`/`exclude` glob patterns,
-    and conv_rank (0 = no k×k convs). The original weights are frozen; only the factors train.
+    Layers are chosen by `preset` ("attn-only", "attn-mlp", "full", a LyCORIS preset file ending in .toml, or a
+    `Preset`), `include`/`exclude` glob patterns, and conv_rank (0 = no k×k convs). `reg_dims` / `reg_lrs` are
+    kohya's network_reg_dims / network_reg_lrs: regular expressions searched in each module's file name, the
+    first match giving its rank (0 = not adapted) or learning rate (:func:`sd_loha.targets.candidate_targets`).
+    The original weights are frozen; only the factors train.
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    preset_obj = load_preset(preset)
     models, family = _resolve_models(target, text_encoder)
     modules: list[NetworkModule] = []
     names: list[tuple[str, str]] = []
+    plan: list[tuple[str, nn.Module, Target]] = []
     for part, model in models.items():
-        model.requires_grad_(False)
         prefix = "lora_unet" if part == "unet" else TE_PREFIXES[part]
         names += layer_names(model, prefix)
-        sdxl = part == "unet" and unet_family_name(model.config) == "sdxl"
-        for t in select_targets(model, part=part, prefix=prefix, preset=preset, rank=rank, alpha=alpha,
-                                conv_rank=conv_rank, conv_alpha=conv_alpha, include=include, exclude=exclude):
-            key = unet_save_name(t.path, model.config, sdxl) if part == "unet" else text_encoder_save_name(t.path, prefix)
-            layer = wrap(t.module, rank=t.rank, alpha=t.alpha, use_tucker=use_tucker and t.is_kxk_conv,
-                         rank_dropout=rank_dropout, module_dropout=module_dropout, rank_dropout_scale=rank_dropout_scale)
-            parent, attr = _split_parent(model, t.path)
-            setattr(parent, attr, layer)
-            modules.append(NetworkModule(part, t.path, key, layer, parent, attr))
+        plan += [(part, model, t) for t in candidate_targets(
+            model, part=part, prefix=prefix, preset=preset_obj, rank=rank, alpha=alpha, conv_rank=conv_rank,
+            conv_alpha=conv_alpha, include=include, exclude=exclude, reg_dims=reg_dims,
+            key_of=_key_function(part, model, prefix), path_forms=_path_forms(part, model))]
+    # before any layer is wrapped, so a refused pattern leaves the models as they were
+    _check_regexes("network_reg_dims", reg_dims, [t.key for _, _, t in plan], preset_obj)
+    plan = [(part, model, t) for part, model, t in plan if t.rank > 0]
+    _check_regexes("network_reg_lrs", reg_lrs, [t.key for _, _, t in plan], preset_obj)
+    for model in models.values():
+        model.requires_grad_(False)
+    rules = {p: i for i, p in enumerate(reg_lrs or {})}  # pattern -> its index: the group it trains in
+    for part, model, t in plan:
+        tucker = use_tucker if t.use_tucker is None else t.use_tucker
+        layer = wrap(t.module, rank=t.rank, alpha=t.alpha, use_tucker=tucker and t.is_kxk_conv,
+                     rank_dropout=rank_dropout, module_dropout=module_dropout, rank_dropout_scale=rank_dropout_scale)
+        parent, attr = _split_parent(model, t.path)
+        setattr(parent, attr, layer)
+        modules.append(NetworkModule(part, t.path, t.key, layer, parent, attr, lr_rule=first_match(rules, t.key)))
     for option, patterns in (("include", include), ("exclude", exclude)):
         for p in unmatched_patterns(list(patterns or []), names):
             logger.warning("%s pattern %r matches no layer of the adapted models, so it changes nothing; patterns "
@@ -259,10 +297,38 @@ def add_loha(
                            option, p)
     if not modules:
         raise ValueError(f"add_loha: preset {preset!r} with include={include} exclude={exclude} selected no layers")
-    settings = dict(preset=preset, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+    settings = dict(preset=preset_label(preset), rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                     use_tucker=use_tucker, rank_dropout=rank_dropout, module_dropout=module_dropout,
-                    text_encoder=text_encoder and any(p != "unet" for p in models))
+                    text_encoder=text_encoder and any(p != "unet" for p in models),
+                    reg_dims=dict(reg_dims or {}), reg_lrs=dict(reg_lrs or {}))
     return LoHANetwork(modules, settings, family)
+
+
+def _key_function(part: str, model: nn.Module, prefix: str) -> Callable[[str], str]:
+    """Module path -> its name in the file (SDXL UNets: the LDM names)."""
+    if part != "unet":
+        return lambda path: text_encoder_save_name(path, prefix)
+    sdxl = unet_family_name(model.config) == "sdxl"
+    return lambda path: unet_save_name(path, model.config, sdxl)
+
+
+def _path_forms(part: str, model: nn.Module) -> Callable[[str], tuple[str, ...]]:
+    """The names a preset file's module names are tested on: the live path, and the path files are written in
+    (the transformers-4 text-encoder layout; SDXL's LDM paths, which kohya's SDXL presets name)."""
+    if part != "unet":
+        return lambda path: tuple(dict.fromkeys((path, text_encoder_canonical_path(path))))
+    if unet_family_name(model.config) != "sdxl":
+        return lambda path: (path,)
+    return lambda path: tuple(dict.fromkeys((path, unet_ldm_path(path, model.config) or path)))
+
+
+def _check_regexes(option: str, rules: Mapping[str, Any] | None, keys: list[str], preset: Preset) -> None:
+    """A block-wise pattern that matches none of the layers it could apply to changes nothing: most often a
+    typo, a dotted path instead of the file's underscored name, or a block outside the preset."""
+    for p in unmatched_regexes(rules or {}, keys):
+        examples = ", ".join(keys[i] for i in sorted({0, len(keys) // 2, len(keys) - 1}) if keys)
+        raise ValueError(f"{option} pattern {p!r} matches no module that preset {preset.name!r} adapts; patterns are "
+                         f"regular expressions searched in the file's module names, such as {examples}")
 
 
 def save_loha(network: LoHANetwork, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,

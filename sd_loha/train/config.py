@@ -489,9 +489,10 @@ class TrainConfig:
     network_reg_lrs: dict[str, float] = _opt(
         "network", "float_patterns", {},
         "Block-wise learning rates (kohya sd-scripts' network_reg_lrs): patterns as in network_reg_dims, each with "
-        "a learning rate that replaces unet_lr / text_encoder_lr for the modules it matches first (one optimizer "
-        "param group per part and rate; the lr schedule scales each). A pattern that matches no adapted module "
-        "is an error.",
+        "a learning rate that replaces unet_lr / text_encoder_lr for the modules it matches first: as in kohya, one "
+        "optimizer param group per part and pattern i, named unet_reg_lr_i / text_encoder_reg_lr_i (logged as "
+        "lr/unet_reg_lr_i), which the lr schedule scales like the others. A pattern that matches no adapted "
+        "module is an error.",
         min=0.0, min_open=True, example="{ 'lora_te_' = 5e-5 }",
     )
     train_text_encoder: bool = _opt(

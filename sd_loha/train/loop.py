@@ -218,6 +218,7 @@ class Trainer:
             self.pipe, preset=cfg.preset, rank=cfg.network_dim, alpha=cfg.network_alpha, conv_rank=cfg.conv_dim,
             conv_alpha=cfg.conv_alpha, use_tucker=cfg.use_tucker, text_encoder=cfg.train_text_encoder,
             include=cfg.network_include, exclude=cfg.network_exclude, rank_dropout=cfg.rank_dropout,
+            reg_dims=cfg.network_reg_dims, reg_lrs=cfg.network_reg_lrs,
             module_dropout=cfg.module_dropout,
         )
         if cfg.network_weights:
