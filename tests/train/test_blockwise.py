@@ -134,8 +134,8 @@ def test_bad_patterns_are_refused_before_any_model_loads(tmp_path, option, value
 # LyCORIS preset files
 # ---------------------------------------------------------------------------------------------
 
-def _lycoris_network(monkeypatch, preset: Path, family: str, **kw) -> dict[str, tuple[int, float]]:
-    """kohya name -> (rank, alpha) of the network the real LyCORIS builds from the preset file."""
+def _lycoris_network(monkeypatch, preset: Path, family: str, **kw) -> dict[str, tuple[int, float, bool]]:
+    """kohya name -> (rank, alpha, Tucker) of the network the real LyCORIS builds from the preset file."""
     lycoris_kohya = pytest.importorskip("lycoris.kohya")
     from lycoris.utils.preset import read_preset
 
@@ -147,12 +147,12 @@ def _lycoris_network(monkeypatch, preset: Path, family: str, **kw) -> dict[str, 
     cls.apply_preset(read_preset(str(preset)))
     pipe = build_tiny_pipeline(family)
     net = cls(_TextModelShim(pipe.text_encoder), pipe.unet, network_module="loha", **kw)
-    return {m.lora_name: (m.lora_dim, float(m.alpha)) for m in net.loras}
+    return {m.lora_name: (m.lora_dim, float(m.alpha), m.tucker) for m in net.loras}
 
 
-def _ours(preset: Path, family: str, **kw) -> dict[str, tuple[int, float]]:
+def _ours(preset: Path, family: str, **kw) -> dict[str, tuple[int, float, bool]]:
     net = add_loha(build_tiny_pipeline(family), preset=str(preset), **kw)
-    return {r["key"]: (r["rank"], r["alpha"]) for r in net.listing()}
+    return {r["key"]: (r["rank"], r["alpha"], r["kind"] == "conv_tucker") for r in net.listing()}
 
 
 def test_shipped_preset_builds_the_network_lycoris_builds(monkeypatch):
@@ -161,17 +161,17 @@ def test_shipped_preset_builds_the_network_lycoris_builds(monkeypatch):
     ours = _ours(PRESET_FILE, "tiny-sd1", rank=6, alpha=3.0, conv_rank=0, conv_alpha=1.0)
     assert ours == theirs
     # what the file asks for is indeed there: several ranks, 3x3 convs of the ResNets, TE attention at rank 2
-    assert {r for r, _ in ours.values()} == {2, 4, 6, 8}
-    assert ours["lora_unet_down_blocks_0_resnets_0_conv1"] == (4, 1.0)
-    assert ours["lora_unet_time_embedding_linear_1"] == (2, 1.0)
-    assert ours["lora_te_text_model_encoder_layers_0_self_attn_q_proj"] == (2, 1.0)
+    assert {r for r, _, _ in ours.values()} == {2, 4, 6, 8}
+    assert ours["lora_unet_down_blocks_0_resnets_0_conv1"] == (4, 1.0, False)
+    assert ours["lora_unet_time_embedding_linear_1"] == (2, 1.0, False)
+    assert ours["lora_te_text_model_encoder_layers_0_self_attn_q_proj"] == (2, 1.0, False)
     assert not any("mlp" in k for k in ours)
 
 
 def test_preset_precedence_and_globs_match_lycoris(tmp_path, monkeypatch):
     """The innermost class in module_algo_map wins inside a block (BasicTransformerBlock over Transformer2DModel,
     Attention over both); a name_algo_map entry beats the class entry of a target_name layer; use_fnmatch globs;
-    conv_dim > 0 with a class entry that sets only alpha."""
+    conv_dim > 0 with a class entry that sets only alpha and Tucker."""
     preset = tmp_path / "p.toml"
     preset.write_text("""
 use_fnmatch = true
@@ -188,6 +188,7 @@ alpha = 2
 dim = 7
 [module_algo_map.Downsample2D]
 alpha = 0.5
+use_tucker = true
 [name_algo_map."time_embedding.linear_2"]
 dim = 1
 """, encoding="utf-8")
@@ -198,14 +199,15 @@ dim = 1
     # diffusers' Attention, so there those layers take its entry (dim 7, network_alpha: entries do not merge)
     # where LyCORIS falls back to the next enclosing class in the map, BasicTransformerBlock
     attn = {k for k in ours if re.search(r"attn[12]_(to_q|to_k|to_v|to_out_0)$", k)}
-    assert attn and {ours[k] for k in attn} == {(7, 1.5)} and {theirs[k] for k in attn} == {(5, 2.0)}
+    assert attn and {ours[k] for k in attn} == {(7, 1.5, False)} and {theirs[k] for k in attn} == {(5, 2.0, False)}
     assert {k: v for k, v in ours.items() if k not in attn} == {k: v for k, v in theirs.items() if k not in attn}
-    assert ours["lora_unet_down_blocks_0_attentions_0_proj_in"] == (3, 1.5)
-    assert ours["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2"] == (5, 2.0)
-    assert ours["lora_unet_down_blocks_0_downsamplers_0_conv"] == (2, 0.5)
-    assert ours["lora_unet_time_embedding_linear_1"] == (4, 1.5)
-    assert ours["lora_unet_time_embedding_linear_2"] == (1, 1.5) and ours["lora_unet_conv_in"] == (2, 0.25)
-    assert ours["lora_te_text_model_encoder_layers_1_self_attn_q_proj"] == (4, 1.5)
+    assert ours["lora_unet_down_blocks_0_attentions_0_proj_in"] == (3, 1.5, False)
+    assert ours["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2"] == (5, 2.0, False)
+    assert ours["lora_unet_down_blocks_0_downsamplers_0_conv"] == (2, 0.5, True)
+    assert ours["lora_unet_time_embedding_linear_1"] == (4, 1.5, False)
+    assert ours["lora_unet_time_embedding_linear_2"] == (1, 1.5, False)
+    assert ours["lora_unet_conv_in"] == (2, 0.25, False)
+    assert ours["lora_te_text_model_encoder_layers_1_self_attn_q_proj"] == (4, 1.5, False)
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" not in ours
 
 
@@ -279,3 +281,16 @@ def test_blockwise_run_trains_each_module_at_its_rate_and_its_file_loads_everywh
     assert meta["ss_network_dim"] == "Dynamic"
     assert json.loads(meta["ss_network_args"])["preset"] == "style_blocks.toml"
     assert_file_loads_everywhere(result.output, "tiny-sd1", monkeypatch, ("te",))
+
+
+def test_sdxl_patterns_use_the_ldm_names_and_both_text_encoders():
+    """SDXL files name UNet modules the LDM way (lora_unet_input_blocks_…), which is what kohya SDXL users write."""
+    rules = {r"lora_unet_input_blocks_\d+_1_": 6, "lora_te2_": 2, "lora_te1_.*mlp": 3}
+    net = add_loha(build_tiny_pipeline("tiny-sdxl"), preset="attn-mlp", rank=4, reg_dims=rules)
+    ranks = {m.key: m.layer.rank for m in net.modules}
+    assert not any("down_blocks" in k for k in ranks)
+    for key, rank in ranks.items():
+        assert rank == (_kohya_rank(rules, key) or 4), key
+    assert {r for k, r in ranks.items() if k.startswith("lora_unet_input_blocks_")} == {6}
+    assert {r for k, r in ranks.items() if k.startswith("lora_te2_")} == {2}
+    assert {r for k, r in ranks.items() if k.startswith("lora_te1_")} == {3, 4}
