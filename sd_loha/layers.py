@@ -19,6 +19,14 @@ the token count of x):
 - "kr": base(x) + U (V x), the Khatri-Rao form (:func:`sd_loha.ops.kr_factors`): a rank r1·r2
   LoRA-like path, cheapest for wide layers or few tokens.
 - "delta": base(x) + op(x, ΔW), the straightforward formula.
+
+With ``dora_wd`` (LyCORIS's weight decomposition, "DoHa") every call takes the "dora" path: the layer's
+weight becomes W' = (W + ΔW) · dora_scale / ‖W + ΔW‖, the norm per input column (``wd_on_output=False``)
+or per output row (``True``), dora_scale a trainable magnitude initialised to ‖W‖ on that axis; a
+multiplier s gives W + s·(W' − W), what sd-loha's loader, A1111 and ComfyUI compute for a strength s
+(LyCORIS's own forward uses (W + ΔW) · (1 + s·(dora_scale/‖W + ΔW‖ − 1)): the same at s = 1 only).
+``use_scalar`` is LyCORIS's trainable scalar: ΔW = scalar · scale · H with scalar starting at 0, so both
+factor pairs start random; files carry ``hada_w1_a · scalar`` (LyCORIS's layout, no extra key).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ __all__ = ["LoHALayer", "wrap", "KINDS"]
 
 KINDS = ("linear", "conv1x1", "conv", "conv_tucker")
 PATHS = ("merge", "kr", "delta")
+DORA_PATH = "dora"
 
 # Attributes of the wrapped module that code elsewhere (diffusers, our own injection code) may
 # read from the layer as if it were the original module.
@@ -91,6 +100,10 @@ class LoHALayer(nn.Module):
         rank_dropout_scale: divide the rank-dropout mask by its mean (LyCORIS semantics).
         multiplier: strength applied to the delta in forward (``self.multiplier``).
         dtype: dtype of the new parameters (fp32 by default, whatever the base dtype).
+        dora_wd: LyCORIS's weight decomposition: a trainable ``dora_scale`` magnitude (module docstring).
+        wd_on_output: the axis of the decomposition's norm: per output row (True, LyCORIS's default) or per
+            input column (False: the one axis every loader reads right, docs/format.md).
+        use_scalar: LyCORIS's trainable scalar on ΔW (starts at 0; then hada_w2_a starts random too).
     """
 
     def __init__(
@@ -104,6 +117,9 @@ class LoHALayer(nn.Module):
         rank_dropout_scale: bool = False,
         multiplier: float = 1.0,
         dtype: torch.dtype = torch.float32,
+        dora_wd: bool = False,
+        wd_on_output: bool = False,
+        use_scalar: bool = False,
     ):
         super().__init__()
         if isinstance(base, LoHALayer):
@@ -172,16 +188,29 @@ class LoHALayer(nn.Module):
         alpha = float(rank if alpha is None or float(alpha) == 0 else alpha)
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=device))
         self._remember_alpha(alpha)
+        self.use_scalar = bool(use_scalar)
+        self.scalar = nn.Parameter(torch.zeros((), **kw)) if self.use_scalar else None
+        self.wd_on_output = bool(wd_on_output)
+        self.dora_scale = None
+        if dora_wd:
+            # LyCORIS: the magnitude starts at ‖W‖ of the frozen weight, computed in fp32.
+            mag = ops.dora_magnitude(base.weight.detach().float(), self.wd_on_output)
+            self.dora_scale = nn.Parameter(mag.to(**kw))
         self.reset_parameters()
 
     # ---------------------------------------------------------------- init / bookkeeping
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """LyCORIS init: w1_b, w2_b ~ N(0, 1); w1_a ~ N(0, 0.1); w2_a = 0; cores ~ N(0, 0.1)."""
+        """LyCORIS init: w1_b, w2_b ~ N(0, 1); w1_a ~ N(0, 0.1); w2_a = 0; cores ~ N(0, 0.1).  With use_scalar
+        w2_a ~ N(0, 0.1) and scalar = 0 instead, so ΔW still starts at 0."""
         nn.init.normal_(self.hada_w1_b, std=1.0)
         nn.init.normal_(self.hada_w2_b, std=1.0)
         nn.init.normal_(self.hada_w1_a, std=0.1)
-        nn.init.zeros_(self.hada_w2_a)
+        if self.use_scalar:
+            nn.init.normal_(self.hada_w2_a, std=0.1)
+            self.scalar.zero_()
+        else:
+            nn.init.zeros_(self.hada_w2_a)
         if self.tucker:
             nn.init.normal_(self.hada_t1, std=0.1)
             nn.init.normal_(self.hada_t2, std=0.1)
@@ -189,6 +218,10 @@ class LoHALayer(nn.Module):
     @property
     def tucker(self) -> bool:
         return self.kind == "conv_tucker"
+
+    @property
+    def dora(self) -> bool:
+        return self.dora_scale is not None
 
     # The forward needs alpha as a Python float: reading the buffer each call would be a device sync
     # per layer per step. The float is re-read only when the buffer is another tensor or its version
@@ -234,18 +267,37 @@ class LoHALayer(nn.Module):
         return self._FACTOR_NAMES + (self._TUCKER_NAMES if self.tucker else ())
 
     def factors(self) -> dict[str, torch.Tensor]:
-        """The tensors to save, keyed by their file names: ``alpha`` (the 0-dim buffer) and
-        ``hada_*`` (in the parameters' dtype), all detached and sharing storage with the layer, so
-        copying a file's tensors into them loads the file (alpha included)."""
+        """The tensors to save, keyed by their file names: ``alpha`` (the 0-dim buffer), ``hada_*`` (in the
+        parameters' dtype) and, with dora_wd, ``dora_scale``, all detached and sharing storage with the layer,
+        so copying a file's tensors into them loads the file (alpha included).  With use_scalar,
+        ``hada_w1_a`` is a fresh tensor hada_w1_a · scalar, as LyCORIS saves it: load such a mapping with
+        :meth:`load_factors`, which also sets the scalar to 1 (LyCORIS's load hook)."""
         out = {"alpha": self.alpha.detach()}
         for name in self._param_names():
             out[name] = getattr(self, name).detach()
+        if self.use_scalar:
+            out["hada_w1_a"] = (self.hada_w1_a * self.scalar).detach()
+        if self.dora:
+            out["dora_scale"] = self.dora_scale.detach()
         return out
 
     @torch.no_grad()
     def load_factors(self, factors: Mapping[str, torch.Tensor]) -> None:
-        """Copy file tensors (``hada_*`` and optional ``alpha``) into this layer; shapes must
-        match exactly (flat conv factors may also come 4-D: they are flattened)."""
+        """Copy file tensors (``hada_*``, optional ``alpha``, and ``dora_scale`` for a dora_wd layer) into this
+        layer; shapes must match exactly (flat conv factors may also come 4-D: they are flattened).  A
+        use_scalar layer takes hada_w1_a as the file's product and its scalar becomes 1."""
+        if self.dora:
+            src = factors.get("dora_scale")
+            if src is None:
+                raise KeyError("load_factors: missing 'dora_scale' (the layer has dora_wd)")
+            if src.shape != self.dora_scale.shape:
+                raise ValueError(f"load_factors: dora_scale has shape {tuple(src.shape)}, the layer's is "
+                                 f"{tuple(self.dora_scale.shape)} (wd_on_output={self.wd_on_output})")
+            self.dora_scale.copy_(src)
+        elif factors.get("dora_scale") is not None:
+            raise ValueError("load_factors: the tensors have a dora_scale but the layer has no dora_wd")
+        if self.use_scalar:
+            self.scalar.fill_(1.0)
         for name in self._param_names():
             p = getattr(self, name)
             src = factors.get(name)
@@ -272,6 +324,10 @@ class LoHALayer(nn.Module):
         tucker = factors.get("hada_t1") is not None
         alpha = factors.get("alpha")
         kw.setdefault("dtype", torch.float32)
+        ds = factors.get("dora_scale")
+        if ds is not None:
+            shape = torch.Size((base.weight.shape[0], base.weight.shape[1], *base.weight.shape[2:]))
+            kw.update(dora_wd=True, wd_on_output=ops._dora_axis(shape, ds) == "out")
         layer = cls(base, rank=rank, alpha=None if alpha is None else float(alpha), use_tucker=tucker, **kw)
         if tucker and not layer.tucker:
             raise ValueError(f"from_factors: Tucker factors for a {layer.kind} layer")
@@ -297,17 +353,30 @@ class LoHALayer(nn.Module):
             raise
 
     def extra_repr(self) -> str:
+        extra = ""
+        if self.dora:
+            extra += f", dora_wd=True, wd_on_output={self.wd_on_output}"
+        if self.use_scalar:
+            extra += ", use_scalar=True"
         return (
             f"kind={self.kind}, rank={self.rank}, alpha={self.alpha_value:g}, "
             f"multiplier={self.multiplier:g}, rank_dropout={self.rank_dropout:g}, "
-            f"module_dropout={self.module_dropout:g}"
+            f"module_dropout={self.module_dropout:g}{extra}"
         )
 
     # ---------------------------------------------------------------- math
+    def _factor_tensors(self) -> list[torch.Tensor]:
+        """The factors in file order (w1a, w1b, w2a, w2b[, t1, t2]), hada_w1_a times the scalar with
+        use_scalar (differentiable in both)."""
+        ts = [getattr(self, n) for n in self._param_names()]
+        if self.use_scalar:
+            ts[0] = ts[0] * self.scalar
+        return ts
+
     def _hada(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """H in the weight shape, differentiable, computed in ``dtype`` (default: param dtype)."""
-        names = self._param_names()
-        ts = [getattr(self, n) for n in names]
+        """H in the weight shape (times the scalar with use_scalar), differentiable, computed in ``dtype``
+        (default: param dtype)."""
+        ts = self._factor_tensors()
         if dtype is not None:
             ts = [t.to(dtype) for t in ts]
         with _no_autocast(ts[0].device.type):
@@ -319,14 +388,28 @@ class LoHALayer(nn.Module):
         return h.reshape(self.weight_shape)
 
     def delta_weight(self) -> torch.Tensor:
-        """``scale * H`` in the weight shape, fp32 (no multiplier, no dropout); differentiable."""
+        """``scale * H`` in the weight shape, fp32 (no multiplier, no dropout, no weight decomposition);
+        differentiable."""
         return self._hada(torch.float32) * self.scale
 
+    def dora_delta(self, multiplier: float | None = None) -> torch.Tensor:
+        """A dora_wd layer's change of the weight, fp32, differentiable, no dropout:
+        multiplier · (W' − W) with W' = (W + scale·H) · dora_scale / ‖W + scale·H‖ (default multiplier:
+        ``self.multiplier``)."""
+        m = self.multiplier if multiplier is None else float(multiplier)
+        return self._dora_change(self._hada(torch.float32) * self.scale, m)
+
+    def _dora_change(self, dw: torch.Tensor, multiplier: float) -> torch.Tensor:
+        w = self.base.weight.detach().to(dw.dtype)
+        target = ops.dora_weight(w + dw, self.dora_scale.to(dw.dtype), self.wd_on_output)
+        change = target - w
+        return change if multiplier == 1.0 else change * multiplier
+
     # ---------------------------------------------------------------- forward paths
-    def _row_scale(self):
-        """multiplier * alpha / r, times the rank-dropout mask in training: a float, or an (out,)
-        tensor in the parameters' dtype when rank dropout is active."""
-        s = self.multiplier * self.scale
+    def _row_scale(self, with_multiplier: bool = True):
+        """multiplier * alpha / r (alpha / r without the multiplier), times the rank-dropout mask in training:
+        a float, or an (out,) tensor in the parameters' dtype when rank dropout is active."""
+        s = self.multiplier * self.scale if with_multiplier else self.scale
         if self.training and self.rank_dropout > 0:
             p = self.hada_w1_a
             keep = (torch.rand(self.out_dim, device=p.device) > self.rank_dropout).to(p.dtype)
@@ -436,10 +519,25 @@ class LoHALayer(nn.Module):
         b = self.base
         return y + F.conv2d(x, dw, None, b.stride, b.padding, b.dilation, 1)
 
+    def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + op(x, D), D = multiplier · (W' − W) built in the parameters' dtype (the decomposition of
+        W + ΔW·mask, the rank-dropout mask on ΔW's rows as LyCORIS applies it) and cast once to x's dtype."""
+        with _no_autocast(self.hada_w1_a.device.type):
+            h = self._hada()
+            row = self._row_scale(with_multiplier=False)
+            if isinstance(row, torch.Tensor):
+                row = row.reshape(-1, *([1] * (h.dim() - 1)))
+            d = self._dora_change(h * row, self.multiplier).to(x.dtype)
+        y = self.base(x)
+        if self.kind == "linear":
+            return y + F.linear(x, d)
+        b = self.base
+        return y + F.conv2d(x, d, None, b.stride, b.padding, b.dilation, 1)
+
     def _forward_merge(self, x: torch.Tensor, row_scale) -> torch.Tensor:
         """One op with W + row_scale * H (see :func:`sd_loha.ops.merged_linear`)."""
         b = self.base
-        fs = [getattr(self, n) for n in self._param_names()]
+        fs = self._factor_tensors()
         if self.tucker:
             w1a, w1b, w2a, w2b, t1, t2 = fs
             fs = [t1, w1a, w1b, t2, w2a, w2b]
@@ -453,12 +551,12 @@ class LoHALayer(nn.Module):
         (Tucker) with the base's stride / padding / dilation, U a 1x1 conv."""
         b = self.base
         with _no_autocast(self.hada_w1_a.device.type):
+            fs = self._factor_tensors()
             if self.tucker:
-                v, core, u = ops.kr_tucker_factors(
-                    self.hada_t1, self.hada_w1_a, self.hada_w1_b, self.hada_t2, self.hada_w2_a, self.hada_w2_b
-                )
+                w1a, w1b, w2a, w2b, t1, t2 = fs
+                v, core, u = ops.kr_tucker_factors(t1, w1a, w1b, t2, w2a, w2b)
             else:
-                u, v = ops.kr_factors(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
+                u, v = ops.kr_factors(*fs)
                 core = None
             if isinstance(row_scale, torch.Tensor):
                 u = u * row_scale.reshape(-1, 1)
@@ -479,6 +577,10 @@ class LoHALayer(nn.Module):
         if self.training and self.module_dropout > 0:
             if torch.rand(()).item() < self.module_dropout:
                 return self.base(x)
+        if self.dora:
+            # the decomposition needs the whole W + ΔW (its norm): no merge / Khatri-Rao shortcut
+            self.last_path = DORA_PATH
+            return self._forward_dora(x)
         row_scale = self._row_scale()
         path = self.choose_path(x)
         self.last_path = path

@@ -253,6 +253,9 @@ def add_loha(
     rank_dropout: float = 0.0,
     module_dropout: float = 0.0,
     rank_dropout_scale: bool = False,
+    dora_wd: bool = False,
+    wd_on_output: bool = False,
+    use_scalar: bool = False,
 ) -> LoHANetwork:
     """Put LoHA layers into a pipeline (UNet + text encoder(s)), a single UNet, or a single text encoder.
 
@@ -286,7 +289,8 @@ def add_loha(
     for part, model, t in plan:
         tucker = use_tucker if t.use_tucker is None else t.use_tucker
         layer = wrap(t.module, rank=t.rank, alpha=t.alpha, use_tucker=tucker and t.is_kxk_conv,
-                     rank_dropout=rank_dropout, module_dropout=module_dropout, rank_dropout_scale=rank_dropout_scale)
+                     rank_dropout=rank_dropout, module_dropout=module_dropout, rank_dropout_scale=rank_dropout_scale,
+                     dora_wd=dora_wd, wd_on_output=wd_on_output, use_scalar=use_scalar)
         parent, attr = _split_parent(model, t.path)
         setattr(parent, attr, layer)
         modules.append(NetworkModule(part, t.path, t.key, layer, parent, attr, lr_rule=first_match(rules, t.key)))
@@ -299,6 +303,7 @@ def add_loha(
         raise ValueError(f"add_loha: preset {preset!r} with include={include} exclude={exclude} selected no layers")
     settings = dict(preset=preset_label(preset), rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                     use_tucker=use_tucker, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                    dora_wd=dora_wd, wd_on_output=wd_on_output, use_scalar=use_scalar,
                     text_encoder=text_encoder and any(p != "unet" for p in models),
                     reg_dims=dict(reg_dims or {}), reg_lrs=dict(reg_lrs or {}))
     return LoHANetwork(modules, settings, family)

@@ -40,6 +40,8 @@ __all__ = [
     "loha_delta",
     "lora_delta",
     "apply_dora",
+    "dora_magnitude",
+    "dora_weight",
 ]
 
 _TUCKER_KEYS = ("hada_t1", "hada_t2")
@@ -660,27 +662,38 @@ def _dora_axis(weight_shape: torch.Size, ds: torch.Tensor) -> str:
     )
 
 
+def dora_magnitude(weight: torch.Tensor, on_output: bool) -> torch.Tensor:
+    """‖weight‖ per output row (``on_output``: shape (out, 1[, 1, 1])) or per input column (over out and the
+    kernel: (1, in[, 1, 1])), in a shape that broadcasts against the weight.  Differentiable.  LyCORIS
+    initialises ``dora_scale`` with this of the original weight."""
+    ones = [1] * (weight.dim() - 2)
+    if on_output:
+        return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], 1, *ones)
+    return weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1).reshape(1, weight.shape[1], *ones)
+
+
+def dora_weight(merged: torch.Tensor, dora_scale: torch.Tensor, on_output: bool) -> torch.Tensor:
+    """LyCORIS's weight decomposition of ``merged`` = W + ΔW: ``merged * dora_scale / (‖merged‖ + eps)``, the
+    norm along the axis ``on_output`` names, eps = finfo(fp32).eps (LyCORIS adds the eps of its fp32
+    dora_scale).  Differentiable in both ``merged`` and ``dora_scale`` (LyCORIS does not detach the norm)."""
+    norm = dora_magnitude(merged, on_output) + torch.finfo(torch.float32).eps
+    return merged * (dora_scale.reshape(norm.shape) / norm)
+
+
 @torch.no_grad()
 def apply_dora(weight: torch.Tensor, delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
     """DoRA-merged weight ``W' = (W + ΔW) * dora_scale / ||W + ΔW||`` in fp32 (fp64 stays fp64).
 
     The norm axis follows ``dora_scale``'s shape: (out, 1[, 1, 1]) -> one norm per output row over
-    all other dims (LyCORIS default, ``wd_on_out=True``); (1, in[, 1, 1]) -> one norm per input
-    column over out and spatial dims (A1111 / old LyCORIS).  Like LyCORIS, ``finfo(fp32).eps`` is
-    added to the norm.  ``delta`` is ``scale * H`` WITHOUT strength; a strength s is applied by the
-    caller as ``W + s * (W' - W)``.  With out == in == 1 a (1, 1) scale is read as per-output-row.
+    all other dims (LyCORIS ``wd_on_output=True``); (1, in[, 1, 1]) -> one norm per input
+    column over out and spatial dims (``wd_on_output=False``, the axis A1111 always uses).  Like LyCORIS,
+    ``finfo(fp32).eps`` is added to the norm (:func:`dora_weight`).  ``delta`` is ``scale * H`` WITHOUT
+    strength; a strength s is applied by the caller as ``W + s * (W' - W)``.  With out == in == 1 a (1, 1)
+    scale is read as per-output-row.
     """
     if weight.dim() < 2 or weight.shape != delta.shape:
         raise ValueError(f"apply_dora: weight {tuple(weight.shape)} and delta {tuple(delta.shape)} must match")
     cdt = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
     w = weight.to(cdt) + delta.to(device=weight.device, dtype=cdt)
     ds = dora_scale.to(device=weight.device, dtype=cdt)
-    axis = _dora_axis(w.shape, ds)
-    ones = [1] * (w.dim() - 2)
-    if axis == "out":
-        norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], 1, *ones)
-        ds = ds.reshape(w.shape[0], 1, *ones)
-    else:
-        norm = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, w.shape[1], *ones)
-    norm = norm + torch.finfo(torch.float32).eps
-    return w.mul_(ds / norm)
+    return dora_weight(w, ds, _dora_axis(w.shape, ds) == "out")

@@ -1,0 +1,77 @@
+"""dora_wd / wd_on_output / use_scalar through the trainer and through a network's file round trip.
+
+Two pieces outside the layer code are needed and are marked here until they land (strict xfail, so the
+marks fail loudly once they are no longer needed):
+- sd_loha/train/loop.py ``Trainer._setup_network`` must pass ``dora_wd``, ``wd_on_output`` and ``use_scalar``
+  from the config to ``add_loha``;
+- sd_loha/network.py ``LoHANetwork.load_state_dict`` must load each module through
+  ``LoHALayer.load_factors`` (a use_scalar layer's ``factors()["hada_w1_a"]`` is the fresh product
+  hada_w1_a · scalar that LyCORIS writes, so copying into it loads nothing).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd_loha import add_loha, apply_loha
+from sd_loha.models import build_tiny_pipeline
+from sd_loha.train import train
+from tests.train.helpers import base_config, read_file
+
+
+def _loop_passes_dora_options() -> bool:
+    import inspect
+
+    from sd_loha.train import loop
+
+    return "dora_wd" in inspect.getsource(loop.Trainer._setup_network)
+
+
+def _network_loads_through_layers() -> bool:
+    import inspect
+
+    from sd_loha.network import LoHANetwork
+
+    return "load_factors" in inspect.getsource(LoHANetwork.load_state_dict)
+
+
+@pytest.mark.xfail(not _loop_passes_dora_options(), strict=True,
+                   reason="loop.py's Trainer._setup_network does not pass dora_wd/wd_on_output/use_scalar to add_loha yet")
+def test_train_run_with_dora_wd_and_use_scalar(tmp_path):
+    """A short train() run with the options on: every module of the file carries an input-column dora_scale
+    (wd_on_output = false by default), no scalar key, and the file loads strictly and changes the model."""
+    result = train(base_config(tmp_path / "out", dora_wd=True, use_scalar=True, max_train_steps=2,
+                               preset="attn-only", train_text_encoder=False), progress=False)
+    tensors, meta = read_file(result.output)
+    modules = {k.split(".")[0] for k in tensors}
+    ds = {k: v for k, v in tensors.items() if k.endswith(".dora_scale")}
+    assert len(ds) == len(modules) and all(v.shape[0] == 1 for v in ds.values())
+    assert not any("scalar" in k for k in tensors)
+    pipe, base = build_tiny_pipeline("tiny-sd1"), build_tiny_pipeline("tiny-sd1")
+    report = apply_loha(pipe, result.output, strict=True)
+    assert report.unmatched == [] and report.total == len(modules)
+    assert any(not torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), pipe.unet.state_dict().values()))
+
+
+@pytest.mark.xfail(not _network_loads_through_layers(), strict=True,
+                   reason="LoHANetwork.load_state_dict copies into factors(), which misses a use_scalar layer's w1_a")
+def test_network_file_round_trip_with_use_scalar(tmp_path):
+    """network_weights / resume: a saved use_scalar + DoRA network loads into a fresh one with the same outputs."""
+    pipe = build_tiny_pipeline("tiny-sd1")
+    net = add_loha(pipe, preset="attn-only", rank=2, alpha=1.0, text_encoder=False, dora_wd=True, use_scalar=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    path = net.save(tmp_path / "a.safetensors", dtype=torch.float32)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500])
+    cond = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = pipe.unet(x, t, cond).sample
+    fresh = build_tiny_pipeline("tiny-sd1")
+    net2 = add_loha(fresh, preset="attn-only", rank=2, alpha=1.0, text_encoder=False, dora_wd=True, use_scalar=True)
+    net2.load_state_dict(read_file(path)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.unet(x, t, cond).sample, want, rtol=1e-4, atol=1e-5)
