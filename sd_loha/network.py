@@ -126,8 +126,10 @@ class LoHANetwork:
         missing = []
         with torch.no_grad():
             for m in self.modules:
-                # factors() shares storage with the layer: copying into it loads the layer.
-                for param, tensor in m.layer.factors().items():
+                # Through the layer's own loader: a use_scalar layer's file hada_w1_a is w1_a · scalar, a
+                # dora_wd layer's dora_scale is a parameter of its own.
+                expected, found = m.layer.factors(), {}
+                for param, tensor in expected.items():
                     key = f"{m.key}.{param}"
                     if key not in state_dict:
                         missing.append(key)
@@ -137,8 +139,10 @@ class LoHANetwork:
                         src = src.reshape(())  # some writers store alpha as shape (1,)
                     if src.shape != tensor.shape:
                         raise ValueError(f"{key}: shape {tuple(src.shape)} in the file, {tuple(tensor.shape)} in the network; "
-                                         "rank, conv rank or Tucker settings differ from the file's")
-                    tensor.copy_(src.to(tensor.dtype))
+                                         "rank, conv rank, Tucker or dora settings differ from the file's")
+                    found[param] = src.to(tensor.dtype)
+                if len(found) == len(expected):
+                    m.layer.load_factors(found)
         if strict and missing:
             raise KeyError(f"{len(missing)} network tensors missing from the state dict, e.g. {missing[:3]}")
         self._settings_follow_alphas()
@@ -170,6 +174,11 @@ class LoHANetwork:
                 args[name] = ",".join(f"{p}={v:g}" for p, v in rules.items())
         if s["use_tucker"]:
             args["use_tucker"] = "True"
+        for flag in ("dora_wd", "use_scalar"):  # LyCORIS's network_args spelling
+            if s.get(flag):
+                args[flag] = "True"
+        if s.get("dora_wd"):
+            args["wd_on_output"] = str(bool(s.get("wd_on_output")))
         if s["rank_dropout"]:
             args["rank_dropout"] = str(s["rank_dropout"])
         if s["module_dropout"]:

@@ -1,17 +1,11 @@
-"""dora_wd / wd_on_output / use_scalar through the trainer and through a network's file round trip.
-
-Two pieces outside the layer code are needed and are marked here until they land (strict xfail, so the
-marks fail loudly once they are no longer needed):
-- sd_loha/train/loop.py ``Trainer._setup_network`` must pass ``dora_wd``, ``wd_on_output`` and ``use_scalar``
-  from the config to ``add_loha``;
-- sd_loha/network.py ``LoHANetwork.load_state_dict`` must load each module through
-  ``LoHALayer.load_factors`` (a use_scalar layer's ``factors()["hada_w1_a"]`` is the fresh product
-  hada_w1_a · scalar that LyCORIS writes, so copying into it loads nothing).
-"""
+"""dora_wd / wd_on_output / use_scalar through the trainer and through a network's file round trip (a use_scalar
+layer's file hada_w1_a is the product hada_w1_a · scalar that LyCORIS writes, so loading goes through
+``LoHALayer.load_factors``)."""
 
 from __future__ import annotations
 
-import pytest
+import json
+
 import torch
 
 from sd_loha import add_loha, apply_loha
@@ -20,24 +14,6 @@ from sd_loha.train import train
 from tests.train.helpers import base_config, read_file
 
 
-def _loop_passes_dora_options() -> bool:
-    import inspect
-
-    from sd_loha.train import loop
-
-    return "dora_wd" in inspect.getsource(loop.Trainer._setup_network)
-
-
-def _network_loads_through_layers() -> bool:
-    import inspect
-
-    from sd_loha.network import LoHANetwork
-
-    return "load_factors" in inspect.getsource(LoHANetwork.load_state_dict)
-
-
-@pytest.mark.xfail(not _loop_passes_dora_options(), strict=True,
-                   reason="loop.py's Trainer._setup_network does not pass dora_wd/wd_on_output/use_scalar to add_loha yet")
 def test_train_run_with_dora_wd_and_use_scalar(tmp_path):
     """A short train() run with the options on: every module of the file carries an input-column dora_scale
     (wd_on_output = false by default), no scalar key, and the file loads strictly and changes the model."""
@@ -48,14 +24,14 @@ def test_train_run_with_dora_wd_and_use_scalar(tmp_path):
     ds = {k: v for k, v in tensors.items() if k.endswith(".dora_scale")}
     assert len(ds) == len(modules) and all(v.shape[0] == 1 for v in ds.values())
     assert not any("scalar" in k for k in tensors)
+    args = json.loads(meta["ss_network_args"])  # LyCORIS's network_args, as kohya's metadata records them
+    assert (args["dora_wd"], args["wd_on_output"], args["use_scalar"]) == ("True", "False", "True")
     pipe, base = build_tiny_pipeline("tiny-sd1"), build_tiny_pipeline("tiny-sd1")
     report = apply_loha(pipe, result.output, strict=True)
     assert report.unmatched == [] and report.total == len(modules)
     assert any(not torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), pipe.unet.state_dict().values()))
 
 
-@pytest.mark.xfail(not _network_loads_through_layers(), strict=True,
-                   reason="LoHANetwork.load_state_dict copies into factors(), which misses a use_scalar layer's w1_a")
 def test_network_file_round_trip_with_use_scalar(tmp_path):
     """network_weights / resume: a saved use_scalar + DoRA network loads into a fresh one with the same outputs."""
     pipe = build_tiny_pipeline("tiny-sd1")

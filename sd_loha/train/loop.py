@@ -219,6 +219,7 @@ class Trainer:
             conv_alpha=cfg.conv_alpha, use_tucker=cfg.use_tucker, text_encoder=cfg.train_text_encoder,
             include=cfg.network_include, exclude=cfg.network_exclude, rank_dropout=cfg.rank_dropout,
             reg_dims=cfg.network_reg_dims, reg_lrs=cfg.network_reg_lrs,
+            dora_wd=cfg.dora_wd, wd_on_output=cfg.wd_on_output, use_scalar=cfg.use_scalar,
             module_dropout=cfg.module_dropout,
         )
         if cfg.network_weights:
