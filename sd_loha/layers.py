@@ -266,6 +266,18 @@ class LoHALayer(nn.Module):
     def _param_names(self) -> tuple[str, ...]:
         return self._FACTOR_NAMES + (self._TUCKER_NAMES if self.tucker else ())
 
+    def raw_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a resume must restore as it is (unlike :meth:`factors`, the scalar apart from w1_a),
+        sharing storage with the layer: ``alpha``, the ``hada_*`` parameters, ``scalar``, ``dora_scale``."""
+        out = {"alpha": self.alpha.detach()}
+        for name in self._param_names():
+            out[name] = getattr(self, name).detach()
+        if self.use_scalar:
+            out["scalar"] = self.scalar.detach()
+        if self.dora:
+            out["dora_scale"] = self.dora_scale.detach()
+        return out
+
     def factors(self) -> dict[str, torch.Tensor]:
         """The tensors to save, keyed by their file names: ``alpha`` (the 0-dim buffer), ``hada_*`` (in the
         parameters' dtype) and, with dora_wd, ``dora_scale``, all detached and sharing storage with the layer,

@@ -115,6 +115,27 @@ class LoHANetwork:
                 sd[f"{m.key}.{param}"] = t.contiguous()
         return sd
 
+    def raw_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors as they are, in fp32 (`<kohya name>.<param>`; a use_scalar layer's w1_a and
+        scalar apart): what a resumable state holds, so the optimizer's moments still fit their parameters."""
+        return {f"{m.key}.{name}": t.detach().cpu().to(torch.float32).contiguous()
+                for m in self.modules for name, t in m.layer.raw_tensors().items()}
+
+    def load_raw_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`raw_state_dict` (without use_scalar its keys are the file's, so older states load too)."""
+        with torch.no_grad():
+            for m in self.modules:
+                for name, t in m.layer.raw_tensors().items():
+                    key = f"{m.key}.{name}"
+                    if key not in state_dict:
+                        raise KeyError(f"{key} missing from the resumable state")
+                    src = state_dict[key].reshape(t.shape) if name == "alpha" else state_dict[key]
+                    if src.shape != t.shape:
+                        raise ValueError(f"{key}: shape {tuple(src.shape)} in the state, {tuple(t.shape)} in the "
+                                         "network; the network settings differ from the run that saved it")
+                    t.copy_(src.to(t.dtype))
+        self._settings_follow_alphas()
+
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
         """Load factors and alphas saved by `state_dict`/`save` (e.g. to continue from a file). Returns
         missing keys.

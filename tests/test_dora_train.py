@@ -51,3 +51,18 @@ def test_network_file_round_trip_with_use_scalar(tmp_path):
     net2.load_state_dict(read_file(path)[0])
     with torch.no_grad():
         torch.testing.assert_close(fresh.unet(x, t, cond).sample, want, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_dora_wd_and_use_scalar_equals_the_uninterrupted_run(tmp_path):
+    """The resumable state holds the raw tensors (w1_a and the scalar apart, dora_scale), not the file's product,
+    so AdamW's moments still fit their parameters and a resumed run ends where the uninterrupted one does."""
+    kw = dict(max_train_steps=4, train_batch_size=4, save_every_n_steps=2, save_state=True, dora_wd=True,
+              use_scalar=True, preset="attn-only", train_text_encoder=False, lr_scheduler="cosine")
+    full = train(base_config(tmp_path / "full", **kw), progress=False)
+    state = tmp_path / "full" / "state-00000002"
+    raw = read_file(state / "network.safetensors")[0]
+    assert any(k.endswith(".scalar") for k in raw) and any(k.endswith(".dora_scale") for k in raw)
+    resumed = train(base_config(tmp_path / "resumed", **kw), resume=str(state), progress=False)
+    a, b = read_file(full.output)[0], read_file(resumed.output)[0]
+    assert a.keys() == b.keys()
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-6

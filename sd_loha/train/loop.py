@@ -317,7 +317,7 @@ class Trainer:
 
     def _restore(self, resume_path: Path) -> None:
         state = load_state(resume_path)
-        self.network.load_state_dict(state["network"])
+        self.network.load_raw_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and state.get("scaler"):
@@ -498,7 +498,7 @@ class Trainer:
 
     def save_resumable(self) -> Path:
         scaler = self.accelerator.scaler
-        return save_state(self.output_dir, self.step, network_sd=self.network.state_dict(torch.float32),
+        return save_state(self.output_dir, self.step, network_sd=self.network.raw_state_dict(),
                           optimizer=self.optimizer, scheduler=self.lr_scheduler,
                           ema=self.ema.state_dict() if self.ema is not None else None,
                           scaler=scaler.state_dict() if scaler is not None else None,
