@@ -17,13 +17,22 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from sd_loha.generate import AdapterSpec, GenerationSession, save_png
-from sd_loha.models import TINY_MODELS
 from sd_loha.schedulers import SCHEDULERS
 
+from .defaults import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_MODEL,
+    DEFAULT_PROMPTS,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+)
 from .paths import PathPolicy, PathRefused, split_list
 
 N_SLOTS = 3
 MAX_GRID_CELLS = 64
+# Cells smaller than this (toy-sd1 draws 64 px) are enlarged in the grid by a whole factor, pixels kept sharp, so
+# the pictures can be seen and their labels get a readable font and width; the cells saved alone keep their size.
+MIN_GRID_CELL = 128
 
 
 def _font(size: int):
@@ -36,6 +45,8 @@ def _font(size: int):
 def labelled_grid(cells: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
     """One image: rows × columns of equally sized cells, row labels on the left, column labels on top."""
     w, h = cells[0][0].size
+    zoom = max(1, math.ceil(MIN_GRID_CELL / min(w, h)))
+    w, h = w * zoom, h * zoom
     fsize = max(10, min(16, w // 8))
     font = _font(fsize)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -57,7 +68,7 @@ def labelled_grid(cells: list[list[Image.Image]], row_labels: list[str], col_lab
         for k, line in enumerate(lines):
             d.text((4, y0 + k * (fsize + 3)), line, fill="black", font=font)
         for j, im in enumerate(cells[i]):
-            grid.paste(im.convert("RGB").resize((w, h)), (left + j * w, top + i * h))
+            grid.paste(im.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (left + j * w, top + i * h))
     return grid
 
 
@@ -138,8 +149,8 @@ class Generator:
             n += 1
 
     def generate(self, model: str, adapters: list[tuple[str, float | None, float | None]], prompt: str, *,
-                 negative_prompt: str = "", steps: int = 20, guidance: float = 7.0, seed: int = -1,
-                 width: int | None = None, height: int | None = None, scheduler: str = "euler_a",
+                 negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                 seed: int = -1, width: int | None = None, height: int | None = None, scheduler: str = DEFAULT_SAMPLER,
                  num_images: int = 1) -> list[tuple[str, str, str]]:
         """[(png path, caption, parameters text)]."""
         with self._lock:
@@ -158,8 +169,9 @@ class Generator:
             return out
 
     def grid(self, model: str, files: list[str], strengths: list[float], seeds: list[int], prompt: str, *,
-             negative_prompt: str = "", steps: int = 20, guidance: float = 7.0, width: int | None = None,
-             height: int | None = None, scheduler: str = "euler_a") -> tuple[str, list[tuple[str, str, str]]]:
+             negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+             width: int | None = None, height: int | None = None,
+             scheduler: str = DEFAULT_SAMPLER) -> tuple[str, list[tuple[str, str, str]]]:
         """Files (rows) × strengths × seeds (columns) in one labelled PNG; every cell is saved too."""
         if not files:
             raise ValueError("choose the LoHA files for the grid rows (or put one in the first adapter slot)")
@@ -224,7 +236,7 @@ def build(policy: PathPolicy) -> dict[str, Any]:
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
-                model = gr.Dropdown(choices=policy.model_choices(), value=TINY_MODELS[0], allow_custom_value=True,
+                model = gr.Dropdown(choices=policy.model_choices(), value=DEFAULT_MODEL, allow_custom_value=True,
                                     label="Base model", elem_id="gen-model", scale=3)
                 refresh = gr.Button("↻ files", scale=0, min_width=70, elem_id="gen-refresh")
             slots = []
@@ -237,15 +249,15 @@ def build(policy: PathPolicy) -> dict[str, Any]:
                     t = gr.Textbox(value="", label="TE strength (empty = same)", scale=1, min_width=90,
                                    placeholder="same", elem_id=f"gen-te-{i}")
                 slots.append((f, s, t))
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
+            prompt = gr.Textbox(value=DEFAULT_PROMPTS[0], label="Prompt", lines=2, elem_id="gen-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="gen-negative")
             with gr.Row():
-                steps = gr.Number(value=20, precision=0, label="Steps", elem_id="gen-steps", min_width=80)
-                guidance = gr.Number(value=7.0, label="Guidance", elem_id="gen-guidance", min_width=80)
+                steps = gr.Number(value=DEFAULT_STEPS, precision=0, label="Steps", elem_id="gen-steps", min_width=80)
+                guidance = gr.Number(value=DEFAULT_GUIDANCE, label="Guidance", elem_id="gen-guidance", min_width=80)
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="gen-seed", min_width=80)
                 width = gr.Number(value=0, precision=0, label="Width (0 = model's)", elem_id="gen-width", min_width=80)
                 height = gr.Number(value=0, precision=0, label="Height (0 = model's)", elem_id="gen-height", min_width=80)
-                scheduler = gr.Dropdown(choices=list(SCHEDULERS), value="euler_a", label="Scheduler",
+                scheduler = gr.Dropdown(choices=list(SCHEDULERS), value=DEFAULT_SAMPLER, label="Scheduler",
                                         elem_id="gen-scheduler", min_width=120)
                 count = gr.Number(value=1, precision=0, label="Images", elem_id="gen-count", min_width=70)
             go = gr.Button("Generate", variant="primary", elem_id="gen-go")
@@ -261,7 +273,7 @@ def build(policy: PathPolicy) -> dict[str, Any]:
         with gr.Column(scale=2):
             message = gr.Markdown(elem_id="gen-message")
             gallery = gr.Gallery(label="Images (saved in outputs/generated)", columns=2, height=420,
-                                 elem_id="gen-gallery", format="png")
+                                 object_fit="contain", elem_id="gen-gallery", format="png")
             params_box = gr.Textbox(label="PNG parameters (A1111 'PNG Info')", lines=4, elem_id="gen-params",
                                     interactive=False)
             files_out = gr.JSON(visible=False)
@@ -276,7 +288,7 @@ def build(policy: PathPolicy) -> dict[str, Any]:
         model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, seed_v, count_v, *slot_vals = vals
         try:
             res = gen.generate(model_v, _adapters(slot_vals), prompt_v or "", negative_prompt=neg_v or "",
-                               steps=int(steps_v or 20), guidance=float(guid_v if guid_v is not None else 7.0),
+                               steps=int(steps_v or DEFAULT_STEPS), guidance=_guidance(guid_v),
                                seed=int(seed_v if seed_v is not None else -1), width=int(w_v or 0) or None,
                                height=int(h_v or 0) or None, scheduler=sched_v, num_images=max(1, int(count_v or 1)))
         except Exception as e:  # noqa: BLE001 - every failure is shown, the queue keeps running
@@ -289,8 +301,8 @@ def build(policy: PathPolicy) -> dict[str, Any]:
         try:
             files = list(files_v or []) or ([first_file] if first_file else [])
             gpath, cells = gen.grid(model_v, files, parse_strengths(strengths_v), parse_seeds(seeds_v), prompt_v or "",
-                                    negative_prompt=neg_v or "", steps=int(steps_v or 20),
-                                    guidance=float(guid_v if guid_v is not None else 7.0), width=int(w_v or 0) or None,
+                                    negative_prompt=neg_v or "", steps=int(steps_v or DEFAULT_STEPS),
+                                    guidance=_guidance(guid_v), width=int(w_v or 0) or None,
                                     height=int(h_v or 0) or None, scheduler=sched_v)
         except Exception as e:  # noqa: BLE001
             return _error(e), gr.skip(), gr.skip(), gr.skip()
@@ -299,8 +311,10 @@ def build(policy: PathPolicy) -> dict[str, Any]:
 
         with _I.open(gpath) as im:
             params = im.info.get("parameters", "")
-        return (f"Grid saved: `{gpath}` ({len(cells)} cells, each saved too)", [(gpath, "grid")] + [(p, c) for p, c, _ in cells],
-                params, [gpath] + [p for p, _, _ in cells])
+        # the grid opens large (a thumbnail would crop its labels); its cells follow it in the gallery
+        images = gr.Gallery(value=[(gpath, "grid")] + [(p, c) for p, c, _ in cells], selected_index=0)
+        return (f"Grid saved: `{gpath}` ({len(cells)} cells, each saved too)", images, params,
+                [gpath] + [p for p, _, _ in cells])
 
     def on_refresh():
         ch = _choices(policy)
@@ -336,6 +350,11 @@ def build(policy: PathPolicy) -> dict[str, Any]:
     run_files.click(on_run_files, slots[0][0], [message, grid_files], api_name=False)
     gallery.select(on_select, None, params_box, api_name=False)
     return {"refresh": (on_refresh, [model, *[s[0] for s in slots], grid_files]), "generator": gen}
+
+
+def _guidance(value: float | None) -> float:
+    """An emptied guidance box means the default; 0 is a real choice (no guidance)."""
+    return DEFAULT_GUIDANCE if value is None else float(value)
 
 
 def _error(e: BaseException) -> str:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from sd_loha.models import TINY_MODELS
 
+from .defaults import DEFAULT_MODEL
+
 DEMO_IMAGES = (Path(__file__).resolve().parent.parent / "sd_loha" / "assets" / "demo_images").resolve()
 
 #: Files the UI never loads: pickles can run code when they are unpickled.
@@ -209,8 +211,9 @@ class PathPolicy:
         return [str(p) for p in found[:limit]]
 
     def model_choices(self) -> list[str]:
-        """Built-in tiny models, diffusers folders and .safetensors checkpoints under the models folder."""
-        out = list(TINY_MODELS)
+        """Built-in models (the default first), diffusers folders and .safetensors checkpoints under the models
+        folder."""
+        out = [DEFAULT_MODEL, *(m for m in TINY_MODELS if m != DEFAULT_MODEL)]
         root = self.models_dir
         for index in sorted(root.glob("*/model_index.json")) + sorted(root.glob("*/*/model_index.json")):
             out.append(str(index.parent.resolve()))

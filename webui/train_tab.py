@@ -9,6 +9,7 @@ writes ``TrainConfig.to_toml()``, so a file saved here trains identically with `
 
 
 import html
+import json
 import math
 import os
 from collections.abc import Callable
@@ -17,15 +18,30 @@ from typing import Any
 
 from sd_loha.atomic import write_atomic
 from sd_loha.train.checks import check_output_dir, check_paths
-from sd_loha.train.config import OPTIONS, ConfigError, TrainConfig, config_from_layers, load_config, loads_config
+from sd_loha.train.config import (
+    OPTIONS,
+    ConfigError,
+    TrainConfig,
+    config_from_layers,
+    load_config,
+    loads_config,
+)
 
+from .defaults import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_MODEL,
+    DEFAULT_PROMPTS,
+    DEFAULT_SAMPLER,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+)
 from .paths import PathPolicy, PathRefused
 from .runner import RunActive, TrainingRunner, describe_error
 
 # Form fields in display order: option name -> label. Each is the option of that name (its widget follows the
 # option's kind in OPTIONS), except "length_unit" and "length", which stand for max_train_steps / max_train_epochs.
 FIELDS: dict[str, str] = {
-    "pretrained_model": "Base model (built-in tiny model, .safetensors / diffusers folder in the models folder, or hub id)",
+    "pretrained_model": "Base model (built-in toy-sd1 / tiny-*, .safetensors / diffusers folder in the models folder, or hub id)",
     "train_data_dir": "Dataset folder (inside the data folder)",
     "output_dir": "Output folder (inside the outputs folder)",
     "output_name": "Output name (file name stem)",
@@ -55,6 +71,14 @@ LENGTH_FIELDS = {"length_unit": "unit", "length": "int"}
 _WIDGETS = {"path": "text", "str": "text", "enum": "choice", "list": "lines"}  # option kind -> widget kind
 DEMO_TOML = Path(__file__).resolve().parent.parent / "train_configs" / "demo.toml"
 TOML_BOX, FORM = "TOML box", "fields"  # the names problems are reported under
+# A fresh page's settings, over TrainConfig's defaults: the pretrained built-in base at the one size it draws, with
+# buckets that reach down to it (the default min_bucket_reso, 256, refuses a 64 px resolution), and samples of its
+# captions, drawn as its model card draws them, at the end of the run. Options without a field start in the TOML box.
+START: dict[str, Any] = {
+    "pretrained_model": DEFAULT_MODEL, "output_name": "my_loha", "resolution": (DEFAULT_SIZE, DEFAULT_SIZE),
+    "min_bucket_reso": DEFAULT_SIZE, "sample_prompts": list(DEFAULT_PROMPTS), "sample_steps": DEFAULT_STEPS,
+    "sample_guidance_scale": DEFAULT_GUIDANCE, "sample_sampler": DEFAULT_SAMPLER,
+}
 
 
 def field_kind(name: str) -> str:
@@ -76,6 +100,8 @@ PATH_CHECKS: dict[str, Callable[[PathPolicy, str], str]] = {
     "vae": lambda policy, v: policy.check_model(v, what="VAE"),
     "network_weights": lambda policy, v: str(policy.check_adapter(v, what="network_weights")),
     "train_data_dir": lambda policy, v: str(policy.resolve(v, "dataset", what="train_data_dir")),
+    "reg_data_dir": lambda policy, v: str(policy.resolve(v, "dataset", what="reg_data_dir")),
+    "conditioning_data_dir": lambda policy, v: str(policy.resolve(v, "dataset", what="conditioning_data_dir")),
     "output_dir": lambda policy, v: str(policy.resolve(v, "output_dir", what="output_dir")),
     "logging_dir": lambda policy, v: str(policy.resolve(v, "logging_dir", what="logging_dir")),
 }
@@ -86,16 +112,31 @@ PATH_CHECKS: dict[str, Callable[[PathPolicy, str], str]] = {
 # ---------------------------------------------------------------------------------------------------
 
 
-def default_form(policy: PathPolicy) -> dict[str, Any]:
+def start_config(policy: PathPolicy) -> TrainConfig:
+    """TrainConfig's defaults with START over them, writing into outputs/my_loha (no dataset chosen yet)."""
     cfg = TrainConfig()
-    cfg.pretrained_model = "tiny-sd1"
-    cfg.output_dir = str(policy.outputs_dir / "my_loha")
-    cfg.output_name = "my_loha"
-    return config_to_form(cfg)
+    for name, value in {**START, "output_dir": str(policy.outputs_dir / START["output_name"])}.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def default_form(policy: PathPolicy) -> dict[str, Any]:
+    """The fields of a fresh page (with start_toml() in the TOML box)."""
+    return config_to_form(start_config(policy))
+
+
+def start_toml() -> str:
+    """The TOML box of a fresh page: the options of START that have no field."""
+    tables: dict[str, list[str]] = {}
+    for name, value in START.items():
+        if name not in FIELDS:  # JSON's numbers, strings and booleans are TOML's
+            tables.setdefault(OPTIONS[name].group, []).append(f"{name} = {json.dumps(value)}")
+    return "\n".join(f"[{table}]\n" + "\n".join(lines) + "\n" for table, lines in tables.items())
 
 
 def demo_config(policy: PathPolicy) -> TrainConfig | None:
-    """train_configs/demo.toml (tiny model, bundled images) with the dataset and output folders of this UI."""
+    """train_configs/demo.toml (its base model on the bundled images) with the dataset and output folders of this
+    UI."""
     if not DEMO_TOML.is_file():
         return None
     data = policy.data_dir / "demo"
@@ -180,8 +221,8 @@ def build_config(policy: PathPolicy, form: dict[str, Any], toml_text: str = "") 
 
 def toml_box_config(policy: PathPolicy, toml_text: str) -> TrainConfig:
     """The TOML box alone (for "Apply TOML to the fields"); the options every run needs default to the UI's
-    folders and the tiny model when the box leaves them out."""
-    needed = {"pretrained_model": "tiny-sd1", "train_data_dir": str(policy.data_dir),
+    folders and the default model when the box leaves them out."""
+    needed = {"pretrained_model": DEFAULT_MODEL, "train_data_dir": str(policy.data_dir),
               "output_dir": str(policy.outputs_dir)}
     return loads_config(toml_text or "", base=needed, source=TOML_BOX)
 
@@ -204,7 +245,7 @@ def preflight_report(policy: PathPolicy, form: dict[str, Any], toml_text: str = 
     from sd_loha.train.checks import config_preflight
 
     # The dataset check needs neither a base model nor an output folder: stand-ins satisfy the validation.
-    stand_ins = {"pretrained_model": "tiny-sd1", "output_dir": str(policy.outputs_dir)}
+    stand_ins = {"pretrained_model": DEFAULT_MODEL, "output_dir": str(policy.outputs_dir)}
     cfg = config_from_layers([*_layers(form, toml_text), (stand_ins, "dataset check")])
     folder = policy.resolve(cfg.train_data_dir, "dataset", must_exist=True, what="dataset folder")
     escapes = dataset_escapes(policy, folder)
@@ -334,6 +375,12 @@ def loss_frame(snap: dict[str, Any]):
 # ---------------------------------------------------------------------------------------------------
 
 
+def _sample_caption(path: str, step: int) -> str:
+    """'step 30' for a step's grid; the end-of-run grids (final, progress) by name, as several share the last step."""
+    stem = Path(path).stem
+    return f"step {step}" if stem.startswith("step") else f"{stem} (step {step})"
+
+
 def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
     import gradio as gr
 
@@ -409,7 +456,7 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
             with gr.Accordion("All other options (TOML)", open=False):
                 gr.Markdown("The fields above take precedence over the same options here. Save writes the file "
                             "`sd-loha train --config FILE` reads (options: docs/config.md).")
-                toml_box = gr.Textbox(label="TOML", lines=14, max_lines=40, elem_id="train-toml", elem_classes=["mono"])
+                toml_box = gr.Textbox(value=start_toml(), label="TOML", lines=14, max_lines=40, elem_id="train-toml", elem_classes=["mono"])
                 apply_btn = gr.Button("Apply TOML to the fields", elem_id="train-apply")
         with gr.Column(scale=2):
             with gr.Row():
@@ -424,7 +471,8 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
                                     color_map={"training loss": "#a8b3bf", "moving average": "#1f4e9c",
                                                "validation": "#c0392b"},
                                     label="Loss", height=260, elem_id="train-loss")
-            samples = gr.Gallery(label="Sample images", columns=2, height=260, elem_id="train-samples")
+            samples = gr.Gallery(label="Sample images", columns=2, height=420, object_fit="contain",
+                                 elem_id="train-samples")  # labelled grids: shown whole, not cropped to squares
             with gr.Accordion("Dataset preflight", open=True):
                 pre_md = gr.Markdown(elem_id="train-preflight")
                 thumbs = gr.Gallery(label="First images and their captions", columns=4, height=220,
@@ -452,8 +500,8 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
         *form_vals, toml_text = values
         cfg = build_config(policy, _form(form_vals), toml_text)
         check_paths(cfg)
-        data_dir = Path(cfg.train_data_dir)
-        escapes = dataset_escapes(policy, data_dir) if data_dir.is_dir() else []
+        folders = [Path(d) for d in (cfg.train_data_dir, cfg.reg_data_dir, cfg.conditioning_data_dir) if d]
+        escapes = [e for d in folders if d.is_dir() for e in dataset_escapes(policy, d)]
         if escapes:
             raise PathRefused("the dataset folder holds links that lead outside the allowed folders: " + ", ".join(escapes))
         if resume:
@@ -500,7 +548,7 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
         snap = runner.snapshot()
         if snap["version"] == last_version:
             return (gr.skip(),) * 8
-        samples_val = [(p, f"step {s}") for p, s in snap["samples"] if Path(p).is_file()]
+        samples_val = [(p, _sample_caption(p, s)) for p, s in snap["samples"] if Path(p).is_file()]
         out_file = snap["output"] if snap["output"] and Path(snap["output"]).is_file() else None
         return (status_html(snap), loss_frame(snap), samples_val[::-1], result_markdown(snap), out_file,
                 "\n".join(snap["log"][-50:]), gr.update(interactive=snap["active"]), snap["version"])
@@ -522,7 +570,7 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
         except ConfigError as e:
             return (f"**Cannot load the demo settings:**\n\n```text\n{e}\n```", *([gr.skip()] * len(FIELD_NAMES)), gr.skip())
         f = config_to_form(cfg)
-        return (f"Demo settings from `{DEMO_TOML.name}`: the tiny built-in model on the demo images.",
+        return (f"Demo settings from `{DEMO_TOML.name}`: {cfg.pretrained_model} on the demo images.",
                 *[f[n] for n in FIELD_NAMES], cfg.to_toml())
 
     def on_save_file(path_text, *values):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -117,5 +116,5 @@ def test_listings_skip_states_and_non_adapters(policy):
     save_file({"model.diffusion_model.x": torch.zeros(1)}, policy.models_dir / "base.safetensors")
     assert policy.adapter_files() == [str(run / "a.safetensors")]
     assert str(policy.models_dir / "base.safetensors") in policy.model_choices()
-    assert os.path.basename(policy.model_choices()[0]) == "tiny-sd1"
+    assert policy.model_choices()[:4] == ["toy-sd1", "tiny-sd1", "tiny-sd2", "tiny-sdxl"]  # the pretrained default first
     assert str(Path(policy.data_dir)) not in policy.dataset_choices()

@@ -10,10 +10,19 @@ from pathlib import Path
 import pytest
 
 from sd_loha.train.config import OPTIONS, ConfigError, load_config, loads_config
+from webui.defaults import DEFAULT_MODEL
 from webui.paths import DEMO_IMAGES, PathPolicy
 from webui.train_tab import (
-    FIELDS, LENGTH_FIELDS, PATH_CHECKS, build_config, config_to_form, default_form, demo_config, field_kind,
-    preflight_report, toml_box_config,
+    FIELDS,
+    LENGTH_FIELDS,
+    PATH_CHECKS,
+    build_config,
+    config_to_form,
+    default_form,
+    demo_config,
+    field_kind,
+    preflight_report,
+    toml_box_config,
 )
 
 
@@ -29,6 +38,9 @@ def policy(tmp_path, monkeypatch) -> PathPolicy:
 def form(policy) -> dict:
     f = default_form(policy)
     f["train_data_dir"] = "demo"
+    # The fresh page's 64 px needs its TOML box (min_bucket_reso = 64); these tests give their own boxes, so the
+    # fields take a size the default bucket range holds.
+    f["resolution"] = "512"
     return f
 
 
@@ -123,3 +135,7 @@ def test_demo_settings(policy):
     assert cfg.train_data_dir == str(policy.data_dir / "demo") and cfg.output_dir == str(policy.outputs_dir / "demo")
     assert {k: v for k, v in cfg.to_dict().items() if k not in ("train_data_dir", "output_dir")} == \
         {k: v for k, v in demo.to_dict().items() if k not in ("train_data_dir", "output_dir")}
+    # the demo trains the pretrained base on captions in its own words, so its samples are pictures of them
+    assert cfg.pretrained_model == DEFAULT_MODEL
+    images = sorted(Path(cfg.train_data_dir).glob("*.png"))
+    assert len(images) == 16 and all(p.with_suffix(cfg.caption_extension).is_file() for p in images)
