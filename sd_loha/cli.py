@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     g = sub.add_parser("generate", help="generate images with LoHA adapters merged into a base model")
-    g.add_argument("--model", default="tiny-sd1",
+    g.add_argument("--model", default="toy-sd1",
                    help=f"diffusers folder, .safetensors/.ckpt file, hub id, or {', '.join(TINY_MODELS)}")
     g.add_argument("--loha", action="append", default=[], metavar="FILE[:STRENGTH[:TE_STRENGTH]]",
                    help="adapter to merge; repeat for several")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--seed", type=int, default=-1, help="-1 = random")
     g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=7.0)
+    g.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (toy-sd1 draws best at 4)")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--scheduler", default="euler_a", choices=sorted(SCHEDULERS))
