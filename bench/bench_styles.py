@@ -1,0 +1,508 @@
+#!/usr/bin/env python
+"""LoHA against LoRA and LoCon at equal trainable parameters, trained the same way on the toy base `toy-sd1`.
+
+    OMP_NUM_THREADS=1 python bench/bench_styles.py --out /tmp/bench_styles      # the full run (~25 min, 1 thread)
+    python bench/bench_styles.py --results /tmp/bench_styles/runs.jsonl         # the tables again, from a run's log
+
+The claim under test (FedPara; LyCORIS): LoHA gives more capacity per parameter than LoRA. Every method is
+trained by the same loop, sd-loha's `Trainer`, on the same data, captions, steps, batch, LR schedule, loss,
+seeds and noise; only `_setup_network` differs (`BenchTrainer` below): sd-loha's own LoHA (`add_loha`), or a
+network of the real LyCORIS package (lycoris-lora) on exactly the layers sd-loha's targets select.
+
+Methods (`METHODS`, the one table): pairs that cover the same layers with equal parameters, because LoHA of rank
+r has the parameters of LoRA of rank 2r on every layer (linear: 2r(in+out); 3x3 conv: 2r(out + 9 in)):
+
+- "lora" (LyCORIS LoRA, rank 16) against "loha" (sd-loha, rank 8): the "full" preset's linear layers and 1x1
+  convs (attention, feed-forward, proj_in/out, time embedding projections, shortcuts; CLIP attention + MLP);
+- "locon" (LyCORIS LoRA on convs too, rank 16, conv rank 8) against "loha-conv" (sd-loha, rank 8, conv rank 4,
+  the demo recipe): the same plus the resnets' and samplers' 3x3 convs;
+- "lyco-loha-conv" (LyCORIS LoHA, as "loha-conv"): a cross-check of sd-loha's LoHA against LyCORIS's (--methods).
+
+alpha = rank/2 for all (conv alpha = conv rank/4), so each pair has the same alpha/rank scale.
+
+Styles (`STYLES`): "poster", the bundled posters (16 training, 4 held-out, their toy-grammar `.caption` files),
+measured by `frame_contrast`, content by `object_color`; "hatch", toy-world scenes with diagonal stripes on the
+background (`sd_loha.toy.styles.hatched_set`: 16 training, 8 held-out scenes, written under --out), measured by
+`hatch_amplitude`, content by `judge(...).color`.
+
+Learning rates: each method is trained on "poster" at each of `--lrs` (seed 0), and keeps the one with the lower
+held-out loss for the other seeds and for "hatch" (so hatch's figures are out of sample for that choice).
+
+Per run: the held-out denoising loss (plain epsilon MSE, the same noise and timesteps for every run and for the
+base model) and, on a fixed prompt set with fixed seeds (20 Euler steps, guidance 4), the style measure and the
+fraction of pictures whose object color is the prompt's, at strength 1; the base model's pictures (strength 0)
+give the base row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sd_loha.toy import evaluate, measure, styles, world
+from sd_loha.train.loop import Trainer
+
+ASSETS = REPO / "sd_loha" / "assets"
+GEN_STEPS, GUIDANCE, GEN_SEED = 20, 4.0, 0
+HELDOUT_DRAWS, HELDOUT_SEED = 32, 1234  # (noise, timestep) draws per held-out image, identical for every run
+NOISE_SEED_OFFSET = 7919  # reseed after the network is built: every method then sees the same noise and timesteps
+DEFAULT_LRS = (2e-3, 6e-3)  # bracket the demo's 4e-3 for LoHA
+
+# The demo recipe (train_configs/demo.toml on toy-sd1), minus what differs per method, style or seed.
+RECIPE: dict[str, Any] = dict(
+    pretrained_model="toy-sd1", caption_extension=".caption", shuffle_caption=False, resolution=64,
+    min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=64, cache_latents=True,
+    flip_aug=False,  # a mirrored picture turns "/" hatching into "\": not the style
+    preset="full", train_text_encoder=True, train_batch_size=4, max_train_steps=300, lr_scheduler="cosine",
+    lr_warmup_steps=20, min_snr_gamma=5.0, save_state=False, save_precision="float", log_with="none",
+    sample_prompts=[], overwrite=True,
+)
+TE_LR_RATIO = 8  # text_encoder_lr = learning_rate / 8 (the demo's 4e-3 / 5e-4)
+
+
+@dataclass(frozen=True)
+class Method:
+    library: str  # "sd-loha" | "lycoris"
+    algo: str  # "loha" | "lora" (LyCORIS's LoRA is LoCon once convs are targeted)
+    rank: int
+    alpha: float
+    conv_rank: int = 0  # 0: no 3x3 convs
+    conv_alpha: float = 1.0
+    pair: str = ""  # the method it is compared with (same layers, same parameter count)
+
+
+METHODS: dict[str, Method] = {
+    "loha": Method("sd-loha", "loha", 8, 4.0, pair="lora"),
+    "lora": Method("lycoris", "lora", 16, 8.0, pair="loha"),
+    "loha-conv": Method("sd-loha", "loha", 8, 4.0, 4, 1.0, pair="locon"),
+    "locon": Method("lycoris", "lora", 16, 8.0, 8, 2.0, pair="loha-conv"),
+    "lyco-loha-conv": Method("lycoris", "loha", 8, 4.0, 4, 1.0, pair="loha-conv"),
+}
+DEFAULT_METHODS = ("loha", "lora", "loha-conv", "locon")
+
+
+# ---- styles: data, prompts, measures -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Style:
+    measure: Callable[[np.ndarray], float]
+    scenes: tuple[world.Scene, ...]  # the prompts pictures are generated for
+    content: Callable[[np.ndarray, world.Scene], bool]  # the object color is the prompt's
+
+
+POSTER_COLORS = ("red", "blue", "yellow")  # colors of the posters' palette (the prompts ask for these)
+STYLES: dict[str, Style] = {
+    "poster": Style(styles.frame_contrast,
+                    tuple(world.Scene(c, s, b) for c, s, b in itertools.product(
+                        POSTER_COLORS, ("circle", "square"), ("white", "orange"))),
+                    lambda img, sc: styles.object_color(img, POSTER_COLORS) == sc.color),
+    "hatch": Style(styles.hatch_amplitude, tuple(measure.prompt_set(12)),
+                   lambda img, sc: measure.judge(img).color == sc.color),
+}
+HATCH_TRAIN, HATCH_HELDOUT, HATCH_SEED = 16, 8, 0
+
+
+def _write_pictures(folder: Path, pictures: list[tuple[np.ndarray, str]]) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (img, caption) in enumerate(pictures):
+        Image.fromarray(img).save(folder / f"hatch_{i:02d}.png")
+        (folder / f"hatch_{i:02d}.caption").write_text(caption + "\n", encoding="utf-8")
+    return folder
+
+
+def style_folders(style: str, root: Path) -> tuple[Path, Path]:
+    """(training folder, held-out folder) of a style; the hatch pictures are drawn into `root` (seeded)."""
+    if style == "poster":
+        return ASSETS / "demo_images", ASSETS / "demo_images_heldout"
+    if style == "hatch":
+        return (_write_pictures(root / "hatch" / "train", styles.hatched_set(HATCH_TRAIN, HATCH_SEED)),
+                _write_pictures(root / "hatch" / "heldout",
+                                styles.hatched_set(HATCH_HELDOUT, HATCH_SEED, skip=HATCH_TRAIN)))
+    raise ValueError(f"unknown style {style!r}; choose from {', '.join(STYLES)}")
+
+
+# ---- LyCORIS networks on sd-loha's targets ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def _lycoris_preset(names: list[str]) -> Iterator[None]:
+    """LyCORIS reads its targets from class attributes of LycorisNetwork: target exactly `names` (module
+    paths), nothing by class, and put the attributes back afterwards."""
+    from lycoris import LycorisNetwork
+
+    keys = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
+            "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
+    saved = {k: getattr(LycorisNetwork, k) for k in keys}
+    LycorisNetwork.apply_preset({"enable_conv": True, "target_module": [], "target_name": names,
+                                 "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False,
+                                 "exclude_name": []})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(LycorisNetwork, k, v)
+
+
+class LycorisAdapter:
+    """LyCORIS networks on a pipeline's UNet and text encoder, with the handful of LoHANetwork methods the
+    Trainer calls (parameters, groups, multiplier, save, remove)."""
+
+    def __init__(self, pipe: Any, method: Method, text_encoder: bool) -> None:
+        from lycoris import create_lycoris
+
+        from sd_loha.targets import select_targets
+
+        models = {"unet": pipe.unet, "te": pipe.text_encoder} if text_encoder else {"unet": pipe.unet}
+        self.nets: dict[str, Any] = {}
+        for part, model in models.items():
+            targets = select_targets(model, part=part, prefix=f"lora_{part}", preset=RECIPE["preset"],
+                                     rank=method.rank, alpha=method.alpha, conv_rank=method.conv_rank,
+                                     conv_alpha=method.conv_alpha)
+            with _lycoris_preset([t.path for t in targets]):
+                net = create_lycoris(model, 1.0, linear_dim=method.rank, linear_alpha=method.alpha,
+                                     conv_dim=method.conv_rank, conv_alpha=method.conv_alpha, algo=method.algo)
+            if len(net.loras) != len(targets):
+                raise RuntimeError(f"LyCORIS built {len(net.loras)} {method.algo} modules on the {part}, sd-loha's "
+                                   f"targets are {len(targets)} layers: the comparison would not cover the same layers")
+            net.apply_to()
+            self.nets[part] = net
+
+    def parameters(self, part: str | None = None) -> list[torch.nn.Parameter]:
+        return [p for name, net in self.nets.items() if part in (None, name) for p in net.parameters()
+                if p.requires_grad]
+
+    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
+        groups = [{"params": self.parameters("unet"), "lr": unet_lr, "name": "unet"},
+                  {"params": self.parameters("te"), "lr": text_encoder_lr, "name": "text_encoder"}]
+        return [g for g in groups if g["params"]]
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for net in self.nets.values():
+            net.set_multiplier(float(multiplier))
+
+    def summary(self) -> str:
+        layers = ", ".join(f"{part}: {len(net.loras)}" for part, net in self.nets.items())
+        return f"LyCORIS network: {layers} layers, {sum(p.numel() for p in self.parameters()):,} trainable parameters"
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {f"{part}.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
+                for part, net in self.nets.items() for k, v in net.state_dict().items()}
+
+    def save(self, path: Path, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.state_dict(dtype).items()}, str(path))
+        return Path(path)
+
+    def remove(self) -> None:
+        for net in self.nets.values():
+            net.restore()
+
+
+def method_overrides(method: Method) -> dict[str, Any]:
+    """The config's network options (sd-loha reads them; LycorisAdapter reads the Method)."""
+    return dict(network_dim=method.rank, network_alpha=method.alpha, conv_dim=method.conv_rank,
+                conv_alpha=method.conv_alpha)
+
+
+# ---- the runs -----------------------------------------------------------------------------------------------
+
+def heldout_items(folder: Path) -> list[tuple[torch.Tensor, str]]:
+    """(pixels (3, 64, 64) in [-1, 1], caption) for each image of a folder with `.caption` files."""
+    from sd_loha.data.buckets import resize_and_crop
+    from sd_loha.data.images import load_image
+
+    items = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix == ".png"):
+        pixels = resize_and_crop(load_image(path), (world.SIZE, world.SIZE))[0]
+        items.append((pixels, path.with_suffix(".caption").read_text(encoding="utf-8").strip()))
+    if not items:
+        raise FileNotFoundError(f"no .png images in held-out folder {folder}")
+    return items
+
+
+@torch.no_grad()
+def heldout_loss(pipe: Any, items: list[tuple[torch.Tensor, str]]) -> float:
+    """Mean epsilon MSE of the pipeline (as it is: adapter on or off) on the held-out images; the noise and
+    timesteps come from a generator with a fixed seed, so every run and the base model see the same ones."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    vae = pipe.vae
+    latents = vae.encode(torch.stack([x for x, _ in items]).to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    cond = pipe.encode_prompt([c for _, c in items], pipe.device, 1, False)[0]
+    gen = torch.Generator().manual_seed(HELDOUT_SEED)
+    total = 0.0
+    for _ in range(HELDOUT_DRAWS):
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        pred = pipe.unet(sched.add_noise(latents, noise, t), t, cond).sample
+        total += float(torch.nn.functional.mse_loss(pred.float(), noise))
+    return total / HELDOUT_DRAWS
+
+
+def picture_scores(pipe: Any, style: str) -> dict[str, Any]:
+    """The style measure and the content check on the style's prompt set (one fixed seed per prompt)."""
+    spec = STYLES[style]
+    pipe.set_progress_bar_config(disable=True)
+    images = evaluate.generate(pipe, list(spec.scenes), GEN_SEED, steps=GEN_STEPS, guidance=GUIDANCE)
+    values = [spec.measure(im) for im in images]
+    return {"measure": statistics.mean(values), "content": statistics.mean(
+        float(spec.content(im, sc)) for im, sc in zip(images, spec.scenes)), "measure_per_picture": values}
+
+
+class BenchTrainer(Trainer):
+    """sd-loha's Trainer with the network of `method`, measured at the end of training (before the run
+    removes it)."""
+
+    def __init__(self, *args: Any, method: Method, style: str, heldout: list[tuple[torch.Tensor, str]],
+                 measure_pictures: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.method, self.style, self.heldout = method, style, heldout
+        self.measure_pictures = measure_pictures
+        self.scores: dict[str, Any] = {}
+
+    def _setup_network(self) -> None:
+        if self.method.library == "sd-loha":
+            super()._setup_network()
+        else:
+            self.network = LycorisAdapter(self.pipe, self.method, self.cfg.train_text_encoder)
+            self.params = self.network.parameters()
+            self._print(self.network.summary())
+            self._set_train_mode(True)
+        # The networks draw different amounts of randomness to initialise: reseed so that every method trains on
+        # the same noise and timesteps (the batches already follow the data seed).
+        torch.manual_seed(self.cfg.seed + NOISE_SEED_OFFSET)
+
+    def _finish(self, stopped: bool):
+        self._set_train_mode(False)
+        self.scores = {"params_unet": sum(p.numel() for p in self.network.parameters("unet")),
+                       "params_te": sum(p.numel() for p in self.network.parameters("te")),
+                       "heldout_loss": heldout_loss(self.pipe, self.heldout)}
+        if self.measure_pictures:
+            self.scores.update(picture_scores(self.pipe, self.style))
+        return super()._finish(stopped)
+
+
+def run_one(name: str, style: str, seed: int, lr: float, root: Path, *, steps: int | None = None,
+            measure_pictures: bool = True) -> dict[str, Any]:
+    """Train one (method, style, seed, learning rate) and return its figures."""
+    from sd_loha.train.checks import check_output_dir, check_paths
+    from sd_loha.train.config import as_config
+    from sd_loha.train.runtime import StopFlag
+
+    method = METHODS[name]
+    train_dir, heldout_dir = style_folders(style, root)
+    out = root / "runs" / f"{style}-{name}-lr{lr:g}-seed{seed}"
+    cfg = as_config({**RECIPE, **method_overrides(method), "train_data_dir": str(train_dir), "output_dir": str(out),
+                     "output_name": name, "learning_rate": lr, "text_encoder_lr": lr / TE_LR_RATIO, "seed": seed,
+                     **({"max_train_steps": steps, "lr_warmup_steps": 0} if steps is not None else {})})
+    check_paths(cfg)
+    check_output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    trainer = BenchTrainer(cfg, out, progress=False, method=method, style=style, heldout=heldout_items(heldout_dir),
+                           measure_pictures=measure_pictures)
+    trainer.setup()
+    with StopFlag(None) as stop:
+        if trainer.train(stop).stopped:  # Ctrl-C: a shorter run's figures must not enter the log
+            raise SystemExit(f"stopped during {out.name}; rerun with the same --out to continue")
+    return {"method": name, "style": style, "seed": seed, "lr": lr, "steps": cfg.max_train_steps,
+            "final_train_loss": statistics.mean(trainer.losses[-20:]), "seconds": round(time.time() - started, 1),
+            **trainer.scores}
+
+
+def base_row(style: str, root: Path) -> dict[str, Any]:
+    """The base model's figures (no adapter, i.e. strength 0) on the style's held-out set and prompts, and the
+    style measure on the training pictures as drawn and after toy-sd1's VAE (what an adapter can reach)."""
+    from sd_loha.models import load_pipeline
+
+    pipe = load_pipeline(RECIPE["pretrained_model"])
+    train_dir, heldout_dir = style_folders(style, root)
+    pictures = [((x.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy() for x, _ in heldout_items(train_dir)]
+    measure_ = STYLES[style].measure
+    return {"method": "base", "style": style, "heldout_loss": heldout_loss(pipe, heldout_items(heldout_dir)),
+            "measure_training_pictures": statistics.mean(measure_(im) for im in pictures),
+            "measure_after_vae": statistics.mean(measure_(im) for im in evaluate.roundtrip(pipe.vae, pictures)),
+            **picture_scores(pipe, style)}
+
+
+def parameter_counts(names: list[str]) -> dict[str, tuple[int, int]]:
+    """(UNet, text encoder) trainable parameters of each method on a fresh toy-sd1, without training."""
+    from sd_loha import add_loha
+    from sd_loha.models import load_pipeline
+
+    counts = {}
+    for name in names:
+        m = METHODS[name]
+        pipe = load_pipeline(RECIPE["pretrained_model"])
+        if m.library == "sd-loha":
+            net = add_loha(pipe, preset=RECIPE["preset"], rank=m.rank, alpha=m.alpha, conv_rank=m.conv_rank,
+                           conv_alpha=m.conv_alpha, text_encoder=True)
+        else:
+            net = LycorisAdapter(pipe, m, text_encoder=True)
+        counts[name] = (sum(p.numel() for p in net.parameters("unet")), sum(p.numel() for p in net.parameters("te")))
+        net.remove()
+    return counts
+
+
+# ---- the whole bench and its tables ---------------------------------------------------------------------------
+
+def _log(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({k: v for k, v in row.items() if k != "measure_per_picture"}) + "\n")
+    shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k != "measure_per_picture"}
+    print(json.dumps(shown), flush=True)
+
+
+def _logged(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()] if log.exists() else []
+
+
+def run_bench(root: Path, names: list[str], styles_: list[str], seeds: list[int], lrs: list[float]) -> Path:
+    """Parameter counts, base rows, the learning-rate sweep (first style, first seed), then one block of all
+    methods and styles per seed, so a run cut short has every method on the same seeds. Runs already in
+    root/runs.jsonl are not repeated (a rerun with the same --out continues)."""
+    log = root / "runs.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
+    done = {(r["method"], r["style"], r["seed"], r["lr"]): r for r in _logged(log) if r.get("kind") == "sweep"}
+    done.update({(r["method"], r["style"], r["seed"], r["lr"]): r for r in _logged(log) if r.get("kind") == "run"})
+    if not _logged(log):
+        for name, (unet, te) in parameter_counts(names).items():
+            _log(log, {"method": name, "kind": "params", "params_unet": unet, "params_te": te})
+        for style in styles_:
+            _log(log, base_row(style, root))
+    chosen = {}
+    for name in names:
+        sweep = []
+        for lr in lrs:
+            key = (name, styles_[0], seeds[0], lr)
+            if key not in done:
+                done[key] = run_one(name, styles_[0], seeds[0], lr, root)
+                _log(log, {**done[key], "kind": "sweep"})
+            sweep.append(done[key])
+        best = min(sweep, key=lambda r: r["heldout_loss"])
+        chosen[name] = best["lr"]
+        if not any(r.get("kind") == "run" and r["method"] == name and r["style"] == styles_[0] and r["seed"] == seeds[0]
+                   for r in _logged(log)):
+            _log(log, {**best, "kind": "run"})
+    for seed, style, name in itertools.product(seeds, styles_, names):
+        key = (name, style, seed, chosen[name])
+        if key not in done:
+            done[key] = run_one(name, style, seed, chosen[name], root)
+            _log(log, {**done[key], "kind": "run"})
+    return log
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
+
+
+def results_tables(log: Path) -> str:
+    """Markdown: parameter counts, the LR sweep, and per style mean ± std over seeds of each figure."""
+    rows = _logged(log)
+    params = {r["method"]: (r["params_unet"], r["params_te"]) for r in rows if r.get("kind") == "params"}
+    out = ["| method | library, algorithm | rank / alpha | conv rank / alpha | UNet params | text-encoder params | total |",
+           "|---|---|---|---|---|---|---|"]
+    for name, (unet, te) in params.items():
+        m = METHODS[name]
+        conv = f"{m.conv_rank} / {m.conv_alpha:g}" if m.conv_rank else "-"
+        out.append(f"| {name} | {m.library} {m.algo} | {m.rank} / {m.alpha:g} | {conv} | {unet:,} | {te:,} | {unet + te:,} |")
+    out += ["", "| learning-rate sweep (seed 0) | lr | held-out loss | style measure | object color right |",
+            "|---|---|---|---|---|"]
+    for r in (r for r in rows if r.get("kind") == "sweep"):
+        out.append(f"| {r['style']} {r['method']} | {r['lr']:g} | {r['heldout_loss']:.4f} | {r['measure']:.3f} | "
+                   f"{r['content']:.0%} |")
+    return "\n".join(out + _style_tables(rows) + _pair_table(rows))
+
+
+def _style_tables(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for style, spec in STYLES.items():
+        base = [r for r in rows if r["method"] == "base" and r["style"] == style]
+        runs = [r for r in rows if r.get("kind") == "run" and r["style"] == style]
+        if not runs:
+            continue
+        out += ["", f"**{style}** ({spec.measure.__name__}; n = seeds)", "",
+                "| method | lr | n | held-out loss | style measure | object color right | train s |",
+                "|---|---|---|---|---|---|---|"]
+        for b in base:
+            out.append(f"| base (strength 0) | - | - | {b['heldout_loss']:.4f} | {b['measure']:.3f} | {b['content']:.0%} | - |")
+            out.append(f"| training pictures (as drawn / after the VAE) | - | - | - | {b['measure_training_pictures']:.3f} / "
+                       f"{b['measure_after_vae']:.3f} | - | - |")
+        for name in dict.fromkeys(r["method"] for r in runs):
+            mine = [r for r in runs if r["method"] == name]
+            out.append(f"| {name} | {mine[0]['lr']:g} | {len(mine)} | {_spread([r['heldout_loss'] for r in mine], '.4f')} | "
+                       f"{_spread([r['measure'] for r in mine], '.3f')} | "
+                       f"{_spread([100 * r['content'] for r in mine], '.0f')} % | "
+                       f"{statistics.mean(r['seconds'] for r in mine):.0f} |")
+    return out
+
+
+PAIRS = (("loha", "lora"), ("loha-conv", "locon"))  # (LoHA, the LoRA-family method on the same layers)
+
+
+def _pair_table(rows: list[dict[str, Any]]) -> list[str]:
+    """LoHA minus its LoRA-family pair, seed by seed (the same seed: the same batches and noise)."""
+    runs = {(r["style"], r["method"], r["seed"]): r for r in rows if r.get("kind") == "run"}
+    out = ["", ("| style | LoHA - pair | seeds | held-out loss difference | LoHA lower in | style measure difference "
+                "| LoHA higher in |"), "|---|---|---|---|---|---|---|"]
+    for style, (loha, other) in itertools.product(STYLES, PAIRS):
+        seeds = sorted(seed for (st, m, seed) in runs if st == style and m == loha and (style, other, seed) in runs)
+        if not seeds:
+            continue
+        dl = [runs[style, loha, s]["heldout_loss"] - runs[style, other, s]["heldout_loss"] for s in seeds]
+        dm = [runs[style, loha, s]["measure"] - runs[style, other, s]["measure"] for s in seeds]
+        out.append(f"| {style} | {loha} - {other} | {len(seeds)} | {_spread(dl, '+.4f')} | "
+                   f"{sum(d < 0 for d in dl)} of {len(seeds)} | {_spread(dm, '+.3f')} | {sum(d > 0 for d in dm)} of {len(seeds)} |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("/tmp/bench_styles"), help="runs, hatch pictures, runs.jsonl")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"of {', '.join(METHODS)}")
+    p.add_argument("--styles", default=",".join(STYLES), help="the first one picks the learning rates")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS), help="tried per method")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", type=Path, help="only print the tables of an earlier run's runs.jsonl")
+    args = p.parse_args(argv)
+    if args.results:
+        print(results_tables(args.results))
+        return
+    names, styles_ = args.methods.split(","), args.styles.split(",")
+    for n in names:
+        if n not in METHODS:
+            p.error(f"--methods: unknown method {n!r}; choose from {', '.join(METHODS)}")
+    for s in styles_:
+        if s not in STYLES:
+            p.error(f"--styles: unknown style {s!r}; choose from {', '.join(STYLES)}")
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    log = run_bench(args.out, names, styles_, [int(s) for s in args.seeds.split(",")],
+                    [float(x) for x in args.lrs.split(",")])
+    print(results_tables(log))
+    print(f"\nwall time {time.time() - started:.0f} s, torch threads {args.threads}")
+
+
+if __name__ == "__main__":
+    main()
