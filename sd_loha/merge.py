@@ -22,13 +22,12 @@ from torch import nn
 
 from .io import AdapterFileError, AdapterModule, ParsedFile, load_adapter
 from .models import detect_family, text_encoders
-from .naming import LYCORIS_PREFIX, name_part, text_encoder_module_names, unet_module_names
+from .naming import LYCORIS_PREFIX, PART, PARTS, name_part, parts_of_family, text_encoder_module_names, unet_module_names
 from .ops import apply_dora, loha_delta, lora_delta
 
 logger = logging.getLogger(__name__)
 REGISTRY_ATTR = "_sd_loha_registry"
-PART_PREFIXES = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
-PART_LABELS = {"unet": "UNet", "te": "text encoder", "te1": "text encoder 1 (CLIP-L)", "te2": "text encoder 2 (CLIP-G)"}
+PART_LABELS = {p.name: p.label for p in PARTS}
 
 
 class ArchitectureMismatchError(AdapterFileError):
@@ -266,7 +265,7 @@ def _name_tables(models: Mapping[str, nn.Module]) -> dict[str, dict[str, str]]:
         if part == "unet":
             tables[part] = unet_module_names(model)
         else:
-            tables[part] = text_encoder_module_names(model, PART_PREFIXES[part])
+            tables[part] = text_encoder_module_names(model, PART[part].prefix)
     return tables
 
 
@@ -275,7 +274,7 @@ def _candidates(mod_name: str) -> list[tuple[str, str]]:
     `lycoris_<path>` for whatever model it wrapped: usually the UNet, so that is tried first."""
     if mod_name.startswith(LYCORIS_PREFIX + "_"):
         rest = mod_name[len(LYCORIS_PREFIX) + 1:]
-        return [(part, f"{prefix}_{rest}") for part, prefix in PART_PREFIXES.items()]
+        return [(p.name, f"{p.prefix}_{rest}") for p in PARTS]
     return [(name_part(mod_name), mod_name)]
 
 
@@ -349,7 +348,7 @@ def apply_loha(
             part = name_part(mod_name)
             # A part the architecture does not have (te1 on SD 1.x, te on SDXL) means another architecture;
             # a text encoder the family has but this pipeline object lacks (text_encoder=None) is just unmatched.
-            family_parts = {"te1", "te2"} if family.is_sdxl else {"te"}
+            family_parts = {p.name for p in parts_of_family(family.name)}
             if (part is not None and part not in tables and part != "unet" and part not in family_parts
                     and not mod_name.startswith(LYCORIS_PREFIX + "_")):
                 missing_parts.add(part)

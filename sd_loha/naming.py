@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 __all__ = [
+    "Part",
+    "PARTS",
+    "PART",
+    "parts_of_family",
     "UNET_PREFIX",
     "LYCORIS_PREFIX",
     "TE_PREFIX",
@@ -44,20 +49,52 @@ __all__ = [
     "text_encoder_save_name",
 ]
 
-UNET_PREFIX = "lora_unet"
-LYCORIS_PREFIX = "lycoris"  # LyCORIS's generic (non-kohya) wrapper; used on the UNet
-TE_PREFIX = "lora_te"  # SD1/SD2 text encoder
-TE1_PREFIX = "lora_te1"  # SDXL CLIP-L
-TE2_PREFIX = "lora_te2"  # SDXL CLIP-G
+
+@dataclass(frozen=True)
+class Part:
+    """One model of a pipeline that adapter files patch, and how files and pipelines name it.
+
+    The one place the kohya prefixes are spelled: every reader and writer of module names (naming,
+    merge, network, and later formats) takes them from :data:`PARTS`, so a new naming scheme is a new
+    field here rather than new spellings elsewhere.
+    """
+
+    name: str  # sd-loha's part name: "unet" | "te" | "te1" | "te2"
+    prefix: str  # kohya module-name prefix, written and read: "lora_unet", "lora_te", ...
+    pipeline_attr: str  # the diffusers pipeline attribute holding the model
+    families: tuple[str, ...]  # ModelFamily.name values that have this part
+    label: str  # how messages and reports name the part
+    read_prefixes: tuple[str, ...] = ()  # further prefixes accepted on read only
+
+    @property
+    def all_prefixes(self) -> tuple[str, ...]:
+        return (self.prefix, *self.read_prefixes)
+
+
+# LyCORIS's generic (non-kohya) wrapper names every module "lycoris_<path>", whatever model it wrapped.
+# Almost always that is the UNet, so name_part() counts it there; merge also tries it on the text encoders.
+LYCORIS_PREFIX = "lycoris"
+
+PARTS: tuple[Part, ...] = (
+    Part("unet", "lora_unet", "unet", ("sd1", "sd2", "sdxl"), "UNet", read_prefixes=(LYCORIS_PREFIX,)),
+    Part("te", "lora_te", "text_encoder", ("sd1", "sd2"), "text encoder"),
+    Part("te1", "lora_te1", "text_encoder", ("sdxl",), "text encoder 1 (CLIP-L)"),
+    Part("te2", "lora_te2", "text_encoder_2", ("sdxl",), "text encoder 2 (CLIP-G)"),
+)
+PART: dict[str, Part] = {p.name: p for p in PARTS}
+
+UNET_PREFIX = PART["unet"].prefix
+TE_PREFIX = PART["te"].prefix  # SD1/SD2 text encoder
+TE1_PREFIX = PART["te1"].prefix  # SDXL CLIP-L
+TE2_PREFIX = PART["te2"].prefix  # SDXL CLIP-G
 
 # Matched with the trailing "_" so that "lora_te_" can never swallow "lora_te1_..." or "lora_te2_...".
-_PARTS: dict[str, str] = {
-    UNET_PREFIX + "_": "unet",
-    LYCORIS_PREFIX + "_": "unet",
-    TE_PREFIX + "_": "te",
-    TE1_PREFIX + "_": "te1",
-    TE2_PREFIX + "_": "te2",
-}
+_PARTS: dict[str, str] = {prefix + "_": p.name for p in PARTS for prefix in p.all_prefixes}
+
+
+def parts_of_family(family: str) -> tuple[Part, ...]:
+    """The parts a model family (``ModelFamily.name``: "sd1", "sd2", "sdxl") has, UNet first."""
+    return tuple(p for p in PARTS if family in p.families)
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
@@ -232,7 +269,7 @@ def _add_names(table: dict[str, str], names: Iterable[str], path: str) -> None:
 
 
 def unet_module_names(
-    unet: nn.Module, prefixes: Iterable[str] = (UNET_PREFIX, LYCORIS_PREFIX)
+    unet: nn.Module, prefixes: Iterable[str] = PART["unet"].all_prefixes
 ) -> dict[str, str]:
     """Every kohya module name that may refer to a Linear/Conv2d of a diffusers UNet.
 

@@ -22,7 +22,7 @@ from torch import nn
 from .io import save_safetensors_atomic
 from .layers import LoHALayer, wrap
 from .models import ModelFamily, detect_family, text_encoders, unet_family_name
-from .naming import text_encoder_canonical_path, text_encoder_save_name, unet_ldm_path, unet_save_name
+from .naming import PART, text_encoder_canonical_path, text_encoder_save_name, unet_ldm_path, unet_save_name
 from .targets import (Preset, Target, candidate_targets, first_match, layer_names, load_preset, preset_label,
                       unmatched_patterns, unmatched_regexes)
 
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 # Layer kinds that take conv_rank / conv_alpha (1x1 convs count as linear layers).
 KXK_KINDS = ("conv", "conv_tucker")
-TE_PREFIXES = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
 SAVE_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                "float": torch.float32, "fp32": torch.float32, "float32": torch.float32}
 
@@ -303,7 +302,7 @@ def add_loha(
     names: list[tuple[str, str]] = []
     plan: list[tuple[str, nn.Module, Target]] = []
     for part, model in models.items():
-        prefix = "lora_unet" if part == "unet" else TE_PREFIXES[part]
+        prefix = PART[part].prefix
         names += layer_names(model, prefix)
         plan += [(part, model, t) for t in candidate_targets(
             model, part=part, prefix=prefix, preset=preset_obj, rank=rank, alpha=alpha, conv_rank=conv_rank,

@@ -15,6 +15,9 @@ Each fake entry carries its own tensor object; the converters move values withou
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -28,9 +31,13 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sd_loha.architectures import SD15_UNET, SD21_UNET, SDXL_UNET
+from sd_loha.models import build_tiny_pipeline, detect_family, text_encoders
 from sd_loha.naming import (
+    PART,
+    PARTS,
     kohya_name,
     name_part,
+    parts_of_family,
     split_key,
     text_encoder_canonical_path,
     text_encoder_module_names,
@@ -381,3 +388,50 @@ def test_split_key_rejects_malformed(key):
 )
 def test_name_part(name, part):
     assert name_part(name) == part
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts table: the one place prefixes are spelled
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parts_table_holds_the_kohya_and_lycoris_prefixes():
+    # Spelled out here on purpose: the files in the wild use exactly these.
+    assert {p.name: p.all_prefixes for p in PARTS} == {
+        "unet": ("lora_unet", "lycoris"), "te": ("lora_te",), "te1": ("lora_te1",), "te2": ("lora_te2",)}
+    for p in PARTS:
+        for prefix in p.all_prefixes:
+            assert name_part(kohya_name(prefix, "a.b")) == p.name
+
+
+@pytest.mark.parametrize("model", ["tiny-sd1", "tiny-sd2", "tiny-sdxl"])
+def test_parts_table_names_the_pipeline_attributes_and_families(model):
+    pipe = build_tiny_pipeline(model)
+    parts = parts_of_family(detect_family(pipe).name)
+    assert [p.name for p in parts] == ["unet", *text_encoders(pipe)]
+    for p in parts:
+        held = pipe.unet if p.name == "unet" else text_encoders(pipe)[p.name]
+        assert getattr(pipe, p.pipeline_attr) is held
+
+
+def _prefix_literals(source: str) -> list[tuple[int, str]]:
+    """(line, text) of each string constant that is a bare prefix ("lora_te", "lora_te1_", f"lycoris_{x}"...)."""
+    spelled = {s for p in PARTS for prefix in p.all_prefixes for s in (prefix, prefix + "_")}
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in spelled]
+
+
+def test_no_module_but_naming_spells_a_prefix():
+    # Examples inside help texts and docstrings ("lora_unet_mid_block_*") are fine: only bare prefixes count.
+    assert _prefix_literals((REPO / "sd_loha" / "naming.py").read_text())  # the scan does see them
+    assert _prefix_literals('x = f"lora_te2_{path}"') == [(1, "lora_te2_")]
+    found = {
+        f"{f.relative_to(REPO)}:{line}: {text!r}"
+        for folder in ("sd_loha", "webui")
+        for f in sorted((REPO / folder).rglob("*.py"))
+        if f != REPO / "sd_loha" / "naming.py"
+        for line, text in _prefix_literals(f.read_text(encoding="utf-8"))
+    }
+    assert not found, "spell prefixes through sd_loha.naming.PARTS, not as literals: " + ", ".join(sorted(found))
