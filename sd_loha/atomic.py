@@ -1,9 +1,9 @@
 """Atomic file writes: a crash, a kill or a full disk never leaves a half-written file under the final name.
 
-Everything a run leaves behind (adapter files, states, sample grids, the loss curve and its CSV) goes
-through :func:`write_atomic`: the bytes go to a temp file in the same folder (`.<name>.<random>.tmp`, which
-`sd_loha.train.state.clean_stale_temp` removes after a kill), are fsynced, and the temp file is renamed over
-the final path.
+Everything a run leaves behind (adapter files, states, sample grids, the loss curve and its CSV, latent cache
+entries) goes through :func:`write_atomic`: the bytes go to a temp file in the same folder (`.<name>.<random>.tmp`,
+which `sd_loha.train.state.clean_stale_temp` removes from an output folder after a kill), are fsynced, and the
+temp file is renamed over the final path.
 """
 
 from __future__ import annotations

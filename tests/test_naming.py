@@ -33,7 +33,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from sd_loha.architectures import SD15_UNET, SD21_UNET, SDXL_UNET
 from sd_loha.models import build_tiny_pipeline, detect_family, text_encoders
 from sd_loha.naming import (
-    PART,
     PARTS,
     kohya_name,
     name_part,

@@ -24,24 +24,24 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 from tqdm.auto import tqdm
 
+from ..atomic import write_atomic
 from .buckets import apply_plan, pil_to_tensor, plan_resize_crop
 from .images import ImageError, load_image_with_info
 from .masks import mask_pixels, to_latent_size
 from .scan import ImageItem
 
-if TYPE_CHECKING:
-    from .dataset import TrainDataset
-
-__all__ = ["CacheStats", "LatentCache", "LatentCacheMiss", "TextEmbeddingCache"]
+__all__ = ["CacheStats", "CacheableDataset", "LatentCache", "LatentCacheMiss", "TextEmbeddingCache"]
 
 logger = logging.getLogger("sd_loha.data")
 
@@ -63,12 +63,27 @@ class CacheStats:
     message: str = ""
 
 
+class CacheableDataset(Protocol):
+    """What LatentCache.build reads of a dataset (TrainDataset is one). Declared here rather than
+    importing TrainDataset, because dataset.py imports this module: the dependency goes one way."""
+
+    # read-only here (properties), so a dataset's list / plain attributes satisfy them
+    @property
+    def items(self) -> Sequence[ImageItem]: ...
+    @property
+    def flip_aug(self) -> bool: ...
+    @property
+    def random_crop(self) -> bool: ...
+
+    def attach_latent_cache(self, cache: LatentCache | None) -> None: ...
+
+
 class LatentCache:
     """Latents for every (image, flip) of a dataset, in memory or on disk.
 
     cache_dir=None keeps latents in memory for this run only. With cache_dir,
-    each image+variant is one safetensors file, written atomically (temp file
-    + os.replace) so an interrupted run never leaves a half-written entry, and
+    each image+variant is one safetensors file, written atomically (sd_loha.atomic:
+    temp file, fsync, rename) so an interrupted run never leaves a half-written entry, and
     read from disk on each access unless keep_in_memory=True.
     encoder_id must change whenever the encoder would produce different
     latents (e.g. hash of the VAE config + weights name, dtype, scaling factor).
@@ -119,8 +134,6 @@ class LatentCache:
         if not f.is_file():
             return False
         try:
-            from safetensors import safe_open
-
             with safe_open(str(f), framework="pt") as sf:
                 ok = "latents" in sf.keys() and (sf.metadata() or {}).get("encoder_id") == self.encoder_id
             return ok
@@ -128,10 +141,7 @@ class LatentCache:
             return False
 
     def _write(self, h: str, latents: torch.Tensor, item: ImageItem, flipped: bool, mask: torch.Tensor | None) -> None:
-        from safetensors.torch import save_file
-
         assert self.cache_dir is not None
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         meta = {
             "encoder_id": self.encoder_id,
             "path": str(item.path),
@@ -139,26 +149,17 @@ class LatentCache:
             "flipped": "1" if flipped else "0",
             "format_version": str(CACHE_FORMAT_VERSION),
         }
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{h[:12]}-", suffix=".tmp")
-        os.close(fd)
-        try:
-            tensors = {"latents": latents.contiguous()}
-            if mask is not None:
-                tensors["loss_mask"] = mask.contiguous()
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, self._file(h))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        tensors = {"latents": latents.contiguous()}
+        if mask is not None:
+            tensors["loss_mask"] = mask.contiguous()
+        # Serialised in memory (an entry is at most a few hundred kB) so the shared writer fsyncs and renames it.
+        write_atomic(self._file(h), serialize(tensors, metadata=meta))
 
     # ------------------------------------------------------------------ build / get
 
     def build(
         self,
-        dataset: TrainDataset,
+        dataset: CacheableDataset,
         encode_fn: Callable[[torch.Tensor], torch.Tensor],
         *,
         batch_size: int = 1,
@@ -273,8 +274,6 @@ class LatentCache:
         return stats
 
     def _load(self, h: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         try:
             tensors = load_file(str(self._file(h)))
             tensors["latents"]  # noqa: B018 - a file without latents is damaged
