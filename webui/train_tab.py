@@ -12,20 +12,26 @@ import html
 import json
 import math
 import os
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sd_loha.atomic import write_atomic
+from sd_loha.targets import is_preset_file
 from sd_loha.train.checks import check_output_dir, check_paths
 from sd_loha.train.config import (
+    GROUP_TITLES,
+    GROUPS,
     OPTIONS,
     ConfigError,
     TrainConfig,
+    _parse_override_value,  # the --set parser: a "toml" widget's text reads as --set NAME=TEXT does
+    _plain,
+    _toml_value,  # the TOML writer of TrainConfig.to_toml
     config_from_layers,
-    load_config,
-    loads_config,
 )
+from sd_loha.train.prompts import is_prompts_file
 
 from .defaults import (
     DEFAULT_GUIDANCE,
@@ -46,7 +52,7 @@ FIELDS: dict[str, str] = {
     "output_dir": "Output folder (inside the outputs folder)",
     "output_name": "Output name (file name stem)",
     "overwrite": "Overwrite this output name's earlier files",
-    "preset": "Preset (which layers get LoHA modules)",
+    "preset": "Preset (or a LyCORIS preset .toml file)",
     "network_dim": "Rank",
     "network_alpha": "Alpha",
     "conv_dim": "Conv rank (0 = no k×k convs)",
@@ -62,18 +68,26 @@ FIELDS: dict[str, str] = {
     "lr_scheduler": "LR schedule",
     "seed": "Seed",
     "save_every_n_steps": "Save every N steps (0 = only at the end)",
-    "sample_prompts": "Sample prompts (one per line; empty = no samples)",
+    "sample_prompts": "Sample prompts (one per line, each with kohya's --n --w --h --d --l --s options; or a prompts "
+                      "file .txt / .toml / .json; empty = no samples)",
     "sample_every_n_steps": "Sample every N steps (0 = only at the end)",
     "sample_steps": "Sample denoising steps",
 }
 FIELD_NAMES = list(FIELDS)
 LENGTH_FIELDS = {"length_unit": "unit", "length": "int"}
-_WIDGETS = {"path": "text", "str": "text", "enum": "choice", "list": "lines"}  # option kind -> widget kind
+LENGTH_OPTIONS = ("max_train_steps", "max_train_epochs")  # the options the two length fields stand for
+# Option kind -> widget kind. An optional int/float/bool gets "opt" in front (empty or "not set" = not set). A kind
+# not listed, such as one added to config.py later, is "toml": a text holding the value as --set NAME=TEXT takes it
+# (a TOML value: [0, 0.5, 1], { weight_decay = 0.01 }; or kohya's "pattern=value,..." strings).
+_WIDGETS = {"bool": "bool", "int": "int", "float": "float", "warmup": "float", "path": "text", "str": "text",
+            "optimizer": "text", "enum": "choice", "list": "lines", "resolution": "resolution"}
+NOT_SET = "not set"  # the optional booleans' third choice
 DEMO_TOML = Path(__file__).resolve().parent.parent / "train_configs" / "demo.toml"
 TOML_BOX, FORM = "TOML box", "fields"  # the names problems are reported under
 # A fresh page's settings, over TrainConfig's defaults: the pretrained built-in base at the one size it draws, with
 # buckets that reach down to it (the default min_bucket_reso, 256, refuses a 64 px resolution), and samples of its
-# captions, drawn as its model card draws them, at the end of the run. Options without a field start in the TOML box.
+# captions, drawn as its model card draws them, at the end of the run. Options without a field start in the TOML box
+# (and in their section's widgets).
 START: dict[str, Any] = {
     "pretrained_model": DEFAULT_MODEL, "output_name": "my_loha", "resolution": (DEFAULT_SIZE, DEFAULT_SIZE),
     "min_bucket_reso": DEFAULT_SIZE, "sample_prompts": list(DEFAULT_PROMPTS), "sample_steps": DEFAULT_STEPS,
@@ -82,15 +96,91 @@ START: dict[str, Any] = {
 
 
 def field_kind(name: str) -> str:
-    """The widget kind of a field, from its option's kind; an optional number ("optint"/"optfloat") reads 0 or
-    empty as "not set"."""
+    """The widget kind of a field or an option, from the option's kind."""
     if name in LENGTH_FIELDS:
         return LENGTH_FIELDS[name]
     if name == "pretrained_model":
         return "model"  # a dropdown of the models the UI may load, custom values allowed
     spec = OPTIONS[name]
-    kind = _WIDGETS.get(spec.kind, spec.kind)
-    return "opt" + kind if spec.optional and kind in ("int", "float") else kind
+    kind = _WIDGETS.get(spec.kind, "toml")
+    return "opt" + kind if spec.optional and kind in ("int", "float", "bool") else kind
+
+
+def section_options() -> dict[str, list[str]]:
+    """The generated "All options" sections: table (group) -> the options without a field above, in the table's
+    order. Read from OPTIONS on every call, so an option added to config.py gets a widget with no UI change."""
+    covered = {*FIELDS, *LENGTH_OPTIONS}
+    out: dict[str, list[str]] = {}
+    for name, spec in OPTIONS.items():
+        if name not in covered:
+            out.setdefault(spec.group, []).append(name)
+    return {g: out[g] for g in [*GROUPS, *out] if g in out}
+
+
+def section_names() -> list[str]:
+    return [n for names in section_options().values() for n in names]
+
+
+def form_names() -> list[str]:
+    """Every widget of the settings: the fields, then the sections' options."""
+    return FIELD_NAMES + section_names()
+
+
+def option_info(name: str) -> str:
+    """A section widget's info line: the option's help, its range and its default (as docs/config.md says them)."""
+    spec = OPTIONS[name]
+    parts = [spec.help]
+    if spec.range_text():
+        parts.append(f"Range: {spec.range_text()}.")
+    default = spec.default_doc or (NOT_SET if spec.default is None else _toml_value(_plain(spec.default)))
+    parts.append(f"Default: {default.strip('`')}.")
+    if field_kind(name) == "toml":
+        parts.append(f"Written as in TOML, e.g. {spec.example_value()}.")
+    return " ".join(parts)
+
+
+def _zero_is_legal(name: str) -> bool:
+    spec = OPTIONS[name]
+    return spec.min is None or spec.min < 0 or (spec.min == 0 and not spec.min_open)
+
+
+def to_widget(name: str, value: Any) -> Any:
+    """An option's value as its widget shows it (None: an empty widget, "not set")."""
+    kind = field_kind(name)
+    if kind == "resolution":
+        w, h = value
+        return str(w) if w == h else f"{w},{h}"
+    if kind == "lines":
+        return "\n".join(value)
+    if kind == "optbool":
+        return NOT_SET if value is None else str(value).lower()
+    if kind == "toml":
+        return "" if value is None else _toml_value(_plain(value))
+    if value is None:
+        return "" if kind in ("text", "model") else None
+    return value
+
+
+def from_widget(name: str, value: Any) -> Any:
+    """A widget's value as the option's value for the parser (None = not set; wrong values stay for its error)."""
+    kind = field_kind(name)
+    if kind in ("int", "optint", "float", "optfloat"):
+        if value is None or value == "":
+            return None
+        if kind in ("int", "optint") and float(value).is_integer():
+            value = int(value)  # the browser sends 8.0; 8.5 stays for the error
+        # an optional number reads 0 as not set where 0 is no legal value ("save every 0 steps" = never)
+        return None if kind.startswith("opt") and value == 0 and not _zero_is_legal(name) else value
+    if kind == "optbool":
+        return {"true": True, "false": False}.get(str(value).strip().lower())
+    if kind == "lines":
+        return [line.strip() for line in (value or "").splitlines() if line.strip()]
+    if kind == "toml":
+        text = (value or "").strip()
+        return _parse_override_value(OPTIONS[name], text) if text else None  # the --set parser
+    if kind in ("text", "model", "resolution", "choice"):
+        return (value or "").strip() or None
+    return value
 
 
 # How each path option is checked against the folders the UI may use; the value is replaced by the resolved
@@ -104,6 +194,28 @@ PATH_CHECKS: dict[str, Callable[[PathPolicy, str], str]] = {
     "conditioning_data_dir": lambda policy, v: str(policy.resolve(v, "dataset", what="conditioning_data_dir")),
     "output_dir": lambda policy, v: str(policy.resolve(v, "output_dir", what="output_dir")),
     "logging_dir": lambda policy, v: str(policy.resolve(v, "logging_dir", what="logging_dir")),
+}
+
+
+def _config_file(policy: PathPolicy, value: str, what: str) -> str:
+    return str(policy.resolve(value, "config_read", what=what))
+
+
+def _prompt_files(policy: PathPolicy, value: Any) -> Any:
+    if not isinstance(value, (str, list)):
+        return value  # not a list of strings: the parser says so
+    entries = [value] if isinstance(value, str) else value
+    return [_config_file(policy, e, "sample prompts file") if isinstance(e, str) and is_prompts_file(e) else e
+            for e in entries]
+
+
+# Files the config check itself reads (a preset file, prompts files): checked against the folders before it reads
+# them, on the raw value the layers end with, which is replaced by the resolved path. Every option that takes a
+# file (OptionSpec.file_suffix) must be here (tests/webui/test_train_tab.py checks it).
+READ_FILE_CHECKS: dict[str, Callable[[PathPolicy, Any], Any]] = {
+    "preset": lambda policy, v: (_config_file(policy, v, "preset file") if isinstance(v, str) and is_preset_file(v)
+                                 else v),
+    "sample_prompts": _prompt_files,
 }
 
 
@@ -121,7 +233,7 @@ def start_config(policy: PathPolicy) -> TrainConfig:
 
 
 def default_form(policy: PathPolicy) -> dict[str, Any]:
-    """The fields of a fresh page (with start_toml() in the TOML box)."""
+    """The fields and section widgets of a fresh page (with start_toml() in the TOML box)."""
     return config_to_form(start_config(policy))
 
 
@@ -146,21 +258,8 @@ def demo_config(policy: PathPolicy) -> TrainConfig | None:
 
 
 def config_to_form(cfg: TrainConfig) -> dict[str, Any]:
-    f: dict[str, Any] = {}
-    for name in FIELDS:
-        if name in LENGTH_FIELDS:
-            continue
-        kind, v = field_kind(name), getattr(cfg, name)
-        if kind == "resolution":
-            w, h = v
-            v = str(w) if w == h else f"{w},{h}"
-        elif kind == "lines":
-            v = "\n".join(v)
-        elif kind == "optint":
-            v = v or 0
-        elif v is None:
-            v = "" if kind in ("text", "model") else None
-        f[name] = v
+    """Every widget's value (fields and sections) for a config."""
+    f = {name: to_widget(name, getattr(cfg, name)) for name in form_names() if name not in LENGTH_FIELDS}
     if cfg.max_train_epochs:
         f["length_unit"], f["length"] = "epochs", cfg.max_train_epochs
     else:
@@ -169,23 +268,8 @@ def config_to_form(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _form_values(form: dict[str, Any]) -> dict[str, Any]:
-    """The fields as option values (None = not set), for the layer over the TOML box."""
-    out: dict[str, Any] = {}
-    for name in FIELDS:
-        if name not in form or name in LENGTH_FIELDS:
-            continue
-        kind, v = field_kind(name), form[name]
-        if kind in ("int", "optint") and v is not None and v != "":
-            v = int(v) if float(v).is_integer() else v  # the browser sends 8.0; 8.5 stays for the error
-        if kind == "optint":
-            v = v or None
-        elif kind == "optfloat":
-            v = None if v in (None, "", 0) else v
-        elif kind == "lines":
-            v = [line.strip() for line in (v or "").splitlines() if line.strip()]
-        elif kind in ("text", "model", "resolution"):
-            v = (v or "").strip() or None
-        out[name] = v
+    """The widgets as option values (None = not set), for the layer over the TOML box."""
+    out = {name: from_widget(name, v) for name, v in form.items() if name in OPTIONS}
     if "length" in form:
         n = form.get("length")
         n = int(n) if n not in (None, "") else None
@@ -196,15 +280,87 @@ def _form_values(form: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _layers(form: dict[str, Any], toml_text: str) -> list[tuple[str | dict[str, Any], str]]:
-    """The TOML box read as a --config file, the fields over it (as --set is over the file)."""
-    return [(toml_text or "", TOML_BOX), (_form_values(form), FORM)]
+def _toml_tables(text: str | None) -> dict[str, tuple[str | None, Any]] | None:
+    """The options a TOML text sets: name -> (its table, or None at the top, value); None if it is not TOML (the
+    box's own layer reports that)."""
+    try:
+        data = tomllib.loads(text or "")
+    except tomllib.TOMLDecodeError:
+        return None
+    out: dict[str, tuple[str | None, Any]] = {}
+    for key, value in data.items():
+        if key in GROUPS and isinstance(value, dict):
+            out.update({k: (key, v) for k, v in value.items() if k in OPTIONS})
+        elif key in OPTIONS:
+            out[key] = (None, value)
+    return out
 
 
-def build_config(policy: PathPolicy, form: dict[str, Any], toml_text: str = "") -> TrainConfig:
-    """The TrainConfig of the TOML box overridden by the form, every path checked against the policy and
-    written resolved (absolute), so the saved TOML trains the same from any working folder."""
-    cfg = config_from_layers(_layers(form, toml_text))
+def box_edits(toml_text: str, synced: str) -> dict[str, Any]:
+    """The options typed into the TOML box since the page last wrote it (`synced`: the text it wrote, which the
+    widgets showed too), in their tables. They are the newest settings, so they win over the widgets; an option
+    deleted from the box is no edit (its widget keeps it)."""
+    now, before = _toml_tables(toml_text), _toml_tables(synced) or {}
+    edits: dict[str, Any] = {}
+    for name, (table, value) in (now or {}).items():
+        if name not in before or before[name][1] != value:
+            (edits.setdefault(table, {}) if table else edits)[name] = value
+    return edits
+
+
+def _layers(form: dict[str, Any], toml_text: str, synced: str | None) -> list[tuple[str | dict[str, Any], str]]:
+    """The TOML box read as a --config file, the widgets over it (as --set is over the file), and, from the page
+    (`synced` given), the box's own edits over those."""
+    layers: list[tuple[str | dict[str, Any], str]] = [(toml_text or "", TOML_BOX), (_form_values(form), FORM)]
+    edits = box_edits(toml_text, synced) if synced is not None else {}
+    return layers + [(edits, TOML_BOX)] if edits else layers
+
+
+def _flat(layer: str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(layer, str):
+        return {k: v for k, (_, v) in (_toml_tables(layer) or {}).items()}
+    out: dict[str, Any] = {}
+    for key, value in layer.items():
+        out.update({k: v for k, v in value.items()} if key in GROUPS and isinstance(value, dict) else {key: value})
+    return out
+
+
+def _read_file_checked(policy: PathPolicy, layers: list[tuple[str | dict[str, Any], str]]
+                       ) -> list[tuple[str | dict[str, Any], str]]:
+    """The layers with each file that the config check reads (READ_FILE_CHECKS) checked against the policy first
+    and given resolved, as a layer of the same name over the one that set it."""
+    problems: list[str] = []
+    extra: list[tuple[str | dict[str, Any], str]] = []
+    for name, check in READ_FILE_CHECKS.items():
+        value, source = None, ""
+        for layer, src in layers:  # the value the merge ends with: the last layer's, None unsets
+            flat = _flat(layer)
+            if name in flat:
+                value, source = flat[name], src
+        if value is None:
+            continue
+        try:
+            resolved = check(policy, value)
+        except PathRefused as e:
+            problems.append(str(e))
+            continue
+        if resolved != value:
+            extra.append(({name: resolved}, source))
+    if problems:
+        raise ConfigError(problems, header="paths refused")
+    return layers + extra
+
+
+def _checked_config(policy: PathPolicy, layers: list[tuple[str | dict[str, Any], str]]) -> TrainConfig:
+    return config_from_layers(_read_file_checked(policy, layers))
+
+
+def build_config(policy: PathPolicy, form: dict[str, Any], toml_text: str = "", synced: str | None = None
+                 ) -> TrainConfig:
+    """The TrainConfig of the TOML box overridden by the widgets (and, with `synced`, by the box's edits since the
+    page wrote it: box_edits), every path checked against the policy and written resolved (absolute), so the
+    saved TOML trains the same from any working folder."""
+    cfg = _checked_config(policy, _layers(form, toml_text, synced))
     problems = []
     for name, check in PATH_CHECKS.items():
         value = getattr(cfg, name)
@@ -220,11 +376,21 @@ def build_config(policy: PathPolicy, form: dict[str, Any], toml_text: str = "") 
 
 
 def toml_box_config(policy: PathPolicy, toml_text: str) -> TrainConfig:
-    """The TOML box alone (for "Apply TOML to the fields"); the options every run needs default to the UI's
+    """The TOML box alone (for "Apply TOML to the form"); the options every run needs default to the UI's
     folders and the default model when the box leaves them out."""
     needed = {"pretrained_model": DEFAULT_MODEL, "train_data_dir": str(policy.data_dir),
               "output_dir": str(policy.outputs_dir)}
-    return loads_config(toml_text or "", base=needed, source=TOML_BOX)
+    return _checked_config(policy, [(needed, "base settings"), (toml_text or "", TOML_BOX)])
+
+
+def file_config(policy: PathPolicy, path: Path) -> TrainConfig:
+    """A config file inside the allowed folders, read as --config reads it, its preset and prompts files checked
+    against the policy before the config check reads them."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot read it as UTF-8 text ({e})"], header="cannot load") from None
+    return _checked_config(policy, [(text, str(path))])
 
 
 def dataset_escapes(policy: PathPolicy, folder: Path, limit: int = 5) -> list[str]:
@@ -240,13 +406,13 @@ def dataset_escapes(policy: PathPolicy, folder: Path, limit: int = 5) -> list[st
     return bad
 
 
-def preflight_report(policy: PathPolicy, form: dict[str, Any], toml_text: str = ""):
+def preflight_report(policy: PathPolicy, form: dict[str, Any], toml_text: str = "", synced: str | None = None):
     """Run the dataset preflight with the form's dataset settings; returns the PreflightReport."""
     from sd_loha.train.checks import config_preflight
 
     # The dataset check needs neither a base model nor an output folder: stand-ins satisfy the validation.
     stand_ins = {"pretrained_model": DEFAULT_MODEL, "output_dir": str(policy.outputs_dir)}
-    cfg = config_from_layers([*_layers(form, toml_text), (stand_ins, "dataset check")])
+    cfg = _checked_config(policy, [*_layers(form, toml_text, synced), (stand_ins, "dataset check")])
     folder = policy.resolve(cfg.train_data_dir, "dataset", must_exist=True, what="dataset folder")
     escapes = dataset_escapes(policy, folder)
     if escapes:
@@ -381,6 +547,46 @@ def _sample_caption(path: str, step: int) -> str:
     return f"step {step}" if stem.startswith("step") else f"{stem} (step {step})"
 
 
+def _widget(gr, policy: PathPolicy, name: str, value: Any, label: str, **kw):
+    """The widget of a field or an option, by its kind (field_kind); no per-option code."""
+    kind, eid = field_kind(name), "train-" + name.replace("_", "-")
+    kw = {"label": label, "elem_id": eid, **kw}
+    if kind == "model":
+        return gr.Dropdown(choices=policy.model_choices(), value=value, allow_custom_value=True, **kw)
+    if kind == "bool":
+        return gr.Checkbox(value=bool(value), **kw)
+    if kind == "optbool":
+        return gr.Dropdown(choices=[NOT_SET, "true", "false"], value=value, **kw)
+    if kind == "choice":  # an option that also takes a file (preset = "my.toml") takes typed values
+        spec = OPTIONS[name]
+        return gr.Dropdown(choices=list(spec.choices), value=value, allow_custom_value=bool(spec.file_suffix), **kw)
+    if kind == "unit":
+        return gr.Radio(["steps", "epochs"], value=value, **kw)
+    if kind in ("int", "optint", "float", "optfloat"):
+        return gr.Number(value=value, precision=0 if kind.endswith("int") else None, **kw)
+    if kind == "lines":
+        return gr.Textbox(value=value, lines=2, **kw)
+    if kind == "toml":
+        return gr.Textbox(value=value, elem_classes=["mono"], **kw)
+    return gr.Textbox(value=value, **kw)
+
+
+SECTION_COLUMNS = 3  # widgets per row in the generated sections
+
+
+def _sections(gr, policy: PathPolicy, defaults: dict[str, Any]) -> dict[str, Any]:
+    """One collapsed accordion per option table, a widget per option without a field (section_options)."""
+    comps: dict[str, Any] = {}
+    for group, names in section_options().items():
+        title = f"{GROUP_TITLES.get(group, group)} [{group}] · {len(names)} options"
+        with gr.Accordion(title, open=False, elem_id=f"train-group-{group}"):
+            for i in range(0, len(names), SECTION_COLUMNS):
+                with gr.Row(equal_height=False):
+                    for name in names[i:i + SECTION_COLUMNS]:
+                        comps[name] = _widget(gr, policy, name, defaults.get(name), name, info=option_info(name))
+    return comps
+
+
 def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
     import gradio as gr
 
@@ -388,27 +594,8 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
     comps: dict[str, Any] = {}
 
     def field(name: str, **kw):
-        label, kind = FIELDS[name], field_kind(name)
-        eid = "train-" + name.replace("_", "-")
-        v = defaults.get(name)
-        if kind == "model":
-            c = gr.Dropdown(choices=policy.model_choices(), value=v, allow_custom_value=True, label=label, elem_id=eid, **kw)
-        elif kind == "bool":
-            c = gr.Checkbox(value=bool(v), label=label, elem_id=eid, **kw)
-        elif kind == "choice":
-            c = gr.Dropdown(choices=list(OPTIONS[name].choices), value=v, label=label, elem_id=eid, **kw)
-        elif kind == "unit":
-            c = gr.Radio(["steps", "epochs"], value=v, label=label, elem_id=eid, **kw)
-        elif kind in ("int", "optint"):
-            c = gr.Number(value=v, precision=0, label=label, elem_id=eid, **kw)
-        elif kind in ("float", "optfloat"):
-            c = gr.Number(value=v, label=label, elem_id=eid, **kw)
-        elif kind == "lines":
-            c = gr.Textbox(value=v, lines=2, label=label, elem_id=eid, **kw)
-        else:
-            c = gr.Textbox(value=v, label=label, elem_id=eid, **kw)
-        comps[name] = c
-        return c
+        comps[name] = _widget(gr, policy, name, defaults.get(name), FIELDS[name], **kw)
+        return comps[name]
 
     with gr.Row():
         with gr.Column(scale=3):
@@ -453,11 +640,16 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
                 field("sample_prompts", scale=3)
                 field("sample_every_n_steps", scale=1)
                 field("sample_steps", scale=1)
-            with gr.Accordion("All other options (TOML)", open=False):
-                gr.Markdown("The fields above take precedence over the same options here. Save writes the file "
-                            "`sd-loha train --config FILE` reads (options: docs/config.md).")
+            gr.Markdown("**All options**, by table of the config file (the fields above are not repeated; "
+                        "options: docs/config.md)", elem_id="train-all-options")
+            comps.update(_sections(gr, policy, defaults))
+            with gr.Accordion("TOML (the config file)", open=False, elem_id="train-toml-file"):
+                gr.Markdown("The settings above as the file `sd-loha train --config FILE` reads. What you type here "
+                            "wins over the widgets when you press Start, Save or Check dataset (a deleted line "
+                            "does not unset its option); Start, Save, Load and Apply write the one resulting config "
+                            "back into both.")
                 toml_box = gr.Textbox(value=start_toml(), label="TOML", lines=14, max_lines=40, elem_id="train-toml", elem_classes=["mono"])
-                apply_btn = gr.Button("Apply TOML to the fields", elem_id="train-apply")
+                apply_btn = gr.Button("Apply TOML to the form", elem_id="train-apply")
         with gr.Column(scale=2):
             with gr.Row():
                 start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -480,16 +672,33 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
             with gr.Accordion("Log", open=False):
                 log_box = gr.Textbox(lines=8, max_lines=8, show_label=False, elem_id="train-log", interactive=False)
 
-    form_inputs = [comps[n] for n in FIELD_NAMES]
+    # The settings' inputs: the fields, the TOML box, the sections' widgets (the endpoints' order: a script may pass
+    # the fields and the box and leave the rest at the page's values), then the box as the page last wrote it.
+    sections = section_names()
+    synced = gr.State(start_toml())
+    settings = [*(comps[n] for n in FIELD_NAMES), toml_box, *(comps[n] for n in sections), synced]
+    writes = settings  # what Load, Demo, Apply, Start and Save write back: every widget, the box, its sync
     seen = gr.State(-1)
 
-    def _form(values: tuple) -> dict[str, Any]:
-        return dict(zip(FIELD_NAMES, values))
+    def _read(values: tuple) -> tuple[dict[str, Any], str, str]:
+        """(form, box, synced) from the settings' values."""
+        n = len(FIELD_NAMES)
+        form = dict(zip(FIELD_NAMES, values[:n]))
+        form.update(zip(sections, values[n + 1:n + 1 + len(sections)]))
+        return form, values[n], values[-1]
+
+    def _write(cfg: TrainConfig, toml_text: str | None = None) -> list[Any]:
+        """Every widget, the box (the config's TOML unless given) and its sync for one config."""
+        f = config_to_form(cfg)
+        text = cfg.to_toml() if toml_text is None else toml_text
+        return [*(f[n] for n in FIELD_NAMES), text, *(f[n] for n in sections), text]
+
+    skip_writes = [gr.skip()] * len(writes)
 
     def on_check(*values):
-        *form_vals, toml_text = values
+        form, toml_text, sync = _read(values)
         try:
-            rep = preflight_report(policy, _form(form_vals), toml_text)
+            rep = preflight_report(policy, form, toml_text, sync)
         except (PathRefused, ConfigError, ValueError) as e:
             return f"**Dataset check failed**\n\n```text\n{e}\n```", []
         except Exception as e:  # noqa: BLE001 - shown, never a dead button
@@ -497,8 +706,8 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
         return preflight_markdown(rep), preflight_thumbnails(rep)
 
     def _prepare(values, *, resume: bool):
-        *form_vals, toml_text = values
-        cfg = build_config(policy, _form(form_vals), toml_text)
+        form, toml_text, sync = _read(values)
+        cfg = build_config(policy, form, toml_text, sync)
         check_paths(cfg)
         folders = [Path(d) for d in (cfg.train_data_dir, cfg.reg_data_dir, cfg.conditioning_data_dir) if d]
         escapes = [e for d in folders if d.is_dir() for e in dataset_escapes(policy, d)]
@@ -523,18 +732,18 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
     def on_start(*values, resume: bool = False):
         busy = runner.busy_message()
         if busy:  # say so before validating anything
-            return f"⚠ {busy}", gr.skip()
+            return f"⚠ {busy}", *skip_writes
         try:
             cfg = _prepare(values, resume=resume)
             runner.start(cfg, resume=resume)
         except RunActive as e:
-            return f"⚠ {e}", gr.skip()
+            return f"⚠ {e}", *skip_writes
         except (PathRefused, ConfigError, ValueError) as e:
-            return f"**Cannot start:**\n\n```text\n{e}\n```", gr.skip()
+            return f"**Cannot start:**\n\n```text\n{e}\n```", *skip_writes
         except Exception as e:  # noqa: BLE001
-            return f"**Cannot start:**\n\n```text\n{describe_error(e)}\n```", gr.skip()
+            return f"**Cannot start:**\n\n```text\n{describe_error(e)}\n```", *skip_writes
         verb = "Resumed" if resume else "Started"
-        return f"{verb}: training into `{cfg.output_dir}` ({cfg.output_name}).", cfg.to_toml()
+        return f"{verb}: training into `{cfg.output_dir}` ({cfg.output_name}).", *_write(cfg)
 
     def on_resume(*values):
         return on_start(*values, resume=True)
@@ -558,69 +767,64 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
     def on_load_file(path_text):
         try:
             p = policy.resolve(path_text, "config_read", must_exist=True, what="config file")
-            cfg = load_config(p)
+            cfg = file_config(policy, p)
         except (PathRefused, ConfigError) as e:
-            return (f"**Cannot load:**\n\n```text\n{e}\n```", *([gr.skip()] * len(FIELD_NAMES)), gr.skip())
-        f = config_to_form(cfg)
-        return (f"Loaded `{p}`.", *[f[n] for n in FIELD_NAMES], cfg.to_toml())
+            return f"**Cannot load:**\n\n```text\n{e}\n```", *skip_writes
+        return f"Loaded `{p}`.", *_write(cfg)
 
     def on_demo():
         try:
             cfg = demo_config(policy)
         except ConfigError as e:
-            return (f"**Cannot load the demo settings:**\n\n```text\n{e}\n```", *([gr.skip()] * len(FIELD_NAMES)), gr.skip())
-        f = config_to_form(cfg)
-        return (f"Demo settings from `{DEMO_TOML.name}`: {cfg.pretrained_model} on the demo images.",
-                *[f[n] for n in FIELD_NAMES], cfg.to_toml())
+            return f"**Cannot load the demo settings:**\n\n```text\n{e}\n```", *skip_writes
+        return f"Demo settings from `{DEMO_TOML.name}`: {cfg.pretrained_model} on the demo images.", *_write(cfg)
 
     def on_save_file(path_text, *values):
-        *form_vals, toml_text = values
+        form, toml_text, sync = _read(values)
         try:
             p = policy.resolve(path_text, "config_write", what="config file")
             if p.suffix.lower() != ".toml":
                 raise PathRefused(f"config file '{path_text}': use a .toml file name")
-            cfg = build_config(policy, _form(form_vals), toml_text)
+            cfg = build_config(policy, form, toml_text, sync)
         except (PathRefused, ConfigError, ValueError) as e:
-            return f"**Cannot save:**\n\n```text\n{e}\n```", gr.skip()
+            return f"**Cannot save:**\n\n```text\n{e}\n```", *skip_writes
         text = cfg.to_toml()
         try:
             write_atomic(p, text.encode("utf-8"))
         except OSError as e:
-            return f"**Cannot save:**\n\n```text\n{e}\n```", gr.skip()
-        return f"Saved `{p}` (train it from the command line with `sd-loha train --config {p}`).", text
+            return f"**Cannot save:**\n\n```text\n{e}\n```", *skip_writes
+        return f"Saved `{p}` (train it from the command line with `sd-loha train --config {p}`).", *_write(cfg, text)
 
     def on_apply(toml_text):
         try:
             cfg = toml_box_config(policy, toml_text)
         except ConfigError as e:
-            return (f"**TOML problem:**\n\n```text\n{e}\n```", *([gr.skip()] * len(FIELD_NAMES)))
-        f = config_to_form(cfg)
-        return ("Applied the TOML to the fields.", *[f[n] for n in FIELD_NAMES])
+            return f"**TOML problem:**\n\n```text\n{e}\n```", *skip_writes
+        return "Applied the TOML to the form.", *_write(cfg, toml_text)
 
     def on_page_load():
         """A browser that (re)connects gets the settings and dataset report of the current or last run."""
         cfg, snap = runner.last_config, runner.snapshot()
         if cfg is None:
-            return (*([gr.skip()] * len(FIELD_NAMES)), gr.skip(), gr.skip(), gr.skip())
-        f = config_to_form(cfg)
+            return (*skip_writes, gr.skip(), gr.skip())
         rep = snap.get("preflight_report")
         thumbs_v = [t for t in preflight_thumbnails(rep) if policy.inside(t[0])] if rep else gr.skip()
-        return (*[f[n] for n in FIELD_NAMES], cfg.to_toml(), preflight_markdown(rep) if rep else gr.skip(), thumbs_v)
+        return (*_write(cfg), preflight_markdown(rep) if rep else gr.skip(), thumbs_v)
 
     def on_refresh_models():
         return gr.update(choices=policy.model_choices())
 
-    check_btn.click(on_check, form_inputs + [toml_box], [pre_md, thumbs], api_name="preflight")
-    comps["train_data_dir"].submit(on_check, form_inputs + [toml_box], [pre_md, thumbs], api_name=False)
-    start_btn.click(on_start, form_inputs + [toml_box], [message, toml_box], api_name="start_training",
+    check_btn.click(on_check, settings, [pre_md, thumbs], api_name="preflight")
+    comps["train_data_dir"].submit(on_check, settings, [pre_md, thumbs], api_name=False)
+    start_btn.click(on_start, settings, [message, *writes], api_name="start_training",
                     concurrency_id="train_control").then(on_poll, seen, poll_outputs, api_name=False, show_progress="hidden")
-    resume_btn.click(on_resume, form_inputs + [toml_box], [message, toml_box], api_name="resume_training",
+    resume_btn.click(on_resume, settings, [message, *writes], api_name="resume_training",
                      concurrency_id="train_control").then(on_poll, seen, poll_outputs, api_name=False, show_progress="hidden")
     stop_btn.click(on_stop, None, message, api_name="stop_training")
-    load_btn.click(on_load_file, config_path, [message, *form_inputs, toml_box], api_name="load_config")
-    save_btn.click(on_save_file, [config_path, *form_inputs, toml_box], [message, toml_box], api_name="save_config")
-    demo_btn.click(on_demo, None, [message, *form_inputs, toml_box], api_name=False)
-    apply_btn.click(on_apply, toml_box, [message, *form_inputs], api_name=False)
+    load_btn.click(on_load_file, config_path, [message, *writes], api_name="load_config")
+    save_btn.click(on_save_file, [config_path, *settings], [message, *writes], api_name="save_config")
+    demo_btn.click(on_demo, None, [message, *writes], api_name=False)
+    apply_btn.click(on_apply, toml_box, [message, *writes], api_name=False)
     refresh_models.click(on_refresh_models, None, comps["pretrained_model"], api_name=False)
 
     timer = gr.Timer(1.0)
@@ -633,5 +837,5 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
         return snap
 
     gr.api(api_status, api_name="training_status")  # for scripts: gradio_client .predict(api_name="/training_status")
-    return {"poll": (on_poll, seen, poll_outputs), "restore": (on_page_load, [*form_inputs, toml_box, pre_md, thumbs]),
+    return {"poll": (on_poll, seen, poll_outputs), "restore": (on_page_load, [*writes, pre_md, thumbs]),
             "toml_box": toml_box, **comps}

@@ -14,7 +14,7 @@ import pytest
 
 from sd_loha.toy.measure import BORDER, OBJECT_DISTANCE
 from webui.paths import DEMO_IMAGES, PathPolicy  # noqa: E402
-from webui.train_tab import FIELD_NAMES, default_form  # noqa: E402
+from webui.train_tab import FIELD_NAMES, default_form, section_names  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
@@ -46,12 +46,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def form_args(policy: PathPolicy, **overrides) -> list:
-    """The Train tab's inputs, positionally (the order of the /start_training endpoint), plus the TOML box."""
+def form_args(policy: PathPolicy, box: str = FAST_TOML, **overrides) -> list:
+    """The Train tab's settings, positionally (the order of the /start_training endpoint): the fields, the TOML box,
+    the sections' widgets; a fresh page's values with FAST_TRAIN and the overrides."""
     f = default_form(policy)
     f.update(FAST_TRAIN)
     f.update(overrides)
-    return [f[n] for n in FIELD_NAMES]
+    return [*(f[n] for n in FIELD_NAMES), box, *(f[n] for n in section_names())]
+
+
+@pytest.fixture
+def policy(tmp_path, monkeypatch) -> PathPolicy:
+    """Folders under tmp_path (the working folder too), the demo images copied into data/demo; no server."""
+    monkeypatch.chdir(tmp_path)
+    p = PathPolicy(tmp_path / "data", tmp_path / "models", tmp_path / "output")
+    shutil.copytree(DEMO_IMAGES, p.data_dir / "demo")
+    return p
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import FAST_TOML, form_args, wait_for
+from .conftest import FAST_TOML, FAST_TRAIN, form_args, wait_for
 
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -38,13 +38,13 @@ def status(client) -> dict:
 
 def start(client, policy, resume=False, **overrides):
     api = "/resume_training" if resume else "/start_training"
-    message, _toml = client.predict(*form_args(policy, **overrides), FAST_TOML, api_name=api)
+    message, *_settings = client.predict(*form_args(policy, **overrides), api_name=api)
     return message
 
 
 def test_preflight_reports_the_dataset(client, ui):
     _, _, policy = ui
-    md, thumbs = client.predict(*form_args(policy), FAST_TOML, api_name="/preflight")
+    md, thumbs = client.predict(*form_args(policy), api_name="/preflight")
     assert "16 images found, 16 used, 0 skipped" in md
     assert "64×64" in md
     assert len(thumbs) == 8 and all(t["caption"] for t in thumbs)
@@ -162,12 +162,12 @@ def test_paths_outside_the_folders_are_refused(client, ui, tmp_path):
     _, url, policy = ui
     # dataset: parent escapes, absolute paths elsewhere, a link pointing out
     for bad in ("../../..", "/etc", str(tmp_path)):
-        md, _ = client.predict(*form_args(policy, train_data_dir=bad), FAST_TOML, api_name="/preflight")
+        md, _ = client.predict(*form_args(policy, train_data_dir=bad), api_name="/preflight")
         assert "refused" in md and "outside the folders" in md, (bad, md)
     link = policy.data_dir / "sneaky"
     link.symlink_to(tmp_path, target_is_directory=True)
     try:
-        md, _ = client.predict(*form_args(policy, train_data_dir="sneaky"), FAST_TOML, api_name="/preflight")
+        md, _ = client.predict(*form_args(policy, train_data_dir="sneaky"), api_name="/preflight")
         assert "refused" in md and "symbolic link" in md
     finally:
         link.unlink()
@@ -176,7 +176,7 @@ def test_paths_outside_the_folders_are_refused(client, ui, tmp_path):
     shutil.copytree(policy.data_dir / "demo", ds)
     (ds / "outside.png").symlink_to(tmp_path / "x.png")
     Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
-    md, _ = client.predict(*form_args(policy, train_data_dir="linked"), FAST_TOML, api_name="/preflight")
+    md, _ = client.predict(*form_args(policy, train_data_dir="linked"), api_name="/preflight")
     assert "lead outside the allowed folders" in md and "outside.png" in md
     # output folder, model, adapters
     msg = start(client, policy, output_dir=str(tmp_path / "out"))
@@ -192,7 +192,7 @@ def test_paths_outside_the_folders_are_refused(client, ui, tmp_path):
     md, *_ = client.predict("../../../etc/passwd", api_name="/inspect")
     assert "Refused" in md
     # config files
-    msg, _ = client.predict("/tmp/elsewhere.toml", *form_args(policy), FAST_TOML, api_name="/save_config")
+    msg, *_ = client.predict("/tmp/elsewhere.toml", *form_args(policy), api_name="/save_config")
     assert "Cannot save" in msg and "outside the folders" in msg
     # gradio's file route serves the allowed folders only
     inside = policy.data_dir / "demo" / "poster_01.png"
@@ -206,25 +206,38 @@ def test_paths_outside_the_folders_are_refused(client, ui, tmp_path):
 
 def test_config_saved_in_the_ui_trains_identically_from_the_cli(client, ui):
     from sd_loha.train.config import load_config
-
-    from webui.train_tab import FIELD_NAMES, build_config
+    from webui.train_tab import (
+        FIELD_NAMES,
+        build_config,
+        default_form,
+        section_names,
+        start_toml,
+    )
 
     _, _, policy = ui
-    args = form_args(policy, output_dir="cfg_run", sample_prompts="a\nb", length_unit="epochs", length=3)
-    msg, toml_text = client.predict("my.toml", *args, FAST_TOML + "noise_offset = 0.05\n", api_name="/save_config")
+    box = FAST_TOML + "noise_offset = 0.05\n"
+    fields = {"output_dir": "cfg_run", "sample_prompts": "a\nb", "length_unit": "epochs", "length": 3}
+    args = form_args(policy, box, **fields)
+    msg, *written = client.predict("my.toml", *args, api_name="/save_config")
     assert msg.startswith("Saved"), msg
     saved = policy.outputs_dir / "my.toml"
     cli_cfg = load_config(saved)  # what `sd-loha train --config` reads
-    ui_cfg = build_config(policy, dict(zip(FIELD_NAMES, args)), FAST_TOML + "noise_offset = 0.05\n")
+    page = {**default_form(policy), **FAST_TRAIN, **fields}
+    ui_cfg = build_config(policy, page, box, start_toml())
     assert cli_cfg.to_dict() == ui_cfg.to_dict()
     assert cli_cfg.max_train_epochs == 3 and cli_cfg.max_train_steps is None and cli_cfg.noise_offset == 0.05
     assert Path(cli_cfg.train_data_dir) == policy.data_dir / "demo"  # written resolved: any working folder
-    # and back: loading that file fills the fields with the same values
+    # Save wrote that config back into the fields, the box and the sections
+    n = len(FIELD_NAMES)
+    assert written[n] == saved.read_text(encoding="utf-8") and len(written) == n + 1 + len(section_names())
+    assert dict(zip(section_names(), written[n + 1:]))["noise_offset"] == 0.05
+    # and back: loading that file fills the fields and the sections with the same values
     loaded = client.predict(str(saved), api_name="/load_config")
     assert loaded[0].startswith("Loaded")
-    back = dict(zip(FIELD_NAMES, loaded[1:-1]))
+    back = {**dict(zip(FIELD_NAMES, loaded[1:n + 1])), **dict(zip(section_names(), loaded[n + 2:]))}
     assert back["length_unit"] == "epochs" and back["length"] == 3 and back["sample_prompts"] == "a\nb"
-    assert build_config(policy, back, loaded[-1]).to_dict() == cli_cfg.to_dict()
+    assert back["noise_offset"] == 0.05 and back["max_bucket_reso"] == 128
+    assert build_config(policy, back, loaded[n + 1], loaded[n + 1]).to_dict() == cli_cfg.to_dict()
 
 
 def _random_adapter(path: Path) -> str:
@@ -287,7 +300,7 @@ def test_client_disconnect_does_not_stop_training(ui, tmp_path):
         import json, sys, time
         from gradio_client import Client
         c = Client({url!r}, verbose=False, download_files=False)
-        msg, _ = c.predict(*json.loads(sys.argv[1]), {FAST_TOML!r}, api_name="/start_training")
+        msg, *_ = c.predict(*json.loads(sys.argv[1]), api_name="/start_training")
         print(msg, flush=True)
         time.sleep(600)
     """)

@@ -1,8 +1,8 @@
 """End to end in a real headless Chromium (Playwright's Python driver with Debian's chromium): train the demo's
-poster style on toy-sd1 from the Train tab (shortened), watch the progress, generate with the new file at strengths
-0 and 1 and as a grid of its saves x strengths x seeds, inspect it, and see a path outside the allowed folders
-refused. Screenshots go to tests/artifacts/ (and, with SD_LOHA_UPDATE_SCREENSHOT=1, the Train tab's to
-docs/webui.png, the Generate tab's to docs/webui-generate.png). About 70 s on 2 shared CPU cores (one torch thread).
+poster style on toy-sd1 from the Train tab (shortened, with options set in its generated sections), watch the
+progress, generate with the new file at strengths 0 and 1 and as a grid of its saves x strengths x seeds, inspect
+it, and see a path outside the allowed folders refused. Screenshots go to tests/artifacts/ (and, with
+SD_LOHA_UPDATE_SCREENSHOT=1, the Train tab's to docs/webui.png, the Generate tab's to docs/webui-generate.png). About 70 s on 2 shared CPU cores (one torch thread).
 
 Needs: pip install playwright (no `playwright install`), apt-get install chromium.
 """
@@ -19,6 +19,7 @@ from PIL import Image
 
 from sd_loha.toy.measure import judge
 from sd_loha.toy.styles import frame_contrast
+from sd_loha.train.config import load_config
 from webui.defaults import DEFAULT_MODEL, DEFAULT_PROMPTS
 from webui.train_tab import demo_config
 
@@ -70,6 +71,12 @@ def choose(page, elem_id: str, typed: str, option: str) -> None:
     page.get_by_role("option", name=option).click()
 
 
+def toggle(page, group: str) -> None:
+    """Open or close the "All options" section of a config table (or, for "toml", the TOML box)."""
+    page.locator("#train-toml-file .label-wrap" if group == "toml" else f"#train-group-{group} .label-wrap").first.click()
+    page.wait_for_timeout(200)
+
+
 def field(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} input, #{elem_id} textarea").first.input_value()
 
@@ -114,6 +121,28 @@ def test_train_generate_inspect_in_the_browser(page, ui, one_thread):
     fill(page, "train-train-batch-size", BATCH)
     fill(page, "train-sample-every-n-steps", STEPS // 2)
     fill(page, "train-save-every-n-steps", STEPS // 2)
+    # the generated "All options" sections: collapsed; Demo settings filled them (demo.toml's min_snr_gamma)
+    assert not page.locator("#train-min-snr-gamma").is_visible()
+    toggle(page, "training")
+    assert field(page, "train-min-snr-gamma") == "5"
+    shot(page, "webui-train-options.png")  # one section open: a widget per option, its help below it
+    toggle(page, "training")
+    # masks from the alpha channel (the demo's posters are opaque: weight 1 everywhere) and a baseline grid
+    toggle(page, "dataset")
+    page.locator("#train-masked-loss input[type=checkbox]").check()
+    page.locator("#train-alpha-mask input[type=checkbox]").check()
+    toggle(page, "dataset")
+    toggle(page, "sampling")
+    page.locator("#train-sample-at-first input[type=checkbox]").check()
+    toggle(page, "sampling")
+    saved = policy.outputs_dir / "my_loha.toml"
+    page.locator("#train-save").click()
+    page.locator("#train-message").get_by_text("Saved").wait_for()
+    on = load_config(saved)
+    assert on.masked_loss and on.alpha_mask and on.sample_at_first and on.min_snr_gamma == 5.0
+    toggle(page, "toml")
+    assert "alpha_mask = true" in field(page, "train-toml")  # Save wrote the one config into the box too
+    toggle(page, "toml")
     page.locator("#train-check").click()
     page.locator("#train-preflight").get_by_text("16 images found, 16 used, 0 skipped").wait_for()
     assert f"{16 // BATCH} steps per epoch at batch size {BATCH}" in page.locator("#train-preflight").inner_text()
@@ -122,6 +151,8 @@ def test_train_generate_inspect_in_the_browser(page, ui, one_thread):
     phase("preflight shown")
     page.locator("#train-start").click()
     page.locator("#train-message").get_by_text("Started").wait_for()
+    run_cfg = demo.sdl_runner.last_config
+    assert run_cfg.masked_loss and run_cfg.alpha_mask and run_cfg.sample_at_first and run_cfg.max_train_steps == STEPS
     # the browser goes away and comes back: the run goes on, and the new page shows it at once
     page.reload()
     page.locator("#train-start").wait_for()
@@ -153,6 +184,7 @@ def test_train_generate_inspect_in_the_browser(page, ui, one_thread):
     result = page.locator("#train-result").inner_text()
     assert "demo.safetensors" in result and str(policy.outputs_dir / "demo") in result
     wait_for(lambda: page.locator("#train-samples img").count() >= 2, 30, what="sample images")
+    assert (policy.outputs_dir / "demo" / "samples" / "at_first.png").is_file()  # sample_at_first from its section
     # the loss curve is drawn: the moving-average line's colour (#1f4e9c) is on the chart
     page.locator("#train-loss").scroll_into_view_if_needed()
     wait_for(lambda: curve_pixels(page) > 30, 30, what="the loss curve to be drawn")

@@ -4,34 +4,26 @@ fields themselves follow sd_loha.train.config.OPTIONS."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from sd_loha.train.config import OPTIONS, ConfigError, load_config, loads_config
 from webui.defaults import DEFAULT_MODEL
-from webui.paths import DEMO_IMAGES, PathPolicy
 from webui.train_tab import (
     FIELDS,
     LENGTH_FIELDS,
     PATH_CHECKS,
+    box_edits,
     build_config,
     config_to_form,
     default_form,
     demo_config,
     field_kind,
     preflight_report,
+    start_toml,
     toml_box_config,
 )
-
-
-@pytest.fixture
-def policy(tmp_path, monkeypatch) -> PathPolicy:
-    monkeypatch.chdir(tmp_path)
-    p = PathPolicy(tmp_path / "data", tmp_path / "models", tmp_path / "output")
-    shutil.copytree(DEMO_IMAGES, p.data_dir / "demo")
-    return p
 
 
 @pytest.fixture
@@ -61,22 +53,41 @@ def test_a_bad_toml_box_fails_as_the_cli_fails(policy, form, case):
     needed = {"pretrained_model": "tiny-sd1", "train_data_dir": "demo", "output_dir": "out"}
     with pytest.raises(ConfigError) as cli:
         loads_config(text, base=needed, source="TOML box")  # what sd-loha train --config reads the text as
-    for build in (lambda: build_config(policy, form, text), lambda: toml_box_config(policy, text),
-                  lambda: preflight_report(policy, form, text)):
+    # the page's box replaced by the text: every line of it is typed there
+    for build in (lambda: build_config(policy, form, text, start_toml()), lambda: toml_box_config(policy, text),
+                  lambda: preflight_report(policy, form, text, start_toml())):
         with pytest.raises(ConfigError) as ui:
             build()
         assert str(ui.value) == str(cli.value)
     assert "TOML box" in str(cli.value)
 
 
-def test_the_fields_are_a_layer_over_the_box(policy, form):
+def test_the_widgets_are_a_layer_over_the_box_and_the_box_edits_over_them(policy, form):
     box = "[network]\nnetwork_dim = 16\nuse_tucker = true\n[training]\nnoise_offset = 0.05\nmax_train_epochs = 9\n"
+    # as --set over --config: without the page's sync the widgets win (every option has one)
     cfg = build_config(policy, {**form, "network_dim": 4, "length": 7}, box)
-    assert cfg.network_dim == 4  # the field wins
-    assert cfg.use_tucker is True and cfg.noise_offset == 0.05  # options without a field come from the box
-    assert cfg.max_train_steps == 7 and cfg.max_train_epochs is None  # the run length field replaces the box's
+    assert (cfg.network_dim, cfg.use_tucker, cfg.noise_offset) == (4, False, 0.0)
+    assert cfg.max_train_steps == 7 and cfg.max_train_epochs is None
+    # the page: lines typed into its box since it wrote it win over their widgets, the rest follow the widgets
+    cfg = build_config(policy, {**form, "network_dim": 4, "length": 7}, start_toml() + box, start_toml())
+    assert (cfg.network_dim, cfg.use_tucker, cfg.noise_offset) == (16, True, 0.05)
+    assert cfg.max_train_epochs == 9 and cfg.max_train_steps is None  # the box's run length replaces the field's
+    assert cfg.min_bucket_reso == 64  # an untouched line: the widget's value, which is the same
+    # after Start/Save the page shows one config in both; then a widget change wins, a box change wins, and a
+    # deleted line leaves its widget's value
+    synced = cfg.to_toml()
+    widgets = config_to_form(cfg)
+    assert build_config(policy, widgets, synced, synced).to_dict() == cfg.to_dict()
+    after = build_config(policy, {**widgets, "noise_offset": 0.1, "flip_aug": True},
+                         synced.replace("network_dim = 16", "network_dim = 12").replace("use_tucker = true\n", ""),
+                         synced)
+    assert (after.noise_offset, after.flip_aug, after.network_dim, after.use_tucker) == (0.1, True, 12, True)
+    # problems of a typed line are named by the box's table, as the command line names them
+    with pytest.raises(ConfigError, match=r"TOML box \[training\]: noise_offset must be a number"):
+        build_config(policy, widgets, synced.replace("noise_offset = 0.05", "noise_offset = 'much'"), synced)
     with pytest.raises(ConfigError, match=r"fields: network_dim must be >= 1"):
         build_config(policy, {**form, "network_dim": 0}, box)
+    assert box_edits(synced, synced) == {} and box_edits("not toml = ", synced) == {}
 
 
 def test_saved_settings_are_the_library_toml_and_load_back(policy, form, tmp_path):
@@ -93,9 +104,9 @@ def test_saved_settings_are_the_library_toml_and_load_back(policy, form, tmp_pat
 def test_every_path_option_is_checked_against_the_folders(policy, form):
     assert set(PATH_CHECKS) == {n for n, s in OPTIONS.items() if s.kind == "path"}
     with pytest.raises(ConfigError, match=r"paths refused:\n  - VAE '/etc/vae.safetensors' is refused"):
-        build_config(policy, form, "[model]\nvae = '/etc/vae.safetensors'\n")  # a path from the box, too
+        build_config(policy, form, "[model]\nvae = '/etc/vae.safetensors'\n", "")  # a path from the box, too
     with pytest.raises(ConfigError, match="logging_dir '/tmp' is refused"):
-        build_config(policy, form, "[logging]\nlogging_dir = '/tmp'\n")
+        build_config(policy, form, "[logging]\nlogging_dir = '/tmp'\n", "")
 
 
 def test_fields_follow_the_option_table(policy, form):
@@ -123,7 +134,7 @@ def test_fields_follow_the_option_table(policy, form):
 
 def test_the_dataset_check_reads_the_box(policy, form):
     box = "[dataset]\nvalidation_split = 0.25\nmin_bucket_reso = 64\n"
-    rep = preflight_report(policy, {**form, "resolution": "64", "pretrained_model": "", "output_dir": ""}, box)
+    rep = preflight_report(policy, {**form, "resolution": "64", "pretrained_model": "", "output_dir": ""}, box, "")
     d = rep.to_dict()
     assert d["images_found"] == 16 and d["validation_images"] == 4
     assert {(b["width"], b["height"]) for b in d["buckets"]} == {(64, 64)}
