@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import BlockWeights, BlockWeightsLike, layer_block_id, parse_block_weights
 from .io import AdapterFileError, AdapterModule, ParsedFile, load_adapter
 from .models import detect_family, text_encoders
 from .naming import LYCORIS_PREFIX, PART, PARTS, name_part, parts_of_family, text_encoder_module_names, unet_module_names
@@ -28,6 +29,7 @@ from .ops import apply_dora, loha_delta, lora_delta
 logger = logging.getLogger(__name__)
 REGISTRY_ATTR = "_sd_loha_registry"
 PART_LABELS = {p.name: p.label for p in PARTS}
+KEEP_BLOCK_WEIGHTS = object()  # set_loha_strength's default: leave the block weights as they are
 
 
 class ArchitectureMismatchError(AdapterFileError):
@@ -64,9 +66,20 @@ class _Adapter:
     unet_strength: float
     te_strength: float
     layers: dict[tuple[str, str], AdapterModule]  # (part, module path) -> file module
+    block_weights: BlockWeights | None = None
+    block_factor: dict[tuple[str, str], float] = field(default_factory=dict)  # layer -> its block's weight
 
     def strength(self, part: str) -> float:
         return self.unet_strength if part == "unet" else self.te_strength
+
+    def multiplier(self, key: tuple[str, str]) -> float:
+        """What ΔW of this layer is multiplied by: the part's strength × the layer's block weight."""
+        return self.strength(key[0]) * self.block_factor.get(key, 1.0)
+
+    def set_block_weights(self, weights: BlockWeights | None, unet_config: Any) -> None:
+        self.block_weights = weights
+        self.block_factor = {} if weights is None else {
+            key: weights.weight(layer_block_id(key[0], key[1], unet_config)) for key in self.layers}
 
 
 @dataclass
@@ -124,7 +137,7 @@ class _Registry:
         with torch.no_grad():
             for key in keys:
                 slot = self.slots[key]
-                active = [self.adapters[n] for n in slot.adapters if self.adapters[n].strength(key[0]) != 0.0]
+                active = [self.adapters[n] for n in slot.adapters if self.adapters[n].multiplier(key) != 0.0]
                 if not active:
                     slot.restore()
                     continue
@@ -135,7 +148,7 @@ class _Registry:
                 direct = weight.dtype == torch.float32 and weight.is_contiguous()
                 acc = weight if direct else ws.buffer("acc", weight.shape, weight.device)
                 for i, adapter in enumerate(active):
-                    mod, strength = adapter.layers[key], adapter.strength(key[0])
+                    mod, strength = adapter.layers[key], adapter.multiplier(key)
                     base = original if i == 0 else acc
                     if mod.dora_scale is not None or mod.tucker:
                         delta = _full_delta(mod, weight.shape, weight.device)
@@ -311,15 +324,19 @@ def apply_loha(
     text_encoder_strength: float | None = None,
     name: str | None = None,
     strict: bool = False,
+    block_weights: BlockWeightsLike | None = None,
 ) -> ApplyReport:
     """Merge a LoHA (or LoRA/LoCon, or mixed) file into a pipeline's UNet and text encoder(s).
 
     `source` is a .safetensors path or a state dict. Every check runs before any weight changes: a file
     for another architecture, a shape mismatch, or (strict=True) unmatched keys leave the pipeline as it was.
+    `block_weights` (LoRA Block Weight's syntax, see sd_loha.blocks: a preset name such as "INS", a comma
+    string or a list of 12/17/20/26 numbers) multiplies each layer's strength by its block's weight.
     Applying under a name that is already loaded replaces that adapter.
     """
     _check_strengths(strength=strength, unet_strength=unet_strength, text_encoder_strength=text_encoder_strength)
-    parsed = load_adapter(source)
+    weights = None if block_weights is None else parse_block_weights(block_weights)
+    parsed = load_adapter(source, family=detect_family(pipe).name)
     if name is None:
         if isinstance(source, Mapping):
             # Never reuse a loaded name: that would silently replace another in-memory adapter.
@@ -422,6 +439,7 @@ def apply_loha(
         te_strength=float(strength if text_encoder_strength is None else text_encoder_strength),
         layers=layers,
     )
+    adapter.set_block_weights(weights, pipe.unet.config)
     reg.adapters[name] = adapter
     for key in layers:
         slot = reg.slots.get(key)
@@ -454,13 +472,19 @@ def set_loha_strength(
     *,
     unet_strength: float | None = None,
     text_encoder_strength: float | None = None,
+    block_weights: BlockWeightsLike | None | object = KEEP_BLOCK_WEIGHTS,
 ) -> None:
-    """Change one loaded adapter's strength (UNet and text encoder together, or each on its own)."""
+    """Change one loaded adapter's strength (UNet and text encoder together, or each on its own) and/or its
+    block weights (None: no block weights; left out: unchanged). Exact: recomputed from the original weights."""
     _check_strengths(strength=strength, unet_strength=unet_strength, text_encoder_strength=text_encoder_strength)
+    keep = block_weights is KEEP_BLOCK_WEIGHTS
+    weights = None if keep or block_weights is None else parse_block_weights(block_weights)  # type: ignore[arg-type]
     reg = _registry(pipe)
     if reg is None or name not in reg.adapters:
         raise KeyError(f"no adapter named {name!r} is loaded; loaded: {', '.join(list_loha(pipe)) or 'none'}")
     adapter = reg.adapters[name]
+    if not keep:
+        adapter.set_block_weights(weights, pipe.unet.config)
     if strength is not None:
         adapter.unet_strength = adapter.te_strength = float(strength)
     if unet_strength is not None:
@@ -486,6 +510,14 @@ def remove_loha(pipe: Any, name: str | None = None) -> None:
         for key in adapter.layers:
             if not reg.slots[key].adapters:
                 del reg.slots[key]  # weight is the original again; drop the clean copy and any spare buffer
+
+
+def loha_block_weights(pipe: Any, name: str) -> BlockWeights | None:
+    """The block weights a loaded adapter is merged with (None: none)."""
+    reg = _registry(pipe)
+    if reg is None or name not in reg.adapters:
+        raise KeyError(f"no adapter named {name!r} is loaded; loaded: {', '.join(list_loha(pipe)) or 'none'}")
+    return reg.adapters[name].block_weights
 
 
 def list_loha(pipe: Any) -> dict[str, tuple[float, float]]:
