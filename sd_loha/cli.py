@@ -37,6 +37,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .bake import bake_adapters
+    from .generate import AdapterSpec
+
+    report = bake_adapters(args.model, [AdapterSpec.parse(s) for s in args.loha], args.out, args.dtype,
+                           progress=(lambda what, _f: print(what, file=sys.stderr)) if args.verbose else None)
+    print(report)
+    return 0
+
+
 def _cmd_webui(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
@@ -99,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix", default="", help="file name prefix")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     g.set_defaults(func=_cmd_generate)
+
+    m = sub.add_parser("merge", help="bake LoHA adapters into a base model: a diffusers folder or one .safetensors "
+                                     "checkpoint in the original layout (A1111, ComfyUI, from_single_file)")
+    m.add_argument("--model", required=True,
+                   help=f"base model: diffusers folder, .safetensors/.ckpt file, hub id, or {', '.join(TINY_MODELS)}")
+    m.add_argument("--loha", action="append", required=True, metavar="FILE[:STRENGTH[:TE_STRENGTH]]",
+                   help="adapter to bake in, at its UNet (and text-encoder) strength; repeat for several, applied in order")
+    m.add_argument("--out", required=True,
+                   help="a .safetensors path: single-file checkpoint in the original layout; any other path: diffusers folder")
+    m.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
+                   help="weights are merged in fp32 and cast to this once (default fp16)")
+    m.set_defaults(func=_cmd_merge)
 
     w = sub.add_parser("webui", help="the web UI: train, generate and inspect in the browser (docs/webui.md)")
     try:

@@ -1,0 +1,298 @@
+"""`sd-loha merge` / sd_loha.bake: adapters baked into a base model, checked against diffusers' own loaders.
+
+The single file is read back by diffusers' `from_single_file` (its LDM -> diffusers conversion, not ours), the
+folder by `from_pretrained`; every tensor must equal `apply_loha` on an fp32 pipeline (cast for fp16/bf16), and a
+few entries are recomputed by hand from the file's factors at the key the original layout gives them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sd_loha import bake
+from sd_loha.bake import bake_adapters
+from sd_loha.cli import main
+from sd_loha.merge import apply_loha
+from sd_loha.models import TOY_MODELS, build_tiny_pipeline, load_pipeline
+from tests.loader_helpers import file_delta, group_modules, make_loha_file
+
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _wide_sdxl():
+    """tiny-sdxl with CLIP-G wider than CLIP-L (48 vs 32), as in SDXL (1280 vs 768): diffusers' single-file
+    loader tells the two encoders apart by width, so equal widths (tiny-sdxl's) would load CLIP-L twice."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    base = build_tiny_pipeline("tiny-sdxl")
+    te1 = base.text_encoder
+    torch.manual_seed(1)
+    cfg = CLIPTextConfig(**{**te1.config.to_dict(), "hidden_size": 48, "intermediate_size": 96,
+                            "projection_dim": 40, "hidden_act": "gelu"})
+    te2 = CLIPTextModelWithProjection(cfg).eval()
+    ucfg = dict(base.unet.config)
+    ucfg.update(cross_attention_dim=32 + 48, projection_class_embeddings_input_dim=6 * 8 + 40)
+    unet = UNet2DConditionModel.from_config(ucfg).eval()
+    return StableDiffusionXLPipeline(vae=base.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=base.tokenizer,
+                                     tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Base models as diffusers folders (which also serve as from_single_file's offline `config`)."""
+    root = tmp_path_factory.mktemp("bases")
+    out = {}
+    for name in ("tiny-sd1", "tiny-sd2"):
+        build_tiny_pipeline(name).save_pretrained(root / name)
+        out[name] = root / name
+    _wide_sdxl().save_pretrained(root / "sdxl")
+    out["sdxl"] = root / "sdxl"
+    out["toy-sd1"] = TOY_MODELS["toy-sd1"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(models, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Two LoHA files per base model (seeds 0 and 1; the second one attention-only)."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for name, folder in models.items():
+        pipe = load_pipeline(str(folder))
+        a, b = root / f"{name}-a.safetensors", root / f"{name}-b.safetensors"
+        make_loha_file(pipe, a, seed=0)
+        make_loha_file(pipe, b, seed=1, preset="attn-only", rank=2, alpha=1.0)
+        out[name] = (a, b)
+    return out
+
+
+def _single_file_cls(name: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
+
+
+def _from_single_file(name: str, path: Path, config: Path):
+    extra = {} if name == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    return _single_file_cls(name).from_single_file(str(path), config=str(config), local_files_only=True,
+                                                   torch_dtype=torch.float32, **extra)
+
+
+def _merged(folder: Path, specs: list[tuple[Path, float, float]]):
+    pipe = load_pipeline(str(folder), dtype=torch.float32)
+    for path, s, te in specs:
+        apply_loha(pipe, path, unet_strength=s, text_encoder_strength=te)
+    return pipe
+
+
+def _assert_same_weights(expected, got, dtype: torch.dtype) -> int:
+    """Every tensor of UNet, VAE and text encoder(s) of `got` equals `expected`'s cast to `dtype`, bit for bit."""
+    checked = 0
+    for part in PARTS:
+        a, b = getattr(expected, part, None), getattr(got, part, None)
+        if a is None:
+            continue
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys(), part
+        for k in sa:
+            assert not sb[k].is_meta, f"{part}.{k} was not in the file"
+            want = sa[k].to(dtype)
+            assert sb[k].to(dtype).equal(want), f"{part}.{k}"
+            checked += 1
+    return checked
+
+
+def _changed_parts(base, merged) -> set[str]:
+    out = set()
+    for part in PARTS:
+        a, b = getattr(base, part, None), getattr(merged, part, None)
+        if a is not None and any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())):
+            out.add(part)
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd2", "sdxl", "toy-sd1"])
+def test_single_file_loads_in_diffusers_with_the_merged_weights(name, models, adapters, tmp_path, one_thread):
+    a, _ = adapters[name]
+    out = tmp_path / "merged.safetensors"
+    report = bake_adapters(str(models[name]), [(a, 0.8, 0.5)], out, "fp32")
+    assert report.layout == "single-file" and report.adapters[0]["layers"] > 0
+
+    expected = _merged(models[name], [(a, 0.8, 0.5)])
+    back = _from_single_file(name, out, models[name])
+    assert _assert_same_weights(expected, back, torch.float32) > 100
+    # The adapter did change the UNet and every text encoder (so equality above is not base == base).
+    parts = {"unet", "text_encoder"} | ({"text_encoder_2"} if name == "sdxl" else set())
+    assert _changed_parts(load_pipeline(str(models[name])), expected) == parts
+
+    keys = load_file(out).keys()
+    te_prefixes = {"tiny-sd1": ("cond_stage_model.transformer.text_model.",),
+                   "toy-sd1": ("cond_stage_model.transformer.text_model.",),
+                   "tiny-sd2": ("cond_stage_model.model.transformer.resblocks.",),
+                   "sdxl": ("conditioner.embedders.0.transformer.text_model.",
+                            "conditioner.embedders.1.model.transformer.resblocks.")}[name]
+    for prefix in ("model.diffusion_model.input_blocks.", "first_stage_model.encoder.down.", *te_prefixes):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert not any(k.startswith(("unet.", "vae.", "text_encoder.")) for k in keys)
+
+
+def test_original_layout_by_hand(models, adapters, tmp_path, one_thread):
+    """Entries at keys written out by hand from the LDM / OpenCLIP layouts equal base + strength·ΔW recomputed
+    from the file's factors: SD1 UNet attention, SD2's fused q|k|v, the VAE's 1x1-conv attention."""
+    for name, unet_key, te_check in (
+        ("tiny-sd1", "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+         ("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", None)),
+        ("tiny-sd2", "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+         ("cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight", 1)),
+    ):
+        a, _ = adapters[name]
+        out = tmp_path / f"{name}.safetensors"
+        bake_adapters(str(models[name]), [(a, 0.8, 0.5)], out, "fp32")
+        got = load_file(out)
+        base = load_pipeline(str(models[name]))
+        mods = group_modules(load_file(a))
+        unet_w = base.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q").weight
+        delta = file_delta(mods["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"], unet_w.shape)
+        torch.testing.assert_close(got[unet_key], unet_w + 0.8 * delta, rtol=0, atol=1e-6)
+
+        te_key, layer = te_check
+        enc = getattr(base.text_encoder, "text_model", base.text_encoder)  # transformers 4 or 5
+        if layer is None:
+            q = enc.encoder.layers[0].self_attn.q_proj.weight
+            d = file_delta(mods["lora_te_text_model_encoder_layers_0_self_attn_q_proj"], q.shape)
+            torch.testing.assert_close(got[te_key], q + 0.5 * d, rtol=0, atol=1e-6)
+        else:
+            rows = []
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                w = enc.encoder.layers[layer].self_attn.get_submodule(proj).weight
+                d = file_delta(mods[f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}"], w.shape)
+                rows.append(w + 0.5 * d)
+            torch.testing.assert_close(got[te_key], torch.cat(rows), rtol=0, atol=1e-6)
+
+        vae_q = base.vae.decoder.mid_block.attentions[0].to_q.weight
+        assert got["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (*vae_q.shape, 1, 1)
+        assert got["first_stage_model.decoder.mid.attn_1.q.weight"][:, :, 0, 0].equal(vae_q)
+
+
+def test_sdxl_text_projection_is_stored_transposed(models, adapters, tmp_path):
+    a, _ = adapters["sdxl"]
+    out = tmp_path / "xl.safetensors"
+    bake_adapters(str(models["sdxl"]), [a], out, "fp32")
+    base = load_pipeline(str(models["sdxl"]))
+    proj = load_file(out)["conditioner.embedders.1.model.text_projection"]
+    assert proj.equal(base.text_encoder_2.text_projection.weight.T)  # OpenCLIP computes x @ P
+    assert proj.shape == (48, 40)
+
+
+def test_diffusers_folder_loads_with_from_pretrained(models, adapters, tmp_path, one_thread):
+    from diffusers import StableDiffusionPipeline
+
+    a, _ = adapters["tiny-sd1"]
+    out = tmp_path / "merged"
+    report = bake_adapters("tiny-sd1", [(a, 0.8, 0.5)], out, "fp16")
+    assert report.layout == "diffusers"
+    stored = {t.dtype for f in out.glob("*/*.safetensors") for t in load_file(f).values()}
+    assert stored == {torch.float16}
+    back = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False, torch_dtype=torch.float16)
+    _assert_same_weights(_merged(models["tiny-sd1"], [(a, 0.8, 0.5)]), back, torch.float16)
+    record = json.loads((out / bake.FOLDER_RECORD).read_text())
+    assert record["adapters"][0]["strength"] == 0.8 and record["dtype"] == "fp16"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+    bake_adapters("tiny-sd1", [(a, 0.0, 0.0)], out, "fp32")  # replacing an earlier output is allowed
+    assert {t.dtype for t in load_file(out / "unet" / "diffusion_pytorch_model.safetensors").values()} == {torch.float32}
+
+
+def test_two_adapters_equal_applying_one_after_the_other(models, adapters, tmp_path, one_thread):
+    a, b = adapters["tiny-sd1"]
+    out = tmp_path / "two.safetensors"
+    specs = [(a, 0.7, 0.3), (b, -0.5, 1.2)]
+    bake_adapters(str(models["tiny-sd1"]), specs, out, "fp32")
+    back = _from_single_file("tiny-sd1", out, models["tiny-sd1"])
+    _assert_same_weights(_merged(models["tiny-sd1"], specs), back, torch.float32)
+
+    base = load_pipeline(str(models["tiny-sd1"]))
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    name = "lora_unet_" + path.replace(".", "_")
+    w = base.unet.get_submodule(path).weight
+    da, db = (file_delta(group_modules(load_file(f))[name], w.shape) for f in (a, b))
+    torch.testing.assert_close(back.unet.get_submodule(path).weight, w + 0.7 * da - 0.5 * db, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_outputs_are_the_fp32_merge_cast_once(dtype, models, adapters, tmp_path, one_thread):
+    a, _ = adapters["sdxl"]
+    out = tmp_path / f"{dtype}.safetensors"
+    bake_adapters(str(models["sdxl"]), [(a, 0.8, 0.5)], out, dtype)
+    torch_dtype = bake.DTYPES[dtype]
+    assert {t.dtype for t in load_file(out).values()} == {torch_dtype}
+    back = _from_single_file("sdxl", out, models["sdxl"])
+    _assert_same_weights(_merged(models["sdxl"], [(a, 0.8, 0.5)]), back, torch_dtype)
+
+
+def _addnet_hash_by_hand(path: Path) -> str:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def test_metadata_says_what_was_merged(models, adapters, tmp_path):
+    import sd_loha
+
+    a, b = adapters["tiny-sd1"]
+    out = tmp_path / "meta.safetensors"
+    steps: list[tuple[str, float]] = []
+    report = bake_adapters("tiny-sd1", [(a, 0.7, 0.3), b], out, "fp16", progress=lambda w, f: steps.append((w, f)))
+    assert [f for _, f in steps] == sorted(f for _, f in steps) and steps[-1][1] == 1.0
+    assert sum(str(a) in w for w, _ in steps) == 1 and report.out == out and str(out) in str(report)
+    with safe_open(str(out), "pt") as f:
+        record = json.loads(f.metadata()[bake.METADATA_KEY])
+    assert record["base_model"] == "tiny-sd1" and record["family"] == "sd1" and record["dtype"] == "fp16"
+    assert record["sd_loha_version"] == sd_loha.__version__
+    assert record["adapters"] == [
+        {"file": a.name, "addnet_hash": _addnet_hash_by_hand(a), "strength": 0.7, "te_strength": 0.3},
+        {"file": b.name, "addnet_hash": _addnet_hash_by_hand(b), "strength": 1.0, "te_strength": 1.0},
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written through a temp file
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"dtype": "fp8"}, "--dtype 'fp8'"),
+    ({"out": "x.ckpt"}, "no pickles"),
+    ({"adapters": ["missing.safetensors"]}, "no such file"),
+    ({"adapters": []}, "at least one --loha"),
+    ({"out": "busy"}, "other files"),
+])
+def test_mistakes_fail_before_the_model_loads(args, message, adapters, tmp_path, monkeypatch):
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(bake, "load_pipeline", no_load)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    kw = {"adapters": [adapters["tiny-sd1"][0]], "out": "out.safetensors", "dtype": "fp32"} | args
+    kw["adapters"] = [p if Path(p).is_absolute() else tmp_path / p for p in kw["adapters"]]
+    with pytest.raises((ValueError, OSError), match=message):
+        bake_adapters("tiny-sd1", kw["adapters"], tmp_path / kw["out"], kw["dtype"])
+
+
+def test_cli_merge(adapters, tmp_path, capsys, one_thread):
+    a, b = adapters["tiny-sd1"]
+    out = tmp_path / "cli.safetensors"
+    rc = main(["merge", "--model", "tiny-sd1", "--loha", f"{a}:0.8:0.5", "--loha", str(b), "--out", str(out),
+               "--dtype", "bf16"])
+    assert rc == 0 and str(out) in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        record = json.loads(f.metadata()[bake.METADATA_KEY])
+    assert [(x["strength"], x["te_strength"]) for x in record["adapters"]] == [(0.8, 0.5), (1.0, 1.0)]
+    assert {t.dtype for t in load_file(out).values()} == {torch.bfloat16}
+    assert main(["merge", "--model", "tiny-sd1", "--loha", str(a), "--out", str(tmp_path / "x.ckpt")]) == 2
+    assert "no pickles" in capsys.readouterr().err
