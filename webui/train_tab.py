@@ -26,9 +26,8 @@ from sd_loha.train.config import (
     OPTIONS,
     ConfigError,
     TrainConfig,
-    _parse_override_value,  # the --set parser: a "toml" widget's text reads as --set NAME=TEXT does
-    _plain,
-    _toml_value,  # the TOML writer of TrainConfig.to_toml
+    parse_option_text,  # a "toml" widget's text reads as --set NAME=TEXT does
+    toml_value,  # the TOML writer of TrainConfig.to_toml
     config_from_layers,
 )
 from sd_loha.train.prompts import is_prompts_file
@@ -132,7 +131,7 @@ def option_info(name: str) -> str:
     parts = [spec.help]
     if spec.range_text():
         parts.append(f"Range: {spec.range_text()}.")
-    default = spec.default_doc or (NOT_SET if spec.default is None else _toml_value(_plain(spec.default)))
+    default = spec.default_doc or (NOT_SET if spec.default is None else toml_value(spec.default))
     parts.append(f"Default: {default.strip('`')}.")
     if field_kind(name) == "toml":
         parts.append(f"Written as in TOML, e.g. {spec.example_value()}.")
@@ -155,7 +154,7 @@ def to_widget(name: str, value: Any) -> Any:
     if kind == "optbool":
         return NOT_SET if value is None else str(value).lower()
     if kind == "toml":
-        return "" if value is None else _toml_value(_plain(value))
+        return "" if value is None else toml_value(value)
     if value is None:
         return "" if kind in ("text", "model") else None
     return value
@@ -177,7 +176,7 @@ def from_widget(name: str, value: Any) -> Any:
         return [line.strip() for line in (value or "").splitlines() if line.strip()]
     if kind == "toml":
         text = (value or "").strip()
-        return _parse_override_value(OPTIONS[name], text) if text else None  # the --set parser
+        return parse_option_text(OPTIONS[name], text) if text else None  # the --set parser
     if kind in ("text", "model", "resolution", "choice"):
         return (value or "").strip() or None
     return value

@@ -177,7 +177,7 @@ class OptionSpec:
         if self.example is not None:
             return self.example
         if self.default is not None and not isinstance(self.default, (list, dict, tuple)):
-            return _toml_value(self.default)
+            return toml_value(self.default)
         return {
             "int": "1",
             "float": "1.0",
@@ -883,7 +883,7 @@ class TrainConfig:
                     continue
                 if spec.kind == "resolution" and v[0] == v[1]:
                     v = v[0]
-                lines.append(f"{spec.name} = {_toml_value(v)}")
+                lines.append(f"{spec.name} = {toml_value(v)}")
         return "\n".join(lines) + "\n"
 
     def validate(self) -> list[str]:
@@ -1007,7 +1007,7 @@ def _show(v: Any) -> str:
     if isinstance(v, str):
         return repr(v) if "'" not in v else '"' + v.replace('"', '\\"') + '"'
     try:
-        return _toml_value(v)
+        return toml_value(v)
     except TypeError:
         return repr(v)
 
@@ -1413,12 +1413,13 @@ class _Layer:
                 msg, fix = _unknown_option(key)
                 layer.problems.append(Problem(where, msg, fix))
                 continue
-            layer.values[key] = _parse_override_value(OPTIONS[key], text)
+            layer.values[key] = parse_option_text(OPTIONS[key], text)
             layer.where[key] = where
         return layer
 
 
-def _parse_override_value(spec: OptionSpec, text: str) -> Any:
+def parse_option_text(spec: OptionSpec, text: str) -> Any:
+    """One option's value from its text, as `--set NAME=TEXT` reads it (the web UI's text widgets use it too)."""
     t = text.strip()
     if spec.optional and t.lower() in ("none", "null", "", *spec.none_words):
         return None
@@ -1902,7 +1903,9 @@ def _toml_str(s: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A value as TOML writes it, lists and tuples as arrays (what TrainConfig.to_toml writes)."""
+    v = _plain(v)
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -1916,12 +1919,12 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return _toml_str(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, Mapping):
         if not v:
             return "{}"
         items = ", ".join(
-            f"{k if _BARE_KEY.fullmatch(k) else _toml_str(k)} = {_toml_value(x)}" for k, x in v.items()
+            f"{k if _BARE_KEY.fullmatch(k) else _toml_str(k)} = {toml_value(x)}" for k, x in v.items()
         )
         return "{ " + items + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from ..schedulers import ALIASES, SCHEDULERS
-from .config import CHECKS_DOC, GROUP_TITLES, GROUPS, OPTIONS, OptionSpec, _toml_value
+from .config import CHECKS_DOC, GROUP_TITLES, GROUPS, OPTIONS, OptionSpec, toml_value
 
 _DOC_INTRO = """\
 # Training configuration reference
@@ -83,7 +83,7 @@ def _default_text(spec: OptionSpec) -> str:
         return "not set"
     if isinstance(spec.default, (list, dict)) and not spec.default:
         return "`[]`" if isinstance(spec.default, list) else "`{}`"
-    return f"`{_toml_value(spec.default)}`"
+    return f"`{toml_value(spec.default)}`"
 
 
 def _allowed_text(spec: OptionSpec) -> str:
@@ -117,7 +117,7 @@ def config_reference_markdown() -> str:
         out.append("")
     out += ["## Samplers (`sample_sampler`)", "", "| Name | diffusers scheduler | A1111 name |", "|---|---|---|"]
     for name, (cls, kwargs, desc) in SCHEDULERS.items():
-        extra = ", ".join(f"{k}={_toml_value(v)}" for k, v in kwargs.items())
+        extra = ", ".join(f"{k}={toml_value(v)}" for k, v in kwargs.items())
         out.append(f"| `{name}` | `{cls}`{f' ({extra})' if extra else ''} | {_md(desc)} |")
     aliases = ", ".join(f"`{a}`→`{c}`" for a, c in ALIASES.items())
     out += ["", f"Accepted aliases: {aliases}.", ""]

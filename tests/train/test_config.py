@@ -438,7 +438,7 @@ def test_to_toml_round_trip(tmp_path):
     assert TrainConfig.from_dict(c.to_dict(grouped=True)) == c
     assert "\n[dataset]\n" in c.to_toml() and "resolution = [768, 512]" in c.to_toml()
     assert "train_data_dir = 'C:\\data\\set 1'" in c.to_toml()  # literal string for Windows paths
-    assert C._toml_value({"odd key": "x", "ok": 1}) == '{ "odd key" = "x", ok = 1 }'  # keys that need quotes
+    assert C.toml_value({"odd key": "x", "ok": 1}) == '{ "odd key" = "x", ok = 1 }'  # keys that need quotes
 
 
 def test_to_toml_of_defaults_round_trips_and_omits_unset(tmp_path):
