@@ -131,10 +131,13 @@ def bake_adapters(
     for i, spec in enumerate(specs):
         report_progress(f"merging {spec.path}", 0.1 + 0.6 * i / len(specs))
         te = spec.strength if spec.te_strength is None else spec.te_strength
+        lbw = getattr(spec, "block_weights", None)  # `FILE:S:lbw=...` where the loader has block weights
         applied = apply_loha(pipe, spec.path, unet_strength=spec.strength, text_encoder_strength=te,
-                             name=f"{i}:{spec.name}")  # the index keeps two files of one name apart
+                             name=f"{i}:{spec.name}",  # the index keeps two files of one name apart
+                             **({"block_weights": lbw} if lbw else {}))
         records.append({"file": Path(spec.path).name, "addnet_hash": addnet_hash(spec.path),
-                        "strength": spec.strength, "te_strength": te, "layers": applied.total})
+                        "strength": spec.strength, "te_strength": te, **({"block_weights": lbw} if lbw else {}),
+                        "layers": applied.total})
     # Nothing changes a strength again: drop the clean originals the merge keeps, up to a second copy of the model.
     delattr(pipe.unet, REGISTRY_ATTR)
     record = {"base_model": str(model), "family": family.name, "prediction_type": family.prediction_type,

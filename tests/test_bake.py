@@ -296,3 +296,21 @@ def test_cli_merge(adapters, tmp_path, capsys, one_thread):
     assert {t.dtype for t in load_file(out).values()} == {torch.bfloat16}
     assert main(["merge", "--model", "tiny-sd1", "--loha", str(a), "--out", str(tmp_path / "x.ckpt")]) == 2
     assert "no pickles" in capsys.readouterr().err
+
+
+def test_block_weights_are_baked_as_the_loader_applies_them(models, adapters, tmp_path, one_thread):
+    pytest.importorskip("sd_loha.blocks")
+    from sd_loha.generate import AdapterSpec
+
+    a, _ = adapters["tiny-sd1"]
+    spec = AdapterSpec.parse(f"{a}:0.8:0.5:lbw=INS")
+    if getattr(spec, "block_weights", None) is None:
+        pytest.skip("this AdapterSpec has no block weights")
+    out = tmp_path / "lbw.safetensors"
+    bake_adapters(str(models["tiny-sd1"]), [spec], out, "fp32")
+    expected = load_pipeline(str(models["tiny-sd1"]))
+    apply_loha(expected, a, unet_strength=0.8, text_encoder_strength=0.5, block_weights="INS")
+    _assert_same_weights(expected, _from_single_file("tiny-sd1", out, models["tiny-sd1"]), torch.float32)
+    assert _changed_parts(_merged(models["tiny-sd1"], [(a, 0.8, 0.5)]), expected)  # INS does change something
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()[bake.METADATA_KEY])["adapters"][0]["block_weights"] == "INS"
