@@ -20,6 +20,33 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_meta(args: argparse.Namespace) -> int:
+    from .io import addnet_hash
+    from .meta import FIELDS, edit_metadata, format_metadata, read_metadata, thumbnail_data_url
+
+    changes: dict[str, str | None] = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set ss_output_name=my_style")
+        changes[key] = value
+    for field, key in FIELDS.items():
+        value = getattr(args, field)
+        if value is not None:
+            changes[key] = thumbnail_data_url(value) if field == "thumbnail" else value
+    changes.update(dict.fromkeys(args.unset))
+    if changes:
+        before = addnet_hash(args.file)
+        meta = edit_metadata(args.file, changes, out=args.out)
+        written = args.out or args.file
+        after = addnet_hash(written)
+        print(f"wrote {written} (addnet hash {after[:12]}{', unchanged' if after == before else ''})", file=sys.stderr)
+    else:
+        meta = read_metadata(args.file)
+    print(json.dumps(meta, indent=2, ensure_ascii=False) if args.json else format_metadata(meta))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import AdapterSpec, GenerationSession, save_png
 
@@ -94,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images with LoHA adapters merged into a base model")
     g.add_argument("--model", default="toy-sd1",
                    help=f"diffusers folder, .safetensors/.ckpt file, hub id, or {', '.join(TINY_MODELS)}")
-    g.add_argument("--loha", action="append", default=[], metavar="FILE[:STRENGTH[:TE_STRENGTH]]",
-                   help="adapter to merge; repeat for several")
+    g.add_argument("--loha", action="append", default=[], metavar="FILE[:STRENGTH[:TE_STRENGTH]][:lbw=WEIGHTS]",
+                   help="adapter to merge; repeat for several. lbw= sets block weights as LoRA Block Weight does: "
+                        "12/17/20/26 comma-separated numbers or a preset (INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, "
+                        "ALL, NONE); docs/tools.md")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--seed", type=int, default=-1, help="-1 = random")
@@ -121,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
                    help="weights are merged in fp32 and cast to this once (default fp16)")
     m.set_defaults(func=_cmd_merge)
+
+    e = sub.add_parser("meta", help="show or edit an adapter file's metadata (title, trigger words, description, "
+                                    "thumbnail, any ss_*/modelspec.* key) without touching its tensors")
+    e.add_argument("file")
+    e.add_argument("--title", help="set modelspec.title")
+    e.add_argument("--trigger", help="set modelspec.trigger_phrase (the words that call the style, e.g. 'mystyle')")
+    e.add_argument("--description", help="set modelspec.description")
+    e.add_argument("--thumbnail", metavar="IMAGE", help="set modelspec.thumbnail to this PNG (or JPEG/WebP) as a data URL")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set any metadata key (repeatable)")
+    e.add_argument("--unset", action="append", default=[], metavar="KEY", help="remove a metadata key (repeatable)")
+    e.add_argument("--out", help="write the edited file here instead of replacing FILE")
+    e.add_argument("--json", action="store_true", help="print the metadata as JSON, values in full")
+    e.set_defaults(func=_cmd_meta)
 
     w = sub.add_parser("webui", help="the web UI: train, generate and inspect in the browser (docs/webui.md)")
     try:

@@ -8,7 +8,7 @@ import math
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .atomic import save_image_atomic
+from .blocks import parse_block_weights
 from .io import short_addnet_hash
 from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
 from .models import load_pipeline
@@ -24,11 +25,13 @@ from .schedulers import make_scheduler, sampler_problem
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """One adapter to load: a file and its strengths (te_strength None = same as strength)."""
+    """One adapter to load: a file, its strengths (te_strength None = same as strength) and block weights
+    (LoRA Block Weight's syntax, as text: a preset name or a comma list; see sd_loha.blocks)."""
 
     path: str
     strength: float = 1.0
     te_strength: float | None = None
+    block_weights: str | None = None
 
     @property
     def name(self) -> str:
@@ -36,7 +39,15 @@ class AdapterSpec:
 
     @classmethod
     def parse(cls, text: str) -> AdapterSpec:
-        """`FILE`, `FILE:STRENGTH` or `FILE:UNET_STRENGTH:TE_STRENGTH` (the CLI's --loha)."""
+        """`FILE`, `FILE:STRENGTH` or `FILE:UNET_STRENGTH:TE_STRENGTH` (the CLI's --loha), each optionally
+        followed by `:lbw=WEIGHTS` (`:lbw=INS`, `:lbw=1,0,0,...`)."""
+        head, sep, lbw = text.rpartition(":lbw=")
+        if sep:
+            try:
+                parse_block_weights(lbw)
+            except ValueError as e:
+                raise ValueError(f"--loha {text!r}: {e}") from None
+            return replace(cls.parse(head), block_weights=lbw.strip())
         parts = text.rsplit(":", 2)
         nums: list[float] = []
         while len(parts) > 1:
@@ -73,13 +84,19 @@ def lora_hashes(adapters: Sequence[AdapterSpec]) -> str | None:
     return ", ".join(entries) or None
 
 
+def lora_tag(adapter: AdapterSpec) -> str:
+    """The prompt's `<lora:name:S>` tag A1111 reads back (`<lora:name:TE:UNET>` when they differ; A1111's order),
+    with `:lbw=...` as LoRA Block Weight writes it when the adapter has block weights."""
+    a = adapter
+    strengths = f"{a.strength:g}" if a.te_strength is None else f"{a.te_strength:g}:{a.strength:g}"
+    lbw = f":lbw={a.block_weights}" if a.block_weights else ""
+    return f"<lora:{a.name}:{strengths}{lbw}>"
+
+
 def a1111_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: str, cfg: float, seed: int,
                      width: int, height: int, model: str, adapters: Sequence[AdapterSpec]) -> str:
     """The text A1111 writes into a PNG's `parameters` chunk (and reads back with 'PNG Info')."""
-    tags = "".join(
-        f" <lora:{a.name}:{a.strength:g}>" if a.te_strength is None else f" <lora:{a.name}:{a.te_strength:g}:{a.strength:g}>"
-        for a in adapters
-    )
+    tags = "".join(f" {lora_tag(a)}" for a in adapters)
     lines = [prompt + tags]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
@@ -125,9 +142,11 @@ class GenerationSession:
         for spec in specs:
             te = spec.strength if spec.te_strength is None else spec.te_strength
             if spec.name in list_loha(self.pipe):
-                set_loha_strength(self.pipe, spec.name, unet_strength=spec.strength, text_encoder_strength=te)
+                set_loha_strength(self.pipe, spec.name, unet_strength=spec.strength, text_encoder_strength=te,
+                                  block_weights=spec.block_weights)
             else:
-                apply_loha(self.pipe, spec.path, unet_strength=spec.strength, text_encoder_strength=te, name=spec.name)
+                apply_loha(self.pipe, spec.path, unet_strength=spec.strength, text_encoder_strength=te, name=spec.name,
+                           block_weights=spec.block_weights)
         self.adapters = list(specs)
 
     def set_scheduler(self, name: str) -> str:

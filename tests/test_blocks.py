@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from sd_loha import apply_loha, list_loha, remove_loha, set_loha_strength
@@ -25,6 +27,8 @@ from sd_loha.blocks import (
     layer_block_id,
     parse_block_weights,
 )
+from sd_loha.cli import main
+from sd_loha.generate import AdapterSpec, GenerationSession, lora_tag
 from sd_loha.io import load_adapter
 from sd_loha.merge import loha_block_weights, merge_delta
 
@@ -213,3 +217,56 @@ def test_sdxl_ldm_named_file_gets_its_blocks(tiny_pipe, tmp_path):
     moved = [k for k in base if not torch.equal(base[k], now[k])]
     assert moved and all(k.startswith("unet:down_blocks.1.attentions.0.") for k in moved), moved[:5]
     assert any("input_blocks_4_1" in n for n in load_file(path))  # the file does use LDM names
+
+
+# ------------------------------------------------------------------------------------------------
+# --loha FILE:S:lbw=..., the PNG text, and a generation run
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    ("x.safetensors:0.8:lbw=INS", ("x.safetensors", 0.8, None, "INS")),
+    ("x.safetensors:1:0.5:lbw=1,0,0,0,0,0,0,0,0,0,0,0", ("x.safetensors", 1.0, 0.5, "1,0,0,0,0,0,0,0,0,0,0,0")),
+    ("C:\\loras\\x.safetensors:lbw=OUTS", ("C:\\loras\\x.safetensors", 1.0, None, "OUTS")),
+    ("x.safetensors:0.7", ("x.safetensors", 0.7, None, None)),
+])
+def test_adapter_spec_lbw(text, expected):
+    spec = AdapterSpec.parse(text)
+    assert (spec.path, spec.strength, spec.te_strength, spec.block_weights) == expected
+
+
+def test_adapter_spec_bad_lbw_names_the_option():
+    with pytest.raises(ValueError, match=r"--loha 'x.safetensors:1:lbw=1,2'.*12, 17, 20 or 26"):
+        AdapterSpec.parse("x.safetensors:1:lbw=1,2")
+
+
+def test_lora_tag_writes_lbw_as_lora_block_weight_reads_it():
+    assert lora_tag(AdapterSpec("a/style.safetensors", 0.8, block_weights="INS")) == "<lora:style:0.8:lbw=INS>"
+    assert lora_tag(AdapterSpec("style.safetensors", 1.0, 0.5, block_weights="1,0,1")) == "<lora:style:0.5:1:lbw=1,0,1>"
+    assert lora_tag(AdapterSpec("style.safetensors", 0.8)) == "<lora:style:0.8>"
+
+
+GEN = dict(seed=1, steps=2, width=64, height=64, guidance_scale=7.0, scheduler="euler")
+
+
+def test_generate_with_block_weights(tmp_path, capsys):
+    """Attention-only file: every layer is in a block, so lbw=NONE draws the base model's image exactly, OUTS
+    (only output blocks and the text encoder) another; the CLI writes lbw into the PNG text."""
+    from sd_loha.models import build_tiny_pipeline
+
+    path = tmp_path / "style.safetensors"
+    make_loha_file(build_tiny_pipeline("tiny-sd1"), path, std=0.5, preset="attn-only")
+    session = GenerationSession("tiny-sd1", device="cpu")
+    plain = np.asarray(session.generate("a poster", **GEN)[0][0])
+    session.set_adapters([AdapterSpec(str(path), 1.0, block_weights="NONE")])
+    none, text = session.generate("a poster", **GEN)[0]
+    assert np.array_equal(np.asarray(none), plain) and "<lora:style:1:lbw=NONE>" in text
+    session.set_adapters([AdapterSpec(str(path), 1.0, block_weights="OUTS")])  # re-weighted, not reloaded
+    outs = np.asarray(session.generate("a poster", **GEN)[0][0])
+    session.set_adapters([AdapterSpec(str(path), 1.0)])
+    full = np.asarray(session.generate("a poster", **GEN)[0][0])
+    assert not np.array_equal(outs, plain) and not np.array_equal(outs, full)
+
+    out_dir = tmp_path / "out"
+    assert main(["generate", "--model", "tiny-sd1", "--loha", f"{path}:0.8:lbw=OUTS", "--prompt", "a poster",
+                 "--seed", "1", "--steps", "2", "--width", "64", "--height", "64", "--output-dir", str(out_dir)]) == 0
+    png = capsys.readouterr().out.split()[0]
+    assert Image.open(png).text["parameters"].splitlines()[0] == "a poster <lora:style:0.8:lbw=OUTS>"
