@@ -314,3 +314,41 @@ def test_block_weights_are_baked_as_the_loader_applies_them(models, adapters, tm
     assert _changed_parts(_merged(models["tiny-sd1"], [(a, 0.8, 0.5)]), expected)  # INS does change something
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()[bake.METADATA_KEY])["adapters"][0]["block_weights"] == "INS"
+
+
+# Real-size UNet configs (SD 1.5, SD 2.x, SDXL base) built on the meta device: no weights, only the key layout.
+_FULL_UNETS = {
+    "sd1": ({"cross_attention_dim": 768}, 686),
+    "sd2": ({"cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True}, 686),
+    "sdxl": ({"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
+              "attention_head_dim": (5, 10, 20), "use_linear_projection": True, "cross_attention_dim": 2048,
+              "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+              "projection_class_embeddings_input_dim": 2816}, 1680),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FULL_UNETS))
+def test_real_size_layouts_convert_back_through_diffusers(family):
+    """Our keys for real-size UNets and the SD VAE are exactly what diffusers' LDM -> diffusers converters map
+    back to every diffusers key; the UNet has as many keys as the real checkpoints' model.diffusion_model.*
+    (686 for SD 1.x / 2.x, 1680 for SDXL base)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    kwargs, n_keys = _FULL_UNETS[family]
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**kwargs)
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+    ours = {"model.diffusion_model." + k: v for k, v in bake.unet_to_original(unet.state_dict(), unet.config).items()}
+    assert len(ours) == n_keys
+    assert convert_ldm_unet_checkpoint(ours, dict(unet.config)).keys() == unet.state_dict().keys()
+    ours = {"first_stage_model." + k: v for k, v in bake.vae_to_original(vae.state_dict()).items()}
+    assert convert_ldm_vae_checkpoint(ours, dict(vae.config)).keys() == vae.state_dict().keys()
+    assert ours["first_stage_model.decoder.mid.attn_1.proj_out.weight"].shape == (512, 512, 1, 1)
