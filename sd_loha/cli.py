@@ -74,6 +74,26 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_to_lora(args: argparse.Namespace) -> str:
+    from .convert import convert_to_lora_file
+    from .network import SAVE_DTYPES
+
+    report = convert_to_lora_file(args.file, args.out, rank=args.rank, energy=args.energy, model=args.model,
+                                  dtype=SAVE_DTYPES[args.dtype] if args.dtype else None)
+    return json.dumps(report.as_dict(), indent=2) if args.json else str(report)
+
+
+# `sd-loha convert --to TARGET`: target -> (help, function of the parsed arguments returning what to print)
+CONVERT_TARGETS = {
+    "lora": ("kohya LoRA/LoCon by truncated SVD of each layer's delta (--rank or --energy)", _convert_to_lora),
+}
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    print(CONVERT_TARGETS[args.to][1](args))
+    return 0
+
+
 def _cmd_webui(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401
@@ -150,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
                    help="weights are merged in fp32 and cast to this once (default fp16)")
     m.set_defaults(func=_cmd_merge)
+
+    c = sub.add_parser("convert", help="convert an adapter file to another format: "
+                       + "; ".join(f"--to {k}: {v[0]}" for k, v in CONVERT_TARGETS.items()))
+    c.add_argument("file", help="the adapter file (.safetensors)")
+    c.add_argument("--to", required=True, choices=sorted(CONVERT_TARGETS), help="the format to write")
+    c.add_argument("--out", required=True, help="the file to write")
+    c.add_argument("--model", default=None,
+                   help="the base model the file was made for: needed when the file's shapes do not say which layers "
+                        "are convs (and their kernel), and for DoRA modules")
+    c.add_argument("--rank", type=int, default=None, help="--to lora: the rank of every layer (clipped to its full rank)")
+    c.add_argument("--energy", type=float, default=None,
+                   help="--to lora: per layer, the smallest rank keeping this fraction of the squared singular values")
+    c.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
+                   help="--to lora: dtype of the written factors (default: the source file's)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=_cmd_convert)
 
     e = sub.add_parser("meta", help="show or edit an adapter file's metadata (title, trigger words, description, "
                                     "thumbnail, any ss_*/modelspec.* key) without touching its tensors")
