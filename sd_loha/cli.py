@@ -83,9 +83,23 @@ def _convert_to_lora(args: argparse.Namespace) -> str:
     return json.dumps(report.as_dict(), indent=2) if args.json else str(report)
 
 
+def _convert_to_peft(args: argparse.Namespace) -> str:
+    from .peft_format import convert_to_peft
+
+    return "\n".join(str(folder) for folder in convert_to_peft(args.file, args.out, model=args.model).values())
+
+
+def _convert_to_kohya(args: argparse.Namespace) -> str:
+    from .peft_format import convert_to_kohya
+
+    return str(convert_to_kohya(args.file, args.out, model=args.model))
+
+
 # `sd-loha convert --to TARGET`: target -> (help, function of the parsed arguments returning what to print)
 CONVERT_TARGETS = {
     "lora": ("kohya LoRA/LoCon by truncated SVD of each layer's delta (--rank or --energy)", _convert_to_lora),
+    "peft": ("PEFT LoHa adapters, one folder per model (OUT/unet, OUT/text_encoder, ...), same factors", _convert_to_peft),
+    "kohya": ("a PEFT LoHa adapter folder as a kohya/LyCORIS LoHA file, same factors", _convert_to_kohya),
 }
 
 
@@ -173,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="convert an adapter file to another format: "
                        + "; ".join(f"--to {k}: {v[0]}" for k, v in CONVERT_TARGETS.items()))
-    c.add_argument("file", help="the adapter file (.safetensors)")
+    c.add_argument("file", help="the adapter file (.safetensors), or a PEFT adapter folder")
     c.add_argument("--to", required=True, choices=sorted(CONVERT_TARGETS), help="the format to write")
-    c.add_argument("--out", required=True, help="the file to write")
+    c.add_argument("--out", required=True, help="the file to write (--to peft: the folder)")
     c.add_argument("--model", default=None,
                    help="the base model the file was made for: needed when the file's shapes do not say which layers "
                         "are convs (and their kernel), and for DoRA modules")
