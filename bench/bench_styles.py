@@ -429,7 +429,7 @@ def results_tables(log: Path) -> str:
     out += ["", "| learning-rate sweep (seed 0) | lr | held-out loss | style measure | object color right |",
             "|---|---|---|---|---|"]
     for r in (r for r in rows if r.get("kind") == "sweep"):
-        out.append(f"| {r['style']} {r['method']} | {r['lr']:g} | {r['heldout_loss']:.4f} | {r['measure']:.3f} | "
+        out.append(f"| {r['style']} {r['method']} | {r['lr']:g} | {r['heldout_loss']:.4f} | {r['measure']:.4f} | "
                    f"{r['content']:.0%} |")
     return "\n".join(out + _style_tables(rows) + _pair_table(rows))
 
@@ -445,13 +445,13 @@ def _style_tables(rows: list[dict[str, Any]]) -> list[str]:
                 "| method | lr | n | held-out loss | style measure | object color right | train s |",
                 "|---|---|---|---|---|---|---|"]
         for b in base:
-            out.append(f"| base (strength 0) | - | - | {b['heldout_loss']:.4f} | {b['measure']:.3f} | {b['content']:.0%} | - |")
-            out.append(f"| training pictures (as drawn / after the VAE) | - | - | - | {b['measure_training_pictures']:.3f} / "
-                       f"{b['measure_after_vae']:.3f} | - | - |")
+            out.append(f"| base (strength 0) | - | - | {b['heldout_loss']:.4f} | {b['measure']:.4f} | {b['content']:.0%} | - |")
+            out.append(f"| training pictures (as drawn / after the VAE) | - | - | - | {b['measure_training_pictures']:.4f} / "
+                       f"{b['measure_after_vae']:.4f} | - | - |")
         for name in dict.fromkeys(r["method"] for r in runs):
             mine = [r for r in runs if r["method"] == name]
             out.append(f"| {name} | {mine[0]['lr']:g} | {len(mine)} | {_spread([r['heldout_loss'] for r in mine], '.4f')} | "
-                       f"{_spread([r['measure'] for r in mine], '.3f')} | "
+                       f"{_spread([r['measure'] for r in mine], '.4f')} | "
                        f"{_spread([100 * r['content'] for r in mine], '.0f')} % | "
                        f"{statistics.mean(r['seconds'] for r in mine):.0f} |")
     return out
@@ -472,7 +472,7 @@ def _pair_table(rows: list[dict[str, Any]]) -> list[str]:
         dl = [runs[style, loha, s]["heldout_loss"] - runs[style, other, s]["heldout_loss"] for s in seeds]
         dm = [runs[style, loha, s]["measure"] - runs[style, other, s]["measure"] for s in seeds]
         out.append(f"| {style} | {loha} - {other} | {len(seeds)} | {_spread(dl, '+.4f')} | "
-                   f"{sum(d < 0 for d in dl)} of {len(seeds)} | {_spread(dm, '+.3f')} | {sum(d > 0 for d in dm)} of {len(seeds)} |")
+                   f"{sum(d < 0 for d in dl)} of {len(seeds)} | {_spread(dm, '+.4f')} | {sum(d > 0 for d in dm)} of {len(seeds)} |")
     return out
 
 

@@ -105,5 +105,5 @@ def test_tables_aggregate_the_logged_runs(tmp_path):
     text = bench.results_tables(log)
     line = next(x for x in text.splitlines() if x.startswith("| loha | 0.002 |"))
     assert f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}" in line
-    assert f"{statistics.mean(measures):.3f} ± {statistics.stdev(measures):.3f}" in line
+    assert f"{statistics.mean(measures):.4f} ± {statistics.stdev(measures):.4f}" in line
     assert "| loha | sd-loha loha | 8 / 4 | - | 10 | 2 | 12 |" in text
