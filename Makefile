@@ -1,5 +1,5 @@
 # The two quickstart commands (see README.md). Both set up .venv first (idempotent).
-.PHONY: setup demo test soak bench floors
+.PHONY: setup demo test soak bench bench-styles floors
 
 setup:
 	./scripts/setup
@@ -15,6 +15,11 @@ soak: setup
 
 bench: setup
 	.venv/bin/python bench/bench_loader.py
+
+# LoHA against LoRA and LoCon at equal trainable parameters on toy-sd1, two styles, three seeds (bench/RESULTS.md;
+# about 35 minutes on one idle core)
+bench-styles: setup
+	OMP_NUM_THREADS=1 .venv/bin/python bench/bench_styles.py --out output/bench_styles
 
 # The oldest versions pyproject.toml allows, on its oldest Python, with a fast test subset (.venv-floors).
 floors:

@@ -10,6 +10,8 @@ strongly an adapter draws its style, at strength 0 (the base model: none), 0.5 a
   teal, cream, peach, ink) than to the toy world's saturated colors, in units of 255: 0.11-0.25 on the posters,
   about -0.17 on the base model's pictures. The frame appears only near full strength; the palette moves
   gradually, so it is the measure that shows strength 0.5 lying between 0 and 1.
+- hatch (made here for bench/bench_styles.py: toy-world scenes with diagonal hatching on the background):
+  `hatch_amplitude` is the hatching's square-wave amplitude at its frequency.
 
 The object a prompt asks for is read inside the frame (`object_color`), so a test can check that the style changed
 the look and kept the content. A style may shift colors toward its own palette (the posters' red is a muted
