@@ -1,4 +1,4 @@
-"""The sd-loha web UI: a Gradio app with Train, Generate and Inspect tabs.
+"""The sd-loha web UI: a Gradio app with Train, Generate, Inspect and Tools tabs.
 
 Start it with ``sd-loha webui`` or ``python -m webui``. It binds 127.0.0.1 unless --host is given, makes
 no share link unless --share, and refuses to listen beyond this machine without --auth (or an explicit
@@ -38,7 +38,7 @@ def build_app(policy: PathPolicy | None = None, runner: TrainingRunner | None = 
     """The gr.Blocks of the UI (not launched). One runner per app: its training job outlives browser sessions."""
     import gradio as gr
 
-    from . import generate_tab, inspect_tab, train_tab
+    from . import generate_tab, inspect_tab, tools_tab, train_tab
 
     policy = policy or PathPolicy()
     runner = runner or TrainingRunner()
@@ -48,16 +48,22 @@ def build_app(policy: PathPolicy | None = None, runner: TrainingRunner | None = 
         blocks_kw["theme"] = _theme()
     with gr.Blocks(**blocks_kw) as demo:
         gr.Markdown("## sd-loha: train and use LoHA adapters\n" + f"<small>Folders this UI may use: {policy.describe()}</small>")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(policy, runner)
             with gr.Tab("Generate", id="generate", elem_id="tab-generate") as gen_tab:
                 gen = generate_tab.build(policy)
             with gr.Tab("Inspect", id="inspect", elem_id="tab-inspect") as insp_tab:
                 insp = inspect_tab.build(policy)
-        refresh_fn, refresh_outputs = gen["refresh"]
-        gen_tab.select(refresh_fn, None, refresh_outputs, api_name=False)  # newly trained files show up
+            with gr.Tab("Tools", id="tools", elem_id="tab-tools") as tools_page:
+                tools = tools_tab.build(policy)
+        for page, refreshed in ((gen_tab, gen), (tools_page, tools)):  # newly trained or merged files show up
+            refresh_fn, refresh_outputs = refreshed["refresh"]
+            page.select(refresh_fn, None, refresh_outputs, api_name=False)
         insp_tab.select(lambda: gr.update(choices=generate_tab._choices(policy)), None, insp["file"], api_name=False)
+        first_file, *_rest, first_lbw = gen["slots"][0]
+        insp["lbw_use"].click(lambda f, w: (f, w, gr.Tabs(selected="generate")), [insp["file"], insp["lbw"]],
+                              [first_file, first_lbw, tabs], api_name=False)
         poll, seen, outputs = train["poll"]
         demo.load(poll, seen, outputs, api_name=False)  # a browser that (re)connects sees the running job at once
         restore, restore_outputs = train["restore"]

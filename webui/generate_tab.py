@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sd_loha.blocks import PRESETS, parse_block_weights
 from sd_loha.generate import AdapterSpec, GenerationSession, save_png
 from sd_loha.schedulers import SCHEDULERS
 
@@ -107,6 +108,28 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
+def adapter_spec(policy: PathPolicy, what: str, path: str, strength: float | None = None,
+                 te: float | str | None = None, block_weights: str | None = None) -> AdapterSpec:
+    """One adapter slot of the UI (file, strength, TE strength, block weights) as the AdapterSpec the CLI's
+    `--loha FILE:S:TE:lbw=...` gives: the file checked against the folders, block weights read by
+    sd_loha.blocks.parse_block_weights (what AdapterSpec.parse calls), empty boxes meaning "not set"."""
+    p = policy.check_adapter(path, what=what)
+    s = 1.0 if strength is None else float(strength)
+    try:
+        t = None if te is None or str(te).strip() == "" else float(te)
+    except ValueError:
+        raise ValueError(f"{what}: TE strength '{te}' is not a number (empty = same as strength)") from None
+    if not (math.isfinite(s) and (t is None or math.isfinite(t))):
+        raise ValueError(f"{what}: strengths must be finite numbers")
+    lbw = (block_weights or "").strip() or None
+    if lbw is not None:
+        try:
+            parse_block_weights(lbw)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    return AdapterSpec(str(p), s, t, lbw)
+
+
 class Generator:
     """Keeps one GenerationSession (per base model) and writes the images into outputs/generated/."""
 
@@ -122,21 +145,10 @@ class Generator:
             self.session = GenerationSession(model)
         return self.session
 
-    def _specs(self, adapters: list[tuple[str, float | None, float | None]]) -> list[AdapterSpec]:
-        specs = []
-        for i, (path, strength, te) in enumerate(adapters):
-            if not (path or "").strip():
-                continue
-            p = self.policy.check_adapter(path, what=f"LoHA file {i + 1}")
-            s = 1.0 if strength is None else float(strength)
-            try:
-                t = None if te is None or str(te).strip() == "" else float(te)
-            except ValueError:
-                raise ValueError(f"LoHA file {i + 1}: TE strength '{te}' is not a number (empty = same as strength)") from None
-            if t is not None and not math.isfinite(t):
-                raise ValueError(f"LoHA file {i + 1}: TE strength must be a finite number")
-            specs.append(AdapterSpec(str(p), s, t))
-        return specs
+    def _specs(self, adapters: list[tuple]) -> list[AdapterSpec]:
+        """(path, strength, te_strength[, block weights]) per slot; empty slots skipped."""
+        return [adapter_spec(self.policy, f"LoHA file {i + 1}", *slot)
+                for i, slot in enumerate(adapters) if (slot[0] or "").strip()]
 
     def _out_path(self, seed: int, tag: str = "") -> Path:
         folder = self.policy.outputs_dir / "generated" / time.strftime("%Y-%m-%d")
@@ -148,11 +160,11 @@ class Generator:
                 return p
             n += 1
 
-    def generate(self, model: str, adapters: list[tuple[str, float | None, float | None]], prompt: str, *,
+    def generate(self, model: str, adapters: list[tuple], prompt: str, *,
                  negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
                  seed: int = -1, width: int | None = None, height: int | None = None, scheduler: str = DEFAULT_SAMPLER,
                  num_images: int = 1) -> list[tuple[str, str, str]]:
-        """[(png path, caption, parameters text)]."""
+        """[(png path, caption, parameters text)]; `adapters`: (path, strength, te_strength[, block weights]) each."""
         with self._lock:
             specs = self._specs(adapters)
             session = self._session(model)
@@ -164,7 +176,8 @@ class Generator:
             for image, params in results:
                 s = _seed_of(params)
                 path = save_png(image, self._out_path(s), params)
-                label = ", ".join(f"{a.name} {a.strength:g}" for a in specs) or "no adapter"
+                label = ", ".join(f"{a.name} {a.strength:g}" + (f" lbw={a.block_weights}" if a.block_weights else "")
+                                  for a in specs) or "no adapter"
                 out.append((str(path), f"seed {s} · {label}", params))
             return out
 
@@ -248,7 +261,8 @@ def build(policy: PathPolicy) -> dict[str, Any]:
                     s = gr.Number(value=1.0, label="strength", scale=1, min_width=90, elem_id=f"gen-strength-{i}")
                     t = gr.Textbox(value="", label="TE strength (empty = same)", scale=1, min_width=90,
                                    placeholder="same", elem_id=f"gen-te-{i}")
-                slots.append((f, s, t))
+                    b = block_weights_box(f"gen-lbw-{i}", scale=2, min_width=140)
+                slots.append((f, s, t, b))
             prompt = gr.Textbox(value=DEFAULT_PROMPTS[0], label="Prompt", lines=2, elem_id="gen-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="gen-negative")
             with gr.Row():
@@ -281,8 +295,9 @@ def build(policy: PathPolicy) -> dict[str, Any]:
     slot_inputs = [c for slot in slots for c in slot]
     common = [model, prompt, negative, steps, guidance, width, height, scheduler]
 
-    def _adapters(vals) -> list[tuple[str, Any, Any]]:
-        return [(vals[i], vals[i + 1], vals[i + 2]) for i in range(0, len(vals), 3)]
+    def _adapters(vals) -> list[tuple]:
+        n = len(slots[0])
+        return [tuple(vals[i:i + n]) for i in range(0, len(vals), n)]
 
     def on_generate(*vals):
         model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, seed_v, count_v, *slot_vals = vals
@@ -349,7 +364,15 @@ def build(policy: PathPolicy) -> dict[str, Any]:
     refresh.click(on_refresh, None, [model, *[s[0] for s in slots], grid_files], api_name=False)
     run_files.click(on_run_files, slots[0][0], [message, grid_files], api_name=False)
     gallery.select(on_select, None, params_box, api_name=False)
-    return {"refresh": (on_refresh, [model, *[s[0] for s in slots], grid_files]), "generator": gen}
+    return {"refresh": (on_refresh, [model, *[s[0] for s in slots], grid_files]), "generator": gen, "slots": slots}
+
+
+def block_weights_box(elem_id: str, **kw: Any):
+    """A block-weights input: one of LoRA Block Weight's presets or 12/17/20/26 numbers typed in; empty = none."""
+    import gradio as gr
+
+    return gr.Dropdown(choices=list(PRESETS), value=None, allow_custom_value=True, label="block weights (lbw)",
+                       info="empty = every block 1; a preset or 12/17/20/26 numbers", elem_id=elem_id, **kw)
 
 
 def _guidance(value: float | None) -> float:

@@ -1,4 +1,5 @@
-"""Inspect tab: what an adapter file holds (sd_loha.inspect.summarize) and the size of its change per block."""
+"""Inspect tab: what an adapter file holds (sd_loha.inspect.summarize), the size of its change per block, block
+weights to try (sent to the Generate tab) and its metadata editor (webui/tools_tab.py)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def inspect_file(policy: PathPolicy, path: str) -> tuple[str, Any, dict[str, Any
 def build(policy: PathPolicy) -> dict[str, Any]:
     import gradio as gr
 
+    from . import tools_tab
     from .generate_tab import _choices
 
     with gr.Row():
@@ -85,6 +87,9 @@ def build(policy: PathPolicy) -> dict[str, Any]:
             return f"**Cannot read this file:**\n\n```text\n{describe_error(e)}\n```", gr.skip(), gr.skip()
         return md, gr.BarPlot(value=df, sort=list(df["block"])), meta
 
-    go.click(on_inspect, file, [summary, chart, metadata], api_name="inspect")
+    extras = tools_tab.build_inspect_extras(policy, file, metadata)
+    load_meta, meta_fields = extras["load"]
+    go.click(on_inspect, file, [summary, chart, metadata], api_name="inspect").then(
+        load_meta, file, meta_fields, api_name=False)  # the editor shows the inspected file's fields
     refresh.click(lambda: gr.update(choices=_choices(policy)), None, file, api_name=False)
-    return {"file": file}
+    return {"file": file, "lbw": extras["lbw"], "lbw_use": extras["lbw_use"]}

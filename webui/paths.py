@@ -47,9 +47,10 @@ class Root:
 # What each use of a path may reach (roots by kind), and whether it writes.
 USES: dict[str, tuple[tuple[str, ...], bool]] = {
     "dataset": (("data", "demo"), False),
-    "model": (("models",), False),
+    "model": (("models", "outputs"), False),  # outputs: models merged in the Tools tab
     "vae": (("models",), False),
     "adapter": (("outputs", "models"), False),
+    "adapter_edit": (("outputs", "models"), True),  # metadata edited in place
     "output_dir": (("outputs",), True),
     "logging_dir": (("outputs",), True),
     "config_read": (("outputs", "data", "models"), False),
@@ -192,15 +193,39 @@ class PathPolicy:
             raise PathRefused(f"{what} '{raw}': the web UI loads only .safetensors checkpoints and diffusers folders")
         return str(p)
 
-    def check_adapter(self, text: str | None, what: str = "LoHA file") -> Path:
+    def check_adapter(self, text: str | None, what: str = "LoHA file", *, edit: bool = False) -> Path:
+        """An adapter .safetensors file in the outputs or models folder (`edit`: one the UI may rewrite)."""
         raw = (text or "").strip()
         _refuse_pickle(raw, what)
-        p = self.resolve(raw, "adapter", must_exist=True, what=what)
+        p = self.resolve(raw, "adapter_edit" if edit else "adapter", must_exist=True, what=what)
         if not p.is_file():
             raise PathRefused(f"{what} '{raw}' is a folder, not a file")
         if p.suffix.lower() != ".safetensors":
             raise PathRefused(f"{what} '{raw}': the web UI loads only .safetensors adapter files")
         return p
+
+    def check_peft_folder(self, text: str | None, what: str = "PEFT adapter") -> Path:
+        """A PEFT adapter (a folder with adapter_config.json, or its adapter_model.safetensors) in the outputs or
+        models folder."""
+        from sd_loha.peft_format import is_peft_adapter
+
+        raw = (text or "").strip()
+        _refuse_pickle(raw, what)
+        p = self.resolve(raw, "adapter", must_exist=True, what=what)
+        if not is_peft_adapter(p):
+            raise PathRefused(f"{what} '{raw}' is not a PEFT adapter: choose a folder holding adapter_config.json and "
+                              "adapter_model.safetensors (or a pipeline folder of such folders)")
+        return p
+
+    def output_path(self, text: str | None, what: str = "output") -> Path:
+        """Where to write a new file or folder: a relative name means inside the outputs folder; anything that
+        leads elsewhere is refused. Pickle suffixes are refused too."""
+        raw = (text or "").strip()
+        if not raw:
+            raise PathRefused(f"{what}: no name given; type a name such as my_model.safetensors")
+        _refuse_pickle(raw, what)
+        given = Path(raw).expanduser()
+        return self.resolve(given if given.is_absolute() else self.outputs_dir / given, "output_dir", what=what)
 
     # ---------------------------------------------------------------- listings for dropdowns
 
@@ -212,14 +237,14 @@ class PathPolicy:
 
     def model_choices(self) -> list[str]:
         """Built-in models (the default first), diffusers folders and .safetensors checkpoints under the models
-        folder."""
+        folder, then those under the outputs folder (merged in the Tools tab)."""
         out = [DEFAULT_MODEL, *(m for m in TINY_MODELS if m != DEFAULT_MODEL)]
-        root = self.models_dir
-        for index in sorted(root.glob("*/model_index.json")) + sorted(root.glob("*/*/model_index.json")):
-            out.append(str(index.parent.resolve()))
-        for p in _walk(root, ".safetensors"):
-            if not is_adapter_file(p) and not any(part.startswith("state-") for part in p.parts):
-                out.append(str(p))
+        for root in (r.path for r in self._roots_for("model")):
+            for index in sorted(root.glob("*/model_index.json")) + sorted(root.glob("*/*/model_index.json")):
+                out.append(str(index.parent.resolve()))
+            for p in _walk(root, ".safetensors"):
+                if not is_adapter_file(p) and not any(part.startswith("state-") for part in p.parts):
+                    out.append(str(p))
         return out
 
     def dataset_choices(self) -> list[str]:

@@ -102,9 +102,10 @@ def test_failed_start_is_explained(client, ui):
     assert status(client)["status"] != "training"
 
 
-def _generate(client, adapter, strength, seed=7):
+def _generate(client, adapter, strength, seed=7, lbw=None):
     # common inputs: model, prompt, negative, steps, guidance, width, height, scheduler; then seed, count; 3 slots
-    slots = [adapter, strength, "", None, 1.0, "", None, 1.0, ""]
+    # of (file, strength, TE strength, block weights)
+    slots = [adapter, strength, "", lbw, None, 1.0, "", None, None, 1.0, "", None]
     return client.predict("tiny-sd1", "sdlohastyle, poster, red circle", "", 3, 5.0, 64, 64, "euler", seed, 1, *slots,
                           api_name="/generate")
 
@@ -156,6 +157,37 @@ def test_inspect(client, ui):
     assert meta["ss_output_name"] == "tiny"
     rows = chart["value"]["data"] if isinstance(chart, dict) and "value" in chart else chart["data"]
     assert rows and all(r[1] > 0 for r in rows)
+
+
+def test_tools_merge_meta_and_block_weights(client, ui):
+    """The Tools tab's merge and the Inspect tab's editors through their endpoints: a real merge of tiny-sd1 with
+    its report, a refused output path in words, metadata saved (hash unchanged), block weights in Generate."""
+    from sd_loha.io import addnet_hash
+    from sd_loha.meta import read_metadata
+
+    _, _, policy = ui
+    adapter = STATE.get("adapter")
+    if adapter is None:
+        pytest.skip("needs the trained adapter of the training test")
+    slots = [adapter, 0.5, "", "OUTD", None, 1.0, "", None, None, 1.0, "", None]
+    md = client.predict("tiny-sd1", "fp16", "api/merged.safetensors", *slots, api_name="/merge")
+    out = policy.outputs_dir / "api" / "merged.safetensors"
+    assert out.is_file() and f"`{out}`" in md and "| `tiny.safetensors` | 0.5 | 0.5 | OUTD |" in md, md
+    md = client.predict("tiny-sd1", "fp16", "../../merged.safetensors", *slots, api_name="/merge")
+    assert "Cannot merge" in md and "outside the folders" in md
+    md = client.predict("tiny-sd1", "fp16", "m.safetensors", adapter, 1.0, "", "NOPE", *slots[4:], api_name="/merge")
+    assert "Cannot merge" in md and "block weights 'NOPE'" in md and "INS" in md  # the library's message
+    msg, table = client.predict("INS", api_name="/block_weights")
+    assert msg == "" and len(table["data"]) == 26
+    before = addnet_hash(adapter)
+    msg, _thumb, meta = client.predict(adapter, "API title", "sdlohastyle", "made over the API", None, False,
+                                       api_name="/save_meta")
+    assert "Saved" in msg and "unchanged" in msg and addnet_hash(adapter) == before
+    assert read_metadata(adapter)["modelspec.title"] == "API title" == meta["modelspec.title"]
+    _, title, trigger, *_ = client.predict(adapter, api_name="/read_meta")
+    assert (title, trigger) == ("API title", "sdlohastyle")
+    msg, _, params, _ = _generate(client, adapter, 1.0, lbw="OUTD")
+    assert "Saved 1 image" in msg and "<lora:tiny:1:lbw=OUTD>" in params
 
 
 def test_paths_outside_the_folders_are_refused(client, ui, tmp_path):
@@ -263,7 +295,7 @@ def _pixels(path) -> np.ndarray:
 def _generate_args(adapter: str, i: int) -> list:
     """Arguments of the /generate endpoint for request i: the adapter at strength i % 2, seed 100 + i // 2
     (so requests 2k and 2k+1 share a seed and differ in strength)."""
-    slots = [adapter, float(i % 2), "", None, 1.0, "", None, 1.0, ""]
+    slots = [adapter, float(i % 2), "", None, None, 1.0, "", None, None, 1.0, "", None]
     return ["tiny-sd1", "sdlohastyle, poster", "", 2, 5.0, 64, 64, "euler", 100 + i // 2, 1, *slots]
 
 

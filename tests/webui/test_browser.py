@@ -1,7 +1,8 @@
 """End to end in a real headless Chromium (Playwright's Python driver with Debian's chromium): train the demo's
 poster style on toy-sd1 from the Train tab (shortened, with options set in its generated sections), watch the
 progress, generate with the new file at strengths 0 and 1 and as a grid of its saves x strengths x seeds, inspect
-it, and see a path outside the allowed folders refused. Screenshots go to tests/artifacts/ (and, with
+it, edit its metadata and send block weights to Generate, bake it into toy-sd1 and convert it to a LoRA in the Tools
+tab, and see a path outside the allowed folders refused. Screenshots go to tests/artifacts/ (and, with
 SD_LOHA_UPDATE_SCREENSHOT=1, the Train tab's to docs/webui.png, the Generate tab's to docs/webui-generate.png). About 70 s on 2 shared CPU cores (one torch thread).
 
 Needs: pip install playwright (no `playwright install`), apt-get install chromium.
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd_loha.io import addnet_hash
+from sd_loha.meta import read_metadata
 from sd_loha.toy.measure import judge
 from sd_loha.toy.styles import frame_contrast
 from sd_loha.train.config import load_config
@@ -259,3 +262,51 @@ def test_train_generate_inspect_in_the_browser(page, ui, one_thread):
     wait_for(lambda: page.locator("#inspect-chart canvas, #inspect-chart svg").count() >= 1, 30, what="the chart")
     shot(page, "webui-inspect.png")
     phase("inspected")
+
+    # ---- Inspect tab's editors: block weights beside the chart (sent to Generate) and the metadata, saved for real
+    fill(page, "inspect-lbw", "OUTD")
+    page.keyboard.press("Escape")
+    wait_for(lambda: "OUT03" in page.locator("#inspect-lbw-table").inner_text(), 30, what="the block-weights table")
+    page.get_by_text("Edit metadata (sd-loha meta").click()  # open the accordion
+    page.locator("#meta-title textarea").wait_for(state="visible")
+    page.locator("#meta-message").get_by_text("metadata keys in").wait_for()  # read when the file was inspected
+    assert field(page, "meta-title") == read_metadata(adapter).get("modelspec.title", "")
+    before = addnet_hash(adapter)
+    fill(page, "meta-title", "Poster style")
+    fill(page, "meta-trigger", "poster, thick dark frame")
+    page.locator("#meta-save").click()
+    page.locator("#meta-message").get_by_text("Saved").wait_for()
+    meta = read_metadata(adapter)
+    assert (meta["modelspec.title"], meta["modelspec.trigger_phrase"]) == ("Poster style", "poster, thick dark frame")
+    assert addnet_hash(adapter) == before and "unchanged" in page.locator("#meta-message").inner_text()
+    page.locator("#inspect-lbw-use").click()
+    page.locator("#gen-go").wait_for(state="visible")
+    assert field(page, "gen-lbw-0") == "OUTD" and field(page, "gen-adapter-0").endswith("demo.safetensors")
+    phase("metadata saved, block weights sent")
+
+    # ---- Tools tab: bake the file into toy-sd1, convert it to a rank-4 LoRA; the reports and the error table
+    page.get_by_role("tab", name="Tools").click()
+    page.locator("#merge-go").wait_for()
+    fill(page, "merge-adapter-0", adapter)
+    page.keyboard.press("Escape")
+    fill(page, "merge-lbw-0", "OUTD")
+    page.keyboard.press("Escape")
+    fill(page, "merge-out", "merged/demo_baked.safetensors")
+    page.locator("#merge-go").click()
+    page.locator("#merge-report").get_by_text("Wrote").wait_for(timeout=120_000)
+    assert (policy.outputs_dir / "merged" / "demo_baked.safetensors").is_file()
+    assert "OUTD" in page.locator("#merge-report").inner_text()
+    fill(page, "convert-file", adapter)
+    page.keyboard.press("Escape")
+    fill(page, "convert-model", DEFAULT_MODEL)
+    page.keyboard.press("Escape")
+    fill(page, "convert-rank", 4)
+    page.locator("#convert-go").click()
+    page.locator("#convert-report").get_by_text("Wrote").wait_for(timeout=120_000)
+    assert (policy.outputs_dir / "converted" / "lora.safetensors").is_file()
+    wait_for(lambda: "relative error" in page.locator("#convert-blocks").inner_text()
+             and "mid" in page.locator("#convert-blocks").inner_text(), 30, what="the per-block error table")
+    page.get_by_text("sd-loha: train and use LoHA adapters").click()  # close the dropdowns' option lists
+    page.wait_for_timeout(300)
+    shot(page, "webui-tools.png", "webui-tools.png")
+    phase("merged and converted")
