@@ -262,7 +262,8 @@ def _peft_config(modules: Mapping[str, AdapterModule], tucker: bool, base: str |
         "rank_pattern": {p: v for p, v in ranks.items() if v != r},
         "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
         "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": tucker,
-        "target_modules": sorted(modules), "exclude_modules": None, "layers_to_transform": None,
+        # no keys newer PEFT versions add with a default (exclude_modules, ...): older ones refuse unknown keys
+        "target_modules": sorted(modules), "layers_to_transform": None,
         "layers_pattern": None, "modules_to_save": None,
     }
     for p in modules:

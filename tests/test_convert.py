@@ -88,7 +88,7 @@ def test_full_rank_loads_in_diffusers_with_our_merged_weights(tmp_path, tiny_pip
     remove_loha(pipe)
     theirs = tiny_pipe(family)
     before = _weights(theirs)
-    theirs.load_lora_weights(str(out))
+    theirs.load_lora_weights(str(out.parent), weight_name=out.name)  # a folder + name: every diffusers version
     theirs.fuse_lora()
     theirs.unload_lora_weights()  # fused weights stay; the PEFT wrappers go
     after = _weights(theirs)
@@ -243,7 +243,7 @@ def test_dora_converts_against_the_base_weights(tmp_path, tiny_pipe, one_thread)
         ours = _weights(pipe)
         remove_loha(pipe)
         theirs = tiny_pipe("tiny-sd1")
-        theirs.load_lora_weights(str(out))
+        theirs.load_lora_weights(str(out.parent), weight_name=out.name)  # a folder + name: every diffusers version
         theirs.fuse_lora(lora_scale=strength)
         theirs.unload_lora_weights()
         after = _weights(theirs)

@@ -67,7 +67,10 @@ def _te_out(te: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_pattern_key_is_peft_rule() -> None:
-    from peft.utils.other import get_pattern_key
+    try:
+        from peft.utils.other import get_pattern_key
+    except ImportError:  # PEFT < 0.14 applies the same rule inline; test_peft_output_loads_in_peft checks the outcome
+        pytest.skip("this PEFT has no get_pattern_key")
 
     patterns = {"attn1.to_k": 2, "conv1": 3, r"down_blocks\.1.*to_q": 6}
     for path in ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k", "up_blocks.1.resnets.0.conv1",
