@@ -49,9 +49,9 @@ from .io import (
 )
 from .merge import (
     PART_LABELS,
-    _candidates,
-    _models,
-    _name_tables,
+    name_candidates,
+    pipeline_models,
+    module_name_tables,
     file_architecture,
     merge_delta,
 )
@@ -190,9 +190,9 @@ def _shape_from_factors(mod: AdapterModule, part: str | None) -> tuple[int, ...]
 
 def _model_layers(model: Any) -> dict[str, tuple[str, torch.Tensor]]:
     """Every name a file may use for a layer of `model` -> (part, the layer's weight)."""
-    models = _models(model)
+    models = pipeline_models(model)
     out: dict[str, tuple[str, torch.Tensor]] = {}
-    for part, table in _name_tables(models).items():
+    for part, table in module_name_tables(models).items():
         for name, path in table.items():
             out[name] = (part, models[part].get_submodule(path).weight)
     return out
@@ -210,13 +210,13 @@ def _file_layer(name: str, mod: AdapterModule, arch: str | None) -> _Layer | Non
     part = name_part(name)
     shape = _shape_from_factors(mod, part)
     if shape is None and part == "unet" and arch in _REFERENCE_UNETS:
-        unet_name = _candidates(name)[0][1]  # lycoris_<path> -> its UNet name
+        unet_name = name_candidates(name)[0][1]  # lycoris_<path> -> its UNet name
         shape = _reference_unet_shapes(_REFERENCE_UNETS[arch]).get(unet_name)
     return _Layer(part, shape, None) if shape is not None and part is not None else None
 
 
 def _model_layer(name: str, model_layers: dict[str, tuple[str, torch.Tensor]]) -> _Layer | None:
-    for part, lookup in _candidates(name):
+    for part, lookup in name_candidates(name):
         if lookup in model_layers and model_layers[lookup][0] == part:
             weight = model_layers[lookup][1]
             return _Layer(part, tuple(weight.shape), weight)

@@ -268,11 +268,13 @@ def _registry(pipe: Any, create: bool = False) -> _Registry | None:
     return reg
 
 
-def _models(pipe: Any) -> dict[str, nn.Module]:
+def pipeline_models(pipe: Any) -> dict[str, nn.Module]:
+    """part name -> the pipeline's model for it (unet, te or te1/te2)."""
     return {"unet": pipe.unet, **text_encoders(pipe)}
 
 
-def _name_tables(models: Mapping[str, nn.Module]) -> dict[str, dict[str, str]]:
+def module_name_tables(models: Mapping[str, nn.Module]) -> dict[str, dict[str, str]]:
+    """part -> {kohya module name: module path} for each model (the names files use)."""
     tables = {}
     for part, model in models.items():
         if part == "unet":
@@ -282,7 +284,7 @@ def _name_tables(models: Mapping[str, nn.Module]) -> dict[str, dict[str, str]]:
     return tables
 
 
-def _candidates(mod_name: str) -> list[tuple[str, str]]:
+def name_candidates(mod_name: str) -> list[tuple[str, str]]:
     """(part, name to look up) pairs for a file module name. LyCORIS's generic wrapper writes
     `lycoris_<path>` for whatever model it wrapped: usually the UNet, so that is tried first."""
     if mod_name.startswith(LYCORIS_PREFIX + "_"):
@@ -344,8 +346,8 @@ def apply_loha(
             name = next(f"adapter{i}" for i in range(len(loaded) + 1) if f"adapter{i}" not in loaded)
         else:
             name = Path(source).stem
-    models = _models(pipe)
-    tables = _name_tables(models)
+    models = pipeline_models(pipe)
+    tables = module_name_tables(models)
     family = detect_family(pipe)
     arch = file_architecture(parsed)
 
@@ -357,7 +359,7 @@ def apply_loha(
     claimed: dict[tuple[str, str], str] = {}
     for mod_name, mod in parsed.modules.items():
         hit = None
-        for part, lookup in _candidates(mod_name):
+        for part, lookup in name_candidates(mod_name):
             if part in tables and lookup in tables[part]:
                 hit = (part, tables[part][lookup])
                 break

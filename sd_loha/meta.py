@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .atomic import write_atomic
-from .io import AdapterFileError, read_safetensors
+from .io import read_safetensors
 
 __all__ = ["FIELDS", "read_metadata", "edit_metadata", "thumbnail_data_url", "format_metadata"]
 

@@ -275,14 +275,14 @@ def _peft_config(modules: Mapping[str, AdapterModule], tucker: bool, base: str |
 
 def _by_model(parsed: ParsedFile, pipe: Any) -> dict[str, dict[str, AdapterModule]]:
     """pipeline attribute -> {module path: file module}, every module matched or an error."""
-    from .merge import _candidates, _models, _name_tables
+    from .merge import module_name_tables, name_candidates, pipeline_models
 
-    models = _models(pipe)
-    tables = _name_tables(models)
+    models = pipeline_models(pipe)
+    tables = module_name_tables(models)
     out: dict[str, dict[str, AdapterModule]] = {}
     unmatched = []
     for name, mod in parsed.modules.items():
-        hit = next(((part, tables[part][n]) for part, n in _candidates(name) if part in tables and n in tables[part]),
+        hit = next(((part, tables[part][n]) for part, n in name_candidates(name) if part in tables and n in tables[part]),
                    None)
         if hit is None:
             unmatched.append(name)

@@ -25,7 +25,7 @@ from sd_loha.convert import (
     loha_to_lora,
 )
 from sd_loha.io import AdapterFileError
-from sd_loha.merge import _models, _name_tables
+from sd_loha.merge import module_name_tables, pipeline_models
 
 from .loader_helpers import file_delta, group_modules, make_loha_file
 
@@ -35,13 +35,13 @@ FULL = 10**6  # a rank above every layer's, clipped to each layer's full rank
 
 
 def _weights(pipe) -> dict[str, torch.Tensor]:
-    return {f"{part}.{n}": w.detach().clone() for part, m in _models(pipe).items() for n, w in m.named_parameters()}
+    return {f"{part}.{n}": w.detach().clone() for part, m in pipeline_models(pipe).items() for n, w in m.named_parameters()}
 
 
 def _layer_shapes(pipe) -> dict[str, tuple[int, ...]]:
-    models = _models(pipe)
+    models = pipeline_models(pipe)
     return {name: tuple(models[part].get_submodule(path).weight.shape)
-            for part, table in _name_tables(models).items() for name, path in table.items()}
+            for part, table in module_name_tables(models).items() for name, path in table.items()}
 
 
 def _mixed_file(pipe, path, tmp_path):

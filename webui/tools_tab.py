@@ -59,7 +59,7 @@ def merge_markdown(report: BakeReport, policy: PathPolicy) -> str:
     lines += [f"| `{a['file']}` | {a['strength']:g} | {a['te_strength']:g} | {a.get('block_weights') or '—'} | "
               f"{a['layers']} | `{a['addnet_hash'][:12]}` |" for a in report.adapters]
     if policy.inside(report.out, "model"):
-        lines += ["", "It is in the model lists now (↻ in the Generate tab) and loads in A1111, ComfyUI and diffusers."]
+        lines += ["", "It is in the model lists now (↻ in the Generate tab) and is in the original checkpoint layout (the keys A1111, ComfyUI and diffusers' from_single_file read)."]
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ def test_accelerate_launch_two_processes(tmp_path):
     processes, each on its half of the batches, one optimizer step per step, one file written by rank 0.
     (accelerate's `--cpu` launcher starts several processes only under mpirun; `--multi_gpu` uses torchrun.)"""
     out = tmp_path / "out"
-    sets = [f"pretrained_model=tiny-sd1", f"train_data_dir={DEMO_IMAGES}", f"output_dir={out}", "resolution=64",
+    sets = ["pretrained_model=tiny-sd1", f"train_data_dir={DEMO_IMAGES}", f"output_dir={out}", "resolution=64",
             "min_bucket_reso=64", "max_train_steps=3", "train_batch_size=2", "preset=attn-mlp", "network_dim=4",
             "learning_rate=1e-3", "log_with=none", "save_precision=float"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
