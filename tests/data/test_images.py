@@ -72,7 +72,8 @@ def test_format_pillow_cannot_read(tmp_path):
     heic.write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 200)
     expect_error(heic, "unsupported", "HEIC")
     blob = tmp_path / "blob.webp"
-    blob.write_bytes(bytes(range(256)) * 4)
+    # not bytes(range(256)): Pillow 10 reads a ramp from 0 as a (truncated) TGA header
+    blob.write_bytes(bytes([0x13, 0x37, 0xFE, 0x99]) * 256)
     expect_error(blob, "not_an_image", "not an image format")
 
 
