@@ -241,20 +241,10 @@ def heldout_items(folder: Path) -> list[tuple[torch.Tensor, str]]:
 def heldout_loss(pipe: Any, items: list[tuple[torch.Tensor, str]]) -> float:
     """Mean epsilon MSE of the pipeline (as it is: adapter on or off) on the held-out images; the noise and
     timesteps come from a generator with a fixed seed, so every run and the base model see the same ones."""
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
     vae = pipe.vae
     latents = vae.encode(torch.stack([x for x, _ in items]).to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
     cond = pipe.encode_prompt([c for _, c in items], pipe.device, 1, False)[0]
-    gen = torch.Generator().manual_seed(HELDOUT_SEED)
-    total = 0.0
-    for _ in range(HELDOUT_DRAWS):
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        pred = pipe.unet(sched.add_noise(latents, noise, t), t, cond).sample
-        total += float(torch.nn.functional.mse_loss(pred.float(), noise))
-    return total / HELDOUT_DRAWS
+    return evaluate.denoising_mse(pipe, latents, cond, draws=HELDOUT_DRAWS, seed=HELDOUT_SEED)
 
 
 def picture_scores(pipe: Any, style: str) -> dict[str, Any]:

@@ -44,6 +44,24 @@ def evaluate(pipe: Any, scenes: list[world.Scene] | None = None, seeds: tuple[in
     return measure.score(all_scenes, images)[0], all_scenes, images
 
 
+@torch.no_grad()
+def denoising_mse(pipe: Any, latents: torch.Tensor, cond: torch.Tensor, *, draws: int, seed: int) -> float:
+    """Mean ε-MSE of the pipeline's UNet on these latents and text conditioning: `draws` (noise, timestep) pairs
+    from a generator seeded with `seed`, so every adapter and the base model see the same ones. The plain
+    objective (no SNR weighting), over the base model's whole DDPM schedule."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        pred = pipe.unet(sched.add_noise(latents, noise, t), t, cond).sample
+        total += float(torch.nn.functional.mse_loss(pred.float(), noise))
+    return total / draws
+
+
 def grid(scenes: list[world.Scene], images: list[np.ndarray], columns: int = 8, scale: int = 2) -> Image.Image:
     """Tiles upscaled `scale` times, each with its prompt (object / background) and a mark when judged wrong."""
     tile = world.SIZE * scale

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from sd_loha.naming import text_encoder_module_names, unet_module_names
+from sd_loha.toy.evaluate import denoising_mse
 from sd_loha.train.report import LABEL_H, MIN_CELL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,23 +113,13 @@ def denoising_loss(pipe, folder: Path, *, size: int = 64, draws: int = 16, seed:
     timesteps. No min-SNR weighting: the plain denoising objective.
     """
     assert pipe.scheduler.config.prediction_type == "epsilon"
-    from diffusers import DDPMScheduler
-
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
     data = load_folder(folder, size, caption_extension)
     pixels = torch.stack([x for x, _ in data])
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     ids = pipe.tokenizer([c for _, c in data], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
     cond = pipe.text_encoder(ids)[0]
-    gen = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for _ in range(draws):
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        pred = pipe.unet(sched.add_noise(latents, noise, t), t, cond).sample
-        total += float(torch.nn.functional.mse_loss(pred, noise))
-    loss = total / draws
+    loss = denoising_mse(pipe, latents, cond, draws=draws, seed=seed)
     assert math.isfinite(loss)
     return loss
 
