@@ -10,14 +10,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from .. import schedulers
-from ..atomic import save_image_atomic
 from .conditioning import Conditioner
 from .config import TrainConfig
 from .prompts import PromptEntry, prompt_entries
@@ -137,15 +135,6 @@ def same_size_columns(columns: Sequence[tuple[str, Sequence[Image.Image]]]) -> l
 def sample_grid_image(columns: Sequence[tuple[str, Sequence[Image.Image]]], cfg: TrainConfig) -> Image.Image:
     """The labelled grid of sample columns: one row per prompt."""
     return column_grid(same_size_columns(columns), row_labels(cfg))
-
-
-def sample_grid(pipe: Any, cfg: TrainConfig, path: Path, *, base: list[Image.Image] | None = None,
-                label: str = "adapter") -> Path:
-    """The sample prompts' images as one labelled PNG, written atomically: one row per prompt, and with `base`
-    (the same prompts and seeds from the base model) a base column before the pipeline's."""
-    columns = [("base", base)] if base is not None else []
-    columns.append((label, sample_images(pipe, cfg)))
-    return save_image_atomic(sample_grid_image(columns, cfg), path)
 
 
 def strength_label(step: int, strength: float) -> str:
