@@ -117,7 +117,7 @@ def bake_adapters(
     (files, addnet hashes, strengths, base model, sd-loha version) goes in the file's metadata.
     """
     from . import __version__
-    from .merge import REGISTRY_ATTR, apply_loha
+    from .merge import apply_loha, keep_merged
 
     report_progress = progress or (lambda _what, _fraction: None)
     specs = [_as_spec(a) for a in adapters]
@@ -139,7 +139,7 @@ def bake_adapters(
                         "strength": spec.strength, "te_strength": te, **({"block_weights": lbw} if lbw else {}),
                         "layers": applied.total})
     # Nothing changes a strength again: drop the clean originals the merge keeps, up to a second copy of the model.
-    delattr(pipe.unet, REGISTRY_ATTR)
+    keep_merged(pipe)
     record = {"base_model": str(model), "family": family.name, "prediction_type": family.prediction_type,
               "dtype": dtype, "sd_loha_version": __version__,
               "adapters": [{k: v for k, v in r.items() if k != "layers"} for r in records]}

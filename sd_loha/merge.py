@@ -496,6 +496,13 @@ def set_loha_strength(
     reg.recompute(adapter.layers)
 
 
+def keep_merged(pipe: Any) -> None:
+    """Keep the merged weights as the model's own and drop the clean originals kept for strength changes and
+    removal (up to a second copy of the patched layers): afterwards the pipeline no longer knows its adapters."""
+    if hasattr(pipe.unet, REGISTRY_ATTR):
+        delattr(pipe.unet, REGISTRY_ATTR)
+
+
 def remove_loha(pipe: Any, name: str | None = None) -> None:
     """Remove one adapter (or all with name=None); layers with no adapter left get their original back bit for bit."""
     reg = _registry(pipe)
