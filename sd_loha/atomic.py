@@ -11,29 +11,37 @@ from __future__ import annotations
 import errno
 import io
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from PIL import Image
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp(folder: Path, name: str) -> tuple[int, str]:
+    """A new temp file beside `name`, created 0666 so the kernel applies the process umask itself.
+
+    (mkstemp creates 0600, and reading the umask means setting it: two threads doing that at once, the training
+    thread and a web UI worker, can leave the process umask at 0 and every later file world-writable.)
+    """
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"could not create a temp file beside {folder / name}")
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` through a temp file and a rename; the previous file stays whole on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; other tools (A1111 as another user) must read it
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from sd_loha import (
     list_loha,
     remove_loha,
 )
+from sd_loha.atomic import write_text_atomic
 from sd_loha.io import load_adapter, read_safetensors, save_safetensors_atomic
 
 from .loader_helpers import assert_unchanged, changed, make_loha_file, snapshot
@@ -601,3 +602,22 @@ def test_atomic_save_file_mode(tmp_path):
         assert target.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+def test_atomic_write_never_touches_the_process_umask(tmp_path, monkeypatch):
+    """Reading the umask means setting it; two threads doing so at once (training thread, web UI worker) could
+    leave it at 0 and every later file world-writable. Writes must leave it alone and still honour it."""
+    calls = []
+    real_umask = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real_umask(mask))
+    previous = real_umask(0o027)
+    try:
+        target = tmp_path / "mode.safetensors"
+        save_safetensors_atomic({"a.alpha": torch.tensor(1.0)}, target)
+        write_text_atomic(tmp_path / "note.txt", "x")
+        assert calls == []
+        assert target.stat().st_mode & 0o777 == 0o640
+        assert (tmp_path / "note.txt").stat().st_mode & 0o777 == 0o640
+    finally:
+        real_umask(previous)
+
