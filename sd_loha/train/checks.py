@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .config import BUILTIN_MODELS, ConfigError, Problem, TrainConfig, _suggest
+from .config import BUILTIN_MODELS, ConfigError, Problem, TrainConfig, suggest
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -16,10 +16,6 @@ _MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 def _looks_like_hub_id(s: str) -> bool:
     return bool(_HUB_ID.fullmatch(s)) and ".." not in s and not s.lower().endswith(_MODEL_SUFFIXES)
-
-
-def _where_of(cfg: TrainConfig, key: str) -> str | None:
-    return getattr(cfg, "_origins", {}).get(key)
 
 
 def _check_exists(add: Callable[[str, str, str | None], None], key: str, value: str, *, folder: bool,
@@ -34,12 +30,14 @@ def _check_exists(add: Callable[[str, str, str | None], None], key: str, value: 
         add(key, f"{key} '{value}' is a folder, not a file", wrong_kind_fix)
 
 
-def check_paths(cfg: TrainConfig) -> None:
-    """Check the paths named by the config; raises :class:`ConfigError` listing every problem."""
+def check_paths(cfg: TrainConfig, origins: Mapping[str, str | None] | None = None) -> None:
+    """Check the paths named by the config; raises :class:`ConfigError` listing every problem, each located
+    where ``origins`` (a :class:`~sd_loha.train.config.LoadedConfig`'s) says its option was set."""
+    where = origins or {}
     problems: list[Problem] = []
 
     def add(key: str, msg: str, fix: str | None = None) -> None:
-        problems.append(Problem(_where_of(cfg, key), msg, fix))
+        problems.append(Problem(where.get(key), msg, fix))
 
     # training data
     if cfg.train_data_dir:
@@ -79,7 +77,7 @@ def check_paths(cfg: TrainConfig) -> None:
             if m.lower().endswith(_MODEL_SUFFIXES) or os.sep in m or "/" in m or m.startswith(("~", ".")):
                 add("pretrained_model", f"pretrained_model '{m}' does not exist", "check the path")
             else:
-                s = _suggest(m, BUILTIN_MODELS)
+                s = suggest(m, BUILTIN_MODELS)
                 add("pretrained_model",
                     f"pretrained_model '{m}' is not an existing file or folder, a built-in model ({hint}) or a "
                     f"Hugging Face id (org/name)" + (f" (did you mean '{s}'?)" if s else ""),
@@ -142,9 +140,10 @@ def find_previous_outputs(output_dir: str | os.PathLike[str], output_name: str) 
     return found
 
 
-def check_output_dir(cfg: TrainConfig, resume: str | os.PathLike[str] | bool | None = None) -> None:
+def check_output_dir(cfg: TrainConfig, resume: str | os.PathLike[str] | bool | None = None,
+                     origins: Mapping[str, str | None] | None = None) -> None:
     """Refuse an output_dir that already holds this run name's outputs (two runs writing to one folder)
-    unless ``overwrite = true`` or the run resumes."""
+    unless ``overwrite = true`` or the run resumes. ``origins`` locates the problem as in :func:`check_paths`."""
     if cfg.overwrite or resume or not cfg.output_dir:
         return
     found = find_previous_outputs(cfg.output_dir, cfg.output_name)
@@ -156,7 +155,7 @@ def check_output_dir(cfg: TrainConfig, resume: str | os.PathLike[str] | bool | N
     raise ConfigError(
         [
             Problem(
-                _where_of(cfg, "output_dir"),
+                (origins or {}).get("output_dir"),
                 f"output_dir '{cfg.output_dir}' already holds outputs of a run named '{cfg.output_name}' ({names}); "
                 "two runs writing to one folder would overwrite each other's files",
                 "use a new output_dir or output_name, continue that run with --resume, or set overwrite = true "

@@ -1,4 +1,4 @@
-"""The training options' reference, docs/config.md, generated from the option table in config.py.
+"""The training options' reference, docs/config.md, generated from the option table (sd_loha/train/config/).
 
     python -m sd_loha.train.config_docs > docs/config.md
 """
@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 
 from ..schedulers import ALIASES, SCHEDULERS
-from .config import CHECKS_DOC, GROUP_TITLES, GROUPS, OPTIONS, OptionSpec, toml_value
+from .config import GROUP_TITLES, GROUPS, OPTIONS, RULES, OptionSpec, toml_value
 
 _DOC_INTRO = """\
 # Training configuration reference
 
-<!-- Generated from the option table in sd_loha/train/config.py; do not edit by hand.
+<!-- Generated from the option table in sd_loha/train/config/options.py; do not edit by hand.
      Regenerate with: python -m sd_loha.train.config_docs > docs/config.md -->
 
 Every training option has exactly one name (kohya sd-scripts' name wherever kohya users know it), and that
@@ -54,18 +54,22 @@ sd-loha train --config my_style.toml --set max_train_steps=50 --set output_dir=o
 
 Every problem is reported at once, each with where it was set (file and table, or the `--set` argument),
 what is wrong and how to fix it. Warnings (settings that are legal but probably not what you meant) are
-logged and do not stop training. Paths are checked separately, before any model is loaded; an `output_dir`
-that already holds files of the same `output_name` is refused unless `overwrite = true` or the run resumes.
+printed (`WARNING: config: ...`) and do not stop training. Paths are checked separately, before any model
+is loaded; an `output_dir` that already holds files of the same `output_name` is refused unless
+`overwrite = true` or the run resumes.
 
 ## From Python
 
 ```python
-from sd_loha.train.config import load_config, config_from_kwargs, TrainConfig
+from sd_loha.train.config import as_config, config_from_kwargs, load, load_config
 
 cfg = load_config("my_style.toml", ["max_train_steps=50"])
 cfg = config_from_kwargs(pretrained_model="tiny-sd1", train_data_dir="data", output_dir="out")
-cfg = TrainConfig.from_dict({"training": {"output_dir": "out"}, "pretrained_model": "tiny-sd1", ...})
+cfg = as_config({"training": {"output_dir": "out"}, "pretrained_model": "tiny-sd1", ...})  # flat or in tables
 print(cfg.to_toml())   # grouped TOML that loads back to an equal config
+
+loaded = load("my_style.toml", ["seed=7"])  # the config, where each value was set, and the warnings
+print(loaded.config.seed, loaded.origins["seed"], loaded.warnings)  # 7 --set seed=7 (...)
 ```
 """
 
@@ -121,9 +125,9 @@ def config_reference_markdown() -> str:
         out.append(f"| `{name}` | `{cls}`{f' ({extra})' if extra else ''} | {_md(desc)} |")
     aliases = ", ".join(f"`{a}`→`{c}`" for a, c in ALIASES.items())
     out += ["", f"Accepted aliases: {aliases}.", ""]
-    out += ["## Cross-option checks", ""]
-    for level, text in CHECKS_DOC:
-        out.append(f"- **{level}**: {text}")
+    out += ["## Cross-option checks", "", "Each check is a named rule (sd_loha/train/config/rules.py).", ""]
+    for rule in RULES:
+        out.append(f"- **{rule.level}** (`{rule.name}`): {rule.doc}")
     out.append("")
     return "\n".join(out)
 

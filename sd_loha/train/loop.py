@@ -33,7 +33,7 @@ from ..network import SAVE_DTYPES, add_loha
 from . import events
 from .checks import check_output_dir, check_paths, config_preflight
 from .conditioning import Conditioner, sdxl_time_ids
-from .config import TrainConfig, as_config
+from .config import TrainConfig, load
 from .ema import AdapterEMA
 from .loss import LossWeighting, diffusion_loss
 from .metadata import training_metadata
@@ -42,6 +42,7 @@ from .optim import make_optimizer, make_scheduler
 from .report import loss_curve
 from .runtime import (StopFlag, TrainingError, all_reduce_grads, enable_te_checkpointing, ensure_loss_scaler, is_oom,
                       log_image, lr_scalars, make_accelerator, oom_advice)
+from .prompts import PromptEntry, read_prompt_entries
 from .sampling import sample_grid_image, sample_images, sampling_key, strength_label
 from .state import OutputDirLock, clean_stale_temp, latest_state, load_state, restore_rng, rotate, save_state
 
@@ -72,10 +73,11 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
     on_event receives the typed events of sd_loha.train.events (the web UI's live view); stop_event (or
     Ctrl-C / SIGTERM) stops after the current step, saving the adapter and a resumable state.
     """
-    cfg = as_config(config, overrides)  # validates every option, the optimizer class included
-    check_paths(cfg)
+    loaded = load(config, overrides)  # validates every option, the optimizer class included; logs the warnings
+    cfg = loaded.config
+    check_paths(cfg, loaded.origins)
     resume_path = _resolve_resume(cfg, resume)
-    check_output_dir(cfg, resume=resume_path is not None)
+    check_output_dir(cfg, resume=resume_path is not None, origins=loaded.origins)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # One run per folder. Only the main process (rank 0 under accelerate launch) takes the lock.
@@ -138,6 +140,7 @@ class Trainer:
         self.val_losses: list[tuple[int, float]] = []
         self.samples: list[Path] = []
         self.saved: list[Path] = []
+        self._prompts: tuple[tuple[str, ...], list[PromptEntry]] | None = None
         self._resumed_ema: dict | None = None
         self._base_samples: tuple[tuple, list] | None = None  # (sampling settings, images)
         self._progress: list[tuple[str, list]] = []  # (label, images at the last sample strength) per sample step
@@ -424,13 +427,22 @@ class Trainer:
         self.accelerator.log({"val_loss": v}, step=self.step)
         self.emit(events.Validation(step=self.step, loss=v))
 
+    @property
+    def prompts(self) -> list[PromptEntry]:
+        """The entries of cfg.sample_prompts, prompts files read once per list of prompts (at the first samples),
+        so a prompts file edited during the run neither changes nor breaks its later samples."""
+        key = tuple(self.cfg.sample_prompts)
+        if self._prompts is None or self._prompts[0] != key:
+            self._prompts = (key, read_prompt_entries(key))
+        return self._prompts[1]
+
     def base_samples(self) -> list:
         """The sample prompts from the base model (the adapter at strength 0), made once per sampling settings."""
-        key = sampling_key(self.cfg)
+        key = sampling_key(self.cfg, self.prompts)
         if self._base_samples is None or self._base_samples[0] != key:
             self.network.set_multiplier(0.0)
             try:
-                self._base_samples = (key, sample_images(self.pipe, self.cfg))
+                self._base_samples = (key, sample_images(self.pipe, self.cfg, self.prompts))
             finally:
                 self.network.set_multiplier(1.0)
         return self._base_samples[1]
@@ -445,7 +457,7 @@ class Trainer:
                 else:
                     self.network.set_multiplier(strength)
                     try:
-                        images = sample_images(self.pipe, self.cfg)
+                        images = sample_images(self.pipe, self.cfg, self.prompts)
                     finally:
                         self.network.set_multiplier(1.0)
                 columns.append((strength_label(self.step, strength), images))
@@ -456,7 +468,7 @@ class Trainer:
         if not self.main or not self.cfg.sample_prompts:
             return None
         columns = self.strength_columns()
-        grid = sample_grid_image(columns, self.cfg)
+        grid = sample_grid_image(columns, self.cfg, self.prompts)
         path = save_image_atomic(grid, self.output_dir / "samples" / f"{tag}.png")
         log_image(self.accelerator, "samples", grid, self.step)
         self._progress.append((f"step {self.step}", columns[-1][1]))
@@ -469,7 +481,7 @@ class Trainer:
         if not self.main or len(self._progress) < 2:
             return None
         columns = [(strength_label(0, 0.0), self.base_samples()), *self._progress]
-        grid = sample_grid_image(columns, self.cfg)
+        grid = sample_grid_image(columns, self.cfg, self.prompts)
         path = save_image_atomic(grid, self.output_dir / "samples" / "progress.png")
         log_image(self.accelerator, "progress", grid, self.step)
         self.samples.append(path)

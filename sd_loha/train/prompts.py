@@ -26,7 +26,7 @@ from typing import Any
 from .. import schedulers
 
 __all__ = ["PROMPT_FILE_SUFFIXES", "PromptEntry", "PromptError", "is_prompts_file", "parse_prompt_line",
-           "prompt_entries", "read_prompt_entries", "read_prompts_file"]
+           "read_prompt_entries", "read_prompts_file"]
 
 PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".txt", ".toml", ".json")
 MAX_STEPS = 1000  # kohya's clamp of --s
@@ -224,14 +224,3 @@ def read_prompt_entries(sample_prompts: Sequence[str], where: str = "sample_prom
         else:
             entries.append(parse_prompt_line(item, f"{where} entry {n}"))
     return entries
-
-
-def prompt_entries(cfg: Any) -> list[PromptEntry]:
-    """The entries of `cfg.sample_prompts`, files read once per config object (when the config is checked), so a
-    run samples the prompts that were checked. Raises PromptError."""
-    key = tuple(cfg.sample_prompts)
-    cached = cfg.__dict__.get("_prompt_entries")
-    if cached is None or cached[0] != key:
-        cached = (key, read_prompt_entries(key))
-        cfg.__dict__["_prompt_entries"] = cached
-    return cached[1]

@@ -18,7 +18,7 @@ from PIL import Image
 from .. import schedulers
 from .conditioning import Conditioner
 from .config import TrainConfig
-from .prompts import PromptEntry, prompt_entries
+from .prompts import PromptEntry, read_prompt_entries
 from .report import column_grid
 
 
@@ -54,11 +54,14 @@ class SampleSpec:
     label: str = field(default="", compare=False)  # the grid's row: the prompt, then what it sets itself
 
 
-def sample_specs(cfg: TrainConfig) -> list[SampleSpec]:
-    """The sample prompts with their settings resolved: prompt i defaults to seed sample_seed + i."""
+def sample_specs(cfg: TrainConfig, prompts: Sequence[PromptEntry] | None = None) -> list[SampleSpec]:
+    """The sample prompts with their settings resolved: prompt i defaults to seed sample_seed + i. ``prompts``:
+    the entries of cfg.sample_prompts as read once (a run samples the prompts it checked, even if a prompts file
+    changes later); None reads them now."""
     w, h = cfg.sample_size
     specs = []
-    for i, e in enumerate(prompt_entries(cfg)):
+    entries = read_prompt_entries(cfg.sample_prompts) if prompts is None else prompts
+    for i, e in enumerate(entries):
         spec = SampleSpec(
             prompt=e.prompt, negative_prompt=_pick(e.negative_prompt, cfg.sample_negative_prompt),
             width=_pick(e.width, w), height=_pick(e.height, h), seed=_pick(e.seed, cfg.sample_seed + i),
@@ -86,11 +89,11 @@ def _label(spec: SampleSpec, entry: PromptEntry) -> str:
     return spec.prompt + (f" [{', '.join(parts)}]" if parts else "")
 
 
-def row_labels(cfg: TrainConfig) -> list[str]:
-    return [s.label for s in sample_specs(cfg)]
+def row_labels(cfg: TrainConfig, prompts: Sequence[PromptEntry] | None = None) -> list[str]:
+    return [s.label for s in sample_specs(cfg, prompts)]
 
 
-def sample_images(pipe: Any, cfg: TrainConfig) -> list[Image.Image]:
+def sample_images(pipe: Any, cfg: TrainConfig, prompts: Sequence[PromptEntry] | None = None) -> list[Image.Image]:
     """One image per sample prompt from the pipeline as it is now (eval mode: no rank/module dropout)."""
     models = [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     pipe.set_progress_bar_config(disable=True)
@@ -101,7 +104,7 @@ def sample_images(pipe: Any, cfg: TrainConfig) -> list[Image.Image]:
     images = []
     try:
         with torch.no_grad():
-            for spec in sample_specs(cfg):
+            for spec in sample_specs(cfg, prompts):
                 pipe.scheduler, _ = schedulers.make_scheduler(spec.sampler, old_scheduler.config)
                 gen = torch.Generator().manual_seed(spec.seed)
                 latents = pipe(**_prompt_kwargs(pipe, cfg, spec), num_inference_steps=spec.steps,
@@ -132,19 +135,20 @@ def same_size_columns(columns: Sequence[tuple[str, Sequence[Image.Image]]]) -> l
     return [(label, [pad(im) for im in images]) for label, images in columns]
 
 
-def sample_grid_image(columns: Sequence[tuple[str, Sequence[Image.Image]]], cfg: TrainConfig) -> Image.Image:
+def sample_grid_image(columns: Sequence[tuple[str, Sequence[Image.Image]]], cfg: TrainConfig,
+                      prompts: Sequence[PromptEntry] | None = None) -> Image.Image:
     """The labelled grid of sample columns: one row per prompt."""
-    return column_grid(same_size_columns(columns), row_labels(cfg))
+    return column_grid(same_size_columns(columns), row_labels(cfg, prompts))
 
 
 def strength_label(step: int, strength: float) -> str:
     return "base (strength 0)" if strength == 0 else f"step {step} @ {strength:g}"
 
 
-def sampling_key(cfg: TrainConfig) -> tuple:
+def sampling_key(cfg: TrainConfig, prompts: Sequence[PromptEntry] | None = None) -> tuple:
     """Everything the sample images depend on besides the weights (when the base images must be redone): each
     prompt's resolved settings, and the clip_skip of the conditioning."""
-    return (tuple(sample_specs(cfg)), cfg.clip_skip)
+    return (tuple(sample_specs(cfg, prompts)), cfg.clip_skip)
 
 
 def _prompt_kwargs(pipe: Any, cfg: TrainConfig, spec: SampleSpec) -> dict[str, Any]:

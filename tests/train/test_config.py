@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from sd_loha.train.config import (
     TrainConfig,
     as_config,
     config_from_kwargs,
+    load,
     load_config,
     loads_config,
 )
@@ -42,6 +46,10 @@ def cfg_with(*overrides: str) -> TrainConfig:
     return load_config(None, REQ + list(overrides))
 
 
+def warnings_with(*overrides: str) -> tuple[str, ...]:
+    return load({}, REQ + list(overrides)).warnings
+
+
 def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
     p = tmp_path / name
     p.write_text(text, encoding="utf-8")
@@ -62,7 +70,7 @@ def test_defaults():
     assert c.effective_unet_lr == c.effective_text_encoder_lr == c.learning_rate == 1e-4
     assert c.sample_size == (512, 512)
     assert c.effective_logging_dir == os.path.join("out", "logs")
-    assert c.warnings == []
+    assert warnings_with() == ()
     # every option has a group and help text; every default validates
     for spec in OPTIONS.values():
         assert spec.group in C.GROUPS and spec.help, spec.name
@@ -299,8 +307,7 @@ def test_conflict_with_bad_value_is_not_reported_twice():
 
 
 def test_caption_dropout_alone_allows_text_encoder_cache():
-    c = cfg_with("train_text_encoder=false", "cache_text_encoder_outputs=true", "caption_dropout_rate=0.1")
-    assert c.warnings == []
+    assert warnings_with("train_text_encoder=false", "cache_text_encoder_outputs=true", "caption_dropout_rate=0.1") == ()
 
 
 def test_bucket_check_skipped_without_bucketing():
@@ -396,8 +403,8 @@ def test_warmup_ratio_and_steps():
 )
 def test_warnings(overrides, expected, caplog):
     with caplog.at_level("WARNING", logger="sd_loha.train.config"):
-        c = cfg_with(*overrides)
-    assert len(c.warnings) == 1 and expected in c.warnings[0], c.warnings
+        warnings = warnings_with(*overrides)
+    assert len(warnings) == 1 and expected in warnings[0], warnings
     assert expected in caplog.text
 
 
@@ -434,10 +441,11 @@ def test_to_toml_round_trip(tmp_path):
     for comments in (False, True):
         p = write(tmp_path, c.to_toml(comments=comments))
         assert load_config(p) == c
-    assert TrainConfig.from_dict(c.to_dict()) == c
-    assert TrainConfig.from_dict(c.to_dict(grouped=True)) == c
-    assert "\n[dataset]\n" in c.to_toml() and "resolution = [768, 512]" in c.to_toml()
-    assert "train_data_dir = 'C:\\data\\set 1'" in c.to_toml()  # literal string for Windows paths
+    assert as_config(c.to_dict()) == c
+    assert as_config(c.to_dict(grouped=True)) == c
+    table = tomllib.loads(c.to_toml())
+    assert table["dataset"]["resolution"] == [768, 512] and table["dataset"]["train_data_dir"] == "C:\\data\\set 1"
+    assert table["training"]["optimizer_args"]["betas"] == [0.9, 0.99]  # a table option: a sub-table
     assert C.toml_value({"odd key": "x", "ok": 1}) == '{ "odd key" = "x", ok = 1 }'  # keys that need quotes
 
 
@@ -455,7 +463,7 @@ def test_loads_config_and_base():
     assert (c.pretrained_model, c.network_dim, c.output_dir) == ("tiny-sd2", 4, "o")
 
 
-def test_from_dict_errors_have_no_location():
+def test_python_dict_errors_have_no_location():
     msgs = errors_of(config_from_kwargs, pretrained_model="tiny-sd1", train_data_dir="d", output_dir="o",
                      network_dim="8x", learning_rat=1)
     assert msgs == [
@@ -464,18 +472,29 @@ def test_from_dict_errors_have_no_location():
     ]
 
 
-def test_validate_normalises_direct_construction():
+def test_load_normalises_direct_construction():
     c = TrainConfig(pretrained_model="tiny-sd1", train_data_dir="d", output_dir="o", resolution=768,
                     optimizer_type="adamw", mixed_precision="BF16")  # type: ignore[arg-type]
-    assert c.validate() == []
-    assert (c.resolution, c.optimizer_type, c.mixed_precision) == ((768, 768), "AdamW", "bf16")
+    loaded = load(c)
+    assert loaded.warnings == () and loaded.origins == {}
+    assert (loaded.config.resolution, loaded.config.optimizer_type, loaded.config.mixed_precision) == \
+        ((768, 768), "AdamW", "bf16")
+    assert c.resolution == 768  # the object passed in is not changed behind the caller's back
     bad = TrainConfig(pretrained_model="tiny-sd1", train_data_dir="d", output_dir="o", network_dim=0)
-    assert "network_dim must be >= 1, got 0" in one_error(bad.validate)
+    assert "network_dim must be >= 1, got 0" in one_error(load, bad)
+
+
+def test_loaded_config_says_where_each_value_was_set(tmp_path):
+    p = write(tmp_path, REQ_TOML + "[network]\nnetwork_dim = 4\n")
+    loaded = load(p, ["seed=3"])
+    assert loaded.origins["network_dim"] == f"{p} [network]" and loaded.origins["seed"] == "--set seed=3"
+    assert loaded.origins["pretrained_model"] == str(p) and "learning_rate" not in loaded.origins
+    assert not any(k.startswith("_") for k in vars(loaded.config))  # nothing stored on the config itself
 
 
 def test_as_config(tmp_path):
     c = cfg_with()
-    assert as_config(c) is c
+    assert as_config(c) == c
     assert as_config(c, ["max_train_epochs=2"]).max_train_epochs == 2
     d = c.to_dict()
     assert as_config(d) == c and as_config(d, ["network_dim=4"]).network_dim == 4
@@ -505,8 +524,9 @@ def test_docs_mention_every_option():
 
 @pytest.mark.parametrize("name", ["sd15_style", "sd2_style", "sdxl_style"])
 def test_example_configs_are_valid(name):
-    c = load_config(REPO / "train_configs" / f"{name}.toml")
-    assert c.warnings == []
+    loaded = load(REPO / "train_configs" / f"{name}.toml")
+    c = loaded.config
+    assert loaded.warnings == ()
     assert c.preset == "full" and (c.network_dim, c.network_alpha, c.conv_dim, c.conv_alpha) == (8, 4.0, 4, 1.0)
     assert c.sample_prompts and c.save_every_n_steps and c.save_last_n == 4
 
@@ -551,7 +571,7 @@ def test_check_paths_errors(tmp_path):
     (tmp_path / "afile").write_text("x")
     (tmp_path / "models").mkdir()
     (tmp_path / "notamodel").mkdir()
-    c = cfg_with(
+    loaded = load({}, REQ + [
         f"train_data_dir={tmp_path / 'missing'}",
         f"pretrained_model={tmp_path / 'notamodel'}",
         f"network_weights={tmp_path / 'nope.safetensors'}",
@@ -559,8 +579,9 @@ def test_check_paths_errors(tmp_path):
         f"vae={tmp_path / 'vae.safetensors'}",
         f"reg_data_dir={tmp_path / 'no_reg'}",
         "masked_loss=true", f"conditioning_data_dir={tmp_path / 'afile'}",
-    )
-    msgs = errors_of(check_paths, c)
+    ])
+    c = loaded.config
+    msgs = errors_of(check_paths, c, loaded.origins)  # each problem located where its option was set
     assert len(msgs) == 7, msgs
     assert any("reg_data_dir" in m and "does not exist" in m and "regularization images" in m for m in msgs)
     assert any("conditioning_data_dir" in m and "is a file, not a folder" in m for m in msgs)
@@ -594,7 +615,7 @@ def test_check_paths_unwritable(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     real_access = os.access
-    monkeypatch.setattr(C.os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
     c = cfg_with(f"train_data_dir={tmp_path / 'data'}", f"output_dir={ro / 'sub' / 'out'}")
     assert f"output_dir '{ro / 'sub' / 'out'}' cannot be created: '{ro}' is not writable" in one_error(check_paths, c)
     c = cfg_with(f"train_data_dir={tmp_path / 'data'}", f"output_dir={ro}")
@@ -629,3 +650,36 @@ def test_find_previous_outputs(tmp_path):
         (tmp_path / d).mkdir()
     assert [p.name for p in find_previous_outputs(tmp_path, "loha")] == [
         "loha-000400-state", "loha-step00400.safetensors", "loha.safetensors", "loha_e3.safetensors", "state"]
+
+
+# ---------------------------------------------------------------------------------------------
+# save_precision = "bf16": A1111 merges in the file's dtype
+# ---------------------------------------------------------------------------------------------
+
+BF16_WARNING = ('save_precision = "bf16": A1111 merges an adapter into the model in the file\'s dtype, so a bf16 '
+                "file rounds every patched base weight to bf16, even on an fp16 model")
+
+
+def test_bf16_save_precision_warns_that_a1111_rounds_merged_weights(caplog):
+    with caplog.at_level("WARNING", logger="sd_loha.train.config"):
+        c = load_config(None, REQ + ["save_precision=bfloat16"])
+    assert c.save_precision == "bf16"
+    logged = [r.getMessage() for r in caplog.records if BF16_WARNING in r.getMessage()]
+    assert len(logged) == 1, caplog.text
+    assert "2.5e-2" in logged[0] and "2.4e-3" in logged[0] and 'use save_precision = "fp16" (the default)' in logged[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sd_loha.train.config"):
+        assert load_config(None, REQ).save_precision == "fp16"  # the default: no warning
+        load_config(None, REQ + ["save_precision=float"])
+    assert "A1111" not in caplog.text
+
+
+def test_bf16_warning_reaches_the_user_of_sd_loha_train(tmp_path):
+    """The command line prints config warnings before it checks the paths (here a missing data folder)."""
+    argv = ["train", "--set", "pretrained_model=tiny-sd1", "--set", f"train_data_dir={tmp_path / 'missing'}",
+            "--set", f"output_dir={tmp_path / 'out'}", "--set", "save_precision=bf16"]
+    run = subprocess.run([sys.executable, "-c", "import sys; from sd_loha.cli import main; sys.exit(main(sys.argv[1:]))",
+                          *argv], capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert run.returncode == 2 and "train_data_dir" in run.stderr, run.stderr[-2000:]
+    assert f"WARNING: config: {BF16_WARNING}" in run.stderr

@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 
 from sd_loha.train import train
-from sd_loha.train.config import ConfigError, config_from_kwargs
+from sd_loha.train.config import ConfigError, config_from_kwargs, load
 from sd_loha.train.loop import Trainer
 from sd_loha.train.noise import (
     OBJECTIVE_OPTIONS,
@@ -198,8 +198,8 @@ def test_config_checks_of_the_noise_options(tmp_path):
         _cfg(tmp_path, min_timestep=600, max_timestep=200)
     with pytest.raises(ConfigError, match="min_timestep"):
         _cfg(tmp_path, min_timestep=1000)
-    warns = _cfg(tmp_path, noise_offset_random_strength=True, ip_noise_gamma_random_strength=True,
-                 multires_noise_discount=0.5).warnings
+    warns = load(base_config(tmp_path / "out", noise_offset_random_strength=True, ip_noise_gamma_random_strength=True,
+                             multires_noise_discount=0.5)).warnings
     assert any("noise_offset_random_strength" in w for w in warns)
     assert any("ip_noise_gamma_random_strength" in w for w in warns)
     assert any("multires_noise_discount" in w for w in warns)

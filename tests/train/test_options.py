@@ -723,7 +723,7 @@ def test_tensorboard_logs_land_in_logging_dir(tmp_path):
 
 
 def test_tensorboard_asked_for_but_not_installed_is_refused(tmp_path, monkeypatch):
-    import sd_loha.train.config as config
+    import sd_loha.train.config.rules as config
 
     monkeypatch.setattr(config, "tensorboard_installed", lambda: False)  # the test extra installs it
     for value in ("tensorboard", "all"):

@@ -290,7 +290,7 @@ def test_sample_at_first_is_not_repeated_on_resume(tmp_path):
 
 
 def test_wandb_asked_for_but_not_installed_is_refused(tmp_path, monkeypatch):
-    import sd_loha.train.config as config
+    import sd_loha.train.config.rules as config
 
     monkeypatch.setattr(config, "wandb_installed", lambda: False)
     for value in ("wandb", "all"):

@@ -189,7 +189,7 @@ def test_a_preset_file_is_checked_against_the_folders_before_it_is_read(policy, 
     outside = _preset_file(tmp_path / "elsewhere")
     outside.write_text("not = [valid", encoding="utf-8")  # read, it would fail as invalid TOML
     read = []
-    monkeypatch.setattr("sd_loha.train.config.read_preset", lambda p: read.append(p))
+    monkeypatch.setattr("sd_loha.train.config.rules.read_preset", lambda p: read.append(p))
     for layers in (({**form, "preset": str(outside)}, ""), (form, f"[network]\npreset = '{outside}'\n")):
         with pytest.raises(ConfigError, match=r"paths refused:\n  - preset file '.*' is refused"):
             build_config(policy, layers[0], layers[1], start_toml())
