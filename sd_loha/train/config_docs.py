@@ -106,6 +106,20 @@ def _allowed_text(spec: OptionSpec) -> str:
     return "; ".join(parts)
 
 
+def kohya_differences_markdown() -> list[str]:
+    """The one table of defaults that differ from kohya sd-scripts' (and LyCORIS's network_args), from the
+    option table's kohya_default / kohya_note."""
+    out = ["## Defaults that differ from kohya sd-scripts", "",
+           "A kohya config that leaves these options out trains differently here. Options not listed have kohya's "
+           "default (or are sd-loha's own). Set any of them to kohya's value to get kohya's behaviour.", "",
+           "| Option | kohya's default | sd-loha's default | Why |", "|---|---|---|---|"]
+    for spec in OPTIONS.values():
+        if spec.kohya_default is not None:
+            out.append(f"| `{spec.name}` | {_md(spec.kohya_default)} | {_md(_default_text(spec))} | "
+                       f"{_md(spec.kohya_note or '')} |")
+    return out + [""]
+
+
 def config_reference_markdown() -> str:
     """The option reference (docs/config.md), generated from the TrainConfig metadata."""
     out = [_DOC_INTRO]
@@ -119,6 +133,7 @@ def config_reference_markdown() -> str:
                     f"{_md(_allowed_text(spec))} | {_md(spec.help)} |"
                 )
         out.append("")
+    out += kohya_differences_markdown()
     out += ["## Samplers (`sample_sampler`)", "", "| Name | diffusers scheduler | A1111 name |", "|---|---|---|"]
     for name, (cls, kwargs, desc) in SCHEDULERS.items():
         extra = ", ".join(f"{k}={toml_value(v)}" for k, v in kwargs.items())

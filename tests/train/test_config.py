@@ -516,6 +516,18 @@ def test_docs_config_md_is_up_to_date():
     )
 
 
+def test_docs_list_every_default_that_differs_from_kohya_in_one_table():
+    md = config_reference_markdown()
+    table = md.split("## Defaults that differ from kohya sd-scripts", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.splitlines() if line.startswith("| `")}
+    differing = {name for name, spec in OPTIONS.items() if spec.kohya_default is not None}
+    assert set(rows) == differing
+    assert {"caption_extension", "save_state", "cache_latents", "wd_on_output", "save_precision"} <= differing
+    for name, spec in OPTIONS.items():  # a difference always says why; no reason without a difference
+        assert (spec.kohya_default is None) == (spec.kohya_note is None), name
+    assert md.count("kohya's default |") == 1  # one table
+
+
 def test_docs_mention_every_option():
     md = config_reference_markdown()
     for name in OPTIONS:

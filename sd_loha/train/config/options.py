@@ -70,6 +70,10 @@ class OptionSpec:
     type_doc: str | None = None
     example: str | None = None  # a valid TOML value, used in fix hints
     file_suffix: str | None = None  # an enum that also takes a path ending in this (preset = "my.toml")
+    #: where kohya sd-scripts (or LyCORIS, for its network_args) has another default: theirs as docs/config.md
+    #: shows it, and why ours differs (both or neither)
+    kohya_default: str | None = None
+    kohya_note: str | None = None
     name: str = ""
     default: Any = None
 
@@ -171,6 +175,9 @@ class TrainConfig:
         "which is right for SD 2.x 768 models; set true/false only to override a wrong detection "
         "(\"auto\" also means not set).",
         optional=True, default_doc="auto-detect", none_words=("auto",),
+        kohya_default="`false`",
+        kohya_note=("detected from the model's scheduler, so an SD 2.x 768-v model trains as v-prediction "
+                   "without a flag that is easy to forget"),
     )
 
     # ---- dataset -------------------------------------------------------------------------------
@@ -183,17 +190,25 @@ class TrainConfig:
     caption_extension: str = _opt(
         "dataset", "str", ".txt",
         "Extension of the caption file next to each image.",
+        kohya_default='`".caption"`',
+        kohya_note=("most captioning tools and shared datasets write .txt (kohya's own WD14 tagger does; its "
+                   "BLIP script writes .caption)"),
     )
     resolution: tuple[int, int] = _opt(
         "dataset", "resolution", (512, 512),
         "Training resolution, width and height (an integer for a square). With bucketing this sets the "
         "pixel area of every bucket. Multiples of 8. Stored as (width, height).",
         multiple_of=8, min=64, default_doc="`512`", example="512",
+        kohya_default="not set (the dataset must give it)",
+        kohya_note=("SD 1.x's native size, so a minimal config trains; SD 2.x 768 and SDXL configs set it "
+                   "(train_configs/)"),
     )
     enable_bucket: bool = _opt(
         "dataset", "bool", True,
         "Aspect-ratio bucketing: group images by aspect ratio instead of resizing and cropping every image to "
         "resolution (center crop unless random_crop).",
+        kohya_default="`false`",
+        kohya_note="images of any aspect ratio train uncropped; square images train the same either way",
     )
     min_bucket_reso: int = _opt(
         "dataset", "int", 256, "Smallest bucket side in pixels.", min=64, multiple_of=8,
@@ -249,6 +264,9 @@ class TrainConfig:
         "Encode every image with the VAE once before training and keep the latents (both flips with flip_aug); "
         "much faster: the VAE then only runs for validation images and samples. random_crop turns caching off "
         "(a warning says so).",
+        kohya_default="`false`",
+        kohya_note=("the same loss with the VAE run once per image instead of every step "
+                   "(tests/train/test_options.py); random_crop turns it off with a warning"),
     )
     cache_latents_to_disk: bool = _opt(
         "dataset", "bool", False,
@@ -327,27 +345,39 @@ class TrainConfig:
         "use_fnmatch = true), exclude_name, enable_conv, and module_algo_map / name_algo_map tables of per-class / "
         "per-name dim, alpha and use_tucker (algo must be loha), with LyCORIS's kohya-network precedence.",
         choices=PRESETS, file_suffix=".toml", type_doc="string: a preset name or a .toml file",
+        kohya_default='`"full"` (LyCORIS)',
+        kohya_note=("attention and feed-forward layers are what style and character LoHAs train (LyCORIS's own "
+                   "LoHA example uses attn-mlp); files stay small"),
     )
     network_dim: int = _opt(
         "network", "int", 8,
         "LoHA rank of linear and 1x1 conv layers (capacity grows like rank squared; 4-16 is typical).",
         min=1,
+        kohya_default="not set: 4 (LyCORIS's and kohya's fallback)",
+        kohya_note="LoHA's capacity grows with rank squared; 8 with alpha 4 is LyCORIS's LoHA example",
     )
     network_alpha: float = _opt(
         "network", "float", 4.0,
         "Scale numerator: the update is multiplied by network_alpha / network_dim. Lower = smaller "
         "effective learning rate; 1 to network_dim/2 is typical for LoHA.",
         min=0.0, min_open=True,
+        kohya_default="`1`",
+        kohya_note=("alpha 4 with rank 8 (scale 0.5) is LyCORIS's LoHA example; alpha 1 would scale updates by "
+                   "1/8"),
     )
     conv_dim: int = _opt(
         "network", "int", 0,
         "LoHA rank of k x k convolutions (0 = do not adapt k x k convs). They are in preset full, or added by "
         "network_include.",
         min=0,
+        kohya_default="network_dim (LyCORIS: k x k convs adapted under preset full)",
+        kohya_note="k x k convolutions hold most of a full adapter's parameters: opt-in",
     )
     conv_alpha: float = _opt(
         "network", "float", 1.0, "Scale numerator of k x k convolutions (conv_alpha / conv_dim).",
         min=0.0, min_open=True,
+        kohya_default="network_alpha (LyCORIS)",
+        kohya_note="convolutions are off by default (conv_dim = 0); 1 is kohya's network_alpha default",
     )
     use_tucker: bool = _opt(
         "network", "bool", False,
@@ -380,6 +410,8 @@ class TrainConfig:
         "load right everywhere: A1111 always normalises per input column, so an output-row dora_scale "
         "broadcasts into a full matrix and the pictures turn to noise, and ComfyUI divides an output-row "
         "dora_scale by the norm of the original weight instead of ‖W + ΔW‖ (docs/format.md, LyCORIS issue 246).",
+        kohya_default="`true` (LyCORIS)",
+        kohya_note="only input-column dora_scale files load right in A1111 and ComfyUI (docs/format.md)",
     )
     use_scalar: bool = _opt(
         "network", "bool", False,
@@ -444,6 +476,8 @@ class TrainConfig:
         "training", "str", "loha",
         "File name stem of the saved LoHA files (output_name.safetensors at the end; output_name-step000400 and "
         "output_name-epoch0002.safetensors for intermediate saves; output_name-step000123 when stopped early).",
+        kohya_default='not set: `"last"`',
+        kohya_note="the file says what it holds",
     )
     train_batch_size: int = _opt("training", "int", 1, "Images per batch.", min=1)
     max_train_steps: int | None = _opt(
@@ -463,6 +497,8 @@ class TrainConfig:
         "training", "float", 1e-4,
         "Base learning rate; unet_lr and text_encoder_lr default to it. Use about 1.0 with Prodigy.",
         min=0.0, min_open=True,
+        kohya_default="`2e-6`",
+        kohya_note="kohya's default is for full fine-tuning; LoRA/LoHA training uses about 1e-4",
     )
     unet_lr: float | None = _opt(
         "training", "float", None, "Learning rate of the UNet modules. Not set: learning_rate.",
@@ -530,7 +566,10 @@ class TrainConfig:
         "training", "bool", False, "Trade compute for memory: recompute activations in the backward pass.",
     )
     seed: int = _opt("training", "int", 42,
-                     "Random seed of the run (LoHA initialisation, noise and timesteps, shuffling, dropout).", min=0)
+                     "Random seed of the run (LoHA initialisation, noise and timesteps, shuffling, dropout).", min=0,
+        kohya_default="not set: a random seed per run",
+        kohya_note="a run can be repeated exactly, and compared with another that changes one setting",
+    )
     min_snr_gamma: float | None = _opt(
         "training", "float", None,
         "Min-SNR-gamma loss weighting (5.0 is typical; speeds up convergence). Not set: off.",
@@ -652,6 +691,9 @@ class TrainConfig:
     )
     max_data_loader_n_workers: int = _opt(
         "training", "int", 0, "Data-loader worker processes (0 = load in the main process).", min=0,
+        kohya_default="`8` (at most the CPU count)",
+        kohya_note=("with cached latents a batch is cheap to load; worker processes cost start-up time and "
+                   "memory every epoch"),
     )
 
     # ---- saving --------------------------------------------------------------------------------
@@ -673,11 +715,16 @@ class TrainConfig:
         "saving", "enum", "fp16", "Precision of the saved LoHA weights.",
         choices=("fp16", "bf16", "float"),
         aliases={"fp32": "float", "float32": "float", "float16": "fp16", "bfloat16": "bf16"},
+        kohya_default="not set: the training dtype (fp32)",
+        kohya_note=("half the file size and loads the same in every tool; fp16, not bf16, because A1111 merges "
+                   "in the file's dtype (bf16 warns)"),
     )
     save_state: bool = _opt(
         "saving", "bool", True,
         "Write a resumable training state (adapter, optimizer, scheduler, EMA, loss scaler, RNG, step) next to "
         "every intermediate save and at the end (see save_last_n). A run that is stopped early always writes one.",
+        kohya_default="`false`",
+        kohya_note="a stopped or finished run can be continued with --resume; save_last_n bounds the disk use",
     )
     overwrite: bool = _opt(
         "saving", "bool", False,
@@ -722,29 +769,45 @@ class TrainConfig:
     )
     sample_seed: int = _opt("sampling", "int", 1234,
                             "Seed of the sample images: prompt i uses sample_seed + i, the same at every sample step.",
-                            min=0)
-    sample_steps: int = _opt("sampling", "int", 20, "Denoising steps per sample image.", min=1)
+                            min=0,
+        kohya_default="not set: a random seed per picture (unless --d)",
+        kohya_note="each sample step draws the same noise, so the grids show what training changed",
+    )
+    sample_steps: int = _opt("sampling", "int", 20, "Denoising steps per sample image.", min=1,
+        kohya_default="`30` (per prompt, --s)",
+        kohya_note="euler_a draws a clear picture in 20 steps",
+    )
     sample_guidance_scale: float = _opt(
         "sampling", "float", 7.0, "Classifier-free guidance scale of the samples.", min=0.0,
+        kohya_default="`7.5` (per prompt, --l)",
+        kohya_note="A1111's default CFG scale",
     )
     sample_width: int | None = _opt(
         "sampling", "int", None, "Sample width in pixels. Not set: the training resolution's width.",
         optional=True, min=64, multiple_of=8, default_doc="resolution width", example="512",
+        kohya_default="`512` (per prompt, --w)",
+        kohya_note="samples show the resolution the adapter trains at",
     )
     sample_height: int | None = _opt(
         "sampling", "int", None, "Sample height in pixels. Not set: the training resolution's height.",
         optional=True, min=64, multiple_of=8, default_doc="resolution height", example="512",
+        kohya_default="`512` (per prompt, --h)",
+        kohya_note="samples show the resolution the adapter trains at",
     )
     sample_sampler: str = _opt(
         "sampling", "enum", "euler_a",
         "Sampler of the sample images (see the sampler table below; kohya's k_* names are accepted).",
-        choices=tuple(SCHEDULERS), aliases=SCHEDULER_ALIASES,  # the samplers of generation
+        choices=tuple(SCHEDULERS), aliases=SCHEDULER_ALIASES,  # the samplers of generation,
+        kohya_default='`"ddim"`',
+        kohya_note="Euler ancestral draws clear pictures at 20 sample_steps",
     )
 
     # ---- logging -------------------------------------------------------------------------------
     logging_dir: str | None = _opt(
         "logging", "path", None, "Folder for training logs. Not set: output_dir/logs.",
         optional=True, default_doc="output_dir/logs", example='"logs"',
+        kohya_default="not set: no logs",
+        kohya_note="every run keeps its loss curve next to its files",
     )
     log_with: str = _opt(
         "logging", "enum", "auto",
@@ -753,10 +816,14 @@ class TrainConfig:
         "& Biases; its files in logging_dir; WANDB_MODE=offline logs without an account or network), all (both), "
         "none, or auto (tensorboard when it is installed, otherwise none).",
         choices=("auto", "tensorboard", "wandb", "all", "none"),
+        kohya_default="not set: tensorboard when logging_dir is set, otherwise none",
+        kohya_note="logs whenever TensorBoard is installed, into output_dir/logs",
     )
     log_tracker_name: str = _opt(
         "logging", "str", "sd-loha",
         "Name of the run's log: the Weights & Biases project, and the TensorBoard subfolder of logging_dir.",
+        kohya_default='not set: `"network_train"`',
+        kohya_note="the run's log says which program wrote it",
     )
     wandb_run_name: str | None = _opt(
         "logging", "str", None, "Name of the Weights & Biases run. Not set: wandb picks one.",

@@ -129,7 +129,8 @@ def sample_prompts_readable(cfg: TrainConfig) -> Iterator[Finding]:
 
 def disk_cache_needs_cache(cfg: TrainConfig) -> Iterator[Finding]:
     if cfg.cache_latents_to_disk and not cfg.cache_latents:
-        yield Finding(("cache_latents_to_disk", "cache_latents"), "cache_latents_to_disk = true needs cache_latents = true",
+        yield Finding(("cache_latents_to_disk", "cache_latents"),
+                      "cache_latents_to_disk = true needs cache_latents = true",
                       "set cache_latents = true, or cache_latents_to_disk = false")
 
 
@@ -300,7 +301,8 @@ def unused_options(cfg: TrainConfig) -> Iterator[Finding]:
          cfg.ip_noise_gamma_random_strength and not cfg.ip_noise_gamma,
          "ip_noise_gamma_random_strength is set but ip_noise_gamma is not, so it has no effect"),
         ("multires_noise_discount", None,
-         cfg.multires_noise_discount != OPTIONS["multires_noise_discount"].default and not cfg.multires_noise_iterations,
+         cfg.multires_noise_discount != OPTIONS["multires_noise_discount"].default
+         and not cfg.multires_noise_iterations,
          "multires_noise_discount is only used with multires_noise_iterations, which is not set"),
         ("sample_prompts", None, bool(cfg.sample_prompts) and not has_interval,
          "sample_prompts is set but neither sample_every_n_steps nor sample_every_n_epochs is: no samples are made "
@@ -330,7 +332,8 @@ RULES: tuple[Rule, ...] = (
     Rule(required_options, "error", "pretrained_model, train_data_dir and output_dir must be set."),
     Rule(run_length_once, "error",
          "max_train_steps and max_train_epochs are both set (a later layer setting one unsets the other)."),
-    Rule(text_cache_needs_frozen_encoder, "error", "cache_text_encoder_outputs = true while train_text_encoder = true."),
+    Rule(text_cache_needs_frozen_encoder, "error",
+         "cache_text_encoder_outputs = true while train_text_encoder = true."),
     Rule(sampler_runs, "error",
          "sample_sampler needs a package that is not installed (lms: scipy), or more sample_steps than given "
          "(pndm: 4).", needs=("sample_sampler", "sample_steps")),
@@ -400,7 +403,8 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def cross_check(cfg: TrainConfig, origins: Mapping[str, str | None], invalid: set[str]) -> tuple[list[Problem], list[str]]:
+def cross_check(cfg: TrainConfig, origins: Mapping[str, str | None],
+                invalid: set[str]) -> tuple[list[Problem], list[str]]:
     """Run every rule: (the errors, located where their options were set; the warnings). ``invalid``: options
     whose value was refused (they hold their default), about which nothing more is said."""
     problems: list[Problem] = []
