@@ -29,7 +29,7 @@ def test_every_runtime_dependency_is_pinned_at_its_floor():
     names = {floor_of(r)[0] for r in project["dependencies"]}
     assert names | {"pytest"} == set(pins)
     assert pins["torch"] == floor_of(next(r for r in project["dependencies"] if r.startswith("torch")))[1]
-    # tomllib (config.py, the web UI) is 3.11+: a lower requires-python would be false again
+    # tomllib (the config loader, the web UI) is 3.11+: a lower requires-python would be false again
     assert tuple(map(int, python_floor(project).split("."))) >= (3, 11)
 
 
