@@ -594,7 +594,7 @@ def balance_regularization(train_samples: int, reg_items: list[ImageItem]) -> li
 
 def _attach_masks(root: Path, items: list[ImageItem], validation: list[ImageItem], reg_items: list[ImageItem],
                   mask_root: Path | None, *, verify: bool):
-    """Give every image its loss mask: its own alpha channel (alpha_mask), or the same-name file of
+    """Give every image its loss mask: its own alpha channel (alpha_mask), or the file at its relative path in
     conditioning_data_dir (training and validation images; regularization images then weigh 1 everywhere).
     A training image without a mask, or with a mask of another size, is an error naming the file."""
     warnings: list[str] = []
@@ -612,7 +612,7 @@ def _attach_masks(root: Path, items: list[ImageItem], validation: list[ImageItem
         return items, validation, reg_items, stat, warnings
 
     index = MaskIndex.scan(mask_root)
-    missing: list[Path] = []
+    missing: list[str] = []
     wrong_size: list[str] = []
 
     def with_file(its: list[ImageItem]) -> list[ImageItem]:
@@ -620,7 +620,7 @@ def _attach_masks(root: Path, items: list[ImageItem], validation: list[ImageItem
         for it in its:
             mask = index.find(it.path, root)
             if mask is None:
-                missing.append(it.path)
+                missing.append(f"{it.path} (its mask: {index.expected(it.path, root)}.png or another image type)")
                 continue
             try:
                 size = inspect_image(mask, verify=verify).size
@@ -633,10 +633,11 @@ def _attach_masks(root: Path, items: list[ImageItem], validation: list[ImageItem
 
     items, validation = with_file(items), with_file(validation)
     if missing:
-        shown = "\n    ".join(str(p) for p in missing[:10]) + ("\n    ..." if len(missing) > 10 else "")
+        shown = "\n    ".join(missing[:10]) + ("\n    ..." if len(missing) > 10 else "")
         raise DatasetError(
             f"masked_loss: {len(missing)} training image(s) have no mask in conditioning_data_dir {mask_root} "
-            f"(looked for an image file of the same name, at the same relative path or directly in the folder):"
+            f"(a mask is the image file at the image's same path relative to {root}, any image extension; "
+            f"a file of the same name in another folder is another image's mask):"
             f"\n    {shown}\n  add a mask for each (white = full weight, black = none), or remove these images")
     if wrong_size:
         raise DatasetError("masked_loss: a mask must have its image's size (kohya requires it too):\n    "
