@@ -563,13 +563,14 @@ class Trainer:
                 if acc.num_processes == 1 and not torch.isfinite(loss):
                     raise self._nan_error(float(loss.detach()))  # several processes check together in _sync
                 acc.backward(loss / cfg.gradient_accumulation_steps)
-                accum_loss += loss.item() / cfg.gradient_accumulation_steps
+                accum_loss += loss.item()
                 micro += 1
                 self.batches_done += 1
                 epoch_ended = self.batches_done >= self.batches_per_epoch
                 if micro % cfg.gradient_accumulation_steps and not epoch_ended:
                     continue
-                accum_loss, stop_seen = self._sync(accum_loss, stop.is_set)
+                # The logged loss is the window's mean: an epoch's last window may hold fewer micro-batches.
+                accum_loss, stop_seen = self._sync(accum_loss / micro, stop.is_set)
                 self.optimizer_step()
                 micro = 0
                 self.losses.append(accum_loss)
