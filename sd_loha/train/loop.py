@@ -276,7 +276,9 @@ class Trainer:
                         "text encoder outputs are computed per step")
             return None
         cache = TextEmbeddingCache("te")
-        n = cache.precompute(sorted(set().union(*sets)), self._encode_text)
+        # In batches of train_batch_size: the encoder then runs at the shapes per-step encoding runs at, and
+        # BLAS kernels (their summation order) are chosen by shape.
+        n = cache.precompute(sorted(set().union(*sets)), self._encode_text, batch_size=self.cfg.train_batch_size)
         self._print(f"text encoder outputs cached: {n} captions")
         return cache
 
