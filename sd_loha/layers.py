@@ -8,9 +8,10 @@ forward(x) = base(x) + op(x, multiplier * alpha / r * H), op = the base's own li
 (same stride, padding, dilation; no bias).  H is built by :mod:`sd_loha.ops` in the parameters'
 dtype (fp32 when training) with autocast switched off, then cast once to the input dtype.
 
+The layer keeps the parameters and dispatches; the forward strategies are :mod:`sd_loha.forward`'s.
 Three ways to compute that, equal up to fp32 rounding, chosen per call (``LoHALayer.path``,
 default "auto": the cheapest by :func:`sd_loha.ops.path_costs` from the layer's shape, rank and
-the token count of x):
+the token count of x, :func:`sd_loha.forward.auto_path`):
 
 - "merge": one op with W + s·H (:func:`sd_loha.ops.merged_linear` / ``merged_conv2d``); its
   backward gets the factor gradients from one weight-gradient product and saves nothing of the
@@ -31,14 +32,13 @@ factor pairs start random; files carry ``hada_w1_a · scalar`` (LyCORIS's layout
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import forward as fwd
 from . import ops
 
 __all__ = ["LoHALayer", "wrap", "KINDS"]
@@ -65,24 +65,6 @@ _FORWARDED = frozenset(
         "padding_mode",
     }
 )
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except (TypeError, RuntimeError):  # torch < 2.4 or an unknown device type
-        if device_type == "cuda":
-            enabled = torch.is_autocast_enabled()
-        elif device_type == "cpu":
-            enabled = torch.is_autocast_cpu_enabled()
-        else:
-            enabled = False
-    return bool(enabled)
-
-
-def _no_autocast(device_type: str):
-    """Context that disables autocast for ``device_type`` if it is on (so ΔW stays fp32)."""
-    return torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext()
 
 
 class LoHALayer(nn.Module):
@@ -388,16 +370,7 @@ class LoHALayer(nn.Module):
     def _hada(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """H in the weight shape (times the scalar with use_scalar), differentiable, computed in ``dtype``
         (default: param dtype)."""
-        ts = self._factor_tensors()
-        if dtype is not None:
-            ts = [t.to(dtype) for t in ts]
-        with _no_autocast(ts[0].device.type):
-            if self.tucker:
-                w1a, w1b, w2a, w2b, t1, t2 = ts
-                h = ops.hada_weight_tucker(t1, w1a, w1b, t2, w2a, w2b)
-            else:
-                h = ops.hada_weight(*ts)
-        return h.reshape(self.weight_shape)
+        return fwd.hada(self._factor_tensors(), self.tucker, self.weight_shape, dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * H`` in the weight shape, fp32 (no multiplier, no dropout, no weight decomposition);
@@ -412,10 +385,7 @@ class LoHALayer(nn.Module):
         return self._dora_change(self._hada(torch.float32) * self.scale, m)
 
     def _dora_change(self, dw: torch.Tensor, multiplier: float) -> torch.Tensor:
-        w = self.base.weight.detach().to(dw.dtype)
-        target = ops.dora_weight(w + dw, self.dora_scale.to(dw.dtype), self.wd_on_output)
-        change = target - w
-        return change if multiplier == 1.0 else change * multiplier
+        return fwd.dora_change(self.base.weight, dw, self.dora_scale, self.wd_on_output, multiplier)
 
     # ---------------------------------------------------------------- forward paths
     def _row_scale(self, with_multiplier: bool = True):
@@ -432,50 +402,6 @@ class LoHALayer(nn.Module):
             return keep * s
         return s
 
-    def _conv_padding(self):
-        """The base conv's padding as a numeric (ph, pw) pair, or None when it is a string that
-        needs asymmetric padding ("same" with an even dilated kernel)."""
-        b = self.base
-        pad = b.padding
-        if isinstance(pad, str):
-            if pad == "valid":
-                return (0, 0)
-            totals = [d * (k - 1) for d, k in zip(b.dilation, b.kernel_size)]
-            if any(t % 2 for t in totals):
-                return None
-            return tuple(t // 2 for t in totals)
-        return tuple(pad)
-
-    def _merge_ok(self, x: torch.Tensor) -> bool:
-        """merge-then-one-op computes x (W + ΔW)ᵀ in the input's dtype: only when that is the
-        weight's and factors' dtype and is fp32/fp64 (a half-precision W + ΔW would round ΔW
-        away), autocast is off, the base is a plain nn.Linear / nn.Conv2d and frozen."""
-        b = self.base
-        w = b.weight
-        if x.dtype not in (torch.float32, torch.float64) or not (x.dtype == w.dtype == self.hada_w1_a.dtype):
-            return False
-        if _autocast_on(x.device.type) or w.requires_grad or (b.bias is not None and b.bias.requires_grad):
-            return False
-        if self.kind == "linear":
-            return type(b).forward is nn.Linear.forward
-        return type(b).forward is nn.Conv2d.forward and self._conv_padding() is not None
-
-    def _tokens(self, x: torch.Tensor) -> tuple[int, int]:
-        """(input tokens, output tokens): positions times batch, from x's shape alone."""
-        if self.kind == "linear":
-            n = x.numel() // max(self.in_dim, 1)
-            return n, n
-        b = self.base
-        h, w = x.shape[-2], x.shape[-1]
-        batch = x.numel() // max(self.in_dim * h * w, 1)
-        pad = self._conv_padding()
-        if pad is None:  # "same": stride is 1 there
-            return batch * h * w, batch * h * w
-        size = []
-        for dim, p, d, k, st in zip((h, w), pad, b.dilation, b.kernel_size, b.stride):
-            size.append((dim + 2 * p - d * (k - 1) - 1) // st + 1)
-        return batch * h * w, batch * size[0] * size[1]
-
     def choose_path(self, x: torch.Tensor) -> str:
         """Which forward this call takes: ``self.path`` if set to "merge" / "kr" / "delta", else
         the cheapest by :func:`sd_loha.ops.path_costs` for this layer's shape, rank and x's token
@@ -484,7 +410,7 @@ class LoHALayer(nn.Module):
         if self.path != "auto":
             if self.path not in PATHS:
                 raise ValueError(f"LoHALayer.path must be 'auto' or one of {PATHS}, got {self.path!r}")
-            if self.path == "merge" and not self._merge_ok(x):
+            if self.path == "merge" and not fwd.merge_ok(x, self.base, self.hada_w1_a.dtype):
                 raise ValueError(
                     "LoHALayer: path 'merge' needs an fp32/fp64 input, weight and factors of one dtype, "
                     "no autocast, a frozen plain nn.Linear / nn.Conv2d base and numeric conv padding"
@@ -494,96 +420,17 @@ class LoHALayer(nn.Module):
         w = b.weight
         backward = torch.is_grad_enabled() and p.requires_grad
         frozen = not (w.requires_grad or (b.bias is not None and b.bias.requires_grad))
-        key = (x.shape, x.dtype, x.device.type, backward, _autocast_on(x.device.type), w.dtype, frozen, p.dtype)
+        key = (x.shape, x.dtype, x.device.type, backward, fwd.autocast_on(x.device.type), w.dtype, frozen, p.dtype)
         cache = self.__dict__.setdefault("_path_cache", {})
         path = cache.get(key)
         if path is None:
-            n_in, n_out = self._tokens(x)
-            path = ops.choose_path(
-                self._merge_ok(x),
-                out=self.out_dim,
-                in_ch=self.in_dim,
-                kernel=math.prod(self.kernel) if self.kernel else 1,
-                rank1=self.hada_w1_b.shape[0] if not self.tucker else self.hada_w1_a.shape[0],
-                rank2=self.hada_w2_b.shape[0] if not self.tucker else self.hada_w2_a.shape[0],
-                n_out=n_out,
-                n_in=n_in,
-                tucker=self.tucker,
-                backward=backward,
-            )
+            factors = [getattr(self, n) for n in self._param_names()]
+            path = fwd.auto_path(x, b, factors, self.tucker, out_dim=self.out_dim, in_dim=self.in_dim,
+                                 kernel=self.kernel, backward=backward)
             if len(cache) > 64:
                 cache.clear()
             cache[key] = path
         return path
-
-    def _forward_delta(self, x: torch.Tensor, row_scale) -> torch.Tensor:
-        """The straightforward path: base(x) + op(x, ΔW) with ΔW = row_scale * H built in the
-        parameters' dtype and cast once to x's dtype."""
-        y = self.base(x)
-        h = self._hada()
-        if isinstance(row_scale, torch.Tensor):
-            dw = h * row_scale.reshape(-1, *([1] * (h.dim() - 1)))
-        else:
-            dw = h * row_scale
-        dw = dw.to(x.dtype)
-        if self.kind == "linear":
-            return y + F.linear(x, dw)
-        b = self.base
-        return y + F.conv2d(x, dw, None, b.stride, b.padding, b.dilation, 1)
-
-    def _forward_dora(self, x: torch.Tensor) -> torch.Tensor:
-        """base(x) + op(x, D), D = multiplier · (W' − W) built in the parameters' dtype (the decomposition of
-        W + ΔW·mask, the rank-dropout mask on ΔW's rows as LyCORIS applies it) and cast once to x's dtype."""
-        with _no_autocast(self.hada_w1_a.device.type):
-            h = self._hada()
-            row = self._row_scale(with_multiplier=False)
-            if isinstance(row, torch.Tensor):
-                row = row.reshape(-1, *([1] * (h.dim() - 1)))
-            d = self._dora_change(h * row, self.multiplier).to(x.dtype)
-        y = self.base(x)
-        if self.kind == "linear":
-            return y + F.linear(x, d)
-        b = self.base
-        return y + F.conv2d(x, d, None, b.stride, b.padding, b.dilation, 1)
-
-    def _forward_merge(self, x: torch.Tensor, row_scale) -> torch.Tensor:
-        """One op with W + row_scale * H (see :func:`sd_loha.ops.merged_linear`)."""
-        b = self.base
-        fs = self._factor_tensors()
-        if self.tucker:
-            w1a, w1b, w2a, w2b, t1, t2 = fs
-            fs = [t1, w1a, w1b, t2, w2a, w2b]
-        if self.kind == "linear":
-            return ops.merged_linear(x, b.weight, b.bias, fs, row_scale)
-        return ops.merged_conv2d(x, b.weight, b.bias, fs, row_scale, b.stride, self._conv_padding(), b.dilation)
-
-    def _forward_kr(self, x: torch.Tensor, row_scale) -> torch.Tensor:
-        """base(x) + U (V x), the Khatri-Rao (rank r1*r2) form of ΔW; the row scale (and rank
-        dropout mask) lands on U's rows.  Convs: V is a k×k conv (flat) or 1x1 -> k×k core
-        (Tucker) with the base's stride / padding / dilation, U a 1x1 conv."""
-        b = self.base
-        with _no_autocast(self.hada_w1_a.device.type):
-            fs = self._factor_tensors()
-            if self.tucker:
-                w1a, w1b, w2a, w2b, t1, t2 = fs
-                v, core, u = ops.kr_tucker_factors(t1, w1a, w1b, t2, w2a, w2b)
-            else:
-                u, v = ops.kr_factors(*fs)
-                core = None
-            if isinstance(row_scale, torch.Tensor):
-                u = u * row_scale.reshape(-1, 1)
-            else:
-                u = u * row_scale
-        u, v = u.to(x.dtype), v.to(x.dtype)
-        y = self.base(x)
-        if self.kind == "linear":
-            return y + F.linear(F.linear(x, v), u)
-        if self.tucker:
-            z = F.conv2d(x, v[:, :, None, None])
-            z = F.conv2d(z, core.to(x.dtype), None, b.stride, b.padding, b.dilation, 1)
-        else:
-            z = F.conv2d(x, v.reshape(v.shape[0], self.in_dim, *self.kernel), None, b.stride, b.padding, b.dilation, 1)
-        return y + F.conv2d(z, u[:, :, None, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.module_dropout > 0:
@@ -592,15 +439,17 @@ class LoHALayer(nn.Module):
         if self.dora:
             # the decomposition needs the whole W + ΔW (its norm): no merge / Khatri-Rao shortcut
             self.last_path = DORA_PATH
-            return self._forward_dora(x)
+            return fwd.forward_dora(x, self.base, self._factor_tensors(), self.tucker, self.weight_shape,
+                                    self._row_scale(with_multiplier=False), self.multiplier, self.dora_scale,
+                                    self.wd_on_output)
         row_scale = self._row_scale()
         path = self.choose_path(x)
         self.last_path = path
         if path == "merge":
-            return self._forward_merge(x, row_scale)
+            return fwd.forward_merge(x, self.base, self._factor_tensors(), self.tucker, row_scale)
         if path == "kr":
-            return self._forward_kr(x, row_scale)
-        return self._forward_delta(x, row_scale)
+            return fwd.forward_kr(x, self.base, self._factor_tensors(), self.tucker, row_scale)
+        return fwd.forward_delta(x, self.base, self._factor_tensors(), self.tucker, self.weight_shape, row_scale)
 
 
 def wrap(module: nn.Module, **kw) -> LoHALayer:

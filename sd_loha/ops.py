@@ -12,13 +12,13 @@ The two training kernels (:func:`hada_weight`, :func:`hada_weight_tucker`) are c
 Functions that save only the small factors and recompute the full-size products in backward, so a
 trainer holds no (out x in) tensor per adapted layer between forward and backward.
 
-The layer-level training paths (issue 5): :func:`merged_linear` / :func:`merged_conv2d` run ONE
-op with W + s·H and get every factor gradient from one weight-gradient product (saving x and the
-factors only); :func:`kr_factors` / :func:`kr_tucker_factors` give the Khatri-Rao form
-H = U V (rank r1·r2), so ΔW x = U (V x) costs r1·r2·(in + out) per token; :func:`path_costs` /
-:func:`choose_path` pick between them (and the plain base(x) + op(x, ΔW)) per call.  The merge helpers
-(:func:`loha_delta`, :func:`lora_delta`, :func:`apply_dora`) run without autograd and always compute
-in fp32 (or fp64 when asked), whatever dtype the factors are stored in.
+The layer-level training paths (:mod:`sd_loha.forward` calls them): :func:`merged_linear` /
+:func:`merged_conv2d` run ONE op with W + s·H and get every factor gradient from one weight-gradient product
+(saving x and the factors only); :func:`kr_factors` / :func:`kr_tucker_factors` give the Khatri-Rao form H = U
+V (rank r1·r2), so ΔW x = U (V x) costs r1·r2·(in + out) per token; :func:`path_costs` / :func:`choose_path`
+pick between them (and the plain base(x) + op(x, ΔW)) per call. The merge helpers (:func:`loha_delta`,
+:func:`lora_delta`, :func:`apply_dora`) run without autograd and always compute in fp32 (or fp64 when asked),
+whatever dtype the factors are stored in.
 """
 
 from __future__ import annotations

@@ -586,7 +586,136 @@ def _sections(gr, policy: PathPolicy, defaults: dict[str, Any]) -> dict[str, Any
     return comps
 
 
+def _config_file_row(gr, policy: PathPolicy) -> dict[str, Any]:
+    """The config file's path and its buttons: demo settings, load, save."""
+    with gr.Row():
+        return {
+            "config_path": gr.Textbox(label="Config file (.toml, same format as sd-loha train --config)", scale=4,
+                                      value=str(policy.outputs_dir / "my_loha.toml"), elem_id="train-config-path"),
+            "demo_btn": gr.Button("Demo settings", scale=1, min_width=60, elem_id="train-demo",
+                                  visible=DEMO_TOML.is_file()),
+            "load_btn": gr.Button("Load", scale=0, min_width=60, elem_id="train-load"),
+            "save_btn": gr.Button("Save", scale=0, min_width=60, elem_id="train-save"),
+        }
+
+
+def _model_and_data_rows(gr, policy: PathPolicy, field: Callable[..., Any]) -> dict[str, Any]:
+    """The base model, the dataset (with its check button) and where the adapter goes."""
+    with gr.Row():
+        field("pretrained_model", scale=2)
+        refresh_models = gr.Button("↻", scale=0, min_width=40, elem_id="train-refresh-models")
+    with gr.Row():
+        field("train_data_dir", scale=3, placeholder="e.g. my_style (= data/my_style)",
+              info="Folders: " + ", ".join(policy.dataset_choices()[:6]))
+        check_btn = gr.Button("Check dataset", scale=1, elem_id="train-check")
+    with gr.Row():
+        field("output_dir", scale=3)
+        field("output_name", scale=2)
+        field("overwrite", scale=1)
+    return {"refresh_models": refresh_models, "check_btn": check_btn}
+
+
+def _training_rows(gr, field: Callable[..., Any]) -> None:
+    """The LoHA network's size, the learning rates, the run's length and its samples."""
+    rows = (("preset", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "train_text_encoder"),
+            ("learning_rate", "unet_lr", "text_encoder_lr", "lr_scheduler"),
+            ("length_unit", "length", "resolution", "train_batch_size", "seed", "save_every_n_steps"))
+    for names in rows:
+        with gr.Row():
+            for name in names:
+                field(name)
+    with gr.Row():
+        field("sample_prompts", scale=3)
+        field("sample_every_n_steps", scale=1)
+        field("sample_steps", scale=1)
+
+
+def _all_options_and_toml(gr, policy: PathPolicy, defaults: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(a widget per option without a field, the TOML box and its Apply button)."""
+    gr.Markdown("**All options**, by table of the config file (the fields above are not repeated; "
+                "options: docs/config.md)", elem_id="train-all-options")
+    comps = _sections(gr, policy, defaults)
+    with gr.Accordion("TOML (the config file)", open=False, elem_id="train-toml-file"):
+        gr.Markdown("The settings above as the file `sd-loha train --config FILE` reads. What you type here "
+                    "wins over the widgets when you press Start, Save or Check dataset (a deleted line "
+                    "does not unset its option); Start, Save, Load and Apply write the one resulting config "
+                    "back into both.")
+        toml_box = gr.Textbox(value=start_toml(), label="TOML", lines=14, max_lines=40, elem_id="train-toml",
+                              elem_classes=["mono"])
+        apply_btn = gr.Button("Apply TOML to the form", elem_id="train-apply")
+    return comps, {"toml_box": toml_box, "apply_btn": apply_btn}
+
+
+def _run_panel(gr, runner: TrainingRunner) -> dict[str, Any]:
+    """The right-hand column: Start/Stop/Resume, the message, the run's status, results, loss, samples,
+    the dataset preflight and the log."""
+    ui: dict[str, Any] = {}
+    with gr.Row():
+        ui["start_btn"] = gr.Button("Start", variant="primary", elem_id="train-start")
+        ui["stop_btn"] = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        ui["resume_btn"] = gr.Button("Resume", elem_id="train-resume")
+    ui["message"] = gr.Markdown(elem_id="train-message")
+    ui["status"] = gr.HTML(status_html(runner.snapshot()), elem_id="train-status")
+    ui["result"] = gr.Markdown(elem_id="train-result")
+    ui["result_file"] = gr.File(label="Adapter file", interactive=False, elem_id="train-file")
+    ui["loss_plot"] = gr.LinePlot(loss_frame(runner.snapshot()), x="step", y="loss", color="series",
+                                  color_map={"training loss": "#a8b3bf", "moving average": "#1f4e9c",
+                                             "validation": "#c0392b"},
+                                  label="Loss", height=260, elem_id="train-loss")
+    ui["samples"] = gr.Gallery(label="Sample images", columns=2, height=420, object_fit="contain",
+                               elem_id="train-samples")  # labelled grids: shown whole, not cropped to squares
+    with gr.Accordion("Dataset preflight", open=True):
+        ui["pre_md"] = gr.Markdown(elem_id="train-preflight")
+        ui["thumbs"] = gr.Gallery(label="First images and their captions", columns=4, height=220,
+                                  elem_id="train-thumbs")
+    with gr.Accordion("Log", open=False):
+        ui["log_box"] = gr.Textbox(lines=8, max_lines=8, show_label=False, elem_id="train-log", interactive=False)
+    return ui
+
+
+def _read(values: tuple) -> tuple[dict[str, Any], str, str]:
+    """(form, box, synced) from the settings' values (the order of build's `settings`)."""
+    n, sections = len(FIELD_NAMES), section_names()
+    form = dict(zip(FIELD_NAMES, values[:n]))
+    form.update(zip(sections, values[n + 1:n + 1 + len(sections)]))
+    return form, values[n], values[-1]
+
+
+def _write(cfg: TrainConfig, toml_text: str | None = None) -> list[Any]:
+    """Every widget, the box (the config's TOML unless given) and its sync for one config."""
+    f = config_to_form(cfg)
+    text = cfg.to_toml() if toml_text is None else toml_text
+    return [*(f[n] for n in FIELD_NAMES), text, *(f[n] for n in section_names()), text]
+
+
+def _prepare(policy: PathPolicy, values: tuple, *, resume: bool) -> TrainConfig:
+    """The config a Start or Resume runs, with every check that can be made before it starts."""
+    form, toml_text, sync = _read(values)
+    cfg = build_config(policy, form, toml_text, sync)
+    check_paths(cfg)
+    folders = [Path(d) for d in (cfg.train_data_dir, cfg.reg_data_dir, cfg.conditioning_data_dir) if d]
+    escapes = [e for d in folders if d.is_dir() for e in dataset_escapes(policy, d)]
+    if escapes:
+        raise PathRefused("the dataset folder holds links that lead outside the allowed folders: " + ", ".join(escapes))
+    if resume:
+        from sd_loha.train.state import latest_state
+
+        out = Path(cfg.output_dir)
+        if not out.is_dir() or latest_state(out) is None:
+            raise ConfigError([f"there is no saved training state in {out} to resume from; press Start for a new "
+                               "run (or choose the output folder of the run to continue)"], header="nothing to resume")
+    else:
+        try:
+            check_output_dir(cfg)
+        except ConfigError as e:
+            raise ConfigError([p.message + ". Tick 'Overwrite' to replace them, press Resume to continue that "
+                               "run, or choose another output folder / name" for p in e.problems],
+                              header="output folder in use") from None
+    return cfg
+
+
 def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
+    """The Training tab: the settings (left), the run (right), and their events."""
     import gradio as gr
 
     defaults = default_form(policy)
@@ -598,154 +727,57 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
 
     with gr.Row():
         with gr.Column(scale=3):
-            with gr.Row():
-                config_path = gr.Textbox(label="Config file (.toml, same format as sd-loha train --config)", scale=4,
-                                         value=str(policy.outputs_dir / "my_loha.toml"), elem_id="train-config-path")
-                demo_btn = gr.Button("Demo settings", scale=1, min_width=60, elem_id="train-demo",
-                                     visible=DEMO_TOML.is_file())
-                load_btn = gr.Button("Load", scale=0, min_width=60, elem_id="train-load")
-                save_btn = gr.Button("Save", scale=0, min_width=60, elem_id="train-save")
-            with gr.Row():
-                field("pretrained_model", scale=2)
-                refresh_models = gr.Button("↻", scale=0, min_width=40, elem_id="train-refresh-models")
-            with gr.Row():
-                field("train_data_dir", scale=3, placeholder="e.g. my_style (= data/my_style)",
-                      info="Folders: " + ", ".join(policy.dataset_choices()[:6]))
-                check_btn = gr.Button("Check dataset", scale=1, elem_id="train-check")
-            with gr.Row():
-                field("output_dir", scale=3)
-                field("output_name", scale=2)
-                field("overwrite", scale=1)
-            with gr.Row():
-                field("preset")
-                field("network_dim")
-                field("network_alpha")
-                field("conv_dim")
-                field("conv_alpha")
-                field("train_text_encoder")
-            with gr.Row():
-                field("learning_rate")
-                field("unet_lr")
-                field("text_encoder_lr")
-                field("lr_scheduler")
-            with gr.Row():
-                field("length_unit")
-                field("length")
-                field("resolution")
-                field("train_batch_size")
-                field("seed")
-                field("save_every_n_steps")
-            with gr.Row():
-                field("sample_prompts", scale=3)
-                field("sample_every_n_steps", scale=1)
-                field("sample_steps", scale=1)
-            gr.Markdown("**All options**, by table of the config file (the fields above are not repeated; "
-                        "options: docs/config.md)", elem_id="train-all-options")
-            comps.update(_sections(gr, policy, defaults))
-            with gr.Accordion("TOML (the config file)", open=False, elem_id="train-toml-file"):
-                gr.Markdown("The settings above as the file `sd-loha train --config FILE` reads. What you type here "
-                            "wins over the widgets when you press Start, Save or Check dataset (a deleted line "
-                            "does not unset its option); Start, Save, Load and Apply write the one resulting config "
-                            "back into both.")
-                toml_box = gr.Textbox(value=start_toml(), label="TOML", lines=14, max_lines=40, elem_id="train-toml", elem_classes=["mono"])
-                apply_btn = gr.Button("Apply TOML to the form", elem_id="train-apply")
+            ui = _config_file_row(gr, policy)
+            ui.update(_model_and_data_rows(gr, policy, field))
+            _training_rows(gr, field)
+            sections, box = _all_options_and_toml(gr, policy, defaults)
+            comps.update(sections)
+            ui.update(box)
         with gr.Column(scale=2):
-            with gr.Row():
-                start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
-                resume_btn = gr.Button("Resume", elem_id="train-resume")
-            message = gr.Markdown(elem_id="train-message")
-            status = gr.HTML(status_html(runner.snapshot()), elem_id="train-status")
-            result = gr.Markdown(elem_id="train-result")
-            result_file = gr.File(label="Adapter file", interactive=False, elem_id="train-file")
-            loss_plot = gr.LinePlot(loss_frame(runner.snapshot()), x="step", y="loss", color="series",
-                                    color_map={"training loss": "#a8b3bf", "moving average": "#1f4e9c",
-                                               "validation": "#c0392b"},
-                                    label="Loss", height=260, elem_id="train-loss")
-            samples = gr.Gallery(label="Sample images", columns=2, height=420, object_fit="contain",
-                                 elem_id="train-samples")  # labelled grids: shown whole, not cropped to squares
-            with gr.Accordion("Dataset preflight", open=True):
-                pre_md = gr.Markdown(elem_id="train-preflight")
-                thumbs = gr.Gallery(label="First images and their captions", columns=4, height=220,
-                                    elem_id="train-thumbs")
-            with gr.Accordion("Log", open=False):
-                log_box = gr.Textbox(lines=8, max_lines=8, show_label=False, elem_id="train-log", interactive=False)
-
+            ui.update(_run_panel(gr, runner))
     # The settings' inputs: the fields, the TOML box, the sections' widgets (the endpoints' order: a script may pass
     # the fields and the box and leave the rest at the page's values), then the box as the page last wrote it.
-    sections = section_names()
-    synced = gr.State(start_toml())
-    settings = [*(comps[n] for n in FIELD_NAMES), toml_box, *(comps[n] for n in sections), synced]
+    ui["synced"] = gr.State(start_toml())
+    ui["settings"] = [*(comps[n] for n in FIELD_NAMES), ui["toml_box"], *(comps[n] for n in section_names()),
+                      ui["synced"]]
+    ui["seen"] = gr.State(-1)
+    return _wire(gr, policy, runner, ui, comps)
+
+
+def _wire(gr, policy: PathPolicy, runner: TrainingRunner, ui: dict[str, Any], comps: dict[str, Any]) -> dict[str, Any]:
+    """Every event of the tab (in the order the page registers them: the endpoints keep their numbers); returns
+    build's result: the poll and the page-load restore for the app, the TOML box, the settings' widgets."""
+    settings, message, pre_md, thumbs = ui["settings"], ui["message"], ui["pre_md"], ui["thumbs"]
     writes = settings  # what Load, Demo, Apply, Start and Save write back: every widget, the box, its sync
-    seen = gr.State(-1)
+    run = _run_handlers(gr, runner)
+    on = _settings_handlers(gr, policy, runner, len(writes))
+    poll_outputs = [ui[k] for k in ("status", "loss_plot", "samples", "result", "result_file", "log_box", "stop_btn",
+                                    "seen")]
+    then_poll = dict(api_name=False, show_progress="hidden")
 
-    def _read(values: tuple) -> tuple[dict[str, Any], str, str]:
-        """(form, box, synced) from the settings' values."""
-        n = len(FIELD_NAMES)
-        form = dict(zip(FIELD_NAMES, values[:n]))
-        form.update(zip(sections, values[n + 1:n + 1 + len(sections)]))
-        return form, values[n], values[-1]
+    ui["check_btn"].click(on["check"], settings, [pre_md, thumbs], api_name="preflight")
+    comps["train_data_dir"].submit(on["check"], settings, [pre_md, thumbs], api_name=False)
+    ui["start_btn"].click(on["start"], settings, [message, *writes], api_name="start_training",
+                          concurrency_id="train_control").then(run["poll"], ui["seen"], poll_outputs, **then_poll)
+    ui["resume_btn"].click(on["resume"], settings, [message, *writes], api_name="resume_training",
+                           concurrency_id="train_control").then(run["poll"], ui["seen"], poll_outputs, **then_poll)
+    ui["stop_btn"].click(run["stop"], None, message, api_name="stop_training")
+    ui["load_btn"].click(on["load_file"], ui["config_path"], [message, *writes], api_name="load_config")
+    ui["save_btn"].click(on["save_file"], [ui["config_path"], *settings], [message, *writes], api_name="save_config")
+    ui["demo_btn"].click(on["demo"], None, [message, *writes], api_name=False)
+    ui["apply_btn"].click(on["apply"], ui["toml_box"], [message, *writes], api_name=False)
+    ui["refresh_models"].click(on["refresh_models"], None, comps["pretrained_model"], api_name=False)
 
-    def _write(cfg: TrainConfig, toml_text: str | None = None) -> list[Any]:
-        """Every widget, the box (the config's TOML unless given) and its sync for one config."""
-        f = config_to_form(cfg)
-        text = cfg.to_toml() if toml_text is None else toml_text
-        return [*(f[n] for n in FIELD_NAMES), text, *(f[n] for n in sections), text]
+    timer = gr.Timer(1.0)
+    timer.tick(run["poll"], ui["seen"], poll_outputs, api_name=False, show_progress="hidden", queue=False)
+    # for scripts: gradio_client .predict(api_name="/training_status")
+    gr.api(run["api_status"], api_name="training_status")
+    return {"poll": (run["poll"], ui["seen"], poll_outputs), "restore": (on["page_load"], [*writes, pre_md, thumbs]),
+            "toml_box": ui["toml_box"], **comps}
 
-    skip_writes = [gr.skip()] * len(writes)
 
-    def on_check(*values):
-        form, toml_text, sync = _read(values)
-        try:
-            rep = preflight_report(policy, form, toml_text, sync)
-        except (PathRefused, ConfigError, ValueError) as e:
-            return f"**Dataset check failed**\n\n```text\n{e}\n```", []
-        except Exception as e:  # noqa: BLE001 - shown, never a dead button
-            return f"**Dataset check failed**\n\n```text\n{describe_error(e)}\n```", []
-        return preflight_markdown(rep), preflight_thumbnails(rep)
-
-    def _prepare(values, *, resume: bool):
-        form, toml_text, sync = _read(values)
-        cfg = build_config(policy, form, toml_text, sync)
-        check_paths(cfg)
-        folders = [Path(d) for d in (cfg.train_data_dir, cfg.reg_data_dir, cfg.conditioning_data_dir) if d]
-        escapes = [e for d in folders if d.is_dir() for e in dataset_escapes(policy, d)]
-        if escapes:
-            raise PathRefused("the dataset folder holds links that lead outside the allowed folders: " + ", ".join(escapes))
-        if resume:
-            from sd_loha.train.state import latest_state
-
-            out = Path(cfg.output_dir)
-            if not out.is_dir() or latest_state(out) is None:
-                raise ConfigError([f"there is no saved training state in {out} to resume from; press Start for a new "
-                                   "run (or choose the output folder of the run to continue)"], header="nothing to resume")
-        else:
-            try:
-                check_output_dir(cfg)
-            except ConfigError as e:
-                raise ConfigError([p.message + ". Tick 'Overwrite' to replace them, press Resume to continue that "
-                                   "run, or choose another output folder / name" for p in e.problems],
-                                  header="output folder in use") from None
-        return cfg
-
-    def on_start(*values, resume: bool = False):
-        busy = runner.busy_message()
-        if busy:  # say so before validating anything
-            return f"⚠ {busy}", *skip_writes
-        try:
-            cfg = _prepare(values, resume=resume)
-            runner.start(cfg, resume=resume)
-        except RunActive as e:
-            return f"⚠ {e}", *skip_writes
-        except (PathRefused, ConfigError, ValueError) as e:
-            return f"**Cannot start:**\n\n```text\n{e}\n```", *skip_writes
-        except Exception as e:  # noqa: BLE001
-            return f"**Cannot start:**\n\n```text\n{describe_error(e)}\n```", *skip_writes
-        verb = "Resumed" if resume else "Started"
-        return f"{verb}: training into `{cfg.output_dir}` ({cfg.output_name}).", *_write(cfg)
-
-    def on_resume(*values):
-        return on_start(*values, resume=True)
+def _run_handlers(gr, runner: TrainingRunner) -> dict[str, Callable[..., Any]]:
+    """What the run's controls call: stop, the 1 s poll of the run's state, the training_status endpoint."""
 
     def on_stop():
         if runner.stop():
@@ -761,7 +793,48 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
         return (status_html(snap), loss_frame(snap), samples_val[::-1], result_markdown(snap), out_file,
                 "\n".join(snap["log"][-50:]), gr.update(interactive=snap["active"]), snap["version"])
 
-    poll_outputs = [status, loss_plot, samples, result, result_file, log_box, stop_btn, seen]
+    def api_status() -> dict:
+        """The training job's state: status, step, total, loss history, samples, output file, error."""
+        snap = runner.snapshot()
+        snap.pop("log", None)
+        return snap
+
+    return {"stop": on_stop, "poll": on_poll, "api_status": api_status}
+
+
+def _settings_handlers(gr, policy: PathPolicy, runner: TrainingRunner, n_writes: int) -> dict[str, Callable[..., Any]]:
+    """What the buttons that read or write the settings call: Check dataset, Start, Resume, Load, Save, Demo,
+    Apply, ↻, and the page load. Each returns a message and every setting (or skips them all)."""
+    skip_writes = [gr.skip()] * n_writes
+
+    def on_check(*values):
+        form, toml_text, sync = _read(values)
+        try:
+            rep = preflight_report(policy, form, toml_text, sync)
+        except (PathRefused, ConfigError, ValueError) as e:
+            return f"**Dataset check failed**\n\n```text\n{e}\n```", []
+        except Exception as e:  # noqa: BLE001 - shown, never a dead button
+            return f"**Dataset check failed**\n\n```text\n{describe_error(e)}\n```", []
+        return preflight_markdown(rep), preflight_thumbnails(rep)
+
+    def on_start(*values, resume: bool = False):
+        busy = runner.busy_message()
+        if busy:  # say so before validating anything
+            return f"⚠ {busy}", *skip_writes
+        try:
+            cfg = _prepare(policy, values, resume=resume)
+            runner.start(cfg, resume=resume)
+        except RunActive as e:
+            return f"⚠ {e}", *skip_writes
+        except (PathRefused, ConfigError, ValueError) as e:
+            return f"**Cannot start:**\n\n```text\n{e}\n```", *skip_writes
+        except Exception as e:  # noqa: BLE001
+            return f"**Cannot start:**\n\n```text\n{describe_error(e)}\n```", *skip_writes
+        verb = "Resumed" if resume else "Started"
+        return f"{verb}: training into `{cfg.output_dir}` ({cfg.output_name}).", *_write(cfg)
+
+    def on_resume(*values):
+        return on_start(*values, resume=True)
 
     def on_load_file(path_text):
         try:
@@ -813,28 +886,6 @@ def build(policy: PathPolicy, runner: TrainingRunner) -> dict[str, Any]:
     def on_refresh_models():
         return gr.update(choices=policy.model_choices())
 
-    check_btn.click(on_check, settings, [pre_md, thumbs], api_name="preflight")
-    comps["train_data_dir"].submit(on_check, settings, [pre_md, thumbs], api_name=False)
-    start_btn.click(on_start, settings, [message, *writes], api_name="start_training",
-                    concurrency_id="train_control").then(on_poll, seen, poll_outputs, api_name=False, show_progress="hidden")
-    resume_btn.click(on_resume, settings, [message, *writes], api_name="resume_training",
-                     concurrency_id="train_control").then(on_poll, seen, poll_outputs, api_name=False, show_progress="hidden")
-    stop_btn.click(on_stop, None, message, api_name="stop_training")
-    load_btn.click(on_load_file, config_path, [message, *writes], api_name="load_config")
-    save_btn.click(on_save_file, [config_path, *settings], [message, *writes], api_name="save_config")
-    demo_btn.click(on_demo, None, [message, *writes], api_name=False)
-    apply_btn.click(on_apply, toml_box, [message, *writes], api_name=False)
-    refresh_models.click(on_refresh_models, None, comps["pretrained_model"], api_name=False)
-
-    timer = gr.Timer(1.0)
-    timer.tick(on_poll, seen, poll_outputs, api_name=False, show_progress="hidden", queue=False)
-
-    def api_status() -> dict:
-        """The training job's state: status, step, total, loss history, samples, output file, error."""
-        snap = runner.snapshot()
-        snap.pop("log", None)
-        return snap
-
-    gr.api(api_status, api_name="training_status")  # for scripts: gradio_client .predict(api_name="/training_status")
-    return {"poll": (on_poll, seen, poll_outputs), "restore": (on_page_load, [*writes, pre_md, thumbs]),
-            "toml_box": toml_box, **comps}
+    return {"check": on_check, "start": on_start, "resume": on_resume, "load_file": on_load_file,
+            "save_file": on_save_file, "demo": on_demo, "apply": on_apply, "page_load": on_page_load,
+            "refresh_models": on_refresh_models}

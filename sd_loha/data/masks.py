@@ -8,14 +8,13 @@ mask drawn where the image shows a shape weighs the latents that encode that sha
 
 Sources, one per run:
 - alpha_mask: the image's alpha channel ("A"); images without one weigh 1 everywhere (kohya's ones);
-- conditioning_data_dir: a mask image per training image with the same name ("R"), found at the image's
-  path relative to train_data_dir, or by file name alone (kohya's flat mask folder per image folder).
+- conditioning_data_dir: a mask image per training image ("R"), found only at the image's path relative to
+  train_data_dir (any image extension); a file of the same name in another folder belongs to another image.
 """
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +34,14 @@ LATENT_FACTOR = 8
 
 @dataclass
 class MaskIndex:
-    """The image files of a conditioning_data_dir, by path relative to it and by bare stem (case-insensitive)."""
+    """The image files of a conditioning_data_dir, by path relative to it without extension (case-insensitive).
+
+    A mask belongs to the image at the same relative path only: kohya folders often repeat file names
+    (``10_dogs/001.png`` and ``5_cats/001.png``), so a name found elsewhere in the folder is another image's mask."""
 
     root: Path
     by_relative: dict[str, Path] = field(default_factory=dict)
-    by_stem: dict[str, list[Path]] = field(default_factory=lambda: defaultdict(list))
+    files: list[Path] = field(default_factory=list)
     used: set[Path] = field(default_factory=set)
 
     @classmethod
@@ -48,31 +50,33 @@ class MaskIndex:
         for folder, dirs, files in os.walk(root, followlinks=True):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
-                stem, ext = os.path.splitext(name)
-                if name.startswith(".") or ext.lower() not in IMAGE_EXTENSIONS:
+                if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                     continue
                 path = Path(folder) / name
-                rel = path.relative_to(root).with_suffix("").as_posix().lower()
-                index.by_relative.setdefault(rel, path)
-                index.by_stem[stem.lower()].append(path)
+                index.by_relative.setdefault(_relative_key(path, root), path)
+                index.files.append(path)
         return index
 
     def find(self, image: Path, image_root: Path) -> Path | None:
-        """The mask of `image` (under image_root): same relative path, else the one file of the same stem."""
+        """The mask of `image` (under image_root): the file at the same relative path, any image extension."""
         try:
-            rel = image.relative_to(image_root).with_suffix("").as_posix().lower()
+            found = self.by_relative.get(_relative_key(image, image_root))
         except ValueError:
-            rel = None
-        found = self.by_relative.get(rel) if rel is not None else None
-        if found is None:
-            same = self.by_stem.get(image.stem.lower(), [])
-            found = same[0] if len(same) == 1 else None
+            return None
         if found is not None:
             self.used.add(found)
         return found
 
+    def expected(self, image: Path, image_root: Path) -> Path:
+        """Where the mask of `image` belongs, without its extension (for messages)."""
+        return self.root / image.relative_to(image_root).with_suffix("")
+
     def unused(self) -> list[Path]:
-        return sorted({p for ps in self.by_stem.values() for p in ps} - self.used)
+        return sorted(set(self.files) - self.used)
+
+
+def _relative_key(path: Path, root: Path) -> str:
+    return path.relative_to(root).with_suffix("").as_posix().lower()
 
 
 def mask_pixels(item: ImageItem, plan: CropPlan, flipped: bool) -> torch.Tensor:

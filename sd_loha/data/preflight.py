@@ -364,8 +364,6 @@ def run_preflight(
     dataset weighs their loss). alpha_mask / conditioning_data_dir: where each
     image's loss mask comes from (sd_loha.data.masks).
     """
-    # Absolute paths: items stay valid if the trainer or a worker changes cwd.
-    root = Path(train_data_dir).expanduser().absolute()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0.0 <= validation_split < 1.0:
@@ -374,12 +372,7 @@ def run_preflight(
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     if alpha_mask and conditioning_data_dir is not None:
         raise ValueError("choose one mask source: alpha_mask or conditioning_data_dir, not both")
-    _check_folder(root, "train_data_dir")
-    reg_root = Path(reg_data_dir).expanduser().absolute() if reg_data_dir is not None else None
-    mask_root = Path(conditioning_data_dir).expanduser().absolute() if conditioning_data_dir is not None else None
-    for folder, key in ((reg_root, "reg_data_dir"), (mask_root, "conditioning_data_dir")):
-        if folder is not None:
-            _check_folder(folder, key)
+    root, reg_root, mask_root = _checked_folders(train_data_dir, reg_data_dir, conditioning_data_dir)
 
     bm = BucketManager(
         resolution,
@@ -393,110 +386,25 @@ def run_preflight(
     scan = scan_dataset(root, caption_extension=cap_ext, verify=verify)
     skipped = list(scan.skipped)
     warnings = list(scan.warnings) + list(bm.notes)
-
     items, upscaled = _bucketed(scan.items, bm, skipped)
-    images_found = len(scan.items) + len(scan.skipped)
-
     if not items:
         raise _nothing_usable_error(root, scan, cap_ext, skipped)
 
-    # Validation split: by image (before repeats), deterministic in the seed.
-    validation: list[ImageItem] = []
-    if validation_split > 0:
-        n_val = min(len(items) - 1, max(1, round(len(items) * validation_split)))
-        if n_val < 1:
-            warnings.append("validation_split ignored: a single image cannot be split into training and validation")
-        else:
-            chosen = set(random.Random(f"{seed}:validation").sample(range(len(items)), n_val))
-            validation = [it for i, it in enumerate(items) if i in chosen]
-            items = [it for i, it in enumerate(items) if i not in chosen]
-
-    # Regularization: never held out for validation (as in kohya), balanced against the training samples.
+    items, validation = _split_validation(items, validation_split, seed, warnings)
     reg_items: list[ImageItem] = []
     reg_stat: RegStat | None = None
     if reg_root is not None:
-        reg_scan = scan_dataset(reg_root, caption_extension=cap_ext, verify=verify)
-        skipped.extend(reg_scan.skipped)
-        warnings.extend(f"reg_data_dir: {w}" for w in reg_scan.warnings)
-        usable, reg_upscaled = _bucketed(reg_scan.items, bm, skipped)
-        upscaled.extend(reg_upscaled)
-        if not usable:
-            raise DatasetError(f"reg_data_dir {reg_root} holds no usable images "
-                               f"({len(reg_scan.items) + len(reg_scan.skipped)} found, "
-                               f"{len(reg_scan.skipped) + len(reg_scan.items) - len(usable)} skipped); add "
-                               "regularization images (same layout as train_data_dir) or remove reg_data_dir")
-        train_samples = sum(it.repeats for it in items)
-        reg_items = [replace(it, is_reg=True) for it in balance_regularization(train_samples, usable)]
-        repeats = [it.repeats for it in reg_items]
-        reg_stat = RegStat(folder=reg_root, images_found=len(reg_scan.items) + len(reg_scan.skipped),
-                           images_used=len(reg_items), images_unused=len(usable) - len(reg_items),
-                           samples=sum(repeats), train_samples=train_samples, min_repeats=min(repeats),
-                           max_repeats=max(repeats), prior_loss_weight=prior_loss_weight)
-        if reg_stat.images_unused:
-            warnings.append(f"{reg_stat.images_unused} of {len(usable)} regularization images are not used: an epoch "
-                            f"balances {train_samples} training samples with as many regularization samples (kohya)")
+        reg_items, reg_stat = _regularization(reg_root, items, bm, cap_ext, verify=verify,
+                                              prior_loss_weight=prior_loss_weight, skipped=skipped,
+                                              upscaled=upscaled, warnings=warnings)
     skipped.sort(key=lambda s: str(s.path))
-
-    # Loss masks.
     mask_stat: MaskStat | None = None
     if alpha_mask or mask_root is not None:
         items, validation, reg_items, mask_stat, mask_warnings = _attach_masks(
             root, items, validation, reg_items, mask_root, verify=verify)
         warnings.extend(mask_warnings)
-
-    # Buckets (training items, repeats counted).
-    per_bucket_images: Counter = Counter()
-    per_bucket_samples: Counter = Counter()
-    for it in items + reg_items:
-        per_bucket_images[it.bucket] += 1
-        per_bucket_samples[it.bucket] += it.repeats
-    buckets = [
-        BucketStat(bucket=b, images=per_bucket_images[b], samples=per_bucket_samples[b],
-                   batches=math.ceil(per_bucket_samples[b] / batch_size))
-        for b in sorted(per_bucket_images, key=lambda b: (-per_bucket_samples[b], b))
-    ]
-    total_batches = sum(b.batches for b in buckets)
-    steps_per_epoch = math.ceil(total_batches / num_processes)
-
-    small = [b for b in buckets if b.samples < batch_size]
-    if small:
-        shown = ", ".join(f"{b.bucket[0]}x{b.bucket[1]} ({b.samples})" for b in small[:6]) + (" ..." if len(small) > 6 else "")
-        warnings.append(
-            f"{len(small)} bucket(s) hold fewer samples than batch_size {batch_size}: {shown}. A batch never mixes "
-            f"buckets, so these batches will be smaller than {batch_size}. To fill batches: lower batch_size, "
-            "add repeats, raise bucket_reso_steps, or turn off bucket_no_upscale."
-        )
-    if upscaled:
-        upscaled.sort(key=lambda t: -t[1])
-        shown = ", ".join(f"{it.path.name} ({it.width}x{it.height}, x{s:.1f})" for it, s in upscaled[:4])
-        warnings.append(
-            f"{len(upscaled)} image(s) are enlarged more than 2x to fill their bucket and will look soft: {shown}"
-        )
-
-    # Subsets and captions.
-    by_subset: dict[Path, list[ImageItem]] = defaultdict(list)
-    for it in items + validation:
-        by_subset[it.subset_dir].append(it)
-    subsets = [
-        SubsetStat(folder=sub, repeats=its[0].repeats, images=len(its), folder_caption=its[0].folder_caption,
-                   missing_captions=sum(1 for i in its if i.caption is None))
-        for sub, its in sorted(by_subset.items(), key=lambda kv: str(kv[0]))
-    ]
-    sources: Counter = Counter(it.caption_source or "missing" for it in items + validation)
-    missing = [it.path for it in items + validation if it.caption is None]
-    fallback = (
-        f"the trigger word '{trigger_word}' as their whole caption" if trigger_word
-        else "an empty caption (trained unconditionally)"
-    )
-    if missing and len(missing) == len(items) + len(validation):
-        warnings.append(
-            f"no image has a caption (looked for same-name {cap_ext} files, metadata.jsonl and kohya folder names): "
-            f"every image is trained with {fallback}"
-        )
-    empty_files = [it.caption_path for it in items + validation if it.caption is None and it.caption_path is not None]
-    if empty_files:
-        shown = ", ".join(p.name for p in empty_files[:5]) + (" ..." if len(empty_files) > 5 else "")
-        warnings.append(f"{len(empty_files)} caption file(s) are empty and count as missing ({shown})")
+    buckets = _bucket_stats(items + reg_items, batch_size, upscaled, warnings)
+    subsets, missing, fallback = _caption_stats(items + validation, trigger_word, cap_ext, warnings)
 
     settings = {
         "resolution": bm.resolution,
@@ -520,23 +428,136 @@ def run_preflight(
     return PreflightReport(
         train_data_dir=root,
         settings=settings,
-        images_found=images_found,
+        images_found=len(scan.items) + len(scan.skipped),
         items=items,
         validation_items=validation,
         skipped=skipped,
         warnings=warnings,
         buckets=buckets,
         subsets=subsets,
-        caption_sources=dict(sources),
+        caption_sources=dict(Counter(it.caption_source or "missing" for it in items + validation)),
         missing_captions=missing,
         missing_caption_fallback=fallback,
         batch_size=batch_size,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=math.ceil(sum(b.batches for b in buckets) / num_processes),
         bucket_manager=bm,
         reg_items=reg_items,
         reg=reg_stat,
         masks=mask_stat,
     )
+
+
+def _checked_folders(train_data_dir: str | os.PathLike[str], reg_data_dir: str | os.PathLike[str] | None,
+                     conditioning_data_dir: str | os.PathLike[str] | None) -> tuple[Path, Path | None, Path | None]:
+    """The three folders as absolute paths (items stay valid if the trainer or a worker changes cwd), each
+    checked to exist and be a folder."""
+    root = Path(train_data_dir).expanduser().absolute()
+    _check_folder(root, "train_data_dir")
+    reg_root = Path(reg_data_dir).expanduser().absolute() if reg_data_dir is not None else None
+    mask_root = Path(conditioning_data_dir).expanduser().absolute() if conditioning_data_dir is not None else None
+    for folder, key in ((reg_root, "reg_data_dir"), (mask_root, "conditioning_data_dir")):
+        if folder is not None:
+            _check_folder(folder, key)
+    return root, reg_root, mask_root
+
+
+def _split_validation(items: list[ImageItem], validation_split: float, seed: int,
+                      warnings: list[str]) -> tuple[list[ImageItem], list[ImageItem]]:
+    """(training, validation): held out by image (before repeats), deterministic in the seed."""
+    if validation_split <= 0:
+        return items, []
+    n_val = min(len(items) - 1, max(1, round(len(items) * validation_split)))
+    if n_val < 1:
+        warnings.append("validation_split ignored: a single image cannot be split into training and validation")
+        return items, []
+    chosen = set(random.Random(f"{seed}:validation").sample(range(len(items)), n_val))
+    return ([it for i, it in enumerate(items) if i not in chosen], [it for i, it in enumerate(items) if i in chosen])
+
+
+def _regularization(reg_root: Path, items: list[ImageItem], bm: BucketManager, cap_ext: str, *, verify: bool,
+                    prior_loss_weight: float, skipped: list[Skipped], upscaled: list[tuple[ImageItem, float]],
+                    warnings: list[str]) -> tuple[list[ImageItem], RegStat]:
+    """The regularization images balanced against the training samples (kohya), never held out for
+    validation; their skipped files, enlargements and warnings join the training set's lists."""
+    reg_scan = scan_dataset(reg_root, caption_extension=cap_ext, verify=verify)
+    skipped.extend(reg_scan.skipped)
+    warnings.extend(f"reg_data_dir: {w}" for w in reg_scan.warnings)
+    usable, reg_upscaled = _bucketed(reg_scan.items, bm, skipped)
+    upscaled.extend(reg_upscaled)
+    found = len(reg_scan.items) + len(reg_scan.skipped)
+    if not usable:
+        raise DatasetError(f"reg_data_dir {reg_root} holds no usable images ({found} found, {found - len(usable)} "
+                           "skipped); add regularization images (same layout as train_data_dir) or remove reg_data_dir")
+    train_samples = sum(it.repeats for it in items)
+    reg_items = [replace(it, is_reg=True) for it in balance_regularization(train_samples, usable)]
+    repeats = [it.repeats for it in reg_items]
+    stat = RegStat(folder=reg_root, images_found=found, images_used=len(reg_items),
+                   images_unused=len(usable) - len(reg_items), samples=sum(repeats), train_samples=train_samples,
+                   min_repeats=min(repeats), max_repeats=max(repeats), prior_loss_weight=prior_loss_weight)
+    if stat.images_unused:
+        warnings.append(f"{stat.images_unused} of {len(usable)} regularization images are not used: an epoch "
+                        f"balances {train_samples} training samples with as many regularization samples (kohya)")
+    return reg_items, stat
+
+
+def _bucket_stats(items: list[ImageItem], batch_size: int, upscaled: list[tuple[ImageItem, float]],
+                  warnings: list[str]) -> list[BucketStat]:
+    """Images, samples (repeats counted) and batches per bucket, most samples first; warns of buckets that
+    cannot fill a batch and of images enlarged more than 2x."""
+    per_bucket_images: Counter = Counter()
+    per_bucket_samples: Counter = Counter()
+    for it in items:
+        per_bucket_images[it.bucket] += 1
+        per_bucket_samples[it.bucket] += it.repeats
+    buckets = [
+        BucketStat(bucket=b, images=per_bucket_images[b], samples=per_bucket_samples[b],
+                   batches=math.ceil(per_bucket_samples[b] / batch_size))
+        for b in sorted(per_bucket_images, key=lambda b: (-per_bucket_samples[b], b))
+    ]
+    small = [b for b in buckets if b.samples < batch_size]
+    if small:
+        shown = ", ".join(f"{b.bucket[0]}x{b.bucket[1]} ({b.samples})" for b in small[:6]) + (" ..." if len(small) > 6 else "")
+        warnings.append(
+            f"{len(small)} bucket(s) hold fewer samples than batch_size {batch_size}: {shown}. A batch never mixes "
+            f"buckets, so these batches will be smaller than {batch_size}. To fill batches: lower batch_size, "
+            "add repeats, raise bucket_reso_steps, or turn off bucket_no_upscale."
+        )
+    if upscaled:
+        upscaled.sort(key=lambda t: -t[1])
+        shown = ", ".join(f"{it.path.name} ({it.width}x{it.height}, x{s:.1f})" for it, s in upscaled[:4])
+        warnings.append(
+            f"{len(upscaled)} image(s) are enlarged more than 2x to fill their bucket and will look soft: {shown}"
+        )
+    return buckets
+
+
+def _caption_stats(items: list[ImageItem], trigger_word: str | None, cap_ext: str,
+                   warnings: list[str]) -> tuple[list[SubsetStat], list[Path], str]:
+    """(one SubsetStat per image folder, the images without a caption, what those train with); warns when no
+    image has a caption and of empty caption files."""
+    by_subset: dict[Path, list[ImageItem]] = defaultdict(list)
+    for it in items:
+        by_subset[it.subset_dir].append(it)
+    subsets = [
+        SubsetStat(folder=sub, repeats=its[0].repeats, images=len(its), folder_caption=its[0].folder_caption,
+                   missing_captions=sum(1 for i in its if i.caption is None))
+        for sub, its in sorted(by_subset.items(), key=lambda kv: str(kv[0]))
+    ]
+    missing = [it.path for it in items if it.caption is None]
+    fallback = (
+        f"the trigger word '{trigger_word}' as their whole caption" if trigger_word
+        else "an empty caption (trained unconditionally)"
+    )
+    if missing and len(missing) == len(items):
+        warnings.append(
+            f"no image has a caption (looked for same-name {cap_ext} files, metadata.jsonl and kohya folder names): "
+            f"every image is trained with {fallback}"
+        )
+    empty_files = [it.caption_path for it in items if it.caption is None and it.caption_path is not None]
+    if empty_files:
+        shown = ", ".join(p.name for p in empty_files[:5]) + (" ..." if len(empty_files) > 5 else "")
+        warnings.append(f"{len(empty_files)} caption file(s) are empty and count as missing ({shown})")
+    return subsets, missing, fallback
 
 
 def _check_folder(root: Path, key: str) -> None:
@@ -594,7 +615,7 @@ def balance_regularization(train_samples: int, reg_items: list[ImageItem]) -> li
 
 def _attach_masks(root: Path, items: list[ImageItem], validation: list[ImageItem], reg_items: list[ImageItem],
                   mask_root: Path | None, *, verify: bool):
-    """Give every image its loss mask: its own alpha channel (alpha_mask), or the same-name file of
+    """Give every image its loss mask: its own alpha channel (alpha_mask), or the file at its relative path in
     conditioning_data_dir (training and validation images; regularization images then weigh 1 everywhere).
     A training image without a mask, or with a mask of another size, is an error naming the file."""
     warnings: list[str] = []
@@ -612,7 +633,7 @@ def _attach_masks(root: Path, items: list[ImageItem], validation: list[ImageItem
         return items, validation, reg_items, stat, warnings
 
     index = MaskIndex.scan(mask_root)
-    missing: list[Path] = []
+    missing: list[str] = []
     wrong_size: list[str] = []
 
     def with_file(its: list[ImageItem]) -> list[ImageItem]:
@@ -620,7 +641,7 @@ def _attach_masks(root: Path, items: list[ImageItem], validation: list[ImageItem
         for it in its:
             mask = index.find(it.path, root)
             if mask is None:
-                missing.append(it.path)
+                missing.append(f"{it.path} (its mask: {index.expected(it.path, root)}.png or another image type)")
                 continue
             try:
                 size = inspect_image(mask, verify=verify).size
@@ -633,10 +654,11 @@ def _attach_masks(root: Path, items: list[ImageItem], validation: list[ImageItem
 
     items, validation = with_file(items), with_file(validation)
     if missing:
-        shown = "\n    ".join(str(p) for p in missing[:10]) + ("\n    ..." if len(missing) > 10 else "")
+        shown = "\n    ".join(missing[:10]) + ("\n    ..." if len(missing) > 10 else "")
         raise DatasetError(
             f"masked_loss: {len(missing)} training image(s) have no mask in conditioning_data_dir {mask_root} "
-            f"(looked for an image file of the same name, at the same relative path or directly in the folder):"
+            f"(a mask is the image file at the image's same path relative to {root}, any image extension; "
+            f"a file of the same name in another folder is another image's mask):"
             f"\n    {shown}\n  add a mask for each (white = full weight, black = none), or remove these images")
     if wrong_size:
         raise DatasetError("masked_loss: a mask must have its image's size (kohya requires it too):\n    "

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from ..atomic import save_image_atomic, write_text_atomic
 from ..io import all_finite, read_safetensors
 from ..models import detect_family, load_pipeline
 from ..network import SAVE_DTYPES, add_loha
@@ -39,11 +38,10 @@ from .loss import LossWeighting, diffusion_loss
 from .metadata import training_metadata
 from .noise import noisy_latents, plain_objective, sample_noise, sample_timesteps, training_scheduler
 from .optim import make_optimizer, make_scheduler
-from .report import loss_curve
+from .report import write_loss_log
 from .runtime import (StopFlag, TrainingError, all_reduce_grads, enable_te_checkpointing, ensure_loss_scaler, is_oom,
                       log_image, lr_scalars, make_accelerator, oom_advice)
-from .prompts import PromptEntry, read_prompt_entries
-from .sampling import sample_grid_image, sample_images, sampling_key, strength_label
+from .sampling import RunSamples
 from .state import OutputDirLock, clean_stale_temp, latest_state, load_state, restore_rng, rotate, save_state
 
 __all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
@@ -140,10 +138,7 @@ class Trainer:
         self.val_losses: list[tuple[int, float]] = []
         self.samples: list[Path] = []
         self.saved: list[Path] = []
-        self._prompts: tuple[tuple[str, ...], list[PromptEntry]] | None = None
         self._resumed_ema: dict | None = None
-        self._base_samples: tuple[tuple, list] | None = None  # (sampling settings, images)
-        self._progress: list[tuple[str, list]] = []  # (label, images at the last sample strength) per sample step
 
     # ---- setup: one method per component, in data order ---------------------------------------------
     def setup(self, resume_path: Path | None = None) -> None:
@@ -156,6 +151,7 @@ class Trainer:
         set_seed(self.cfg.seed)
         self._setup_models()
         self._setup_network()
+        self.pictures = RunSamples(self.pipe, self.network, self.output_dir / "samples", self.file_weights)
         self._setup_caches()
         self._setup_loader()
         self._setup_optimizer()
@@ -279,7 +275,9 @@ class Trainer:
                         "text encoder outputs are computed per step")
             return None
         cache = TextEmbeddingCache("te")
-        n = cache.precompute(sorted(set().union(*sets)), self._encode_text)
+        # In batches of train_batch_size: the encoder then runs at the shapes per-step encoding runs at, and
+        # BLAS kernels (their summation order) are chosen by shape.
+        n = cache.precompute(sorted(set().union(*sets)), self._encode_text, batch_size=self.cfg.train_batch_size)
         self._print(f"text encoder outputs cached: {n} captions")
         return cache
 
@@ -427,63 +425,20 @@ class Trainer:
         self.accelerator.log({"val_loss": v}, step=self.step)
         self.emit(events.Validation(step=self.step, loss=v))
 
-    @property
-    def prompts(self) -> list[PromptEntry]:
-        """The entries of cfg.sample_prompts, prompts files read once per list of prompts (at the first samples),
-        so a prompts file edited during the run neither changes nor breaks its later samples."""
-        key = tuple(self.cfg.sample_prompts)
-        if self._prompts is None or self._prompts[0] != key:
-            self._prompts = (key, read_prompt_entries(key))
-        return self._prompts[1]
-
-    def base_samples(self) -> list:
-        """The sample prompts from the base model (the adapter at strength 0), made once per sampling settings."""
-        key = sampling_key(self.cfg, self.prompts)
-        if self._base_samples is None or self._base_samples[0] != key:
-            self.network.set_multiplier(0.0)
-            try:
-                self._base_samples = (key, sample_images(self.pipe, self.cfg, self.prompts))
-            finally:
-                self.network.set_multiplier(1.0)
-        return self._base_samples[1]
-
-    def strength_columns(self) -> list[tuple[str, list]]:
-        """The sample prompts at each of sample_strengths, with the weights the file will hold (EMA if on)."""
-        columns = []
-        with self.file_weights():
-            for strength in self.cfg.sample_strengths:
-                if strength == 0:
-                    images = self.base_samples()
-                else:
-                    self.network.set_multiplier(strength)
-                    try:
-                        images = sample_images(self.pipe, self.cfg, self.prompts)
-                    finally:
-                        self.network.set_multiplier(1.0)
-                columns.append((strength_label(self.step, strength), images))
-        return columns
-
     def make_samples(self, tag: str) -> Path | None:
-        """A grid of the sample prompts (rows) at each sample strength (columns): what the saved file changes."""
-        if not self.main or not self.cfg.sample_prompts:
-            return None
-        columns = self.strength_columns()
-        grid = sample_grid_image(columns, self.cfg, self.prompts)
-        path = save_image_atomic(grid, self.output_dir / "samples" / f"{tag}.png")
-        log_image(self.accelerator, "samples", grid, self.step)
-        self._progress.append((f"step {self.step}", columns[-1][1]))
-        self.samples.append(path)
-        self.emit(events.Sample(path=str(path), step=self.step))
-        return path
+        """samples/<tag>.png: the sample prompts (rows) at each sample strength (columns)."""
+        return self._publish("samples", self.pictures.step_grid(self.cfg, self.step, tag)) if self.main else None
 
     def write_progress(self) -> Path | None:
         """samples/progress.png: the base, then every sample step of this run at the last sample strength."""
-        if not self.main or len(self._progress) < 2:
+        return self._publish("progress", self.pictures.progress_grid(self.cfg)) if self.main else None
+
+    def _publish(self, name: str, made: tuple[Any, Path] | None) -> Path | None:
+        """A grid the run made: to the trackers, the result and the event stream."""
+        if made is None:
             return None
-        columns = [(strength_label(0, 0.0), self.base_samples()), *self._progress]
-        grid = sample_grid_image(columns, self.cfg, self.prompts)
-        path = save_image_atomic(grid, self.output_dir / "samples" / "progress.png")
-        log_image(self.accelerator, "progress", grid, self.step)
+        grid, path = made
+        log_image(self.accelerator, name, grid, self.step)
         self.samples.append(path)
         self.emit(events.Sample(path=str(path), step=self.step))
         return path
@@ -531,14 +486,6 @@ class Trainer:
             self.save_resumable()
             rotate(self.output_dir, "state-*", self.cfg.save_last_n or 2)
 
-    def write_loss_log(self) -> Path:
-        """loss.csv and loss.png, both written atomically."""
-        steps = list(range(self.step - len(self.losses) + 1, self.step + 1))  # losses end at the current step
-        write_text_atomic(self.output_dir / "loss.csv",
-                          "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in zip(steps, self.losses)))
-        return loss_curve(steps, self.losses, self.output_dir / "loss.png",
-                          val_steps=[s for s, _ in self.val_losses], val_losses=[v for _, v in self.val_losses])
-
     def epochs_seen(self) -> int:
         # `epoch` counts finished epochs once the last batch of one is done (batches_done back to 0)
         return max(1, self.epoch + (1 if self.batches_done else 0))
@@ -575,13 +522,14 @@ class Trainer:
                 if acc.num_processes == 1 and not torch.isfinite(loss):
                     raise self._nan_error(float(loss.detach()))  # several processes check together in _sync
                 acc.backward(loss / cfg.gradient_accumulation_steps)
-                accum_loss += loss.item() / cfg.gradient_accumulation_steps
+                accum_loss += loss.item()
                 micro += 1
                 self.batches_done += 1
                 epoch_ended = self.batches_done >= self.batches_per_epoch
                 if micro % cfg.gradient_accumulation_steps and not epoch_ended:
                     continue
-                accum_loss, stop_seen = self._sync(accum_loss, stop.is_set)
+                # The logged loss is the window's mean: an epoch's last window may hold fewer micro-batches.
+                accum_loss, stop_seen = self._sync(accum_loss / micro, stop.is_set)
                 self.optimizer_step()
                 micro = 0
                 self.losses.append(accum_loss)
@@ -652,7 +600,7 @@ class Trainer:
                     rotate(self.output_dir, "state-*", cfg.save_last_n or 2)
                 self.make_samples("final")
                 self.write_progress()
-            curve = self.write_loss_log()
+            curve = write_loss_log(self.output_dir, self.step, self.losses, self.val_losses)
             print(f"saved {final}", flush=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()

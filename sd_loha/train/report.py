@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..atomic import save_image_atomic
+from ..atomic import save_image_atomic, write_text_atomic
 
 
 LABEL_H = 14  # one line of Pillow's default font
@@ -80,3 +80,13 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], path: Path, *, val
         x, y = xy(s, v)
         d.ellipse([x - 3, y - 3, x + 3, y + 3], fill="#c0392b")
     return save_image_atomic(img, path)
+
+
+def write_loss_log(folder: Path, last_step: int, losses: Sequence[float],
+                   val_losses: Sequence[tuple[int, float]]) -> Path:
+    """loss.csv and loss.png in `folder`, both written atomically; `losses` end at `last_step`. Returns the
+    curve's path."""
+    steps = list(range(last_step - len(losses) + 1, last_step + 1))
+    write_text_atomic(folder / "loss.csv", "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in zip(steps, losses)))
+    return loss_curve(steps, losses, folder / "loss.png",
+                      val_steps=[s for s, _ in val_losses], val_losses=[v for _, v in val_losses])

@@ -8,14 +8,17 @@ precision never feeds half-precision latents into fp32 convolutions.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from .. import schedulers
+from ..atomic import save_image_atomic
 from .conditioning import Conditioner
 from .config import TrainConfig
 from .prompts import PromptEntry, read_prompt_entries
@@ -168,3 +171,64 @@ def _prompt_kwargs(pipe: Any, cfg: TrainConfig, spec: SampleSpec) -> dict[str, A
     device = pipe.unet.device
     return {"prompt_embeds": encode([prompt], device)["encoder_hidden_states"],
             "negative_prompt_embeds": encode([negative or ""], device)["encoder_hidden_states"]}
+
+
+class RunSamples:
+    """The sample grids of one run, in `folder`: at each sample event the prompts (rows) at each of
+    sample_strengths (columns) with the weights the file will hold, and at the end the progress grid (the base,
+    then every sample event at the last strength). The base pictures (strength 0) are made once per sampling
+    settings. The settings are read from the config passed at each call, so they may change between calls."""
+
+    def __init__(self, pipe: Any, network: Any, folder: Path,
+                 file_weights: Callable[[], AbstractContextManager]) -> None:
+        self.pipe, self.network, self.folder, self.file_weights = pipe, network, Path(folder), file_weights
+        self._base: tuple[tuple, list[Image.Image]] | None = None  # (sampling settings, images)
+        self._progress: list[tuple[str, list[Image.Image]]] = []  # (label, images at the last strength) per event
+        self._prompts: tuple[tuple[str, ...], list[PromptEntry]] | None = None  # (sample_prompts, entries)
+
+    def prompts(self, cfg: TrainConfig) -> list[PromptEntry]:
+        """The entries of cfg.sample_prompts, prompts files read once per list of prompts (at the first samples),
+        so a prompts file edited during the run neither changes nor breaks its later samples."""
+        key = tuple(cfg.sample_prompts)
+        if self._prompts is None or self._prompts[0] != key:
+            self._prompts = (key, read_prompt_entries(key))
+        return self._prompts[1]
+
+    def base_images(self, cfg: TrainConfig) -> list[Image.Image]:
+        """The sample prompts from the base model (the adapter at strength 0)."""
+        key = sampling_key(cfg, self.prompts(cfg))
+        if self._base is None or self._base[0] != key:
+            self._base = (key, self._at_strength(cfg, 0.0))
+        return self._base[1]
+
+    def _at_strength(self, cfg: TrainConfig, strength: float) -> list[Image.Image]:
+        self.network.set_multiplier(strength)
+        try:
+            return sample_images(self.pipe, cfg, self.prompts(cfg))
+        finally:
+            self.network.set_multiplier(1.0)
+
+    def strength_columns(self, cfg: TrainConfig, step: int) -> list[tuple[str, list[Image.Image]]]:
+        """The sample prompts at each of sample_strengths, with the weights the file will hold (EMA if on)."""
+        with self.file_weights():
+            return [(strength_label(step, strength),
+                     self.base_images(cfg) if strength == 0 else self._at_strength(cfg, strength))
+                    for strength in cfg.sample_strengths]
+
+    def step_grid(self, cfg: TrainConfig, step: int, tag: str) -> tuple[Image.Image, Path] | None:
+        """samples/<tag>.png, the grid of this step (None without sample prompts)."""
+        if not cfg.sample_prompts:
+            return None
+        columns = self.strength_columns(cfg, step)
+        grid = sample_grid_image(columns, cfg, self.prompts(cfg))
+        path = save_image_atomic(grid, self.folder / f"{tag}.png")
+        self._progress.append((f"step {step}", columns[-1][1]))
+        return grid, path
+
+    def progress_grid(self, cfg: TrainConfig) -> tuple[Image.Image, Path] | None:
+        """samples/progress.png (None before two sample events: it would repeat the last grid)."""
+        if len(self._progress) < 2:
+            return None
+        grid = sample_grid_image([(strength_label(0, 0.0), self.base_images(cfg)), *self._progress], cfg,
+                                 self.prompts(cfg))
+        return grid, save_image_atomic(grid, self.folder / "progress.png")

@@ -131,12 +131,34 @@ def test_masks_found_by_relative_path_or_name(make_dataset, tmp_path):
         "2_style/a.png": "2_style/a.webp", "2_style/b.png": "2_style/b.png", "1_other/b.png": "1_other/b.png"}
     assert any("1 mask file(s) match no training image" in w and "stray.png" in w for w in rep.warnings)
     assert "masked loss: loss weighted by the red channel of the masks in" in rep.format()
-    # a flat folder works too (kohya's layout), by file name
+    # a flat training folder pairs with a flat mask folder: the relative path is the file name
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.new("L", (64, 64), 200).save(flat / "a.png")
-    train2 = make_dataset({"5_x/a.png": (64, 64)}, tmp_path / "train2")
+    train2 = make_dataset({"a.png": (64, 64)}, tmp_path / "train2")
     assert run_preflight(train2, resolution=64, min_bucket_reso=64, conditioning_data_dir=flat).items[0].mask_path == flat / "a.png"
+
+
+def test_a_mask_in_another_folder_is_not_the_images_mask(make_dataset, tmp_path):
+    """10_dogs/001.png and 5_cats/001.png share a file name; the only mask is the dog's. The cat image has no mask
+    (an error naming it), never the dog's, and the error says where its mask belongs."""
+    train = make_dataset({"10_dogs/001.png": (64, 64), "5_cats/001.png": (64, 64)})
+    masks = tmp_path / "masks"
+    (masks / "10_dogs").mkdir(parents=True)
+    Image.new("L", (64, 64), 255).save(masks / "10_dogs" / "001.png")
+    with pytest.raises(DatasetError, match=r"1 training image\(s\) have no mask") as e:
+        run_preflight(train, resolution=64, min_bucket_reso=64, conditioning_data_dir=masks)
+    text = str(e.value)
+    assert str(train / "5_cats" / "001.png") in text and str(train / "10_dogs" / "001.png") not in text
+    assert "same path relative to" in text and "directly in the folder" not in text
+    # a flat mask folder for images in subfolders: the name alone does not make a mask either
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("L", (64, 64), 255).save(flat / "001.png")
+    train2 = make_dataset({"5_cats/001.png": (64, 64)}, tmp_path / "train2")
+    with pytest.raises(DatasetError, match=r"1 training image\(s\) have no mask") as e:
+        run_preflight(train2, resolution=64, min_bucket_reso=64, conditioning_data_dir=flat)
+    assert str(flat / "5_cats" / "001") in str(e.value)  # where its mask belongs
 
 
 def test_missing_or_misfit_masks_are_errors_naming_the_file(make_dataset, tmp_path):

@@ -15,10 +15,8 @@ from sd_loha.train.config import load_config
 
 from .helpers import REPO, assert_finite_file, grid_cell, read_file
 
-# "A minute or two": the run needs ~90 s of CPU time on one core (imports and model load ~8 s, 400 steps ~70 s,
-# three sample grids ~10 s). Wall time is that on an idle machine, and up to ~3x more while other jobs share the
-# cores, so the bound is on the CPU time the run used; the wall time is printed.
-DEMO_CPU_BUDGET_S = 150
+# The run's time is printed, never asserted: CPU time moves with the processor and its neighbours. The
+# benchmark of record is bench/RESULTS.md ("The demo").
 
 
 @pytest.mark.slow
@@ -60,4 +58,3 @@ def test_demo_config_end_to_end(demo_run):
     with Image.open(out / "loss.png") as im:
         assert im.size == (640, 360)
     assert (out / "demo-step000200.safetensors").is_file() and (out / "state-00000400").is_dir()
-    assert cpu < DEMO_CPU_BUDGET_S, f"the demo used {cpu:.0f} s of CPU ({took:.0f} s wall)"

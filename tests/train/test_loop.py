@@ -212,10 +212,37 @@ def test_option_paths_train_every_module(tmp_path, monkeypatch):
     assert meta["ss_total_batch_size"] == "4" and meta["ss_min_snr_gamma"] == "5.0"
 
 
+def test_logged_loss_of_a_short_accumulation_window_is_its_mean(tmp_path, monkeypatch):
+    """16 images in batches of 4 with 3 accumulation steps: each epoch is a window of 3 micro-batches and a
+    window of 1. The loss logged for each step (loss.csv, events, result) is the mean of its window's losses,
+    so the epoch's last step does not dip to a third."""
+    micro = []
+    real_loss_step = loop_mod.Trainer.loss_step
+
+    def recording_loss_step(self, batch, generator=None):
+        loss = real_loss_step(self, batch, generator)
+        micro.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(loop_mod.Trainer, "loss_step", recording_loss_step)
+    events = []
+    result = train(base_config(tmp_path / "out", train_batch_size=4, gradient_accumulation_steps=3, max_train_steps=2,
+                               preset="attn-only", train_text_encoder=False), progress=False, on_event=events.append)
+    assert len(micro) == 4 and result.steps == 2
+    want = [sum(micro[:3]) / 3, micro[3]]
+    assert result.losses == pytest.approx(want, rel=1e-6)
+    assert [e.loss for e in events if isinstance(e, Progress)] == result.losses
+    rows = (tmp_path / "out" / "loss.csv").read_text().splitlines()[1:]
+    assert [float(r.split(",")[1]) for r in rows] == pytest.approx(want, abs=1e-6)
+
+
 def test_text_embedding_cache_gives_the_same_adapter(tmp_path):
     """Frozen text encoders and static captions: cached text-encoder outputs (SDXL: both encoders' states and
-    the pooled embedding) train exactly what per-step encoding trains."""
-    common = dict(pretrained_model="tiny-sdxl", train_text_encoder=False, preset="attn-only", max_train_steps=2)
+    the pooled embedding) train exactly what per-step encoding trains. Batch size 1 makes the two computations
+    the same: the cache encodes in batches of train_batch_size, and with several captions per batch the rows
+    would be grouped differently (sorted vs shuffled), which BLAS may sum in another order (~1e-5 seen)."""
+    common = dict(pretrained_model="tiny-sdxl", train_text_encoder=False, preset="attn-only", max_train_steps=2,
+                  train_batch_size=1)
     cached = train(base_config(tmp_path / "cached", cache_text_encoder_outputs=True, **common), progress=False)
     plain = train(base_config(tmp_path / "plain", cache_text_encoder_outputs=False, **common), progress=False)
     a, _ = read_file(cached.output)

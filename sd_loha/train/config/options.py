@@ -325,8 +325,9 @@ class TrainConfig:
     conditioning_data_dir: str | None = _opt(
         "dataset", "path", None,
         "Folder of loss masks for masked_loss: one image per training image with the same file name (any image "
-        "extension), at the same path relative to train_data_dir or directly in this folder, the same size as its "
-        "image; its red channel / 255 is the weight. A training image without a mask is an error (as in kohya); "
+        "extension) at the same path relative to train_data_dir (train/10_dogs/001.png: masks/10_dogs/001.png; a "
+        "same-named file in another folder belongs to another image), the same size as its image; its red channel "
+        "/ 255 is the weight. A training image without a mask is an error (as in kohya); "
         "regularization images weigh 1 everywhere. Not set: no mask folder.",
         optional=True, example='"data/my_style_masks"',
     )
