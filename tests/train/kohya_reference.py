@@ -4,10 +4,10 @@ sd_loha.train.noise and sd_loha.train.loss with.
 Copied from kohya-ss/sd-scripts (Apache-2.0) at commit 48d368fa, library/custom_train_functions.py
 (prepare_scheduler_for_custom_training, apply_snr_weight, scale_v_prediction_loss_like_noise_prediction,
 get_snr_scale, add_v_prediction_like_loss, apply_debiased_estimation, pyramid_noise_like, apply_noise_offset),
-train_network.py (post_process_loss, here a function of `args`) and library/train_util.py
-(get_timesteps, get_noise_noisy_latents_and_timesteps). Only logging, some type annotations and the imports
-are left out; the arithmetic, the order of the draws and their sources (Python's `random` for the pyramid's
-scale, torch's global generator for the rest) are kohya's.
+train_network.py (post_process_loss, here a function of `args`) and library/train_util.py (get_timesteps,
+get_noise_noisy_latents_and_timesteps, get_huber_threshold_if_needed, conditional_loss). Only logging, some
+type annotations and the imports are left out; the arithmetic, the order of the draws and their sources
+(Python's `random` for the pyramid's scale, torch's global generator for the rest) are kohya's.
 
 :func:`routed_draws` replaces those two sources for the duration of a `with` by one seeded torch generator,
 in the order kohya's code asks for them, so a test can compare exact values with sd-loha (which draws every
@@ -17,6 +17,7 @@ value from the caller's generator) while the formula that turns the draws into n
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import sys
 import types
@@ -131,6 +132,59 @@ def post_process_loss(loss, args, timesteps, noise_scheduler):
 # --------------------------------------------------------------------------------------- library/train_util.py
 
 
+def get_huber_threshold_if_needed(args, timesteps: torch.Tensor, noise_scheduler):
+    if not (args.loss_type == "huber" or args.loss_type == "smooth_l1"):
+        return None
+
+    b_size = timesteps.shape[0]
+    if args.huber_schedule == "exponential":
+        alpha = -math.log(args.huber_c) / noise_scheduler.config.num_train_timesteps
+        result = torch.exp(-alpha * timesteps) * args.huber_scale
+    elif args.huber_schedule == "snr":
+        if not hasattr(noise_scheduler, "alphas_cumprod"):
+            raise NotImplementedError("Huber schedule 'snr' is not supported with the current model.")
+        alphas_cumprod = torch.index_select(noise_scheduler.alphas_cumprod, 0, timesteps.cpu())
+        sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        result = (1 - args.huber_c) / (1 + sigmas) ** 2 + args.huber_c
+        result = result.to(timesteps.device)
+    elif args.huber_schedule == "constant":
+        result = torch.full((b_size,), args.huber_c * args.huber_scale, device=timesteps.device)
+    else:
+        raise NotImplementedError(f"Unknown Huber loss schedule {args.huber_schedule}!")
+
+    return result
+
+
+def conditional_loss(model_pred: torch.Tensor, target: torch.Tensor, loss_type: str, reduction: str, huber_c=None):
+    if loss_type == "l2":
+        loss = torch.nn.functional.mse_loss(model_pred, target, reduction=reduction)
+    elif loss_type == "l1":
+        loss = torch.nn.functional.l1_loss(model_pred, target, reduction=reduction)
+    elif loss_type == "huber":
+        if huber_c is None:
+            raise NotImplementedError("huber_c not implemented correctly")
+        # Reshape huber_c to broadcast with model_pred (supports 4D and 5D tensors)
+        huber_c = huber_c.view(-1, *([1] * (model_pred.ndim - 1)))
+        loss = 2 * huber_c * (torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
+        if reduction == "mean":
+            loss = torch.mean(loss)
+        elif reduction == "sum":
+            loss = torch.sum(loss)
+    elif loss_type == "smooth_l1":
+        if huber_c is None:
+            raise NotImplementedError("huber_c not implemented correctly")
+        # Reshape huber_c to broadcast with model_pred (supports 4D and 5D tensors)
+        huber_c = huber_c.view(-1, *([1] * (model_pred.ndim - 1)))
+        loss = 2 * (torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
+        if reduction == "mean":
+            loss = torch.mean(loss)
+        elif reduction == "sum":
+            loss = torch.sum(loss)
+    else:
+        raise NotImplementedError(f"Unsupported Loss Type: {loss_type}")
+    return loss
+
+
 def get_timesteps(min_timestep: int, max_timestep: int, b_size: int, device: torch.device) -> torch.Tensor:
     if min_timestep < max_timestep:
         timesteps = torch.randint(min_timestep, max_timestep, (b_size,), device="cpu")
@@ -184,8 +238,10 @@ def kohya_args(**options) -> SimpleNamespace:
     """kohya's argparse defaults for the options these functions read, with `options` on top."""
     defaults = dict(noise_offset=None, noise_offset_random_strength=False, adaptive_noise_scale=None,
                     multires_noise_iterations=None, multires_noise_discount=0.3, ip_noise_gamma=None,
-                    ip_noise_gamma_random_strength=False, min_timestep=None, max_timestep=None, min_snr_gamma=None, scale_v_pred_loss_like_noise_pred=False,
-                    v_pred_like_loss=None, debiased_estimation_loss=False, v_parameterization=False)
+                    ip_noise_gamma_random_strength=False, min_timestep=None, max_timestep=None,
+                    min_snr_gamma=None, scale_v_pred_loss_like_noise_pred=False, v_pred_like_loss=None,
+                    debiased_estimation_loss=False, v_parameterization=False,
+                    loss_type="l2", huber_schedule="snr", huber_c=0.1, huber_scale=1.0)
     return SimpleNamespace(**{**defaults, **options})
 
 
@@ -217,7 +273,8 @@ class _RoutedTorch(types.ModuleType):
 @contextlib.contextmanager
 def routed_draws(gen: torch.Generator) -> Iterator[None]:
     """Within the block, kohya's `random.random()` is one torch.rand(1) from `gen` (the same uniform on [0, 1)),
-    and its torch.randn / randn_like / rand / randint draw from `gen` too, each in the order kohya's code asks for it."""
+    and its torch.randn / randn_like / rand / randint draw from `gen` too, each in the order kohya's code asks
+    for it."""
     module = sys.modules[__name__]
     saved = module.torch, module.random
     module.torch = _RoutedTorch(gen)

@@ -293,6 +293,11 @@ def test_trainer_loss_step_is_the_formula_of_loss_type_and_huber_c(tmp_path, los
     c = c.float().view(-1, 1, 1, 1)
     elem = {"l2": d2, "huber": 2 * c * ((d2 + c**2).sqrt() - c), "smooth_l1": 2 * ((d2 + c**2).sqrt() - c)}[loss_type]
     assert loss == pytest.approx(float(elem.mean(dim=(1, 2, 3)).mean()), rel=1e-5)
+    # kohya's train_network: conditional_loss(reduction="none") with its per-timestep threshold, mean per sample
+    args = kohya.kohya_args(loss_type=loss_type, huber_schedule=schedule, huber_c=0.3)
+    theirs = kohya.conditional_loss(pred, noise, loss_type, "none",
+                                    kohya.get_huber_threshold_if_needed(args, steps, t.noise_scheduler))
+    assert loss == pytest.approx(float(theirs.mean([1, 2, 3]).mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("model, options, v", [
