@@ -131,7 +131,7 @@ def bake_adapters(
     for i, spec in enumerate(specs):
         report_progress(f"merging {spec.path}", 0.1 + 0.6 * i / len(specs))
         te = spec.strength if spec.te_strength is None else spec.te_strength
-        lbw = getattr(spec, "block_weights", None)  # `FILE:S:lbw=...` where the loader has block weights
+        lbw = spec.block_weights  # `FILE:S:lbw=...`
         applied = apply_loha(pipe, spec.path, unet_strength=spec.strength, text_encoder_strength=te,
                              name=f"{i}:{spec.name}",  # the index keeps two files of one name apart
                              **({"block_weights": lbw} if lbw else {}))

@@ -299,13 +299,11 @@ def test_cli_merge(adapters, tmp_path, capsys, one_thread):
 
 
 def test_block_weights_are_baked_as_the_loader_applies_them(models, adapters, tmp_path, one_thread):
-    pytest.importorskip("sd_loha.blocks")
     from sd_loha.generate import AdapterSpec
 
     a, _ = adapters["tiny-sd1"]
     spec = AdapterSpec.parse(f"{a}:0.8:0.5:lbw=INS")
-    if getattr(spec, "block_weights", None) is None:
-        pytest.skip("this AdapterSpec has no block weights")
+    assert spec.block_weights == "INS"
     out = tmp_path / "lbw.safetensors"
     bake_adapters(str(models["tiny-sd1"]), [spec], out, "fp32")
     expected = load_pipeline(str(models["tiny-sd1"]))
@@ -329,11 +327,28 @@ _FULL_UNETS = {
 }
 
 
+def _tagged(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor of a meta-device state dict as a real one of its shape holding its own index everywhere
+    (an expanded scalar: no memory for a real-size model)."""
+    return {k: torch.tensor(float(i)).expand(v.shape) for i, (k, v) in enumerate(state.items())}
+
+
+def _assert_same_tagged(converted: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """diffusers' converter gave every key back with its own tensor: same shape, same tag (two tensors of one
+    shape swapped, e.g. to_q and to_k, fail here; a transpose of a non-square one fails on the shape)."""
+    assert converted.keys() == state.keys()
+    for k, v in state.items():
+        got = converted[k]
+        assert got.shape == v.shape, k
+        assert float(got[(0,) * got.ndim]) == float(v[(0,) * v.ndim]), k
+
+
 @pytest.mark.parametrize("family", sorted(_FULL_UNETS))
 def test_real_size_layouts_convert_back_through_diffusers(family):
     """Our keys for real-size UNets and the SD VAE are exactly what diffusers' LDM -> diffusers converters map
-    back to every diffusers key; the UNet has as many keys as the real checkpoints' model.diffusion_model.*
-    (686 for SD 1.x / 2.x, 1680 for SDXL base)."""
+    back to every diffusers key, each to its own tensor of its shape; the UNet has as many keys as the real
+    checkpoints' model.diffusion_model.* (686 for SD 1.x / 2.x, 1680 for SDXL base). The values themselves go
+    through diffusers bit for bit in the tiny-model tests above."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -346,9 +361,10 @@ def test_real_size_layouts_convert_back_through_diffusers(family):
         unet = UNet2DConditionModel(**kwargs)
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             block_out_channels=(128, 256, 512, 512), layers_per_block=2)
-    ours = {"model.diffusion_model." + k: v for k, v in bake.unet_to_original(unet.state_dict(), unet.config).items()}
+    unet_state, vae_state = _tagged(unet.state_dict()), _tagged(vae.state_dict())
+    ours = {"model.diffusion_model." + k: v for k, v in bake.unet_to_original(unet_state, unet.config).items()}
     assert len(ours) == n_keys
-    assert convert_ldm_unet_checkpoint(ours, dict(unet.config)).keys() == unet.state_dict().keys()
-    ours = {"first_stage_model." + k: v for k, v in bake.vae_to_original(vae.state_dict()).items()}
-    assert convert_ldm_vae_checkpoint(ours, dict(vae.config)).keys() == vae.state_dict().keys()
+    _assert_same_tagged(convert_ldm_unet_checkpoint(ours, dict(unet.config)), unet_state)
+    ours = {"first_stage_model." + k: v for k, v in bake.vae_to_original(vae_state).items()}
+    _assert_same_tagged(convert_ldm_vae_checkpoint(ours, dict(vae.config)), vae_state)
     assert ours["first_stage_model.decoder.mid.attn_1.proj_out.weight"].shape == (512, 512, 1, 1)

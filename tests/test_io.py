@@ -514,12 +514,6 @@ def _folder_listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def _serializer_name() -> str:
-    name = next((n for n in ("serialize", "save_file") if hasattr(sd_io, n)), None)
-    assert name, "save_safetensors_atomic no longer serialises through a module-level function; update this test"
-    return name
-
-
 @pytest.mark.parametrize("failure", ["enospc_at_fsync", "crash_in_serializer", "crash_at_rename"])
 def test_atomic_save_keeps_old_file(tmp_path, monkeypatch, failure):
     target = tmp_path / "out.safetensors"
@@ -540,14 +534,13 @@ def test_atomic_save_keeps_old_file(tmp_path, monkeypatch, failure):
 
         monkeypatch.setattr(os, "replace", replace)
     else:
-        name = _serializer_name()
-        real = getattr(sd_io, name)
+        real = sd_io.serialize  # the module-level serializer save_safetensors_atomic calls
 
         def failing(tensors, *args, **kwargs):
             real(tensors, *args, **kwargs)  # do the work, then die before returning
             raise RuntimeError("killed")
 
-        monkeypatch.setattr(sd_io, name, failing)
+        monkeypatch.setattr(sd_io, "serialize", failing)
     new = {"lora_unet_a.alpha": torch.tensor(2.0), "lora_unet_a.hada_w1_a": torch.ones(4, 4)}
     exc = {"enospc_at_fsync": OSError, "crash_in_serializer": RuntimeError, "crash_at_rename": KeyboardInterrupt}[failure]
     with pytest.raises(exc) as info:

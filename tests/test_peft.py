@@ -234,8 +234,9 @@ def test_cli_convert_both_ways(tmp_path, tiny_pipe, one_thread) -> None:
     # without --model the real SD 1.x architecture (meta device) names the layers: the same folder
     assert main(["convert", str(src), "--to", "peft", "--out", str(tmp_path / "q")]) == 0
     for part in ("unet", "text_encoder"):
-        assert read_safetensors(tmp_path / "p" / part / "adapter_model.safetensors")[0].keys() == \
-            read_safetensors(tmp_path / "q" / part / "adapter_model.safetensors")[0].keys()
+        p = read_safetensors(tmp_path / "p" / part / "adapter_model.safetensors")[0]
+        q = read_safetensors(tmp_path / "q" / part / "adapter_model.safetensors")[0]
+        assert p.keys() == q.keys() and all(torch.equal(p[k], q[k]) for k in p), part
 
 
 def test_refusals(tmp_path, peft_sd1) -> None:

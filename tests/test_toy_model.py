@@ -6,13 +6,11 @@ import json
 import struct
 
 import numpy as np
-import pytest
 
 from sd_loha.models import TINY_MODELS, TOY_MODELS, TOKENIZER_DIR, detect_family, load_pipeline
 from sd_loha.toy import measure, world
 
 TOY_DIR = TOY_MODELS["toy-sd1"]
-needs_weights = pytest.mark.skipif(not (TOY_DIR / "model_index.json").is_file(), reason="toy-sd1 weights not built")
 
 
 # ---------------------------------------------------------------------------------------------- world and measurement
@@ -73,7 +71,6 @@ def test_toy_is_a_builtin_model_everywhere():
     assert TINY_MODELS[0] == "tiny-sd1"  # the fast random default stays first
 
 
-@needs_weights
 def test_shipped_weights_are_fp16_safetensors_and_small():
     files = [p for p in TOY_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 25e6
@@ -86,7 +83,6 @@ def test_shipped_weights_are_fp16_safetensors_and_small():
         assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}, p
 
 
-@needs_weights
 def test_toy_loads_offline_as_sd1(one_thread):
     pipe = load_pipeline("toy-sd1")
     family = detect_family(pipe)
@@ -107,7 +103,6 @@ MIN_BACKGROUND, MIN_COLOR, MIN_SHAPE = 0.9, 0.9, 0.75
 MIN_VAE_PSNR_DB = {"rings": 20.0, "blobs": 28.0, "plaid": 22.0, "scenes": 26.0, "posters": 16.0}
 
 
-@needs_weights
 def test_toy_draws_the_prompted_colors_and_shapes(one_thread):
     from sd_loha.toy.evaluate import evaluate
 
@@ -123,7 +118,6 @@ def test_toy_draws_the_prompted_colors_and_shapes(one_thread):
     assert result.shape >= MIN_SHAPE, result
 
 
-@needs_weights
 def test_toy_vae_reconstructs_kinds_it_never_saw(one_thread):
     from sd_loha.toy.evaluate import roundtrip
     from sd_loha.toy.pretrain import heldout_sets, vae_psnr

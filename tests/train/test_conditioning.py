@@ -72,18 +72,28 @@ def test_encode_sd_matches_pipeline_encode_prompt():
 
 def test_samples_use_the_trained_clip_skip(tmp_path):
     """Sample grids are made with the clip_skip the adapter trains with (the SD pipeline's own clip_skip path
-    crashes on transformers 5; SDXL's works)."""
-    import numpy as np
-
+    crashes on transformers 5; SDXL's works): at every denoising step the UNet's conditioning for the prompt is
+    the trainer's Conditioner output for that clip_skip, which differs between 1 and 2."""
     from sd_loha.train.config import config_from_kwargs
     from sd_loha.train.sampling import sample_images
 
     for name in ("tiny-sd1", "tiny-sdxl"):
         pipe = build_tiny_pipeline(name)
-        grids = []
+        seen = []
+        pipe.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"]),
+                                            with_kwargs=True)
+        wanted = []
         for skip in (1, 2):
+            seen.clear()
             cfg = config_from_kwargs(pretrained_model=name, train_data_dir=str(tmp_path), output_dir=str(tmp_path),
                                      resolution=64, min_bucket_reso=64, sample_prompts=["sdlohastyle, poster"], sample_steps=2,
                                      clip_skip=skip)
-            grids.append(np.stack([np.asarray(im) for im in sample_images(pipe, cfg)]))
-        assert grids[0].shape == grids[1].shape and not np.array_equal(grids[0], grids[1]), name
+            sample_images(pipe, cfg)
+            want = Conditioner(pipe, sdxl=name == "tiny-sdxl", clip_skip=skip, train_text_encoder=False)(
+                ["sdlohastyle, poster"], torch.device("cpu"))["encoder_hidden_states"]
+            assert len(seen) == 2, name  # two denoising steps, each with [negative, prompt]
+            for states in seen:
+                # the sampler may encode the prompt in another batch than the Conditioner: fp32 tolerance
+                torch.testing.assert_close(states[-1:], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {skip}: {m}")
+            wanted.append(want)
+        assert (wanted[0] - wanted[1]).abs().max() > 1e-2, name  # the check above tells the two apart

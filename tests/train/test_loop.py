@@ -4,8 +4,6 @@ text-embedding caching."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -120,14 +118,12 @@ def test_occupied_output_dir_is_refused_before_loading_a_model(tmp_path, monkeyp
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the output folder check")
 
-    monkeypatch.setattr(loop_mod, "load_pipeline", no_model)
-    t = time.perf_counter()
+    monkeypatch.setattr(loop_mod, "load_pipeline", no_model)  # "before loading a model": no_model says so, no clock
     with pytest.raises(ConfigError) as ei:
         train(base_config(out), progress=False)
     assert "already holds outputs" in str(ei.value) and "overwrite" in str(ei.value)
     with pytest.raises(TrainingError, match="no saved state"):
         train(base_config(out), resume=True, progress=False)
-    assert time.perf_counter() - t < 10
     assert (out / "loha.safetensors").read_bytes() == b"a previous run's adapter"
     # overwrite=True gets past the check (to the model loading, stubbed here)
     with pytest.raises(AssertionError, match="a model was loaded"):

@@ -4,6 +4,7 @@ the Huber and weighting options reaching the trainer's loss."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from sd_loha.train.loss import (
     target_for,
 )
 
+from . import kohya_reference as kohya
 from .helpers import base_config
 
 
@@ -56,6 +58,8 @@ def test_min_snr_weights_match_the_formula(prediction_type, gamma):
         want = min(s, gamma) / (s + 1 if prediction_type == "v_prediction" else s)
         assert float(snr(sched, t[i : i + 1])) == pytest.approx(s, rel=1e-4)
         assert float(got[i]) == pytest.approx(want, rel=1e-4), (step, float(got[i]), want)
+    kohya_w = _kohya_post_processed(sched, t, prediction_type, LossWeighting(min_snr_gamma=gamma))
+    torch.testing.assert_close(got, kohya_w, rtol=1e-5, atol=0)
     # low noise (high SNR) is down-weighted, high noise is not, for ε
     if prediction_type == "epsilon":
         assert float(got[0]) < 0.01 and float(got[-1]) == pytest.approx(1.0)
@@ -213,6 +217,15 @@ def test_weighting_schemes_match_kohya(prediction_type, kw):
     got = loss_weights(sched, t, weighting)
     for i, step in enumerate(TIMESTEPS):
         assert float(got[i]) == pytest.approx(_kohya_weight(step, prediction_type, **kw), rel=1e-4), step
+    torch.testing.assert_close(got, _kohya_post_processed(sched, t, prediction_type, weighting), rtol=1e-5, atol=0)
+
+
+def _kohya_post_processed(sched, t: torch.Tensor, prediction_type: str, weighting: LossWeighting) -> torch.Tensor:
+    """kohya's post_process_loss, as kohya writes it, on a per-sample loss of 1: the weights in its arithmetic
+    (fp32, SNR as (sqrt(ᾱ)/sqrt(1 - ᾱ))² from the scheduler's ᾱ)."""
+    kohya.prepare_scheduler_for_custom_training(sched, "cpu")
+    args = kohya.kohya_args(v_parameterization=prediction_type == "v_prediction", **dataclasses.asdict(weighting))
+    return kohya.post_process_loss(torch.ones(len(t)), args, t, sched)
 
 
 def test_snr_cap_of_kohya():
@@ -280,6 +293,11 @@ def test_trainer_loss_step_is_the_formula_of_loss_type_and_huber_c(tmp_path, los
     c = c.float().view(-1, 1, 1, 1)
     elem = {"l2": d2, "huber": 2 * c * ((d2 + c**2).sqrt() - c), "smooth_l1": 2 * ((d2 + c**2).sqrt() - c)}[loss_type]
     assert loss == pytest.approx(float(elem.mean(dim=(1, 2, 3)).mean()), rel=1e-5)
+    # kohya's train_network: conditional_loss(reduction="none") with its per-timestep threshold, mean per sample
+    args = kohya.kohya_args(loss_type=loss_type, huber_schedule=schedule, huber_c=0.3)
+    theirs = kohya.conditional_loss(pred, noise, loss_type, "none",
+                                    kohya.get_huber_threshold_if_needed(args, steps, t.noise_scheduler))
+    assert loss == pytest.approx(float(theirs.mean([1, 2, 3]).mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("model, options, v", [
@@ -303,10 +321,31 @@ def test_trainer_loss_is_weighted_like_kohya(tmp_path, model, options, v):
                                     scale_v=options.get("scale_v_pred_loss_like_noise_pred", False),
                                     v_like=options.get("v_pred_like_loss")) for s in steps])
     assert loss == pytest.approx(float((per * w).mean()), rel=1e-4)
+    kohya_w = _kohya_post_processed(t.noise_scheduler, steps, "v_prediction" if v else "epsilon",
+                                    LossWeighting.from_config(t.cfg))
+    assert loss == pytest.approx(float((per * kohya_w).mean()), rel=1e-5)
     assert loss != pytest.approx(float(per.mean()), rel=1e-2)
 
 
-def test_train_runs_with_the_weighting_options(tmp_path):
+def test_train_uses_the_weighting_options(tmp_path, monkeypatch):
+    """Through train(), each step's loss is weighted by kohya's weights for its timesteps (min-SNR, debiased,
+    v-prediction-like together): the weights diffusion_loss used, watched on the real loss_weights, equal
+    kohya's post_process_loss on a loss of 1."""
+    import sd_loha.train.loss as loss_mod
+
+    used = []
+    real = loss_mod.loss_weights
+
+    def spy(scheduler, timesteps, weighting=None):  # the real function, watched
+        w = real(scheduler, timesteps, weighting)
+        used.append((scheduler, timesteps, weighting, w))
+        return w
+
+    monkeypatch.setattr(loss_mod, "loss_weights", spy)
     run = train(base_config(tmp_path / "w", max_train_steps=2, train_text_encoder=False, min_snr_gamma=5.0,
                             debiased_estimation_loss=True, v_pred_like_loss=0.1), progress=False)
-    assert len(run.losses) == 2 and all(math.isfinite(v) for v in run.losses)
+    assert run.steps == 2 and len(used) == 2
+    for scheduler, steps, weighting, w in used:
+        assert weighting == LossWeighting(min_snr_gamma=5.0, debiased_estimation_loss=True, v_pred_like_loss=0.1)
+        torch.testing.assert_close(w, _kohya_post_processed(scheduler, steps, "epsilon", weighting), rtol=1e-5, atol=0)
+        assert (w != 1).all()

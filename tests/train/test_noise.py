@@ -6,6 +6,7 @@ train() with each group of options on."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from sd_loha.train import train
 from sd_loha.train.config import ConfigError, config_from_kwargs, load
 from sd_loha.train.loop import Trainer
+from sd_loha.train.loss import LossWeighting, loss_weights, target_for
 from sd_loha.train.noise import (
     OBJECTIVE_OPTIONS,
     noisy_latents,
@@ -25,6 +27,7 @@ from sd_loha.train.noise import (
     training_scheduler,
 )
 
+from . import kohya_reference as kohya
 from .helpers import base_config
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -35,17 +38,9 @@ def _cfg(tmp_path, **overrides):
 
 
 def _kohya_pyramid(noise: torch.Tensor, gen: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
-    """kohya's pyramid_noise_like written out, with its random.random() drawn from `gen` as sd-loha does."""
-    b, c, h, w = noise.shape
-    up = torch.nn.Upsample(size=(h, w), mode="bilinear")
-    out = noise.clone()
-    for i in range(iterations):
-        r = torch.rand(1, generator=gen).item() * 2 + 2
-        hn, wn = max(1, int(h / (r**i))), max(1, int(w / (r**i)))
-        out += up(torch.randn(b, c, hn, wn, generator=gen)) * discount**i
-        if hn == 1 or wn == 1:
-            break
-    return out / out.std()
+    """kohya's pyramid_noise_like as kohya writes it, its random.random() and torch.randn drawn from `gen`."""
+    with kohya.routed_draws(gen):
+        return kohya.pyramid_noise_like(noise.clone(), "cpu", iterations, discount)
 
 
 @pytest.mark.parametrize("iterations, discount", [(1, 0.3), (3, 0.3), (10, 0.8)])
@@ -60,6 +55,36 @@ def test_pyramid_noise_is_kohyas(iterations, discount):
     # the coarse levels make neighbouring pixels correlate; one level is white noise (2 draws at full size)
     corr = float(torch.corrcoef(torch.stack([got[..., :-1].flatten(), got[..., 1:].flatten()]))[0, 1])
     assert corr > 0.15 if discount > 0.5 else abs(corr) < 0.05
+
+
+def _neighbour_correlations(noise: torch.Tensor) -> list[float]:
+    """Correlation of pixels 1, 2, 4 and 8 apart along the width: what the coarse levels and their sizes set."""
+    return [float(torch.corrcoef(torch.stack([noise[..., :-d].flatten(), noise[..., d:].flatten()]))[0, 1])
+            for d in (1, 2, 4, 8)]
+
+
+def test_pyramid_noise_has_the_structure_of_kohyas_with_kohyas_own_randomness():
+    """kohya draws the scale r with Python's random.random() and the levels from torch's global generator;
+    sd-loha draws both from the caller's generator (a seeded step is reproducible). Exact values cannot match
+    across the two sources, so compare what the draws produce: over 300 seeds, the mean correlation of pixels
+    1..8 apart (set by r's distribution, the level sizes and the upsampling) agrees within 4 standard errors."""
+    draws, shape = 300, (1, 4, 32, 32)
+    theirs, ours = [], []
+    state = random.getstate(), torch.random.get_rng_state()
+    try:
+        for seed in range(draws):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            theirs.append(_neighbour_correlations(kohya.pyramid_noise_like(torch.randn(shape), "cpu", 6, 0.8)))
+            gen = torch.Generator().manual_seed(10_000 + seed)
+            ours.append(_neighbour_correlations(pyramid_noise(torch.randn(shape, generator=gen), 6, 0.8, gen)))
+    finally:
+        random.setstate(state[0])
+        torch.random.set_rng_state(state[1])
+    theirs_t, ours_t = torch.tensor(theirs), torch.tensor(ours)
+    se = ((theirs_t.var(0) + ours_t.var(0)) / draws).sqrt()
+    assert ((theirs_t.mean(0) - ours_t.mean(0)).abs() < 4 * se).all(), (theirs_t.mean(0), ours_t.mean(0), se)
+    assert float(theirs_t.mean(0)[0]) > 0.15  # the structure compared is there: neighbours correlate
 
 
 def test_sample_noise_offset_random_and_adaptive_strength(tmp_path):
@@ -77,6 +102,12 @@ def test_sample_noise_offset_random_and_adaptive_strength(tmp_path):
     assert (strength == 0).any() and (strength > 0).any()  # the clamp is exercised: channel 0's mean is 2
     eps = eps + strength * torch.randn((3, 4, 1, 1), generator=gen)
     torch.testing.assert_close(got, _kohya_pyramid(eps, gen, 3, 0.4), rtol=1e-5, atol=1e-6)
+    # and as kohya's get_noise_noisy_latents_and_timesteps computes it from the same draws
+    args = kohya.kohya_args(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=-0.05,
+                            multires_noise_iterations=3, multires_noise_discount=0.4)
+    with kohya.routed_draws(torch.Generator().manual_seed(4)):
+        theirs, _, _ = kohya.get_noise_noisy_latents_and_timesteps(args, DDPMScheduler(**SD_SCHEDULE), latents)
+    torch.testing.assert_close(got, theirs, rtol=1e-5, atol=1e-6)
 
     # without the options: plain ε + 0.1 · N(0,1), the draws of before
     plain = sample_noise(_cfg(tmp_path, noise_offset=0.1), latents, torch.Generator().manual_seed(4))
@@ -120,9 +151,9 @@ def test_ip_noise_perturbs_the_input_only(tmp_path, random_strength):
 
 @torch.no_grad()
 def test_trainer_step_with_the_noise_options_is_kohyas_formula(tmp_path):
-    """One loss_step with every noise and timestep option on equals the loss recomputed from the same seed in
-    kohya's order: ε, offset strength, offset, pyramid, timesteps in [min, max), ip strength, ip noise; the UNet
-    sees the perturbed input and is scored against ε."""
+    """One loss_step with every noise and timestep option on equals kohya's get_noise_noisy_latents_and_timesteps
+    fed the same draws in its order (ε, offset strength, offset, pyramid, timesteps in [min, max), ip strength,
+    ip noise): the UNet sees the perturbed input and is scored against ε."""
     cfg = _cfg(tmp_path, noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.02,
                multires_noise_iterations=4, multires_noise_discount=0.5, ip_noise_gamma=0.2,
                ip_noise_gamma_random_strength=True, min_timestep=300, max_timestep=700, train_text_encoder=False)
@@ -133,16 +164,11 @@ def test_trainer_step_with_the_noise_options_is_kohyas_formula(tmp_path):
     t.unet.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), args[1], out.sample.detach())))
     loss = float(t.loss_step(batch, torch.Generator().manual_seed(8)))
 
-    gen = torch.Generator().manual_seed(8)
-    x0 = batch["latents"].float()
-    b, c = x0.shape[:2]
-    eps = torch.randn(x0.shape, generator=gen)
-    s = torch.rand(1, generator=gen).item() * 0.1 + 0.02 * x0.mean(dim=(2, 3), keepdim=True).abs()
-    eps = _kohya_pyramid(eps + s * torch.randn((b, c, 1, 1), generator=gen), gen, 4, 0.5)
-    steps = torch.randint(300, 700, (b,), generator=gen)
-    gamma = torch.rand(1, generator=gen).item() * 0.2
-    ab = t.noise_scheduler.alphas_cumprod[steps].view(b, 1, 1, 1)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * (eps + gamma * torch.randn(x0.shape, generator=gen))
+    args = kohya.kohya_args(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.02,
+                            multires_noise_iterations=4, multires_noise_discount=0.5, ip_noise_gamma=0.2,
+                            ip_noise_gamma_random_strength=True, min_timestep=300, max_timestep=700)
+    with kohya.routed_draws(torch.Generator().manual_seed(8)):
+        eps, x_t, steps = kohya.get_noise_noisy_latents_and_timesteps(args, t.noise_scheduler, batch["latents"].float())
     unet_in, unet_t, pred = seen[0]
     assert torch.equal(unet_t, steps)
     torch.testing.assert_close(unet_in, x_t, rtol=1e-5, atol=1e-5)
@@ -205,21 +231,66 @@ def test_config_checks_of_the_noise_options(tmp_path):
     assert any("multires_noise_discount" in w for w in warns)
 
 
-def test_train_runs_with_the_noise_options(tmp_path):
-    plain = train(base_config(tmp_path / "plain", max_train_steps=2, train_text_encoder=False), progress=False)
+def test_train_uses_the_noise_options(tmp_path, monkeypatch):
+    """Through train(), every step's noise and input carry the options (their values against kohya's formulas
+    are tested above, on loss_step): the target noise went through the pyramid last (its std is 1 to fp32),
+    the timesteps lie in [min_timestep, max_timestep), and the UNet's input is add_noise of the target plus the
+    input perturbation γ·N(0, 1), γ in [0, ip_noise_gamma)."""
+    import sd_loha.train.loop as loop_mod
+
+    seen = []
+    real_noisy = loop_mod.noisy_latents
+
+    def noisy_spy(cfg, scheduler, latents, noise, timesteps, generator=None):  # the real function, watched
+        out = real_noisy(cfg, scheduler, latents, noise, timesteps, generator)
+        seen.append((noise, timesteps, out, scheduler.add_noise(latents, noise, timesteps), scheduler))
+        return out
+
+    monkeypatch.setattr(loop_mod, "noisy_latents", noisy_spy)
     run = train(base_config(tmp_path / "noise", max_train_steps=2, train_text_encoder=False, noise_offset=0.05,
                             noise_offset_random_strength=True, adaptive_noise_scale=0.01, multires_noise_iterations=6,
                             multires_noise_discount=0.3, ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True,
                             min_timestep=100, max_timestep=900), progress=False)
-    assert len(run.losses) == 2 and all(math.isfinite(v) for v in run.losses)
-    assert run.losses != plain.losses
+    assert run.steps == 2 and len(seen) == 2
+    for noise, steps, noisy, unperturbed, scheduler in seen:
+        assert float(noise.std()) == pytest.approx(1.0, rel=1e-5)
+        assert ((steps >= 100) & (steps < 900)).all()
+        sigma = (1 - scheduler.alphas_cumprod[steps]).sqrt().view(-1, 1, 1, 1)
+        gamma = float(((noisy - unperturbed) / sigma).std())
+        assert 0.0 < gamma < 0.1 * 1.2  # γ·N(0, 1) over a few hundred latent values: std within 20 % of γ
 
 
-def test_train_runs_with_zero_terminal_snr_on_a_v_model(tmp_path):
-    run = train(base_config(tmp_path / "zt", pretrained_model="tiny-sd2", max_train_steps=2, train_text_encoder=False,
-                            zero_terminal_snr=True, min_snr_gamma=5.0, scale_v_pred_loss_like_noise_pred=True,
-                            debiased_estimation_loss=True), progress=False)
-    assert len(run.losses) == 2 and all(math.isfinite(v) for v in run.losses)
+@torch.no_grad()
+def test_zero_terminal_snr_trains_the_last_timestep_on_minus_x0(tmp_path):
+    """zero_terminal_snr on a v-model: ᾱ_T = 0, so at t = T the UNet's input is the noise alone and the
+    v-target sqrt(ᾱ)·ε - sqrt(1 - ᾱ)·x0 is -x0; loss_step scores the prediction against exactly that, and
+    the weighting options give that timestep kohya's weights (min-SNR and the v-scale 0, debiased 1)."""
+    options = dict(min_snr_gamma=5.0, scale_v_pred_loss_like_noise_pred=True, debiased_estimation_loss=True)
+    cfg = _cfg(tmp_path, pretrained_model="tiny-sd2", zero_terminal_snr=True, min_timestep=999, max_timestep=1000,
+               train_text_encoder=False)
+    t = Trainer(cfg, tmp_path / "out", progress=False)
+    t.setup()
+    assert t.noise_scheduler.config.prediction_type == "v_prediction"
+    assert float(t.noise_scheduler.alphas_cumprod[-1]) == 0.0
+    batch = next(iter(t.loader))
+    seen = []
+    t.unet.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), args[1], out.sample.detach())))
+    loss = float(t.loss_step(batch, torch.Generator().manual_seed(3)))
+
+    x0 = batch["latents"].float()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))  # loss_step's first draw
+    unet_in, steps, pred = seen[0]
+    assert steps.tolist() == [999] * x0.shape[0]
+    torch.testing.assert_close(unet_in.float(), eps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(target_for(t.noise_scheduler, x0, eps, steps), -x0, rtol=0, atol=1e-6)
+    assert loss == pytest.approx(float(((pred.float() + x0) ** 2).mean()), rel=1e-5)
+
+    weights = loss_weights(t.noise_scheduler, steps, LossWeighting(**options))
+    kohya.prepare_scheduler_for_custom_training(t.noise_scheduler, "cpu")
+    want = kohya.post_process_loss(torch.ones(len(steps)), kohya.kohya_args(v_parameterization=True, **options),
+                                   steps, t.noise_scheduler)
+    assert torch.isfinite(want).all() and want.tolist() == [0.0] * len(steps)
+    torch.testing.assert_close(weights, want)
 
 
 def test_plain_objective_resets_the_noise_and_weighting_options(tmp_path):

@@ -420,7 +420,11 @@ def test_cached_latents_skip_the_vae_and_give_the_same_loss(tmp_path, monkeypatc
     with torch.no_grad():
         a = float(cached.loss_step(cb, torch.Generator().manual_seed(0)))
         b = float(plain.loss_step(pb, torch.Generator().manual_seed(0)))
-    assert a == pytest.approx(b, rel=1e-6)
+    # The cache encodes in batches of 4, the plain run the training batch: fp32 convolution kernels may sum in
+    # another order per batch size and CPU (oneDNN picks by shape and instruction set), about 1e-7 relative per
+    # latent; 1e-5 on the loss leaves room for that, while a wrong cache (another image, a sample of the latent
+    # distribution instead of its mode) moves the loss by percents.
+    assert a == pytest.approx(b, rel=1e-5)
 
 
 def test_latents_cached_to_disk_are_reused(tmp_path, capsys):

@@ -42,6 +42,21 @@ def start(client, policy, resume=False, **overrides):
     return message
 
 
+@pytest.fixture
+def trained_adapter(client, ui) -> str:
+    """The adapter the training test left; where that test did not run first (a test picked alone), one trained
+    the same way through the API. Never a skip: a rename of what the training test leaves fails here."""
+    if "adapter" not in STATE:
+        _, _, policy = ui
+        msg = start(client, policy, output_dir="api_run_for_one_test")
+        assert msg.startswith("Started"), msg
+        snap = wait_for(lambda: (s := status(client))["status"] in ("stopped", "failed", "finished") and s, 300,
+                        what="the adapter's training run to end")
+        assert snap["status"] == "finished", snap.get("error")
+        STATE["adapter"] = snap["output"]
+    return STATE["adapter"]
+
+
 def test_preflight_reports_the_dataset(client, ui):
     _, _, policy = ui
     md, thumbs = client.predict(*form_args(policy), api_name="/preflight")
@@ -110,11 +125,9 @@ def _generate(client, adapter, strength, seed=7, lbw=None):
                           api_name="/generate")
 
 
-def test_generate_strength_zero_vs_one(client, ui):
+def test_generate_strength_zero_vs_one(client, ui, trained_adapter):
     _, _, policy = ui
-    adapter = STATE.get("adapter")
-    if adapter is None:
-        pytest.skip("needs the trained adapter of the training test")
+    adapter = trained_adapter
     msg0, _, params0, files0 = _generate(client, adapter, 0.0)
     msg1, _, params1, files1 = _generate(client, adapter, 1.0)
     assert "Saved 1 image" in msg0 and "Saved 1 image" in msg1, (msg0, msg1)
@@ -134,10 +147,8 @@ def test_generate_strength_zero_vs_one(client, ui):
     assert np.array_equal(np.asarray(Image.open(files0b[0]).convert("RGB"), dtype=np.int16), a)
 
 
-def test_grid(client, ui):
-    adapter = STATE.get("adapter")
-    if adapter is None:
-        pytest.skip("needs the trained adapter of the training test")
+def test_grid(client, ui, trained_adapter):
+    adapter = trained_adapter
     msg, gallery, params, files = client.predict("tiny-sd1", "sdlohastyle, poster", "", 2, 5.0, 64, 64, "euler",
                                                  [adapter], "0, 1", "3", adapter, api_name="/grid")
     assert "Grid saved" in msg, msg
@@ -147,10 +158,8 @@ def test_grid(client, ui):
     assert "Grid: rows = tiny.safetensors; strengths = 0, 1; seeds = 3" in grid.info["parameters"]
 
 
-def test_inspect(client, ui):
-    adapter = STATE.get("adapter")
-    if adapter is None:
-        pytest.skip("needs the trained adapter of the training test")
+def test_inspect(client, ui, trained_adapter):
+    adapter = trained_adapter
     md, chart, meta = client.predict(adapter, api_name="/inspect")
     assert "SD 1" in md or "stable-diffusion-v1" in md
     assert "loha" in md.lower() and "rank 4, alpha 4" in md
@@ -159,16 +168,14 @@ def test_inspect(client, ui):
     assert rows and all(r[1] > 0 for r in rows)
 
 
-def test_tools_merge_meta_and_block_weights(client, ui):
+def test_tools_merge_meta_and_block_weights(client, ui, trained_adapter):
     """The Tools tab's merge and the Inspect tab's editors through their endpoints: a real merge of tiny-sd1 with
     its report, a refused output path in words, metadata saved (hash unchanged), block weights in Generate."""
     from sd_loha.io import addnet_hash
     from sd_loha.meta import read_metadata
 
     _, _, policy = ui
-    adapter = STATE.get("adapter")
-    if adapter is None:
-        pytest.skip("needs the trained adapter of the training test")
+    adapter = trained_adapter
     slots = [adapter, 0.5, "", "OUTD", None, 1.0, "", None, None, 1.0, "", None]
     md = client.predict("tiny-sd1", "fp16", "api/merged.safetensors", *slots, api_name="/merge")
     out = policy.outputs_dir / "api" / "merged.safetensors"

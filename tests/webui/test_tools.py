@@ -1,20 +1,24 @@
 """The Tools tab's actions and the Inspect tab's editors without a server: each calls the library function the
 CLI calls (bake_adapters, convert_to_lora_file / convert_to_peft / convert_to_kohya, edit_metadata), with the
-slots' values as its arguments and every path checked against the UI's folders; the results equal the CLI's."""
+slots' values as its arguments and every path checked against the UI's folders; the results equal the CLI's,
+and the merged file read by diffusers equals the base plus the deltas the real LyCORIS package computes."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sd_loha import bake
 from sd_loha.cli import main
 from sd_loha.generate import AdapterSpec
-from sd_loha.io import addnet_hash
+from sd_loha.io import AdapterFileError, addnet_hash
 from sd_loha.meta import read_metadata
 from sd_loha.models import build_tiny_pipeline
 from tests.loader_helpers import make_loha_file
@@ -47,15 +51,24 @@ def _no_library_call(*args, **kwargs):
 # ------------------------------------------------------------------------------------------------ merge
 
 
-def test_merge_passes_the_slots_to_bake_adapters(policy, adapter, monkeypatch):
-    calls = []
-    monkeypatch.setattr(tools_tab, "bake_adapters", lambda *a, **kw: calls.append((a, kw)) or "report")
+def test_merge_passes_the_slots_to_bake_adapters(policy, adapter, one_thread):
+    """The slots become the library's adapter list, seen in the file the action really writes: each adapter
+    recorded with its strength, TE strength (empty = the strength) and block weights, an empty slot skipped,
+    the dtype chosen, and the weights of `sd-loha merge` given the same list."""
     slots = [(str(adapter), 0.8, "0.5", "INS"), ("", 1.0, "", None), ("run/style.safetensors", 1.0, "", "")]
-    assert tools_tab.merge(policy, "tiny-sd1", slots, "merged/m.safetensors", "bf16", progress=print) == "report"
-    (args, kw), = calls
-    assert args == ("tiny-sd1", [AdapterSpec(str(adapter), 0.8, 0.5, "INS"), AdapterSpec(str(adapter), 1.0, None, None)],
-                    policy.outputs_dir / "merged" / "m.safetensors", "bf16")
-    assert kw == {"progress": print}
+    report = tools_tab.merge(policy, "tiny-sd1", slots, "merged/m.safetensors", "bf16")
+    out = policy.outputs_dir / "merged" / "m.safetensors"
+    assert report.out == out
+    with safe_open(str(out), "pt") as f:
+        record = json.loads(f.metadata()[bake.METADATA_KEY])
+    assert [(x["file"], x["strength"], x["te_strength"], x.get("block_weights")) for x in record["adapters"]] == \
+        [("style.safetensors", 0.8, 0.5, "INS"), ("style.safetensors", 1.0, 1.0, None)]
+    cli_out = policy.outputs_dir / "cli.safetensors"
+    assert main(["merge", "--model", "tiny-sd1", "--loha", f"{adapter}:0.8:0.5:lbw=INS", "--loha", str(adapter),
+                 "--out", str(cli_out), "--dtype", "bf16"]) == 0
+    ours, cli = load_file(out), load_file(cli_out)
+    assert {t.dtype for t in ours.values()} == {torch.bfloat16}
+    assert ours.keys() == cli.keys() and all(torch.equal(ours[k], cli[k]) for k in ours)
 
 
 @pytest.mark.parametrize("slots, out, message", [
@@ -111,21 +124,53 @@ def test_convert_to_lora_shows_the_library_report(policy, adapter, one_thread):
     assert {t.dtype for t in load_file(out).values()} == {torch.float16}
 
 
-def test_convert_passes_rank_energy_model_to_the_library(policy, adapter, monkeypatch):
+def _flat_deltas(path: Path) -> dict[str, torch.Tensor]:
+    """Each module's ΔW as a matrix (out, in·kh·kw), by the textbook formulas: LoHA (w1a w1b) ⊙ (w2a w2b)·α/r,
+    LoRA up·down·α/r (in fp32, whatever the file's dtype)."""
+    tensors = {k: v.float() for k, v in load_file(path).items()}
+    out = {}
+    for name in {k.split(".", 1)[0] for k in tensors}:
+        t = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if "hada_w1_a" in t:
+            r = t["hada_w1_b"].shape[0]
+            delta = (t["hada_w1_a"] @ t["hada_w1_b"].flatten(1)) * (t["hada_w2_a"] @ t["hada_w2_b"].flatten(1))
+        else:
+            r = t["lora_down.weight"].shape[0]
+            delta = t["lora_up.weight"].flatten(1) @ t["lora_down.weight"].flatten(1)
+        out[name] = delta * (float(t["alpha"]) / r if "alpha" in t else 1.0)
+    return out
+
+
+def test_convert_passes_rank_energy_model_to_the_library(policy, adapter, monkeypatch, one_thread):
+    """rank, energy, model and dtype from the form reach the conversion, seen in what it really does and writes,
+    checked against the SVD of each LoHA ΔW (Eckart-Young): with energy 0.95 every layer has the smallest rank
+    that keeps 95 % of Σσ², with rank 3 (typed as 3.0) every layer has rank 3 and the best rank-3 error, in bf16."""
     import sd_loha.convert as convert
 
-    calls = []
-
-    def fake(src, out, **kw):
-        calls.append((src, out, kw))
-        return convert.ConversionReport(str(src), "lora")
-
-    monkeypatch.setattr(convert, "convert_to_lora_file", fake)
-    tools_tab.convert(policy, str(adapter), "lora", "x.safetensors", rank=None, energy=0.95, model="", dtype="")
-    tools_tab.convert(policy, str(adapter), "lora", "x.safetensors", rank=3.0, energy="", model="tiny-sd1", dtype="bf16")
-    assert calls == [(adapter, policy.outputs_dir / "x.safetensors", dict(rank=None, energy=0.95, model=None, dtype=None)),
-                     (adapter, policy.outputs_dir / "x.safetensors", dict(rank=3, energy=None, model="tiny-sd1",
-                                                                          dtype=torch.bfloat16))]
+    # an empty model is none: tiny-sd1's files need their base to tell Linear from conv layers
+    with pytest.raises(AdapterFileError, match="Pass the base model"):
+        tools_tab.convert(policy, str(adapter), "lora", "e.safetensors", rank=None, energy=0.95, model="", dtype="")
+    tools_tab.convert(policy, str(adapter), "lora", "e.safetensors", rank=None, energy=0.95, model="tiny-sd1", dtype="")
+    tools_tab.convert(policy, str(adapter), "lora", "r.safetensors", rank=3.0, energy="", model="tiny-sd1", dtype="bf16")
+    loha = _flat_deltas(adapter)
+    by_energy, by_rank = (_flat_deltas(policy.outputs_dir / n) for n in ("e.safetensors", "r.safetensors"))
+    assert by_energy.keys() == by_rank.keys() == loha.keys()
+    assert {t.dtype for t in load_file(policy.outputs_dir / "e.safetensors").values()} == {torch.float32}
+    assert {t.dtype for t in load_file(policy.outputs_dir / "r.safetensors").values()} == {torch.bfloat16}
+    ranks = {k: v.shape[0] for k, v in load_file(policy.outputs_dir / "e.safetensors").items() if "lora_down" in k}
+    assert len(set(ranks.values())) > 1  # energy picks a rank per layer
+    for name, delta in loha.items():
+        s2 = torch.linalg.svdvals(delta.double()) ** 2
+        kept = s2.cumsum(0) / s2.sum()
+        r = ranks[f"{name}.lora_down.weight"]
+        assert kept[r - 1] >= 0.95 - 1e-9 and (r == 1 or kept[r - 2] < 0.95), name
+        # fp32 SVD and products: 1e-4 of ‖ΔW‖ covers their rounding
+        tail = float(s2[r:].sum().sqrt())
+        assert float((by_energy[name] - delta).norm()) == pytest.approx(tail, abs=1e-4 * float(delta.norm())), name
+        # bf16 factors (8 bits of mantissa): 2 % of ‖ΔW‖
+        best3 = float(s2[3:].sum().sqrt())
+        assert float((by_rank[name] - delta).norm()) == pytest.approx(best3, abs=2e-2 * float(delta.norm())), name
+    assert all(v.shape[0] == 3 for k, v in load_file(policy.outputs_dir / "r.safetensors").items() if "lora_down" in k)
     monkeypatch.setattr(convert, "convert_to_lora_file", _no_library_call)
     for kw, message in ((dict(rank=2.5), "whole number"), (dict(rank=2, target="peft"), "for --to lora only"),
                         (dict(target="gif"), "choose one of lora, peft, kohya"), (dict(out="../../o.safetensors"), "outside"),
@@ -214,3 +259,56 @@ def test_generate_slots_carry_block_weights(policy, adapter):
     assert gen._specs([(str(adapter), 1.0, None)]) == [AdapterSpec(str(adapter))]  # 3-tuples still work
     with pytest.raises(ValueError, match="LoHA file 1: block weights 'XYZ'"):
         gen._specs([(str(adapter), 1.0, "", "XYZ")])
+
+
+def test_merged_file_loads_in_diffusers_with_the_deltas_lycoris_computes(policy, adapter, tmp_path, monkeypatch,
+                                                                      one_thread):
+    """The Tools tab's merge checked against the other side: diffusers' from_single_file reads the file (its own
+    LDM -> diffusers conversion), and every layer the adapter names computes what the real LyCORIS package's
+    module computes on a fresh base at the same strengths (UNet 0.7, text encoder 0.4); every other weight is
+    the base's."""
+    from diffusers import StableDiffusionPipeline
+
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")  # a third-party extra (lycoris-lora 4.1.3, torch >= 2.5)
+    from tests.train.helpers import _TextModelShim
+
+    tools_tab.merge(policy, "tiny-sd1", [(str(adapter), 0.7, "0.4", "")], "merged/plain.safetensors", "fp32")
+    build_tiny_pipeline("tiny-sd1").save_pretrained(tmp_path / "config")
+    merged = StableDiffusionPipeline.from_single_file(
+        str(policy.outputs_dir / "merged" / "plain.safetensors"), config=str(tmp_path / "config"),
+        local_files_only=True, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+
+    ref = build_tiny_pipeline("tiny-sd1")
+    # LyCORIS first builds a throw-away network from its class-level default targets, which name the time
+    # embedding twice on a diffusers UNet ("duplicated lora name"): empty them for this test only.
+    net_cls = lycoris_kohya.LycorisNetworkKohya
+    for attr in ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE"):
+        monkeypatch.setattr(net_cls, attr, [])
+    te = _TextModelShim(ref.text_encoder)
+    lyco, _ = lycoris_kohya.create_network_from_weights(1.0, str(adapter), ref.vae, te, ref.unet, for_inference=True)
+    lyco.apply_to(te, ref.unet, apply_text_encoder=True, apply_unet=True)
+    state = lyco.load_weights(str(adapter))
+    assert "missing keys" not in state and "unexpected keys" not in state, state
+    assert {m.lora_name for m in lyco.loras} == {k.split(".")[0] for k in load_file(adapter)}
+
+    paths = {part: {id(m): n for n, m in getattr(ref, part).named_modules()} for part in ("unet", "text_encoder")}
+    adapted = {"unet": set(), "text_encoder": set()}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lyco.loras:
+            part = "unet" if m.lora_name.startswith("lora_unet_") else "text_encoder"
+            m.multiplier = 0.7 if part == "unet" else 0.4
+            theirs = m.org_module[0]  # the base layer, its forward patched by LyCORIS
+            path = paths[part][id(theirs)]
+            adapted[part].add(path)
+            ours = getattr(merged, part).get_submodule(path)
+            x = (torch.randn(3, theirs.in_features, generator=gen) if isinstance(theirs, torch.nn.Linear)
+                 else torch.randn(2, theirs.in_channels, 9, 9, generator=gen))
+            # merged weight vs LyCORIS's on-the-fly delta: the same sums in another order (fp32)
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5, msg=lambda s: f"{m.lora_name}: {s}")
+        for part in ("unet", "text_encoder", "vae"):
+            base, got = getattr(ref, part).state_dict(), getattr(merged, part).state_dict()
+            assert base.keys() == got.keys(), part
+            kept = [k for k in base if k.rsplit(".", 1)[0] not in adapted.get(part, set())]
+            assert kept and all(torch.equal(base[k], got[k]) for k in kept), part
+    assert adapted["unet"] and adapted["text_encoder"]
