@@ -1,285 +1,306 @@
-"""kohya sd-scripts' noise and loss-weighting functions as kohya writes them, the reference the tests compare
-sd_loha.train.noise and sd_loha.train.loss with.
+"""kohya's formulas, written independently from their definitions in sd-scripts 48d368fa (Apache-2.0): the noise
+and loss-weighting arithmetic of kohya-ss/sd-scripts, the reference the tests compare sd_loha.train.noise and
+sd_loha.train.loss with. kohya's sd-scripts is not an installable package, so this module restates each
+definition in its own code; every function names the file and function of sd-scripts it follows (paths at
+commit 48d368fa) and comments the arithmetic details that decide the values.
 
-Copied from kohya-ss/sd-scripts (Apache-2.0) at commit 48d368fa, library/custom_train_functions.py
-(prepare_scheduler_for_custom_training, apply_snr_weight, scale_v_prediction_loss_like_noise_prediction,
-get_snr_scale, add_v_prediction_like_loss, apply_debiased_estimation, pyramid_noise_like, apply_noise_offset),
-train_network.py (post_process_loss, here a function of `args`) and library/train_util.py (get_timesteps,
-get_noise_noisy_latents_and_timesteps, get_huber_threshold_if_needed, conditional_loss). Only logging, some
-type annotations and the imports are left out; the arithmetic, the order of the draws and their sources
-(Python's `random` for the pyramid's scale, torch's global generator for the rest) are kohya's.
-
-:func:`routed_draws` replaces those two sources for the duration of a `with` by one seeded torch generator,
-in the order kohya's code asks for them, so a test can compare exact values with sd-loha (which draws every
-value from the caller's generator) while the formula that turns the draws into noise stays kohya's text.
+Randomness: kohya draws the pyramid's scale r with Python's ``random.random()`` and everything else from torch's
+global generator, each where its algorithm needs it. The functions here take a :class:`Draws` instead, asked in
+kohya's order: :class:`SeededDraws` serves every draw from one seeded torch generator (the way sd-loha draws,
+so a test can compare exact values), :class:`GlobalDraws` serves them from kohya's own sources.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
 import random
-import sys
-import types
-from collections.abc import Iterator
-from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
-_torch = torch  # the real module, for the routed draws while this module's `torch` is replaced
-
-# ------------------------------------------------------------------------ library/custom_train_functions.py
-
-
-def prepare_scheduler_for_custom_training(noise_scheduler, device):
-    if hasattr(noise_scheduler, "all_snr"):
-        return
-
-    alphas_cumprod = noise_scheduler.alphas_cumprod
-    sqrt_alphas_cumprod = torch.sqrt(alphas_cumprod)
-    sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - alphas_cumprod)
-    alpha = sqrt_alphas_cumprod
-    sigma = sqrt_one_minus_alphas_cumprod
-    all_snr = (alpha / sigma) ** 2
-
-    noise_scheduler.all_snr = all_snr.to(device)
+# ----------------------------------------------------------------------------------------------- the draws
 
 
-def apply_snr_weight(loss, timesteps, noise_scheduler, gamma, v_prediction=False):
-    snr = torch.stack([noise_scheduler.all_snr[t] for t in timesteps])
-    min_snr_gamma = torch.minimum(snr, torch.full_like(snr, gamma))
-    if v_prediction:
-        snr_weight = torch.div(min_snr_gamma, snr + 1).float().to(loss.device)
-    else:
-        snr_weight = torch.div(min_snr_gamma, snr).float().to(loss.device)
-    loss = loss * snr_weight
-    return loss
+class Draws:
+    """Where kohya's random values come from, one method per kind of draw kohya makes."""
+
+    def scale(self) -> float:
+        """A uniform value in [0, 1), as kohya's ``random.random()`` gives the pyramid's r."""
+        raise NotImplementedError
+
+    def uniform(self) -> torch.Tensor:
+        """One uniform value in [0, 1), shape (1,): kohya's ``torch.rand(1)``."""
+        raise NotImplementedError
+
+    def normal(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal values on the CPU: kohya's ``torch.randn`` / ``torch.randn_like``."""
+        raise NotImplementedError
+
+    def integers(self, low: int, high: int, count: int) -> torch.Tensor:
+        """``count`` integers uniform in [low, high) on the CPU: kohya's ``torch.randint``."""
+        raise NotImplementedError
 
 
-def scale_v_prediction_loss_like_noise_prediction(loss, timesteps, noise_scheduler):
-    scale = get_snr_scale(timesteps, noise_scheduler)
-    loss = loss * scale
-    return loss
+class SeededDraws(Draws):
+    """Every draw from one torch generator, in the order the caller asks for them. The pyramid's r, a Python
+    float in kohya, is one ``torch.rand(1)`` here: the same uniform law on [0, 1), with fp32's resolution."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def scale(self) -> float:
+        return float(torch.rand(1, generator=self.generator))
+
+    def uniform(self) -> torch.Tensor:
+        return torch.rand(1, generator=self.generator)
+
+    def normal(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, dtype=dtype)
+
+    def integers(self, low: int, high: int, count: int) -> torch.Tensor:
+        return torch.randint(low, high, (count,), generator=self.generator)
 
 
-def get_snr_scale(timesteps, noise_scheduler):
-    snr_t = torch.stack([noise_scheduler.all_snr[t] for t in timesteps])  # batch_size
-    snr_t = torch.minimum(snr_t, torch.ones_like(snr_t) * 1000)  # if timestep is 0, snr_t is inf, so limit it to 1000
-    scale = snr_t / (snr_t + 1)
-    return scale
+class GlobalDraws(Draws):
+    """kohya's own sources: Python's ``random`` module for r, torch's global generator for the rest."""
+
+    def scale(self) -> float:
+        return random.random()
+
+    def uniform(self) -> torch.Tensor:
+        return torch.rand(1)
+
+    def normal(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(tuple(shape), dtype=dtype)
+
+    def integers(self, low: int, high: int, count: int) -> torch.Tensor:
+        return torch.randint(low, high, (count,))
 
 
-def add_v_prediction_like_loss(loss, timesteps, noise_scheduler, v_pred_like_loss):
-    scale = get_snr_scale(timesteps, noise_scheduler)
-    loss = loss + loss / scale * v_pred_like_loss
-    return loss
+# ------------------------------------------------------------------------------------------------ the options
 
 
-def apply_debiased_estimation(loss, timesteps, noise_scheduler, v_prediction=False):
-    snr_t = torch.stack([noise_scheduler.all_snr[t] for t in timesteps])  # batch_size
-    snr_t = torch.minimum(snr_t, torch.ones_like(snr_t) * 1000)  # if timestep is 0, snr_t is inf, so limit it to 1000
-    if v_prediction:
-        weight = 1 / (snr_t + 1)
-    else:
-        weight = 1 / torch.sqrt(snr_t)
-    loss = weight * loss
-    return loss
+@dataclasses.dataclass
+class Options:
+    """The command-line options of sd-scripts these formulas read, with the defaults of its argparse
+    (library/train_util.py add_training_arguments, v_parameterization from add_sd_models_arguments; min_snr_gamma
+    and the other weightings from library/custom_train_functions.py add_custom_train_arguments)."""
+
+    noise_offset: float | None = None
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    min_snr_gamma: float | None = None
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    debiased_estimation_loss: bool = False
+    v_parameterization: bool = False
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
 
 
-def pyramid_noise_like(noise, device, iterations=6, discount=0.4) -> torch.FloatTensor:
-    b, c, w, h = noise.shape  # EDIT: w and h get over-written, rename for a different variant!
-    u = torch.nn.Upsample(size=(w, h), mode="bilinear").to(device)
-    for i in range(iterations):
-        r = random.random() * 2 + 2  # Rather than always going 2x,
-        wn, hn = max(1, int(w / (r**i))), max(1, int(h / (r**i)))
-        noise += u(torch.randn(b, c, wn, hn).to(device)) * discount**i
-        if wn == 1 or hn == 1:
-            break  # Lowest resolution is 1x1
-    return noise / noise.std()  # Scaled back to roughly unit variance
+# ------------------------------------------------------------------------------------------------- the noise
 
 
-def apply_noise_offset(latents, noise, noise_offset, adaptive_noise_scale) -> torch.FloatTensor:
-    if noise_offset is None:
+def multires_noise(noise: torch.Tensor, iterations: int, discount: float, draws: Draws) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise: library/custom_train_functions.py ``pyramid_noise_like``.
+
+    Level i = 0, 1, ...: r = 2 + 2·U[0, 1) (a fresh r per level, drawn before the level's normals), a
+    (batch, channels, int(H / r**i), int(W / r**i)) normal draw (each side at least 1), bilinearly resized to
+    (H, W) and scaled by discount**i, added to the noise. After the level whose smaller side came out as 1 px the
+    loop stops even if ``iterations`` is not reached. Finally the sum is divided by its std over the whole
+    batch."""
+    batch, channels, height, width = noise.shape
+    total = noise
+    for level in range(iterations):
+        r = draws.scale() * 2 + 2
+        # int() truncates H / r**i (not round, not H // round(r**i)); level 0 is r**0 = 1, full size
+        coarse = (max(1, int(height / r**level)), max(1, int(width / r**level)))
+        # kohya draws the level in fp32 on the CPU, then moves it to the noise's device
+        level_noise = draws.normal((batch, channels, *coarse)).to(noise.device)
+        # torch.nn.Upsample(size=(H, W), mode="bilinear"): align_corners False, as F.interpolate's default
+        upsampled = F.interpolate(level_noise, size=(height, width), mode="bilinear", align_corners=False)
+        # kohya adds in place (`noise += ...`), so the sum keeps the noise's dtype (and the caller's tensor changes)
+        total = (total + upsampled * discount**level).to(noise.dtype)
+        if 1 in coarse:  # the 1-px stop: a level reduced to a single row or column is the last
+            break
+    # torch's std: the unbiased (n - 1) estimate over every element of the batch, not per sample or channel
+    return total / total.std()
+
+
+def offset_noise(latents: torch.Tensor, noise: torch.Tensor, strength: float | torch.Tensor | None,
+                 adaptive_scale: float | None, draws: Draws) -> torch.Tensor:
+    """Offset noise: library/custom_train_functions.py ``apply_noise_offset``.
+
+    With adaptive_scale, the strength becomes strength + adaptive_scale·|mean of each latent channel| (per sample
+    and channel), clamped below at 0 (so a negative adaptive scale can switch a channel's offset off). Then one
+    normal value per (sample, channel), broadcast over the pixels, times the strength is added."""
+    if strength is None:
         return noise
-    if adaptive_noise_scale is not None:
-        # latent shape: (batch_size, channels, height, width)
-        # abs mean value for each channel
-        latent_mean = torch.abs(latents.mean(dim=(2, 3), keepdim=True))
-
-        # multiply adaptive noise scale to the mean value and add it to the noise offset
-        noise_offset = noise_offset + adaptive_noise_scale * latent_mean
-        noise_offset = torch.clamp(noise_offset, 0.0, None)  # in case of adaptive noise scale is negative
-
-    noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
-    return noise
+    if adaptive_scale is not None:
+        channel_mean = latents.mean(dim=(2, 3), keepdim=True).abs()
+        strength = torch.clamp(strength + adaptive_scale * channel_mean, min=0.0)
+    per_channel = draws.normal(latents.shape[:2] + (1, 1)).to(latents.device)
+    return noise + strength * per_channel
 
 
-# ----------------------------------------------------------------------------------------- train_network.py
+def sample_timesteps(low: int, high: int, count: int, draws: Draws, device: torch.device | str) -> torch.Tensor:
+    """Training timesteps: library/train_util.py ``get_timesteps``. Uniform integers in [low, high) (high
+    excluded); when low >= high no draw is made and every sample gets ``high``. int64, drawn on the CPU."""
+    if low < high:
+        steps = draws.integers(low, high, count)
+    else:
+        steps = torch.full((count,), high)
+    return steps.long().to(device)
 
 
-def post_process_loss(loss, args, timesteps, noise_scheduler):
-    if args.min_snr_gamma:
-        loss = apply_snr_weight(loss, timesteps, noise_scheduler, args.min_snr_gamma, args.v_parameterization)
-    if args.scale_v_pred_loss_like_noise_pred:
-        loss = scale_v_prediction_loss_like_noise_prediction(loss, timesteps, noise_scheduler)
-    if args.v_pred_like_loss:
-        loss = add_v_prediction_like_loss(loss, timesteps, noise_scheduler, args.v_pred_like_loss)
-    if args.debiased_estimation_loss:
-        loss = apply_debiased_estimation(loss, timesteps, noise_scheduler, args.v_parameterization)
+def training_noise(options: Options, scheduler, latents: torch.Tensor,
+                   draws: Draws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(target noise, noisy latents, timesteps) of one step: library/train_util.py
+    ``get_noise_noisy_latents_and_timesteps``.
+
+    The draws, in this order: the base noise (normal, the latents' shape and dtype: kohya's randn_like); with
+    noise_offset_random_strength, the offset's strength U[0, 1)·noise_offset (once per batch, a tensor of shape
+    (1,)); the offset's per-channel normals; the pyramid's levels; the timesteps; with
+    ip_noise_gamma_random_strength, γ = U[0, 1)·ip_noise_gamma; the input perturbation's normals. The
+    perturbation γ·N(0, 1) goes into the UNet's input only; the returned target noise is without it.
+    (kohya also moves the scheduler's alphas_cumprod back to the CPU after add_noise: a device detail, the values
+    are the same.)"""
+    noise = draws.normal(latents.shape, latents.dtype).to(latents.device)
+    if options.noise_offset:  # 0 and None both mean off
+        strength = options.noise_offset
+        if options.noise_offset_random_strength:
+            strength = draws.uniform().to(latents.device) * options.noise_offset
+        noise = offset_noise(latents, noise, strength, options.adaptive_noise_scale, draws)
+    if options.multires_noise_iterations:
+        noise = multires_noise(noise, options.multires_noise_iterations, options.multires_noise_discount, draws)
+
+    low = options.min_timestep if options.min_timestep is not None else 0
+    high = options.max_timestep if options.max_timestep is not None else scheduler.config.num_train_timesteps
+    timesteps = sample_timesteps(low, high, latents.shape[0], draws, latents.device)
+
+    unet_noise = noise
+    if options.ip_noise_gamma:
+        gamma = options.ip_noise_gamma
+        if options.ip_noise_gamma_random_strength:
+            gamma = draws.uniform().to(latents.device) * options.ip_noise_gamma
+        unet_noise = noise + gamma * draws.normal(latents.shape, latents.dtype).to(latents.device)
+    return noise, scheduler.add_noise(latents, unet_noise, timesteps), timesteps
+
+
+# ------------------------------------------------------------------------------------------- loss weighting
+
+#: where kohya caps the SNR (get_snr_scale, apply_debiased_estimation): SNR(t = 0) is about 1175 on SD's schedule
+SNR_CAP = 1000.0
+
+
+def snr_at(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Each timestep's signal-to-noise ratio as kohya tabulates it once per scheduler in
+    library/custom_train_functions.py ``prepare_scheduler_for_custom_training`` (``noise_scheduler.all_snr``).
+
+    Computed as (sqrt(ᾱ) / sqrt(1 - ᾱ))² in the dtype of the scheduler's alphas_cumprod (fp32), not as
+    ᾱ / (1 - ᾱ): the two differ in the last bits. With zero-terminal-SNR betas the last entry is exactly 0."""
+    alphas_cumprod = scheduler.alphas_cumprod
+    table = (alphas_cumprod.sqrt() / (1.0 - alphas_cumprod).sqrt()) ** 2
+    return table[timesteps.cpu()]
+
+
+def _capped_snr_at(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    # get_snr_scale and apply_debiased_estimation cap at 1000 (kohya: "if timestep is 0, snr_t is inf");
+    # apply_snr_weight does not
+    return torch.clamp(snr_at(scheduler, timesteps), max=SNR_CAP)
+
+
+def weighted(loss: torch.Tensor, options: Options, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """A per-sample loss times the weightings that are on, in kohya's order: train_network.py
+    ``NetworkTrainer.post_process_loss`` calling, from library/custom_train_functions.py,
+
+    1. ``apply_snr_weight`` (min_snr_gamma γ, uncapped SNR): min(SNR, γ)/SNR for ε-prediction,
+       min(SNR, γ)/(SNR + 1) for v-prediction (v_parameterization);
+    2. ``scale_v_prediction_loss_like_noise_prediction``: times ``get_snr_scale`` = SNR/(SNR + 1), SNR capped;
+    3. ``add_v_prediction_like_loss`` (k = v_pred_like_loss): loss + loss / get_snr_scale · k;
+    4. ``apply_debiased_estimation``: capped SNR, 1/sqrt(SNR) for ε-prediction, 1/(SNR + 1) for v-prediction.
+    """
+    v_prediction = options.v_parameterization
+    if options.min_snr_gamma:
+        s = snr_at(scheduler, timesteps)
+        # v-prediction's loss is (SNR + 1) times ε's, hence the `+ 1` in its denominator
+        denominator = s + 1 if v_prediction else s
+        loss = loss * (torch.clamp(s, max=options.min_snr_gamma) / denominator).float().to(loss.device)
+    if options.scale_v_pred_loss_like_noise_pred or options.v_pred_like_loss:
+        capped = _capped_snr_at(scheduler, timesteps)
+        v_scale = capped / (capped + 1)
+        if options.scale_v_pred_loss_like_noise_pred:
+            loss = loss * v_scale
+        if options.v_pred_like_loss:
+            # kohya divides the (already weighted) loss by the scale, then adds the share k of that
+            loss = loss + loss / v_scale * options.v_pred_like_loss
+    if options.debiased_estimation_loss:
+        capped = _capped_snr_at(scheduler, timesteps)
+        # the cap keeps 1/sqrt(SNR) at t = 0 at 1/sqrt(1000) rather than 1/sqrt(1175)
+        loss = (1 / (capped + 1) if v_prediction else 1 / torch.sqrt(capped)) * loss
     return loss
 
 
-# --------------------------------------------------------------------------------------- library/train_util.py
+# ---------------------------------------------------------------------------------------- the loss function
 
 
-def get_huber_threshold_if_needed(args, timesteps: torch.Tensor, noise_scheduler):
-    if not (args.loss_type == "huber" or args.loss_type == "smooth_l1"):
+def huber_threshold(options: Options, scheduler, timesteps: torch.Tensor) -> torch.Tensor | None:
+    """Each sample's pseudo-Huber threshold c: library/train_util.py ``get_huber_threshold_if_needed``; None
+    unless loss_type is huber or smooth_l1. With c0 = huber_c, T = num_train_timesteps:
+
+    - exponential: exp(-(-ln c0 / T)·t) · huber_scale, i.e. c0**(t/T) · huber_scale (fp32 from the int64 steps);
+    - snr: (1 - c0) / (1 + σ_t)² + c0 with σ_t = sqrt((1 - ᾱ_t) / ᾱ_t); huber_scale is NOT applied here;
+    - constant: c0 · huber_scale for every sample.
+    An unknown schedule is an error (kohya: NotImplementedError)."""
+    if options.loss_type not in ("huber", "smooth_l1"):
         return None
-
-    b_size = timesteps.shape[0]
-    if args.huber_schedule == "exponential":
-        alpha = -math.log(args.huber_c) / noise_scheduler.config.num_train_timesteps
-        result = torch.exp(-alpha * timesteps) * args.huber_scale
-    elif args.huber_schedule == "snr":
-        if not hasattr(noise_scheduler, "alphas_cumprod"):
-            raise NotImplementedError("Huber schedule 'snr' is not supported with the current model.")
-        alphas_cumprod = torch.index_select(noise_scheduler.alphas_cumprod, 0, timesteps.cpu())
-        sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        result = (1 - args.huber_c) / (1 + sigmas) ** 2 + args.huber_c
-        result = result.to(timesteps.device)
-    elif args.huber_schedule == "constant":
-        result = torch.full((b_size,), args.huber_c * args.huber_scale, device=timesteps.device)
-    else:
-        raise NotImplementedError(f"Unknown Huber loss schedule {args.huber_schedule}!")
-
-    return result
+    c0, schedule = options.huber_c, options.huber_schedule
+    if schedule == "exponential":
+        rate = -math.log(c0) / scheduler.config.num_train_timesteps
+        return torch.exp(-rate * timesteps) * options.huber_scale
+    if schedule == "snr":
+        alpha_bar = scheduler.alphas_cumprod[timesteps.cpu()]
+        sigma = ((1.0 - alpha_bar) / alpha_bar) ** 0.5
+        return ((1 - c0) / (1 + sigma) ** 2 + c0).to(timesteps.device)
+    if schedule == "constant":
+        return torch.full((timesteps.shape[0],), c0 * options.huber_scale, device=timesteps.device)
+    raise NotImplementedError(f"huber_schedule {schedule!r}")
 
 
-def conditional_loss(model_pred: torch.Tensor, target: torch.Tensor, loss_type: str, reduction: str, huber_c=None):
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
+                     threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """The unreduced loss of each element: library/train_util.py ``conditional_loss`` with reduction "none".
+
+    l2: (pred - target)²; l1: |pred - target|; huber: 2c·(sqrt(d² + c²) - c); smooth_l1: 2·(sqrt(d² + c²) - c),
+    with d = pred - target and c the per-sample threshold broadcast over the other dimensions."""
     if loss_type == "l2":
-        loss = torch.nn.functional.mse_loss(model_pred, target, reduction=reduction)
-    elif loss_type == "l1":
-        loss = torch.nn.functional.l1_loss(model_pred, target, reduction=reduction)
-    elif loss_type == "huber":
-        if huber_c is None:
-            raise NotImplementedError("huber_c not implemented correctly")
-        # Reshape huber_c to broadcast with model_pred (supports 4D and 5D tensors)
-        huber_c = huber_c.view(-1, *([1] * (model_pred.ndim - 1)))
-        loss = 2 * huber_c * (torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
-        if reduction == "mean":
-            loss = torch.mean(loss)
-        elif reduction == "sum":
-            loss = torch.sum(loss)
-    elif loss_type == "smooth_l1":
-        if huber_c is None:
-            raise NotImplementedError("huber_c not implemented correctly")
-        # Reshape huber_c to broadcast with model_pred (supports 4D and 5D tensors)
-        huber_c = huber_c.view(-1, *([1] * (model_pred.ndim - 1)))
-        loss = 2 * (torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
-        if reduction == "mean":
-            loss = torch.mean(loss)
-        elif reduction == "sum":
-            loss = torch.sum(loss)
-    else:
-        raise NotImplementedError(f"Unsupported Loss Type: {loss_type}")
-    return loss
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    if loss_type not in ("huber", "smooth_l1"):
+        raise NotImplementedError(f"loss_type {loss_type!r}")
+    if threshold is None:
+        raise NotImplementedError(f"loss_type {loss_type!r} needs a threshold")
+    c = threshold.view(-1, *([1] * (pred.ndim - 1)))
+    distance = torch.sqrt((pred - target) ** 2 + c**2) - c
+    # the pseudo-Huber form: huber is ≈ d² near 0 (factor 2c), smooth_l1 ≈ 2|d| far out (factor 2)
+    return (2 * c if loss_type == "huber" else 2) * distance
 
 
-def get_timesteps(min_timestep: int, max_timestep: int, b_size: int, device: torch.device) -> torch.Tensor:
-    if min_timestep < max_timestep:
-        timesteps = torch.randint(min_timestep, max_timestep, (b_size,), device="cpu")
-    else:
-        timesteps = torch.full((b_size,), max_timestep, device="cpu")
-    timesteps = timesteps.long().to(device)
-    return timesteps
-
-
-def get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents):
-    # Sample noise that we'll add to the latents
-    noise = torch.randn_like(latents, device=latents.device)
-    if args.noise_offset:
-        if args.noise_offset_random_strength:
-            noise_offset = torch.rand(1, device=latents.device) * args.noise_offset
-        else:
-            noise_offset = args.noise_offset
-        noise = apply_noise_offset(latents, noise, noise_offset, args.adaptive_noise_scale)
-    if args.multires_noise_iterations:
-        noise = pyramid_noise_like(
-            noise, latents.device, args.multires_noise_iterations, args.multires_noise_discount
-        )
-
-    # Sample a random timestep for each image
-    b_size = latents.shape[0]
-    min_timestep = 0 if args.min_timestep is None else args.min_timestep
-    max_timestep = noise_scheduler.config.num_train_timesteps if args.max_timestep is None else args.max_timestep
-    timesteps = get_timesteps(min_timestep, max_timestep, b_size, latents.device)
-
-    # Add noise to the latents according to the noise magnitude at each timestep
-    # (this is the forward diffusion process)
-    if args.ip_noise_gamma:
-        if args.ip_noise_gamma_random_strength:
-            strength = torch.rand(1, device=latents.device) * args.ip_noise_gamma
-        else:
-            strength = args.ip_noise_gamma
-        noisy_latents = noise_scheduler.add_noise(latents, noise + strength * torch.randn_like(latents), timesteps)
-    else:
-        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-
-    # This moves the alphas_cumprod back to the CPU after it is moved in noise_scheduler.add_noise
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.cpu()
-
-    return noise, noisy_latents, timesteps
-
-
-# ------------------------------------------------------------------------------------------- the draws
-
-
-def kohya_args(**options) -> SimpleNamespace:
-    """kohya's argparse defaults for the options these functions read, with `options` on top."""
-    defaults = dict(noise_offset=None, noise_offset_random_strength=False, adaptive_noise_scale=None,
-                    multires_noise_iterations=None, multires_noise_discount=0.3, ip_noise_gamma=None,
-                    ip_noise_gamma_random_strength=False, min_timestep=None, max_timestep=None,
-                    min_snr_gamma=None, scale_v_pred_loss_like_noise_pred=False, v_pred_like_loss=None,
-                    debiased_estimation_loss=False, v_parameterization=False,
-                    loss_type="l2", huber_schedule="snr", huber_c=0.1, huber_scale=1.0)
-    return SimpleNamespace(**{**defaults, **options})
-
-
-class _RoutedTorch(types.ModuleType):
-    """torch, except that randn / randn_like / rand / randint draw from one generator (on the CPU, as sd-loha
-    draws)."""
-
-    def __init__(self, gen: _torch.Generator) -> None:
-        super().__init__("torch")
-        self._gen = gen
-
-    def __getattr__(self, name: str):
-        return getattr(_torch, name)
-
-    def randn(self, *size, device=None):
-        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, _torch.Size)) else size
-        return _torch.randn(tuple(shape), generator=self._gen).to(device or "cpu")
-
-    def randn_like(self, t, device=None):
-        return _torch.randn(t.shape, generator=self._gen).to(device or t.device)
-
-    def rand(self, *size, device=None):
-        return _torch.rand(*size, generator=self._gen).to(device or "cpu")
-
-    def randint(self, low, high, size, device=None):
-        return _torch.randint(low, high, size, generator=self._gen).to(device or "cpu")
-
-
-@contextlib.contextmanager
-def routed_draws(gen: torch.Generator) -> Iterator[None]:
-    """Within the block, kohya's `random.random()` is one torch.rand(1) from `gen` (the same uniform on [0, 1)),
-    and its torch.randn / randn_like / rand / randint draw from `gen` too, each in the order kohya's code asks
-    for it."""
-    module = sys.modules[__name__]
-    saved = module.torch, module.random
-    module.torch = _RoutedTorch(gen)
-    module.random = SimpleNamespace(random=lambda: float(_torch.rand(1, generator=gen)))
-    try:
-        yield
-    finally:
-        module.torch, module.random = saved
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, options: Options, scheduler,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """Each sample's loss as train_network.py ``NetworkTrainer.process_batch`` forms it (no masks, sample weights
+    of 1): the elementwise loss of the fp32 prediction and target with the schedule's threshold, its mean over
+    every dimension but the batch, then :func:`weighted`. The step's loss is the mean of these."""
+    threshold = huber_threshold(options, scheduler, timesteps)
+    elements = elementwise_loss(pred.float(), target.float(), options.loss_type, threshold)
+    return weighted(elements.mean(dim=list(range(1, elements.ndim))), options, scheduler, timesteps)

@@ -221,11 +221,10 @@ def test_weighting_schemes_match_kohya(prediction_type, kw):
 
 
 def _kohya_post_processed(sched, t: torch.Tensor, prediction_type: str, weighting: LossWeighting) -> torch.Tensor:
-    """kohya's post_process_loss, as kohya writes it, on a per-sample loss of 1: the weights in its arithmetic
-    (fp32, SNR as (sqrt(ᾱ)/sqrt(1 - ᾱ))² from the scheduler's ᾱ)."""
-    kohya.prepare_scheduler_for_custom_training(sched, "cpu")
-    args = kohya.kohya_args(v_parameterization=prediction_type == "v_prediction", **dataclasses.asdict(weighting))
-    return kohya.post_process_loss(torch.ones(len(t)), args, t, sched)
+    """kohya's post_process_loss on a per-sample loss of 1: the weights in its arithmetic (fp32, SNR as
+    (sqrt(ᾱ)/sqrt(1 - ᾱ))² from the scheduler's ᾱ)."""
+    options = kohya.Options(v_parameterization=prediction_type == "v_prediction", **dataclasses.asdict(weighting))
+    return kohya.weighted(torch.ones(len(t)), options, sched, t)
 
 
 def test_snr_cap_of_kohya():
@@ -294,10 +293,9 @@ def test_trainer_loss_step_is_the_formula_of_loss_type_and_huber_c(tmp_path, los
     elem = {"l2": d2, "huber": 2 * c * ((d2 + c**2).sqrt() - c), "smooth_l1": 2 * ((d2 + c**2).sqrt() - c)}[loss_type]
     assert loss == pytest.approx(float(elem.mean(dim=(1, 2, 3)).mean()), rel=1e-5)
     # kohya's train_network: conditional_loss(reduction="none") with its per-timestep threshold, mean per sample
-    args = kohya.kohya_args(loss_type=loss_type, huber_schedule=schedule, huber_c=0.3)
-    theirs = kohya.conditional_loss(pred, noise, loss_type, "none",
-                                    kohya.get_huber_threshold_if_needed(args, steps, t.noise_scheduler))
-    assert loss == pytest.approx(float(theirs.mean([1, 2, 3]).mean()), rel=1e-5)
+    options = kohya.Options(loss_type=loss_type, huber_schedule=schedule, huber_c=0.3)
+    theirs = kohya.per_sample_loss(pred, noise, options, t.noise_scheduler, steps)
+    assert loss == pytest.approx(float(theirs.mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("model, options, v", [

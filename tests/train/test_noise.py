@@ -38,9 +38,8 @@ def _cfg(tmp_path, **overrides):
 
 
 def _kohya_pyramid(noise: torch.Tensor, gen: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
-    """kohya's pyramid_noise_like as kohya writes it, its random.random() and torch.randn drawn from `gen`."""
-    with kohya.routed_draws(gen):
-        return kohya.pyramid_noise_like(noise.clone(), "cpu", iterations, discount)
+    """kohya's pyramid_noise_like, its r and its levels drawn from `gen` in kohya's order."""
+    return kohya.multires_noise(noise, iterations, discount, kohya.SeededDraws(gen))
 
 
 @pytest.mark.parametrize("iterations, discount", [(1, 0.3), (3, 0.3), (10, 0.8)])
@@ -75,7 +74,8 @@ def test_pyramid_noise_has_the_structure_of_kohyas_with_kohyas_own_randomness():
         for seed in range(draws):
             random.seed(seed)
             torch.manual_seed(seed)
-            theirs.append(_neighbour_correlations(kohya.pyramid_noise_like(torch.randn(shape), "cpu", 6, 0.8)))
+            kohyas = kohya.multires_noise(torch.randn(shape), 6, 0.8, kohya.GlobalDraws())
+            theirs.append(_neighbour_correlations(kohyas))
             gen = torch.Generator().manual_seed(10_000 + seed)
             ours.append(_neighbour_correlations(pyramid_noise(torch.randn(shape, generator=gen), 6, 0.8, gen)))
     finally:
@@ -103,10 +103,10 @@ def test_sample_noise_offset_random_and_adaptive_strength(tmp_path):
     eps = eps + strength * torch.randn((3, 4, 1, 1), generator=gen)
     torch.testing.assert_close(got, _kohya_pyramid(eps, gen, 3, 0.4), rtol=1e-5, atol=1e-6)
     # and as kohya's get_noise_noisy_latents_and_timesteps computes it from the same draws
-    args = kohya.kohya_args(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=-0.05,
+    options = kohya.Options(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=-0.05,
                             multires_noise_iterations=3, multires_noise_discount=0.4)
-    with kohya.routed_draws(torch.Generator().manual_seed(4)):
-        theirs, _, _ = kohya.get_noise_noisy_latents_and_timesteps(args, DDPMScheduler(**SD_SCHEDULE), latents)
+    theirs, _, _ = kohya.training_noise(options, DDPMScheduler(**SD_SCHEDULE), latents,
+                                        kohya.SeededDraws(torch.Generator().manual_seed(4)))
     torch.testing.assert_close(got, theirs, rtol=1e-5, atol=1e-6)
 
     # without the options: plain ε + 0.1 · N(0,1), the draws of before
@@ -164,11 +164,11 @@ def test_trainer_step_with_the_noise_options_is_kohyas_formula(tmp_path):
     t.unet.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), args[1], out.sample.detach())))
     loss = float(t.loss_step(batch, torch.Generator().manual_seed(8)))
 
-    args = kohya.kohya_args(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.02,
+    options = kohya.Options(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.02,
                             multires_noise_iterations=4, multires_noise_discount=0.5, ip_noise_gamma=0.2,
                             ip_noise_gamma_random_strength=True, min_timestep=300, max_timestep=700)
-    with kohya.routed_draws(torch.Generator().manual_seed(8)):
-        eps, x_t, steps = kohya.get_noise_noisy_latents_and_timesteps(args, t.noise_scheduler, batch["latents"].float())
+    eps, x_t, steps = kohya.training_noise(options, t.noise_scheduler, batch["latents"].float(),
+                                           kohya.SeededDraws(torch.Generator().manual_seed(8)))
     unet_in, unet_t, pred = seen[0]
     assert torch.equal(unet_t, steps)
     torch.testing.assert_close(unet_in, x_t, rtol=1e-5, atol=1e-5)
@@ -286,9 +286,8 @@ def test_zero_terminal_snr_trains_the_last_timestep_on_minus_x0(tmp_path):
     assert loss == pytest.approx(float(((pred.float() + x0) ** 2).mean()), rel=1e-5)
 
     weights = loss_weights(t.noise_scheduler, steps, LossWeighting(**options))
-    kohya.prepare_scheduler_for_custom_training(t.noise_scheduler, "cpu")
-    want = kohya.post_process_loss(torch.ones(len(steps)), kohya.kohya_args(v_parameterization=True, **options),
-                                   steps, t.noise_scheduler)
+    want = kohya.weighted(torch.ones(len(steps)), kohya.Options(v_parameterization=True, **options), t.noise_scheduler,
+                          steps)
     assert torch.isfinite(want).all() and want.tolist() == [0.0] * len(steps)
     torch.testing.assert_close(weights, want)
 
