@@ -29,7 +29,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sd_loha.architectures import CLIP_G, CLIP_L, SD15_SCHEDULER, SD15_UNET, SD_VAE, SDXL_SCHEDULER, SDXL_UNET
+from sd_loha.architectures import (
+    CLIP_G,
+    CLIP_L,
+    SD15_SCHEDULER,
+    SD15_UNET,
+    SD_VAE,
+    SDXL_SCHEDULER,
+    SDXL_UNET,
+    build_model,
+)
 from sd_loha.models import (
     _tiny_tokenizer,  # the repo's tokenizer, as the tiny models use it
 )
@@ -83,16 +92,11 @@ def component_configs(model: str, size: str = "full") -> dict[str, tuple[str, di
     return parts
 
 
-def _build(cls_name: str, config: dict[str, Any], tokenizer) -> torch.nn.Module:
-    import diffusers
-    import transformers
-
+def _build(cls_name: str, config: dict[str, Any], tokenizer, *, meta: bool = False) -> torch.nn.Module:
     if cls_name.startswith("CLIP"):
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
-        te_config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), **ids, **config)
-        return getattr(transformers, cls_name)(te_config)
-    return getattr(diffusers, cls_name)(**config)
+        config = dict(config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return build_model(cls_name, config, meta=meta)
 
 
 def folder_for(model: str, size: str, cache: Path = DEFAULT_CACHE) -> Path:
@@ -148,11 +152,8 @@ def prepare(model: str, size: str = "full", cache: Path = DEFAULT_CACHE) -> Path
 def parameter_counts(model: str, size: str = "full") -> dict[str, int]:
     """Parameters per component (built on the meta device: no memory, no time)."""
     tokenizer = _tiny_tokenizer()
-    counts = {}
-    with torch.device("meta"):
-        for name, (cls_name, config) in component_configs(model, size).items():
-            counts[name] = sum(p.numel() for p in _build(cls_name, config, tokenizer).parameters())
-    return counts
+    return {name: sum(p.numel() for p in _build(cls_name, config, tokenizer, meta=True).parameters())
+            for name, (cls_name, config) in component_configs(model, size).items()}
 
 
 def main(argv: list[str] | None = None) -> int:

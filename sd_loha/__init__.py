@@ -6,15 +6,15 @@
     sd_loha.remove_loha(pipe)            # original weights back, bit for bit
 """
 
-__version__ = "0.1.0"
-
-from .io import AdapterFileError, load_adapter
+from .formats import load_adapter
+from .io import AdapterFileError
 from .merge import ApplyReport, ArchitectureMismatchError, apply_loha, list_loha, remove_loha, set_loha_strength
 from .models import build_tiny_pipeline, detect_family, load_pipeline
 from .network import LoHANetwork, add_loha, save_loha
+from .version import __version__
 
 __all__ = [
     "AdapterFileError", "ApplyReport", "ArchitectureMismatchError", "LoHANetwork", "add_loha", "apply_loha",
     "build_tiny_pipeline", "detect_family", "list_loha", "load_adapter", "load_pipeline", "remove_loha",
-    "save_loha", "set_loha_strength",
+    "save_loha", "set_loha_strength", "__version__",
 ]

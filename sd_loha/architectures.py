@@ -2,14 +2,22 @@
 
 Public facts from the models' config.json files (runwayml/stable-diffusion-v1-5,
 stabilityai/stable-diffusion-2-1, stabilityai/stable-diffusion-xl-base-1.0, openai/clip-vit-large-patch14),
-the fields that differ from the classes' defaults. The key-name tests build these UNets on the meta device and
-check every layer's kohya/LDM name; the benchmarks build them with random weights (bench/random_models.py).
-Nothing here is loaded when a user trains or loads an adapter: real models bring their own configs.
+the fields that differ from the classes' defaults. The one table of them (:data:`ARCHITECTURES`) and the one
+builder of their module trees (:func:`build_model`; on the meta device: shapes only, no memory) serve naming a
+file's layers without a model (convert, PEFT), block ids, the key-name tests and the benchmarks
+(bench/random_models.py). Real models bring their own configs: nothing here shapes a user's pipeline.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
+
+import torch
+from torch import nn
 
 SD15_UNET: dict[str, Any] = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -35,6 +43,11 @@ CLIP_L: dict[str, Any] = dict(hidden_size=768, intermediate_size=3072, num_hidde
                               max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
 CLIP_G: dict[str, Any] = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                               max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")  # SDXL text_encoder_2
+# SD 2.x's text encoder: OpenCLIP ViT-H/14's text tower in transformers' CLIP layout (stable-diffusion-2-1's
+# text_encoder/config.json; the last of OpenCLIP's 24 layers is dropped, hence 23).
+OPENCLIP_H: dict[str, Any] = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                  num_attention_heads=16, max_position_embeddings=77, projection_dim=512,
+                                  hidden_act="gelu")
 SD_VAE: dict[str, Any] = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
                               block_out_channels=(128, 256, 512, 512),
                               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
@@ -44,3 +57,54 @@ SD15_SCHEDULER: tuple[str, dict[str, Any]] = ("PNDMScheduler", dict(
 SDXL_SCHEDULER: tuple[str, dict[str, Any]] = ("EulerDiscreteScheduler", dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, interpolation_type="linear"))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One released base-model architecture: how files and pipelines name it and its models' configs."""
+
+    label: str  # what sd_loha.model_names.file_architecture answers and messages say: "SD 1.x", "SD 2.x", "SDXL"
+    family: str  # ModelFamily.name: "sd1" | "sd2" | "sdxl"
+    unet_kind: str  # its key in UNETS
+    text_encoders: Mapping[str, tuple[str, dict[str, Any]]]  # pipeline attribute -> (transformers class, config)
+
+    @property
+    def unet(self) -> dict[str, Any]:
+        return UNETS[self.unet_kind]
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.label: a for a in (
+    Architecture("SD 1.x", "sd1", "sd15", {"text_encoder": ("CLIPTextModel", CLIP_L)}),
+    Architecture("SD 2.x", "sd2", "sd21", {"text_encoder": ("CLIPTextModel", OPENCLIP_H)}),
+    Architecture("SDXL", "sdxl", "sdxl", {"text_encoder": ("CLIPTextModel", CLIP_L),
+                                          "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G)}),
+)}
+ARCHITECTURE_OF_FAMILY: dict[str, Architecture] = {a.family: a for a in ARCHITECTURES.values()}
+
+
+def build_model(cls_name: str, config: Mapping[str, Any], *, meta: bool = False) -> nn.Module:
+    """A diffusers (UNet2DConditionModel, AutoencoderKL, ...) or transformers CLIP model of class `cls_name` from
+    its config fields, with random weights; `meta=True` builds it on the meta device: the module tree and every
+    weight's shape, no memory and no time, which is all naming and shape checks need."""
+    import diffusers
+    import transformers
+
+    with torch.device("meta") if meta else nullcontext():
+        if cls_name.startswith("CLIP"):
+            return getattr(transformers, cls_name)(transformers.CLIPTextConfig(**config))
+        return getattr(diffusers, cls_name)(**config)
+
+
+def meta_unet(config: Mapping[str, Any]) -> nn.Module:
+    """A diffusers UNet2DConditionModel of `config` on the meta device."""
+    return build_model("UNet2DConditionModel", config, meta=True)
+
+
+def meta_pipeline(label: str) -> SimpleNamespace:
+    """The UNet and text encoders of a real architecture ("SD 1.x", "SD 2.x", "SDXL") on the meta device, as
+    pipeline attributes (``.unet``, ``.text_encoder``[, ``.text_encoder_2``]): for naming a file's layers and
+    reading their shapes without a model."""
+    arch = ARCHITECTURES[label]
+    models = {"unet": meta_unet(arch.unet)}
+    models.update({attr: build_model(cls, cfg, meta=True) for attr, (cls, cfg) in arch.text_encoders.items()})
+    return SimpleNamespace(**models)

@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import save as serialize
 
 from .atomic import write_atomic, write_text_atomic
+from .formats import load_adapter
 from .generate import AdapterSpec
-from .io import AdapterFileError, addnet_hash, load_adapter
+from .io import AdapterFileError, addnet_hash
 from .models import detect_family, load_pipeline, text_encoders
 from .naming import text_encoder_canonical_path, unet_ldm_path
 
@@ -116,8 +117,8 @@ def bake_adapters(
     output equals `apply_loha` on an fp32 pipeline, cast. Written atomically; the record of what was merged
     (files, addnet hashes, strengths, base model, sd-loha version) goes in the file's metadata.
     """
-    from . import __version__
     from .merge import apply_loha, keep_merged
+    from .version import __version__
 
     report_progress = progress or (lambda _what, _fraction: None)
     specs = [_as_spec(a) for a in adapters]

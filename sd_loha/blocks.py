@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+from .architectures import ARCHITECTURES
 from .naming import name_part, unet_ldm_path
 
 __all__ = [
@@ -34,6 +35,9 @@ __all__ = [
     "ldm_block_id",
     "layer_block_id",
     "block_id_of_name",
+    "file_block",
+    "block_order",
+    "OUTSIDE_BLOCKS",
     "STANDARD_UNET_CONFIGS",
 ]
 
@@ -150,16 +154,11 @@ def layer_block_id(part: str, module_path: str, unet_config: Any) -> str | None:
     return ldm_block_id(unet_ldm_path(module_path, unet_config))
 
 
-# The UNet layouts of the released models, for naming the blocks of a file without a pipeline.
-_SD_LEVELS = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-              "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2}
-STANDARD_UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "sd1": _SD_LEVELS,
-    "sd2": _SD_LEVELS,
-    "sdxl": {"down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
-             "up_block_types": ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], "layers_per_block": 2,
-             "addition_embed_type": "text_time"},
-}
+# The UNet configs of the released models by family, for naming the blocks of a file without a pipeline.
+STANDARD_UNET_CONFIGS: dict[str, dict[str, Any]] = {a.family: a.unet for a in ARCHITECTURES.values()}
+# How reports and charts label the layers no block id covers (time embedding, conv_out, SDXL's label embedding,
+# the text projection), which keep weight 1.
+OUTSIDE_BLOCKS = "other"
 
 _KOHYA_LDM = re.compile(r"_(input_blocks|output_blocks)_(\d+)_|_middle_block_")
 _KOHYA_DIFFUSERS = re.compile(r"_(down_blocks|up_blocks)_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)_"
@@ -187,3 +186,17 @@ def block_id_of_name(name: str, unet_config: Any = STANDARD_UNET_CONFIGS["sd1"])
     else:
         path = f"mid_block.{m.group(5)}.{m.group(6)}.{_SAMPLE_LAYER[m.group(5)]}"
     return ldm_block_id(unet_ldm_path(path, unet_config))
+
+
+def file_block(name: str, architecture: str | None = None) -> str:
+    """The block a file's module belongs to, for reports and charts: its LoRA Block Weight id (BASE, IN00–IN11,
+    M00, OUT00–OUT11) or :data:`OUTSIDE_BLOCKS`. `architecture` (an architectures.ARCHITECTURES label such as
+    "SDXL") gives the UNet layout that diffusers-style names need; SD 1.x's when None or unknown."""
+    arch = ARCHITECTURES.get(architecture or "", ARCHITECTURES["SD 1.x"])
+    return block_id_of_name(name, arch.unet) or OUTSIDE_BLOCKS
+
+
+def block_order(label: str) -> int:
+    """Where a block label (a :data:`BLOCK_IDS` id or :data:`OUTSIDE_BLOCKS`) sorts: LoRA Block Weight's order,
+    then the layers outside every block."""
+    return BLOCK_IDS.index(label) if label in BLOCK_IDS else len(BLOCK_IDS)

@@ -38,28 +38,21 @@ from typing import Any
 
 import torch
 
-from .inspect import block_of
+from .architectures import ARCHITECTURES, meta_pipeline
+from .blocks import OUTSIDE_BLOCKS, block_order, file_block, layer_block_id
+from .formats import load_adapter
 from .io import (
     AdapterFileError,
     AdapterModule,
     ParsedFile,
     addnet_hash,
-    load_adapter,
     save_safetensors_atomic,
 )
-from .merge import (
-    PART_LABELS,
-    name_candidates,
-    pipeline_models,
-    module_name_tables,
-    file_architecture,
-    merge_delta,
-)
-from .naming import LYCORIS_PREFIX, PART, name_part, unet_module_names
+from .merge import merge_delta
+from .model_names import ModelLayers, file_architecture
+from .naming import LYCORIS_PREFIX, PART, name_part
 from .ops import apply_dora
 
-# file_architecture()'s answer -> the real UNet config in architectures.UNETS
-_REFERENCE_UNETS = {"SD 1.x": "sd15", "SD 2.x": "sd21", "SDXL": "sdxl"}
 # Source metadata still true of the LoRA (training data, base model, title); the network's own keys
 # (ss_network_*: algo, dims, args) and the source's hashes are not.
 _KEPT_METADATA = re.compile(r"^(ss_(?!network_|new_|sd_model_hash|new_sd_model_hash)|modelspec\.)")
@@ -72,7 +65,7 @@ class LayerConversion:
     name: str  # the module name written
     source_name: str  # its name in the source file
     part: str  # "unet" | "te" | "te1" | "te2"
-    block: str  # down_0, mid, up_1, ... for the UNet, the part's label for a text encoder
+    block: str  # its LoRA Block Weight id (BASE = text encoders, IN00..IN11, M00, OUT00..OUT11) or "other"
     shape: tuple[int, ...]  # the layer's weight shape
     rank: int  # rank written
     max_rank: int  # min(out, in·kh·kw): the rank that is exact
@@ -101,8 +94,9 @@ class ConversionReport:
 
     @property
     def blocks(self) -> dict[str, float]:
-        """Relative Frobenius error per block: sqrt(Σ ||ΔW − ΔW_r||²) / sqrt(Σ ||ΔW||²) over its layers."""
-        return self._grouped(lambda layer: layer.block)
+        """Relative Frobenius error per block (LoRA Block Weight's ids, in its order):
+        sqrt(Σ ||ΔW − ΔW_r||²) / sqrt(Σ ||ΔW||²) over its layers."""
+        return dict(sorted(self._grouped(lambda layer: layer.block).items(), key=lambda kv: block_order(kv[0])))
 
     @property
     def total(self) -> float:
@@ -157,15 +151,9 @@ def _check_target(rank: int | None, energy: float | None) -> None:
 
 
 @cache
-def _reference_unet_shapes(kind: str) -> dict[str, tuple[int, ...]]:
-    """Kohya name -> weight shape of every adaptable layer of a real UNet, built on the meta device (no weights)."""
-    from diffusers import UNet2DConditionModel
-
-    from .architectures import UNETS
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNETS[kind])
-    return {name: tuple(unet.get_submodule(path).weight.shape) for name, path in unet_module_names(unet).items()}
+def _reference_layers(architecture: str) -> ModelLayers:
+    """The layers of a real architecture's models, built on the meta device (shapes, no weights)."""
+    return ModelLayers(meta_pipeline(architecture))
 
 
 def _shape_from_factors(mod: AdapterModule, part: str | None) -> tuple[int, ...] | None:
@@ -188,49 +176,44 @@ def _shape_from_factors(mod: AdapterModule, part: str | None) -> tuple[int, ...]
     return None
 
 
-def _model_layers(model: Any) -> dict[str, tuple[str, torch.Tensor]]:
-    """Every name a file may use for a layer of `model` -> (part, the layer's weight)."""
-    models = pipeline_models(model)
-    out: dict[str, tuple[str, torch.Tensor]] = {}
-    for part, table in module_name_tables(models).items():
-        for name, path in table.items():
-            out[name] = (part, models[part].get_submodule(path).weight)
-    return out
-
-
 @dataclass
 class _Layer:
     part: str
     shape: tuple[int, ...]
     weight: torch.Tensor | None  # the base weight, when a model was given
+    block: str  # its LoRA Block Weight id (blocks.py), or blocks.OUTSIDE_BLOCKS
 
 
 def _file_layer(name: str, mod: AdapterModule, arch: str | None) -> _Layer | None:
-    """The layer as the file alone says it: its own shapes, else the real UNet of the file's architecture."""
+    """The layer as the file alone says it: its own shapes, else the real models of the file's architecture."""
     part = name_part(name)
     shape = _shape_from_factors(mod, part)
-    if shape is None and part == "unet" and arch in _REFERENCE_UNETS:
-        unet_name = name_candidates(name)[0][1]  # lycoris_<path> -> its UNet name
-        shape = _reference_unet_shapes(_REFERENCE_UNETS[arch]).get(unet_name)
-    return _Layer(part, shape, None) if shape is not None and part is not None else None
+    if shape is None and arch in ARCHITECTURES:
+        match = _reference_layers(arch).match(name)
+        if match is not None:
+            part, shape = match.part, tuple(match.weight.shape)
+    if shape is None or part is None:
+        return None
+    return _Layer(part, shape, None, file_block(name, arch))
 
 
-def _model_layer(name: str, model_layers: dict[str, tuple[str, torch.Tensor]]) -> _Layer | None:
-    for part, lookup in name_candidates(name):
-        if lookup in model_layers and model_layers[lookup][0] == part:
-            weight = model_layers[lookup][1]
-            return _Layer(part, tuple(weight.shape), weight)
-    return None
+def _model_layer(name: str, model_layers: ModelLayers, unet_config: Any) -> _Layer | None:
+    match = model_layers.match(name)
+    if match is None:
+        return None
+    block = layer_block_id(match.part, match.path, unet_config) or OUTSIDE_BLOCKS
+    return _Layer(match.part, tuple(match.weight.shape), match.weight, block)
 
 
 def _resolve(parsed: ParsedFile, model: Any | None) -> dict[str, _Layer]:
     """Each module's part and weight shape (and base weight with a model); an error lists what is unknown."""
-    model_layers = _model_layers(model) if model is not None else None
+    model_layers = ModelLayers(model) if model is not None else None
     arch = file_architecture(parsed)
     resolved: dict[str, _Layer] = {}
     unknown: list[str] = []
     for name, mod in parsed.modules.items():
-        layer = _model_layer(name, model_layers) if model_layers is not None else _file_layer(name, mod, arch)
+        layer = (_model_layer(name, model_layers, model.unet.config) if model_layers is not None
+                 else _file_layer(name, mod, arch))
         if layer is None or mod.shape_problem(layer.shape) is not None:
             unknown.append(name)
             continue
@@ -239,17 +222,13 @@ def _resolve(parsed: ParsedFile, model: Any | None) -> dict[str, _Layer]:
         if model is not None:
             why = "match no layer of the given model (or differ from it in shape): is it the base the file was made for?"
         else:
-            known = (f"the real {arch} UNet (the architecture the file names) has no such layers of these shapes"
-                     if arch in _REFERENCE_UNETS else "the file's architecture is unknown")
+            known = (f"the real {arch} models (the architecture the file names) have no such layers of these shapes"
+                     if arch in ARCHITECTURES else "the file's architecture is unknown")
             why = (f"have flat factors that do not say whether the layer is a Linear or a conv (nor its kernel), and "
                    f"{known}. Pass the base model (--model BASE, or model= in Python) so each layer's shape is "
                    "read from it")
         raise AdapterFileError(f"{parsed.source}: {len(unknown)} modules {why}; e.g. {', '.join(unknown[:5])}")
     return resolved
-
-
-def _block(name: str, part: str) -> str:
-    return block_of(name) if part == "unet" else PART_LABELS.get(part, part)
 
 
 def _out_name(name: str, part: str) -> str:
@@ -356,7 +335,7 @@ def loha_to_lora(
             tensors[f"{out_name}.lora_up.weight"] = up.contiguous()
             tensors[f"{out_name}.alpha"] = torch.tensor(float(alpha), dtype=out_dtype)
             report.layers.append(LayerConversion(
-                name=out_name, source_name=name, part=layer.part, block=_block(out_name, layer.part),
+                name=out_name, source_name=name, part=layer.part, block=layer.block,
                 shape=layer.shape, rank=r, max_rank=max_rank, energy=kept, delta_norm=float(delta.norm()),
                 error_norm=float((delta.reshape(written.shape) - written).norm())))
     return tensors, _metadata(parsed, rank, energy, [x.rank for x in report.layers]), report

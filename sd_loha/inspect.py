@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
-from .io import SHORTHASH_DIGITS, AdapterModule, ParsedFile, addnet_hash, load_adapter
-from .merge import PART_LABELS, file_architecture
-from .naming import name_part
+from .blocks import file_block
+from .formats import load_adapter
+from .io import SHORTHASH_DIGITS, AdapterModule, ParsedFile, addnet_hash
+from .model_names import file_architecture
+from .naming import PART_LABELS, name_part
 from .ops import loha_delta, lora_delta
 
 
@@ -23,18 +25,6 @@ def layer_group(name: str) -> str:
     if re.search(r"_ff_net_|_mlp_", name):
         return "mlp"
     return "conv/resnet"
-
-
-def block_of(name: str) -> str:
-    """The UNet block (down_0, mid, up_1, …) or text-encoder layer a module belongs to, for per-block charts."""
-    for pat, fmt in ((r"down_blocks_(\d+)", "down_{}"), (r"input_blocks_(\d+)", "in_{}"), (r"up_blocks_(\d+)", "up_{}"),
-                     (r"output_blocks_(\d+)", "out_{}"), (r"encoder_layers_(\d+)", "layer_{}")):
-        m = re.search(pat, name)
-        if m:
-            return fmt.format(m.group(1))
-    if "mid_block" in name or "middle_block" in name:
-        return "mid"
-    return "other"
 
 
 def _flat_delta(mod: AdapterModule) -> torch.Tensor:
@@ -56,6 +46,7 @@ def summarize(source: str | os.PathLike | ParsedFile, *, delta_norms: bool = Fal
     parts: dict[str, Counter] = {}
     ranks: Counter = Counter()
     norms: dict[str, float] = {}
+    architecture = file_architecture(parsed)
     for name, mod in parsed.modules.items():
         algo = mod.algo + (" (Tucker)" if mod.tucker else "") + (" +DoRA" if mod.dora_scale is not None else "")
         algos[algo] += 1
@@ -65,14 +56,14 @@ def summarize(source: str | os.PathLike | ParsedFile, *, delta_norms: bool = Fal
         alpha = "none" if mod.alpha is None else f"{mod.alpha:g}"
         ranks[f"rank {mod.rank}, alpha {alpha}"] += 1
         if delta_norms:
-            key = f"{part}:{block_of(name)}"
+            key = f"{part}:{file_block(name, architecture)}"  # LoRA Block Weight's ids, as block weights use
             norms[key] = norms.get(key, 0.0) + float(_flat_delta(mod).norm() ** 2)
     path = Path(parsed.source)
     out: dict[str, Any] = {
         "file": parsed.source,
         # What A1111 writes as `Lora hashes` and Civitai looks the file up by (None for an in-memory state dict).
         "addnet_hash": addnet_hash(path) if path.is_file() else None,
-        "architecture": file_architecture(parsed) or "unknown",
+        "architecture": architecture or "unknown",
         "algorithms": dict(algos),
         "modules": sum(algos.values()),
         "parts": {PART_LABELS.get(p, p): dict(c) for p, c in parts.items()},

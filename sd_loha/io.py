@@ -1,4 +1,4 @@
-"""Adapter files: safe reading, parsing into modules, and atomic writing.
+"""Adapter files: safe reading, parsing kohya-style keys into modules, and atomic writing.
 
 Only safetensors is accepted: pickle-based formats (.ckpt/.pt/.bin/.pth) can run code when loaded,
 and adapter files come from strangers on the internet.
@@ -324,18 +324,12 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str = "<
                       ignored=ignored)
 
 
-def load_adapter(source: str | os.PathLike | Mapping[str, torch.Tensor], *, family: str | None = None) -> ParsedFile:
-    """Parse an adapter from a path or an in-memory state dict. A PEFT LoHa adapter (a folder with
-    adapter_config.json, or its safetensors file) is read as the kohya modules it equals; `family` ("sd1",
-    "sd2", "sdxl") tells it which text encoder a PEFT `text_encoder` adapter is (peft_format.read_peft)."""
+def load_kohya(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> ParsedFile:
+    """Parse a kohya-style adapter (kohya, LyCORIS, OneTrainer and A1111 all use its keys) from a .safetensors
+    path or an in-memory state dict. sd_loha.formats.load_adapter picks this reader or PEFT's for a source."""
     if isinstance(source, Mapping):
         return parse_state_dict(source)
-    from .peft_format import is_peft_adapter, read_peft  # lazy: peft_format builds on this module
-
-    if is_peft_adapter(source):
-        tensors, metadata = read_peft(source, family=family)
-    else:
-        tensors, metadata = read_safetensors(source)
+    tensors, metadata = read_safetensors(source)
     return parse_state_dict(tensors, source=str(source), metadata=metadata)
 
 

@@ -21,14 +21,15 @@ import torch
 from torch import nn
 
 from .blocks import BlockWeights, BlockWeightsLike, layer_block_id, parse_block_weights
-from .io import AdapterFileError, AdapterModule, ParsedFile, load_adapter
-from .models import detect_family, text_encoders
-from .naming import LYCORIS_PREFIX, PART, PARTS, name_part, parts_of_family, text_encoder_module_names, unet_module_names
+from .formats import load_adapter
+from .io import AdapterFileError, AdapterModule
+from .model_names import ModelLayers, file_architecture
+from .models import detect_family
+from .naming import LYCORIS_PREFIX, PART_LABELS, name_part, parts_of_family
 from .ops import apply_dora, loha_delta, lora_delta
 
 logger = logging.getLogger(__name__)
 REGISTRY_ATTR = "_sd_loha_registry"
-PART_LABELS = {p.name: p.label for p in PARTS}
 KEEP_BLOCK_WEIGHTS = object()  # set_loha_strength's default: leave the block weights as they are
 
 
@@ -268,55 +269,6 @@ def _registry(pipe: Any, create: bool = False) -> _Registry | None:
     return reg
 
 
-def pipeline_models(pipe: Any) -> dict[str, nn.Module]:
-    """part name -> the pipeline's model for it (unet, te or te1/te2)."""
-    return {"unet": pipe.unet, **text_encoders(pipe)}
-
-
-def module_name_tables(models: Mapping[str, nn.Module]) -> dict[str, dict[str, str]]:
-    """part -> {kohya module name: module path} for each model (the names files use)."""
-    tables = {}
-    for part, model in models.items():
-        if part == "unet":
-            tables[part] = unet_module_names(model)
-        else:
-            tables[part] = text_encoder_module_names(model, PART[part].prefix)
-    return tables
-
-
-def name_candidates(mod_name: str) -> list[tuple[str, str]]:
-    """(part, name to look up) pairs for a file module name. LyCORIS's generic wrapper writes
-    `lycoris_<path>` for whatever model it wrapped: usually the UNet, so that is tried first."""
-    if mod_name.startswith(LYCORIS_PREFIX + "_"):
-        rest = mod_name[len(LYCORIS_PREFIX) + 1:]
-        return [(p.name, f"{p.prefix}_{rest}") for p in PARTS]
-    return [(name_part(mod_name), mod_name)]
-
-
-def file_architecture(parsed: ParsedFile) -> str | None:
-    """The architecture a file was made for, from its keys and shapes (metadata as a fallback)."""
-    parts = {name_part(n) for n in parsed.modules}
-    if parts & {"te1", "te2"}:
-        return "SDXL"
-    dims = {
-        m.in_features()
-        for n, m in parsed.modules.items()
-        if n.endswith(("attn2_to_k", "attn2_to_v")) and not m.tucker
-    }
-    by_dim = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
-    for d in dims:
-        if d in by_dim:
-            return by_dim[d]
-    version = parsed.metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl"):
-        return "SDXL"
-    if version.startswith("sd_v2"):
-        return "SD 2.x"
-    if version.startswith("sd_v1"):
-        return "SD 1.x"
-    return None
-
-
 def apply_loha(
     pipe: Any,
     source: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -346,8 +298,8 @@ def apply_loha(
             name = next(f"adapter{i}" for i in range(len(loaded) + 1) if f"adapter{i}" not in loaded)
         else:
             name = Path(source).stem
-    models = pipeline_models(pipe)
-    tables = module_name_tables(models)
+    model_layers = ModelLayers(pipe)
+    tables = model_layers.tables
     family = detect_family(pipe)
     arch = file_architecture(parsed)
 
@@ -358,12 +310,8 @@ def apply_loha(
     duplicates: list[str] = []
     claimed: dict[tuple[str, str], str] = {}
     for mod_name, mod in parsed.modules.items():
-        hit = None
-        for part, lookup in name_candidates(mod_name):
-            if part in tables and lookup in tables[part]:
-                hit = (part, tables[part][lookup])
-                break
-        if hit is None:
+        match = model_layers.match(mod_name)
+        if match is None:
             part = name_part(mod_name)
             # A part the architecture does not have (te1 on SD 1.x, te on SDXL) means another architecture;
             # a text encoder the family has but this pipeline object lacks (text_encoder=None) is just unmatched.
@@ -373,7 +321,8 @@ def apply_loha(
                 missing_parts.add(part)
             unmatched.append(mod_name)
             continue
-        weight = models[hit[0]].get_submodule(hit[1]).weight
+        hit = match.key
+        weight = match.weight  # refuses quantized / float8-stored layers before anything changes
         problem = mod.shape_problem(weight.shape)
         if problem is not None:
             mismatched.append(f"{mod_name}: {problem}")
@@ -446,7 +395,7 @@ def apply_loha(
     for key in layers:
         slot = reg.slots.get(key)
         if slot is None:
-            module = models[key[0]].get_submodule(key[1])
+            module = model_layers.models[key[0]].get_submodule(key[1])
             slot = reg.slots[key] = _Slot(module, _take_original(module.weight))
         slot.adapters.append(name)
     try:
@@ -455,7 +404,7 @@ def apply_loha(
         remove_loha(pipe, name)  # never leave a half-merged adapter behind
         raise
 
-    patched: dict[str, int] = {p: 0 for p in models}
+    patched: dict[str, int] = {p: 0 for p in model_layers.models}
     for part, _ in layers:
         patched[part] += 1
     return ApplyReport(name, patched, unmatched, unsupported, arch)

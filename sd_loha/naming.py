@@ -31,6 +31,7 @@ __all__ = [
     "Part",
     "PARTS",
     "PART",
+    "PART_LABELS",
     "parts_of_family",
     "UNET_PREFIX",
     "LYCORIS_PREFIX",
@@ -82,6 +83,7 @@ PARTS: tuple[Part, ...] = (
     Part("te2", "lora_te2", "text_encoder_2", ("sdxl",), "text encoder 2 (CLIP-G)"),
 )
 PART: dict[str, Part] = {p.name: p for p in PARTS}
+PART_LABELS: dict[str, str] = {p.name: p.label for p in PARTS}  # part name -> how messages and reports name it
 
 UNET_PREFIX = PART["unet"].prefix
 TE_PREFIX = PART["te"].prefix  # SD1/SD2 text encoder

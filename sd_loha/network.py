@@ -25,6 +25,7 @@ from .models import ModelFamily, detect_family, text_encoders, unet_family_name
 from .naming import PART, text_encoder_canonical_path, text_encoder_save_name, unet_ldm_path, unet_save_name
 from .targets import (Preset, Target, candidate_targets, first_match, layer_names, load_preset, preset_label,
                       unmatched_patterns, unmatched_regexes)
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class LoHANetwork:
             "ss_network_args": json.dumps(args),
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
-            "sd_loha_version": _version(),
+            "sd_loha_version": __version__,
         }
         if self.family is not None:
             fam = self.family
@@ -238,12 +239,6 @@ class LoHANetwork:
         for m in self.modules:
             setattr(m.parent, m.attr, m.layer.base)
         self.modules = []
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _split_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:

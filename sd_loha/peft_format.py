@@ -29,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .io import LOHA_PARAMS, TUCKER_PARAMS, AdapterFileError, AdapterModule, ParsedFile, load_adapter, \
+from .architectures import meta_pipeline
+from .io import LOHA_PARAMS, TUCKER_PARAMS, AdapterFileError, AdapterModule, ParsedFile, load_kohya, \
     read_safetensors, save_safetensors_atomic
+from .model_names import ModelLayers, file_architecture
 from .naming import PART, PARTS, kohya_name, text_encoder_save_name, unet_save_name
 
 PEFT_CONFIG = "adapter_config.json"
@@ -198,35 +200,6 @@ def read_peft(path: str | os.PathLike, *, family: str | None = None,
 # ---------------------------------------------------------------------------------------------
 
 
-def _openclip_h() -> dict[str, Any]:
-    # SD 2.x's text encoder (OpenCLIP ViT-H/14 text tower in transformers' CLIP layout); only the layer
-    # structure matters here.
-    return dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                max_position_embeddings=77, projection_dim=512, hidden_act="gelu")
-
-
-def reference_pipeline(architecture: str) -> Any:
-    """Module trees (meta device, no weights) of a real base model's UNet and text encoders, for naming files
-    without loading a model. `architecture` is a file_architecture() label: "SD 1.x", "SD 2.x" or "SDXL"."""
-    from types import SimpleNamespace
-
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from .architectures import CLIP_G, CLIP_L, UNETS
-
-    unet_kind, encoders = {
-        "SD 1.x": ("sd15", {"text_encoder": (CLIPTextModel, CLIP_L)}),
-        "SD 2.x": ("sd21", {"text_encoder": (CLIPTextModel, _openclip_h())}),
-        "SDXL": ("sdxl", {"text_encoder": (CLIPTextModel, CLIP_L),
-                          "text_encoder_2": (CLIPTextModelWithProjection, CLIP_G)}),
-    }[architecture]
-    with torch.device("meta"):
-        models = {"unet": UNet2DConditionModel(**UNETS[unet_kind])}
-        models.update({a: cls(CLIPTextConfig(**cfg)) for a, (cls, cfg) in encoders.items()})
-    return SimpleNamespace(**models)
-
-
 def _peft_alpha(mod: AdapterModule) -> float:
     """The PEFT alpha giving this module's scale: its own alpha when it has one (so the kohya file comes back
     bit for bit), r when it has none (scale 1), scale · r for a `scale` key."""
@@ -275,19 +248,15 @@ def _peft_config(modules: Mapping[str, AdapterModule], tucker: bool, base: str |
 
 def _by_model(parsed: ParsedFile, pipe: Any) -> dict[str, dict[str, AdapterModule]]:
     """pipeline attribute -> {module path: file module}, every module matched or an error."""
-    from .merge import module_name_tables, name_candidates, pipeline_models
-
-    models = pipeline_models(pipe)
-    tables = module_name_tables(models)
+    layers = ModelLayers(pipe)
     out: dict[str, dict[str, AdapterModule]] = {}
     unmatched = []
     for name, mod in parsed.modules.items():
-        hit = next(((part, tables[part][n]) for part, n in name_candidates(name) if part in tables and n in tables[part]),
-                   None)
+        hit = layers.match(name)
         if hit is None:
             unmatched.append(name)
             continue
-        out.setdefault(PART[hit[0]].pipeline_attr, {})[hit[1]] = mod
+        out.setdefault(PART[hit.part].pipeline_attr, {})[hit.path] = mod
     if unmatched or parsed.unsupported:
         names = unmatched + sorted(parsed.unsupported)
         raise AdapterFileError(f"{parsed.source}: {len(names)} modules match no layer of the reference model or use "
@@ -310,8 +279,8 @@ def write_peft(source: str | os.PathLike | Mapping[str, torch.Tensor] | ParsedFi
                *, base_model: str | None = None) -> dict[str, Path]:
     """Write a kohya/LyCORIS LoHA file as PEFT LoHa adapters, one folder per model in diffusers' pipeline layout
     (OUT/unet, OUT/text_encoder, OUT/text_encoder_2), each loadable with ``PeftModel.from_pretrained(model,
-    OUT/<attr>)``. `pipe` (a pipeline, or :func:`reference_pipeline`) names the layers. Returns attr -> folder."""
-    parsed = source if isinstance(source, ParsedFile) else load_adapter(source)
+    OUT/<attr>)``. `pipe` (a pipeline, or architectures.meta_pipeline) names the layers. Returns attr -> folder."""
+    parsed = source if isinstance(source, ParsedFile) else load_kohya(source)
     out = Path(out)
     written = {}
     for attr, modules in _by_model(parsed, pipe).items():
@@ -340,17 +309,16 @@ def write_kohya(path: str | os.PathLike, out: str | os.PathLike, *, family: str 
 def convert_to_peft(source: str | os.PathLike, out: str | os.PathLike, model: str | None = None) -> dict[str, Path]:
     """`sd-loha convert FILE --to peft`: `model` (a base model load_pipeline reads) names the layers; without it
     the real architecture the file was made for does (module trees only, nothing downloaded)."""
-    from .merge import file_architecture
     from .models import load_pipeline
 
     if model is not None:
         return write_peft(source, out, load_pipeline(model), base_model=model)
-    parsed = load_adapter(source)
+    parsed = load_kohya(source)
     arch = file_architecture(parsed)
     if arch is None:
         raise AdapterFileError(f"{source}: its architecture cannot be told from its keys or metadata; pass the base "
                                "model it was trained on with --model")
-    return write_peft(parsed, out, reference_pipeline(arch))
+    return write_peft(parsed, out, meta_pipeline(arch))
 
 
 

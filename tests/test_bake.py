@@ -315,16 +315,8 @@ def test_block_weights_are_baked_as_the_loader_applies_them(models, adapters, tm
 
 
 # Real-size UNet configs (SD 1.5, SD 2.x, SDXL base) built on the meta device: no weights, only the key layout.
-_FULL_UNETS = {
-    "sd1": ({"cross_attention_dim": 768}, 686),
-    "sd2": ({"cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True}, 686),
-    "sdxl": ({"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-              "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-              "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
-              "attention_head_dim": (5, 10, 20), "use_linear_projection": True, "cross_attention_dim": 2048,
-              "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-              "projection_class_embeddings_input_dim": 2816}, 1680),
-}
+# family -> keys of the real checkpoint's model.diffusion_model.* (SD 1.x / 2.x: 686, SDXL base: 1680)
+_FULL_UNET_KEYS = {"sd1": 686, "sd2": 686, "sdxl": 1680}
 
 
 def _tagged(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -343,24 +335,22 @@ def _assert_same_tagged(converted: dict[str, torch.Tensor], state: dict[str, tor
         assert float(got[(0,) * got.ndim]) == float(v[(0,) * v.ndim]), k
 
 
-@pytest.mark.parametrize("family", sorted(_FULL_UNETS))
+@pytest.mark.parametrize("family", sorted(_FULL_UNET_KEYS))
 def test_real_size_layouts_convert_back_through_diffusers(family):
     """Our keys for real-size UNets and the SD VAE are exactly what diffusers' LDM -> diffusers converters map
     back to every diffusers key, each to its own tensor of its shape; the UNet has as many keys as the real
     checkpoints' model.diffusion_model.* (686 for SD 1.x / 2.x, 1680 for SDXL base). The values themselves go
     through diffusers bit for bit in the tiny-model tests above."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
     )
 
-    kwargs, n_keys = _FULL_UNETS[family]
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**kwargs)
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+    from sd_loha.architectures import ARCHITECTURE_OF_FAMILY, SD_VAE, build_model, meta_unet
+
+    n_keys = _FULL_UNET_KEYS[family]
+    unet = meta_unet(ARCHITECTURE_OF_FAMILY[family].unet)
+    vae = build_model("AutoencoderKL", SD_VAE, meta=True)
     unet_state, vae_state = _tagged(unet.state_dict()), _tagged(vae.state_dict())
     ours = {"model.diffusion_model." + k: v for k, v in bake.unet_to_original(unet_state, unet.config).items()}
     assert len(ours) == n_keys

@@ -28,8 +28,8 @@ from sd_loha.blocks import (
     parse_block_weights,
 )
 from sd_loha.cli import main
+from sd_loha.formats import load_adapter
 from sd_loha.generate import AdapterSpec, GenerationSession, lora_tag
-from sd_loha.io import load_adapter
 from sd_loha.merge import loha_block_weights, merge_delta
 
 from .loader_helpers import all_models, assert_unchanged, make_loha_file, snapshot

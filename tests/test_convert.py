@@ -17,21 +17,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sd_loha import apply_loha, remove_loha
+from sd_loha.blocks import BLOCK_IDS, OUTSIDE_BLOCKS, layer_block_id
 from sd_loha.cli import main
 from sd_loha.convert import (
-    _reference_unet_shapes,
+    _reference_layers,
     choose_rank,
     convert_to_lora_file,
     loha_to_lora,
 )
 from sd_loha.io import AdapterFileError
-from sd_loha.merge import module_name_tables, pipeline_models
+from sd_loha.model_names import module_name_tables, pipeline_models
 
 from .loader_helpers import file_delta, group_modules, make_loha_file
 
 # Full rank reproduces the merge up to fp32 SVD rounding (measured worst 2e-7 on tiny-sd1 / tiny-sdxl).
 RTOL, ATOL = 1e-5, 1e-6
 FULL = 10**6  # a rank above every layer's, clipped to each layer's full rank
+BLOCK_IDS_AND_OUTSIDE = [*BLOCK_IDS, OUTSIDE_BLOCKS]
 
 
 def _weights(pipe) -> dict[str, torch.Tensor]:
@@ -133,7 +135,13 @@ def test_truncated_rank_error_matches_eckart_young_and_falls_with_rank(tmp_path,
             assert all(x.relative_error <= previous[x.name] + 1e-6 for x in report.layers)
             assert any(x.relative_error < previous[x.name] - 1e-3 for x in report.layers)
         previous = {x.name: x.relative_error for x in report.layers}
-    assert set(report.blocks) == {"text encoder", "down_0", "down_1", "mid", "up_0", "up_1"}
+    # The report's blocks are LoRA Block Weight's ids, each layer's the one block weights multiply it by.
+    models = pipeline_models(pipe)
+    paths = {name: (part, path) for part, table in module_name_tables(models).items() for name, path in table.items()}
+    for layer in report.layers:
+        assert layer.block == (layer_block_id(*paths[layer.source_name], pipe.unet.config) or OUTSIDE_BLOCKS)
+    assert {"BASE", "M00"} <= set(report.blocks) <= {*BLOCK_IDS, OUTSIDE_BLOCKS}
+    assert list(report.blocks) == sorted(report.blocks, key=BLOCK_IDS_AND_OUTSIDE.index)
 
 
 @pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
@@ -184,13 +192,10 @@ REAL_LAYERS = {
 
 @pytest.mark.parametrize("kind", sorted(REAL_LAYERS))
 def test_real_architecture_from_the_file_alone(tmp_path, kind):
-    from diffusers import UNet2DConditionModel
-
-    from sd_loha.architectures import UNETS
+    from sd_loha.architectures import UNETS, meta_unet
     from sd_loha.naming import unet_module_names
 
-    with torch.device("meta"):  # the real UNet's shapes, built here independently of the converter's cache
-        unet = UNet2DConditionModel(**UNETS[kind])
+    unet = meta_unet(UNETS[kind])  # the real UNet's shapes, a fresh build (not the converter's cached one)
     table = unet_module_names(unet)
     g = torch.Generator().manual_seed(0)
     sd = {}
@@ -209,7 +214,7 @@ def test_real_architecture_from_the_file_alone(tmp_path, kind):
         expected = file_delta({f"x.{k}": v for k, v in params.items()}, shape)
         rebuilt = (up.reshape(shape[0], r) @ down.reshape(r, -1)).reshape(shape) * float(tensors[f"{out_name}.alpha"]) / r
         torch.testing.assert_close(rebuilt, expected, rtol=1e-4, atol=1e-5)
-    assert _reference_unet_shapes.cache_info().currsize >= 1
+    assert _reference_layers.cache_info().currsize >= 1
 
 
 def test_needs_the_model_where_the_file_does_not_say(tmp_path, tiny_pipe):
@@ -267,7 +272,7 @@ def test_cli_convert_prints_and_writes_the_report(tmp_path, tiny_pipe, capsys, o
     assert main(["convert", str(src), "--to", "lora", "--rank", "2", "--model", "tiny-sd1", "--dtype", "fp16",
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "relative error per block" in text and "mid" in text and "text encoder" in text
+    assert "relative error per block" in text and "\n  M00 " in text and "\n  BASE " in text
     assert all(v.dtype == torch.float16 for v in load_file(out).values())
     assert main(["convert", str(src), "--to", "lora", "--energy", "0.9", "--model", "tiny-sd1", "--json",
                  "--out", str(out)]) == 0

@@ -29,7 +29,8 @@ from sd_loha import (
     remove_loha,
 )
 from sd_loha.atomic import write_text_atomic
-from sd_loha.io import load_adapter, read_safetensors, save_safetensors_atomic
+from sd_loha.formats import load_adapter
+from sd_loha.io import read_safetensors, save_safetensors_atomic
 
 from .loader_helpers import assert_unchanged, changed, make_loha_file, snapshot
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sd_loha import apply_loha, list_loha, remove_loha, set_loha_strength
-from sd_loha.io import load_adapter
+from sd_loha.formats import load_adapter
 from sd_loha.merge import REGISTRY_ATTR, merge_delta
 from sd_loha.naming import kohya_name
 from sd_loha.ops import loha_delta

@@ -30,6 +30,7 @@ from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from sd_loha import architectures
 from sd_loha.architectures import SD15_UNET, SD21_UNET, SDXL_UNET
 from sd_loha.models import build_tiny_pipeline, detect_family, text_encoders
 from sd_loha.naming import (
@@ -70,8 +71,7 @@ _unets: dict[str, UNet2DConditionModel] = {}
 
 def meta_unet(kind: str) -> UNet2DConditionModel:
     if kind not in _unets:
-        with torch.device("meta"):
-            _unets[kind] = UNet2DConditionModel(**CONFIGS[kind])
+        _unets[kind] = architectures.meta_unet(CONFIGS[kind])
     return _unets[kind]
 
 

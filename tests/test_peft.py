@@ -16,7 +16,8 @@ from peft import LoHaConfig, PeftModel, get_peft_model  # noqa: E402
 
 from sd_loha import apply_loha  # noqa: E402
 from sd_loha.cli import main  # noqa: E402
-from sd_loha.io import AdapterFileError, load_adapter, read_safetensors  # noqa: E402
+from sd_loha.formats import load_adapter  # noqa: E402
+from sd_loha.io import AdapterFileError, read_safetensors  # noqa: E402
 from sd_loha.peft_format import layer_rank_alpha, pattern_key, read_peft, write_kohya, write_peft  # noqa: E402
 from tests.loader_helpers import make_loha_file  # noqa: E402
 

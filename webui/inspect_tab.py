@@ -3,22 +3,20 @@ weights to try (sent to the Generate tab) and its metadata editor (webui/tools_t
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from sd_loha.blocks import block_order
 from sd_loha.inspect import summarize
 
 from .paths import PathPolicy, PathRefused
 
 _PART_ORDER = {"te": 0, "te1": 1, "te2": 2, "unet": 3}
-_BLOCK_ORDER = {"layer": 0, "down": 1, "in": 1, "mid": 2, "up": 3, "out": 3, "other": 4}
 
 
 def block_sort_key(key: str) -> tuple:
+    """Chart order of a "part:block" key: text encoders first, then LoRA Block Weight's block order."""
     part, _, block = key.partition(":")
-    m = re.fullmatch(r"([a-z]+)_?(\d+)?", block)
-    name, num = (m.group(1), int(m.group(2) or 0)) if m else (block, 0)
-    return (_PART_ORDER.get(part, 9), part, _BLOCK_ORDER.get(name, 5), num, block)
+    return (_PART_ORDER.get(part, 9), part, block_order(block), block)
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
