@@ -9,6 +9,7 @@
 from .formats import load_adapter
 from .io import AdapterFileError
 from .merge import ApplyReport, ArchitectureMismatchError, apply_loha, list_loha, remove_loha, set_loha_strength
+from .model_names import UnsupportedWeightError
 from .models import build_tiny_pipeline, detect_family, load_pipeline
 from .network import LoHANetwork, add_loha, save_loha
 from .version import __version__
@@ -16,5 +17,5 @@ from .version import __version__
 __all__ = [
     "AdapterFileError", "ApplyReport", "ArchitectureMismatchError", "LoHANetwork", "add_loha", "apply_loha",
     "build_tiny_pipeline", "detect_family", "list_loha", "load_adapter", "load_pipeline", "remove_loha",
-    "save_loha", "set_loha_strength", "__version__",
+    "save_loha", "set_loha_strength", "UnsupportedWeightError", "__version__",
 ]

@@ -74,10 +74,11 @@ def describe_error(e: BaseException) -> str:
     try:
         from sd_loha.data.preflight import DatasetError
         from sd_loha.io import AdapterFileError
+        from sd_loha.model_names import UnsupportedWeightError
         from sd_loha.models import ModelLoadError
         from sd_loha.train.loop import TrainingError
 
-        known += (DatasetError, ModelLoadError, TrainingError, AdapterFileError)
+        known += (DatasetError, ModelLoadError, TrainingError, AdapterFileError, UnsupportedWeightError)
     except ImportError:  # pragma: no cover
         pass
     text = str(e).strip()
