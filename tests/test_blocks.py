@@ -18,12 +18,16 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sd_loha import apply_loha, list_loha, remove_loha, set_loha_strength
+from sd_loha.architectures import ARCHITECTURES, meta_pipeline
 from sd_loha.blocks import (
     BLOCK_ID_FORMS,
     BLOCK_IDS,
+    OUTSIDE_BLOCKS,
     PRESETS,
     STANDARD_UNET_CONFIGS,
     block_id_of_name,
+    block_order,
+    file_block,
     layer_block_id,
     parse_block_weights,
 )
@@ -31,6 +35,7 @@ from sd_loha.cli import main
 from sd_loha.formats import load_adapter
 from sd_loha.generate import AdapterSpec, GenerationSession, lora_tag
 from sd_loha.merge import loha_block_weights, merge_delta
+from sd_loha.naming import kohya_name, text_encoder_canonical_path, unet_ldm_path
 
 from .loader_helpers import all_models, assert_unchanged, make_loha_file, snapshot
 
@@ -119,6 +124,30 @@ def test_layer_block_ids_follow_a1111(tiny_pipe):
 ])
 def test_block_of_a_file_module_name(name, family, block):
     assert block_id_of_name(name, STANDARD_UNET_CONFIGS[family]) == block
+
+
+@pytest.mark.parametrize("label", sorted(ARCHITECTURES))
+def test_file_blocks_are_the_block_weight_ids_of_the_real_layers(label):
+    """Reports and charts (file_block, from a name alone) name every layer of a real architecture by the block id
+    its block weight is taken from (layer_block_id, from the pipeline layer), in either naming style."""
+    models = meta_pipeline(label)
+    config = models.unet.config
+    seen = set()
+    for path, module in models.unet.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        expected = layer_block_id("unet", path, config) or OUTSIDE_BLOCKS
+        ldm = unet_ldm_path(path, config)
+        for name in [kohya_name("lora_unet", path)] + ([kohya_name("lora_unet", ldm)] if ldm else []):
+            assert file_block(name, label) == expected, name
+        seen.add(expected)
+    if label == "SDXL":  # three levels: IN00-IN08, M00, OUT00-OUT08
+        assert seen == {f"IN{i:02d}" for i in range(9)} | {"M00"} | {f"OUT{i:02d}" for i in range(9)} | {OUTSIDE_BLOCKS}
+    else:  # four levels: every UNet block
+        assert seen == set(BLOCK_IDS[1:]) | {OUTSIDE_BLOCKS}
+    te_path = next(p for p, m in models.text_encoder.named_modules() if isinstance(m, torch.nn.Linear))
+    assert file_block(kohya_name("lora_te", text_encoder_canonical_path(te_path)), label) == "BASE"
+    assert sorted([OUTSIDE_BLOCKS, "OUT00", "BASE", "M00"], key=block_order) == ["BASE", "M00", "OUT00", OUTSIDE_BLOCKS]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sd_loha.blocks import BLOCK_IDS, OUTSIDE_BLOCKS
 from sd_loha.cli import main
 
 from .loader_helpers import make_loha_file
@@ -77,6 +78,10 @@ def test_inspect_json(capsys, sdxl_file):
     assert s["unsupported_modules"] == []
     norms = s["delta_norm_by_block"]
     assert {k.split(":")[0] for k in norms} == {"unet", "te1", "te2"}
+    # blocks named as block weights name them (LoRA Block Weight's ids), whatever naming the file uses
+    assert {k.split(":")[1] for k in norms if not k.startswith("unet:")} == {"BASE"}
+    assert {"unet:M00", "unet:IN04", "unet:OUT00"} <= set(norms)
+    assert {k.split(":")[1] for k in norms} <= {*BLOCK_IDS, OUTSIDE_BLOCKS}
     assert all(v > 0 for v in norms.values())
 
 

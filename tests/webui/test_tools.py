@@ -312,3 +312,16 @@ def test_merged_file_loads_in_diffusers_with_the_deltas_lycoris_computes(policy,
             kept = [k for k in base if k.rsplit(".", 1)[0] not in adapted.get(part, set())]
             assert kept and all(torch.equal(base[k], got[k]) for k in kept), part
     assert adapted["unet"] and adapted["text_encoder"]
+
+
+def test_inspect_chart_orders_blocks_as_block_weights_do(policy, adapter):
+    """The Inspect tab's per-block chart: text encoder first, then the UNet in LoRA Block Weight's order."""
+    from sd_loha.blocks import BLOCK_IDS, OUTSIDE_BLOCKS
+    from webui.inspect_tab import inspect_file
+
+    _, frame, _ = inspect_file(policy, str(adapter))
+    keys = list(frame["block"])
+    assert keys[0] == "te:BASE" and all(k.startswith("unet:") for k in keys[1:])
+    order = [*BLOCK_IDS, OUTSIDE_BLOCKS]
+    unet = [k.removeprefix("unet:") for k in keys[1:]]
+    assert unet == sorted(unet, key=order.index) and "M00" in unet
