@@ -53,21 +53,20 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from sd_loha.architectures import CLIP_L, SD15_UNET  # noqa: E402
+from sd_loha.architectures import CLIP_L, SD15_UNET, build_model  # noqa: E402
 
 # the real SD 1.5 shapes (sd_loha/architectures.py); CLIP-L keeps its real 49408-token embedding table here
 SD15_TEXT = dict(CLIP_L, vocab_size=49408)
 
 
 def build_sd15_pipeline(seed: int = 0):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     from sd_loha.models import _tiny_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).eval()
+    unet = build_model("UNet2DConditionModel", SD15_UNET).eval()
+    text_encoder = build_model("CLIPTextModel", SD15_TEXT).eval()
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=_tiny_tokenizer(), unet=unet,
