@@ -91,17 +91,24 @@ def test_the_tables_name_the_layers_of_the_pipeline_given(sd1):
 # ------------------------------------------------------------------------------------ weights it cannot merge into
 
 
-def _quantize_unet_linears_4bit(unet: nn.Module) -> int:
-    """Replace every Linear of `unet` by a bitsandbytes Linear4bit (NF4), quantized on the CPU."""
+def _quantize_unet_linears(unet: nn.Module, bits: int) -> int:
+    """Replace every Linear of `unet` by a bitsandbytes Linear4bit (NF4) or Linear8bitLt (LLM.int8), quantized on
+    the CPU, as diffusers' BitsAndBytesConfig does on a GPU."""
     import bitsandbytes as bnb
 
     n = 0
     for path, module in list(unet.named_modules()):
         if type(module) is not nn.Linear:
             continue
-        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                              compute_dtype=torch.float32, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        data = module.weight.data.clone()
+        if bits == 4:
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4")
+        else:
+            q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                    has_fp16_weights=False)
+            q.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
         if module.bias is not None:
             q.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
         parent, _, attr = path.rpartition(".")
@@ -114,24 +121,26 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-def test_bitsandbytes_4bit_layers_are_named_and_nothing_changes(tmp_path, tiny_pipe):
+@pytest.mark.parametrize("bits,cls,kind,stored", [(4, "Linear4bit", "4-bit quantized", torch.uint8),
+                                                    (8, "Linear8bitLt", "8-bit (LLM.int8) quantized", torch.int8)])
+def test_bitsandbytes_layers_are_named_and_nothing_changes(tmp_path, tiny_pipe, bits, cls, kind, stored):
     pytest.importorskip("bitsandbytes")  # an optional dependency of the quantized pipelines, not of sd-loha
     pipe = tiny_pipe("tiny-sd1")
     path = tmp_path / "a.safetensors"
     make_loha_file(pipe, path)
-    assert _quantize_unet_linears_4bit(pipe.unet) > 0
-    q = next(m for m in pipe.unet.modules() if type(m).__name__ == "Linear4bit")
-    assert q.weight.dtype == torch.uint8  # really quantized (packed NF4), not a float weight in a bnb class
+    assert _quantize_unet_linears(pipe.unet, bits) > 0
+    q = next(m for m in pipe.unet.modules() if type(m).__name__ == cls)
+    assert q.weight.dtype == stored  # really quantized, not a float weight in a bitsandbytes class
     before = _state(pipe.unet), _state(pipe.text_encoder)
     with pytest.raises(UnsupportedWeightError) as err:
         apply_loha(pipe, path)
     text = str(err.value)
-    assert "bitsandbytes Linear4bit (4-bit quantized)" in text and "UNet layer " in text
+    assert f"bitsandbytes {cls} ({kind})" in text and "UNet layer " in text
     assert "without quantization" in text and "made for" not in text
     after = _state(pipe.unet), _state(pipe.text_encoder)
     for b, a in zip(before, after):
         assert b.keys() == a.keys() and all(torch.equal(b[k], a[k]) for k in b)
-    with pytest.raises(UnsupportedWeightError, match="bitsandbytes Linear4bit"):
+    with pytest.raises(UnsupportedWeightError, match=f"bitsandbytes {cls}"):
         loha_to_lora(path, rank=2, model=pipe)
 
 
