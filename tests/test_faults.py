@@ -202,3 +202,33 @@ def test_out_of_memory_stops_with_advice(tmp_path):
     assert "Traceback" not in err
     assert not list(out.glob("*.safetensors")), "no adapter file is written by a run that never finished a step"
     assert not list(out.glob("*.tmp*")), "no temporary file is left behind"
+
+
+def test_a_kill_while_rotating_states_never_leaves_a_half_deleted_state(tmp_path, monkeypatch):
+    """rotate() deletes old resumable states; a kill in the middle of that rmtree must not leave a folder under a
+    state's final name without its files (the random-kill test above once found state-00000048 without
+    progress.json). The leftover must be a temp name that clean_stale_temp removes."""
+    import shutil
+
+    from sd_loha.train import state as state_mod
+
+    for step in (3, 6, 9):
+        folder = tmp_path / f"state-{step:08d}"
+        folder.mkdir()
+        for name in ("network.safetensors", "optimizer.pt", "progress.json"):
+            (folder / name).write_bytes(b"x")
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        victim = sorted(Path(path).iterdir())[-1]  # progress.json goes first, then the process dies
+        victim.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(state_mod.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        state_mod.rotate(tmp_path, "state-*", 2)
+    monkeypatch.setattr(state_mod.shutil, "rmtree", real_rmtree)
+    for folder in tmp_path.glob("state-*"):
+        assert (folder / "progress.json").is_file(), folder
+    assert [p.name for p in sorted(tmp_path.glob("state-*"))] == ["state-00000006", "state-00000009"]
+    assert state_mod.clean_stale_temp(tmp_path) and not list(tmp_path.glob(".*"))

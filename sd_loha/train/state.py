@@ -63,7 +63,7 @@ def save_state(output_dir: Path, step: int, *, network_sd: dict[str, torch.Tenso
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -130,8 +130,19 @@ def rotate(output_dir: Path, pattern: str, keep: int | None) -> list[Path]:
     items = sorted(output_dir.glob(pattern))
     doomed = items[:-keep]
     for p in doomed:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        _discard(p)
     return doomed
+
+
+def _discard(path: Path) -> None:
+    """Delete a file, or a folder by first renaming it to a temp name: a kill in the middle of rmtree then
+    leaves a `.state-*` leftover for clean_stale_temp, never a half-deleted state under its final name."""
+    if not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    doomed = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.replace(path, doomed)  # onto the empty temp folder: an atomic rename on POSIX
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def clean_stale_temp(output_dir: Path) -> list[Path]:
