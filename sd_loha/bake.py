@@ -8,20 +8,19 @@ conversion is ours; diffusers ships only the other direction in its loader.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as serialize
+from safetensors.torch import save_file
 
-from .atomic import write_atomic, write_text_atomic
+from .atomic import replace_file_atomic, write_folder_atomic, write_text_atomic
 from .formats import load_adapter
 from .generate import AdapterSpec
 from .io import AdapterFileError, addnet_hash
@@ -60,7 +59,7 @@ class BakeReport:
         lines = [f"wrote {self.out} ({self.layout}, {self.dtype}, {self.family}) from {self.base_model}"]
         for a in self.adapters:
             lines.append(f"  {a['file']}: strength {a['strength']:g}, text encoder {a['te_strength']:g}, "
-                         f"{a['layers']} layers (addnet {a['addnet_hash'][:12]})")
+                         f"{a['layers']} layers ({adapter_hash_label(a)})")
         return "\n".join(lines)
 
 
@@ -71,6 +70,50 @@ def _as_spec(adapter: AdapterSpec | str | os.PathLike | Sequence[Any]) -> Adapte
         return AdapterSpec(str(adapter))
     path, *strengths = adapter
     return AdapterSpec(str(path), *(float(s) for s in strengths if s is not None))
+
+
+def adapter_hash_label(record: Mapping[str, Any]) -> str:
+    """How a merged adapter's record names its file: the addnet hash of a file, those of a PEFT folder's files."""
+    if "addnet_hash" in record:
+        return f"addnet {record['addnet_hash'][:12]}"
+    return "addnet " + ", ".join(f"{a} {h[:12]}" for a, h in record["peft_addnet_hashes"].items())
+
+
+def _adapter_record(path: str) -> dict[str, Any]:
+    """What identifies an adapter in the merge record: its file name and addnet hash; a PEFT folder's name and
+    the addnet hash of each model's adapter_model.safetensors."""
+    from .peft_format import peft_sources
+
+    sources = peft_sources(path) if Path(path).is_dir() else []
+    if not sources:
+        return {"file": Path(path).name, "addnet_hash": addnet_hash(path)}
+    return {"file": Path(path).name,
+            "peft_addnet_hashes": {s.pipeline_attr or "": addnet_hash(s.weights_path) for s in sources}}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_model_identity(model: str) -> dict[str, str]:
+    """What identifies the base model in a merge record, never a local path: its name (a local file's or
+    folder's base name, else the hub id or built-in name as given) and, for a local checkpoint, a sha256 of
+    its weights: of the whole file for a single file (A1111's checkpoint hash), and for a diffusers folder of
+    the lines "<relative path> <sha256>" of model_index.json and every component's config and weights files,
+    in sorted order (so it changes with any weight, and not with where the folder lies)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return {"name": path.name, "sha256": _sha256_file(path)}
+    if path.is_dir() and (path / "model_index.json").is_file():
+        files = sorted(p for p in [path / "model_index.json", *path.glob("*/*")]
+                       if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+        manifest = "".join(f"{p.relative_to(path).as_posix()} {_sha256_file(p)}\n" for p in files)
+        return {"name": path.resolve().name, "sha256": hashlib.sha256(manifest.encode()).hexdigest()}
+    return {"name": model}
 
 
 def _output_layout(out: Path) -> str:
@@ -87,7 +130,7 @@ def _output_layout(out: Path) -> str:
     return "diffusers"
 
 
-def check_bake_inputs(adapters: Sequence[AdapterSpec], out: Path, dtype: str) -> str:
+def check_bake_inputs(adapters: Sequence[AdapterSpec], out: Path, dtype: str, model: str | None = None) -> str:
     """Every check that needs no model, so a mistake fails in a second, not after loading a checkpoint.
     Returns the output layout."""
     if dtype not in DTYPES:
@@ -95,9 +138,14 @@ def check_bake_inputs(adapters: Sequence[AdapterSpec], out: Path, dtype: str) ->
     if not adapters:
         raise ValueError("no adapter to merge: give at least one --loha FILE[:STRENGTH[:TE_STRENGTH]]")
     for spec in adapters:
-        if not Path(spec.path).is_file():
-            raise AdapterFileError(f"--loha {spec.path}: no such file")
+        if not Path(spec.path).exists():
+            raise AdapterFileError(f"--loha {spec.path}: no such file or folder (give a .safetensors adapter file "
+                                   "or a PEFT adapter folder)")
         load_adapter(spec.path)  # header, tensors and values checked now, not after the model loads
+    base = Path(model).expanduser() if model is not None else None
+    if base is not None and base.exists() and base.resolve() == out.expanduser().resolve():
+        raise ValueError(f"--out {out} is the base model (--model {model}): the merge would replace it; write the "
+                         "merged model to another path")
     return _output_layout(out)
 
 
@@ -123,7 +171,8 @@ def bake_adapters(
     report_progress = progress or (lambda _what, _fraction: None)
     specs = [_as_spec(a) for a in adapters]
     out = Path(out)
-    layout = check_bake_inputs(specs, out, dtype)
+    layout = check_bake_inputs(specs, out, dtype, model)
+    base = base_model_identity(model)  # before loading: the read also warms the page cache for the load
 
     report_progress(f"loading {model}", 0.0)
     pipe = load_pipeline(model, dtype=torch.float32)
@@ -136,20 +185,23 @@ def bake_adapters(
         applied = apply_loha(pipe, spec.path, unet_strength=spec.strength, text_encoder_strength=te,
                              name=f"{i}:{spec.name}",  # the index keeps two files of one name apart
                              **({"block_weights": lbw} if lbw else {}))
-        records.append({"file": Path(spec.path).name, "addnet_hash": addnet_hash(spec.path),
-                        "strength": spec.strength, "te_strength": te, **({"block_weights": lbw} if lbw else {}),
+        records.append({**_adapter_record(spec.path), "strength": spec.strength, "te_strength": te, **({"block_weights": lbw} if lbw else {}),
                         "layers": applied.total})
     # Nothing changes a strength again: drop the clean originals the merge keeps, up to a second copy of the model.
     keep_merged(pipe)
-    record = {"base_model": str(model), "family": family.name, "prediction_type": family.prediction_type,
+    record = {"base_model": base["name"], **({"base_model_sha256": base["sha256"]} if "sha256" in base else {}),
+              "family": family.name, "prediction_type": family.prediction_type,
               "dtype": dtype, "sd_loha_version": __version__,
               "adapters": [{k: v for k, v in r.items() if k != "layers"} for r in records]}
 
     report_progress(f"writing {out}", 0.7)
     if layout == "single-file":
-        state = original_state_dict(pipe, DTYPES[dtype])
-        del pipe  # the fp32 weights are no longer needed while the file is serialised
-        write_atomic(out, serialize(state, metadata={METADATA_KEY: json.dumps(record), "format": "pt"}))
+        # Cast in place, tensor by tensor (each fp32 weight is freed as its copy is made), and stream the file
+        # from the tensors: the fp32 model, a cast state dict and the serialised bytes never coexist.
+        state = original_state_dict(pipe.to(dtype=DTYPES[dtype]))
+        del pipe
+        with replace_file_atomic(out) as tmp:
+            save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(record), "format": "pt"})
     else:
         _save_folder(pipe.to(dtype=DTYPES[dtype]), out, record)
     report_progress("done", 1.0)
@@ -157,23 +209,10 @@ def bake_adapters(
 
 
 def _save_folder(pipe: Any, out: Path, record: Mapping[str, Any]) -> None:
-    """save_pretrained into a temp sibling folder, then swap it in, so `out` is never half written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    """save_pretrained into a temp sibling folder, then swap it in, so `out` is never half written nor lost."""
+    with write_folder_atomic(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_text_atomic(tmp / FOLDER_RECORD, json.dumps(record, indent=2) + "\n")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

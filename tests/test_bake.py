@@ -358,3 +358,91 @@ def test_real_size_layouts_convert_back_through_diffusers(family):
     ours = {"first_stage_model." + k: v for k, v in bake.vae_to_original(vae_state).items()}
     _assert_same_tagged(convert_ldm_vae_checkpoint(ours, dict(vae.config)), vae_state)
     assert ours["first_stage_model.decoder.mid.attn_1.proj_out.weight"].shape == (512, 512, 1, 1)
+
+
+def test_folder_output_survives_a_failed_swap(adapters, tmp_path, monkeypatch, one_thread):
+    """When putting the new folder in place fails after the old one was moved aside, the old one comes back whole
+    and nothing hidden is left beside it."""
+    import os
+
+    a, _ = adapters["tiny-sd1"]
+    out = tmp_path / "merged"
+    bake_adapters("tiny-sd1", [(a, 0.5, 0.5)], out, "fp32")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    calls = []
+    real_replace, real_rename = os.replace, os.rename
+
+    def flaky(real):
+        def move(src, dst, *args, **kwargs):
+            if Path(dst) == out and Path(src).parent == tmp_path:
+                calls.append(src)
+                if len(calls) == 1:  # the new folder's move into place: the old one is aside by now
+                    raise OSError(5, "Input/output error")
+            return real(src, dst, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(os, "replace", flaky(real_replace))
+    monkeypatch.setattr(os, "rename", flaky(real_rename))
+    with pytest.raises(OSError):
+        bake_adapters("tiny-sd1", [(a, 1.0, 1.0)], out, "fp16")
+    monkeypatch.undo()
+    assert calls
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temp or renamed-away folder left
+
+
+def test_record_names_the_base_without_its_local_path(models, adapters, tmp_path, one_thread):
+    """A local base is recorded by its name and a hash of its weights (the file's sha256 for a single file,
+    the same for a copy of a folder elsewhere), never by the path it had on the merging machine."""
+    a, _ = adapters["tiny-sd1"]
+    single = tmp_path / "base-single.safetensors"
+    bake_adapters(str(models["tiny-sd1"]), [(a, 0.0, 0.0)], single, "fp32")
+
+    def record(path: Path) -> dict:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()[bake.METADATA_KEY])
+
+    first = record(single)
+    assert first["base_model"] == models["tiny-sd1"].name and str(tmp_path.parent) not in json.dumps(first)
+    assert len(first["base_model_sha256"]) == 64
+    import shutil
+
+    moved = tmp_path / "elsewhere" / models["tiny-sd1"].name
+    shutil.copytree(models["tiny-sd1"], moved)
+    bake_adapters(str(moved), [(a, 0.0, 0.0)], tmp_path / "again.safetensors", "fp32")
+    assert record(tmp_path / "again.safetensors")["base_model_sha256"] == first["base_model_sha256"]
+
+    # a single-file base (loading one needs diffusers' configs from the hub, so only its identity is checked here)
+    assert bake.base_model_identity(str(single)) == {"name": single.name,
+                                                     "sha256": hashlib.sha256(single.read_bytes()).hexdigest()}
+    assert bake.base_model_identity("tiny-sd1") == {"name": "tiny-sd1"}
+
+
+def test_cli_merge_refuses_to_replace_its_base(models, adapters, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(bake, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    a, _ = adapters["tiny-sd1"]
+    base = tmp_path / "base"
+    shutil.copytree(models["tiny-sd1"], base)
+    for out in (base, tmp_path / "x" / ".." / "base"):
+        assert main(["merge", "--model", str(base), "--loha", str(a), "--out", str(out)]) == 2
+        assert "is the base model" in capsys.readouterr().err
+    assert (base / "model_index.json").is_file()
+
+
+def test_cli_merge_accepts_a_peft_folder(adapters, tmp_path, capsys, one_thread):
+    """apply_loha reads PEFT adapter folders; merge takes them too and records their weights' hashes."""
+    from sd_loha.peft_format import convert_to_peft
+
+    a, _ = adapters["tiny-sd1"]
+    peft_dir = tmp_path / "peft"
+    convert_to_peft(a, peft_dir, model="tiny-sd1")
+    out, ref = tmp_path / "from-peft.safetensors", tmp_path / "from-file.safetensors"
+    assert main(["merge", "--model", "tiny-sd1", "--loha", f"{peft_dir}:0.7", "--out", str(out), "--dtype", "fp32"]) == 0
+    assert main(["merge", "--model", "tiny-sd1", "--loha", f"{a}:0.7", "--out", str(ref), "--dtype", "fp32"]) == 0
+    got, want = load_file(out), load_file(ref)
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in got)
+    with safe_open(str(out), "pt") as f:
+        entry = json.loads(f.metadata()[bake.METADATA_KEY])["adapters"][0]
+    assert entry["file"] == "peft" and set(entry["peft_addnet_hashes"]) == {"unet", "text_encoder"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sd_loha.bake import DTYPES, BakeReport, bake_adapters
+from sd_loha.bake import DTYPES, BakeReport, adapter_hash_label, bake_adapters
 from sd_loha.blocks import BLOCK_IDS, parse_block_weights
 from sd_loha.io import addnet_hash
 from sd_loha.meta import FIELDS, edit_metadata, read_metadata, thumbnail_data_url
@@ -55,9 +55,9 @@ def merge(policy: PathPolicy, model: str, adapters: Sequence[tuple], out_name: s
 
 def merge_markdown(report: BakeReport, policy: PathPolicy) -> str:
     lines = [f"**Wrote** `{report.out}` ({report.layout}, {report.dtype}, {report.family}) from `{report.base_model}`",
-             "", "| adapter | strength | text encoder | block weights | layers | addnet hash |", "|---|---:|---:|---|---:|---|"]
+             "", "| adapter | strength | text encoder | block weights | layers | hash |", "|---|---:|---:|---|---:|---|"]
     lines += [f"| `{a['file']}` | {a['strength']:g} | {a['te_strength']:g} | {a.get('block_weights') or '—'} | "
-              f"{a['layers']} | `{a['addnet_hash'][:12]}` |" for a in report.adapters]
+              f"{a['layers']} | `{adapter_hash_label(a)}` |" for a in report.adapters]
     if policy.inside(report.out, "model"):
         lines += ["", "It is in the model lists now (↻ in the Generate tab) and is in the original checkpoint layout (the keys A1111, ComfyUI and diffusers' from_single_file read)."]
     return "\n".join(lines)
