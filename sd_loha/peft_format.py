@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .architectures import meta_pipeline
+from .atomic import write_folder_atomic, write_text_atomic
 from .io import LOHA_PARAMS, TUCKER_PARAMS, AdapterFileError, AdapterModule, ParsedFile, load_kohya, \
     read_safetensors, save_safetensors_atomic
 from .model_names import ModelLayers, file_architecture
@@ -57,14 +58,34 @@ def _pipeline_attrs() -> tuple[str, ...]:
     return tuple(dict.fromkeys(p.pipeline_attr for p in PARTS))
 
 
+def _has_peft_keys(path: Path) -> bool:
+    """Whether a safetensors file's keys are PEFT's: under PeftModel's ``base_model.model.`` wrapper, or an
+    adapter parameter after a dotted module path (kohya and LyCORIS names have no dots before it). Only the
+    header is read; an unreadable file is left to the kohya reader, whose errors say what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (OSError, SafetensorError):
+        return False
+    for key in keys:
+        module, _, param = key.rpartition(".")
+        if key.startswith(PEFT_PREFIX) or (param in PEFT_PARAMS and "." in module) or ".lora_A." in key:
+            return True
+    return False
+
+
 def peft_sources(path: str | os.PathLike) -> list[PeftSource]:
     """The PEFT adapters at `path` (empty when it is no PEFT adapter): a folder with adapter_config.json, a
     folder of pipeline subfolders (unet/, text_encoder/, ...) that have one, or a .safetensors file with
-    adapter_config.json beside it."""
+    adapter_config.json beside it that is PEFT's own (named adapter_model.safetensors, or with PEFT's keys): a
+    kohya/LyCORIS file in the same folder as a PEFT adapter is kohya."""
     p = Path(path)
     if p.is_file():
         config = p.parent / PEFT_CONFIG
-        return [PeftSource(None, config, p)] if p.suffix == ".safetensors" and config.is_file() else []
+        peft_file = p.suffix == ".safetensors" and config.is_file() and (p.name == PEFT_WEIGHTS or _has_peft_keys(p))
+        return [PeftSource(None, config, p)] if peft_file else []
     if not p.is_dir():
         return []
     if (p / PEFT_CONFIG).is_file():
@@ -275,25 +296,41 @@ def _check_conv_forms(modules: Mapping[str, AdapterModule], model: nn.Module, wh
     return any(forms.values())
 
 
+def check_peft_output(out: str | os.PathLike) -> Path:
+    """`out` may be replaced by a pipeline folder of PEFT adapters: it is new, empty, or holds only what such a
+    folder holds (an earlier conversion), never other files that the replacement would delete."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --to peft writes a folder (OUT/unet, OUT/text_encoder, ...)")
+    ours = {*_pipeline_attrs(), PEFT_CONFIG, PEFT_WEIGHTS, "README.md"}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+    if others:
+        raise ValueError(f"--out {out} is a folder holding other files ({', '.join(others[:5])}); --to peft replaces "
+                         "the whole folder: choose a new or empty folder, or an earlier PEFT conversion")
+    return out
+
+
 def write_peft(source: str | os.PathLike | Mapping[str, torch.Tensor] | ParsedFile, out: str | os.PathLike, pipe: Any,
                *, base_model: str | None = None) -> dict[str, Path]:
     """Write a kohya/LyCORIS LoHA file as PEFT LoHa adapters, one folder per model in diffusers' pipeline layout
     (OUT/unet, OUT/text_encoder, OUT/text_encoder_2), each loadable with ``PeftModel.from_pretrained(model,
-    OUT/<attr>)``. `pipe` (a pipeline, or architectures.meta_pipeline) names the layers. Returns attr -> folder."""
+    OUT/<attr>)``. `pipe` (a pipeline, or architectures.meta_pipeline) names the layers. Returns attr -> folder.
+
+    OUT is written whole into a temp folder beside it and then swapped in, so an earlier conversion there is
+    replaced entirely (never a new UNet adapter beside an old text-encoder one) and a failure leaves it as it was."""
     parsed = source if isinstance(source, ParsedFile) else load_kohya(source)
-    out = Path(out)
+    out = check_peft_output(out)
     written = {}
-    for attr, modules in _by_model(parsed, pipe).items():
-        model = getattr(pipe, attr)
-        tucker = _check_conv_forms(modules, model, parsed.source)
-        tensors = {f"{PEFT_PREFIX}{p}.{k}": v for p, m in modules.items()
-                   for k, v in _peft_factors(m, parsed.source).items()}
-        folder = out / attr
-        folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors_atomic(tensors, folder / PEFT_WEIGHTS, {"format": "pt"})
-        config = _peft_config(modules, tucker, base_model)
-        (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        written[attr] = folder
+    with write_folder_atomic(out) as tmp:
+        for attr, modules in _by_model(parsed, pipe).items():
+            model = getattr(pipe, attr)
+            tucker = _check_conv_forms(modules, model, parsed.source)
+            tensors = {f"{PEFT_PREFIX}{p}.{k}": v for p, m in modules.items()
+                       for k, v in _peft_factors(m, parsed.source).items()}
+            save_safetensors_atomic(tensors, tmp / attr / PEFT_WEIGHTS, {"format": "pt"})
+            config = _peft_config(modules, tucker, base_model)
+            write_text_atomic(tmp / attr / PEFT_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+            written[attr] = out / attr
     return written
 
 
@@ -311,6 +348,7 @@ def convert_to_peft(source: str | os.PathLike, out: str | os.PathLike, model: st
     the real architecture the file was made for does (module trees only, nothing downloaded)."""
     from .models import load_pipeline
 
+    check_peft_output(out)  # before loading a model
     if model is not None:
         return write_peft(source, out, load_pipeline(model), base_model=model)
     parsed = load_kohya(source)

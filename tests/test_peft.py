@@ -254,3 +254,63 @@ def test_refusals(tmp_path, peft_sd1) -> None:
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {}}))
     with pytest.raises(AdapterFileError, match="rank 2 in the weights but 4"):
         read_peft(bad)
+
+
+def test_kohya_file_beside_a_peft_adapter_is_kohya(tmp_path, tiny_pipe, one_thread) -> None:
+    """Hub repos often ship a kohya file and a PEFT adapter in one folder: the kohya file still loads as kohya,
+    changing the weights exactly as it does alone; PEFT's own file there is PEFT."""
+    pipe = tiny_pipe("tiny-sd1")
+    alone = tmp_path / "alone" / "style.safetensors"
+    alone.parent.mkdir()
+    make_loha_file(pipe, alone, seed=3)
+    base = _weights(pipe)
+    apply_loha(pipe, alone, name="alone", strict=True)
+    want = _weights(pipe)
+    from sd_loha import remove_loha
+
+    remove_loha(pipe)
+    write_peft(alone, tmp_path / "peft", pipe)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (repo / f).write_bytes((tmp_path / "peft" / "unet" / f).read_bytes())
+    kohya = repo / "style.safetensors"
+    kohya.write_bytes(alone.read_bytes())
+    apply_loha(pipe, kohya, name="beside", strict=True)
+    got = _weights(pipe)
+    assert any(not torch.equal(base[k], want[k]) for k in base)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert load_adapter(kohya).metadata.get("sd_loha_source_format") != "peft"
+    assert load_adapter(repo / "adapter_model.safetensors").metadata["sd_loha_source_format"] == "peft"
+
+
+def test_convert_into_a_used_folder_replaces_it_whole(tmp_path, tiny_pipe, one_thread) -> None:
+    """Converting a UNet-only file into a folder that holds an earlier conversion leaves no text_encoder/ of the
+    old adapter behind for read_peft to merge with the new one."""
+    pipe = tiny_pipe("tiny-sd1")
+    full = tmp_path / "full.safetensors"
+    make_loha_file(pipe, full, seed=1)
+    tensors, meta = read_safetensors(full)
+    unet_only = tmp_path / "unet_only.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")}, str(unet_only), meta)
+    out = tmp_path / "out"
+    assert main(["convert", str(full), "--to", "peft", "--model", "tiny-sd1", "--out", str(out)]) == 0
+    assert (out / "text_encoder" / "adapter_config.json").is_file()
+    assert main(["convert", str(unet_only), "--to", "peft", "--model", "tiny-sd1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["unet"]
+    state, _ = read_peft(out)
+    assert state and all(k.startswith("lora_unet_") for k in state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.safetensors", "out", "unet_only.safetensors"]
+
+
+def test_convert_to_peft_refuses_a_folder_of_other_files(tmp_path, tiny_pipe, capsys) -> None:
+    pipe = tiny_pipe("tiny-sd1")
+    src = tmp_path / "k.safetensors"
+    make_loha_file(pipe, src, seed=1)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["convert", str(src), "--to", "peft", "--model", "tiny-sd1", "--out", str(busy)]) == 2
+    assert "other files" in capsys.readouterr().err and (busy / "notes.txt").read_text() == "mine"
