@@ -3,8 +3,10 @@
 A safetensors file is an 8-byte header length, a JSON header (`__metadata__` plus each tensor's dtype, shape
 and byte offsets into the data), then the tensor data. An edit rewrites only the header: the data bytes are
 copied verbatim, so the tensors stay byte-identical and the addnet hash (sha256 of the bytes after the
-header, what A1111's `Lora hashes` and Civitai name a file by) stays the same. The new file is written
-through :func:`sd_loha.atomic.write_atomic`: a failed write leaves the original whole.
+header, what A1111's `Lora hashes` and Civitai name a file by) stays the same. Only the header is read and
+parsed; the data is streamed in 1 MiB chunks into a temp file (:func:`sd_loha.atomic.replace_file_atomic`)
+that then replaces the target, so an edit needs no memory for the tensors and a failed write leaves the
+original whole.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import base64
 import io
 import json
 import os
+import shutil
 import struct
 from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .atomic import write_atomic
-from .io import read_safetensors
+from .atomic import replace_file_atomic
+from .io import PICKLE_SUFFIXES, read_safetensors
 
 __all__ = ["FIELDS", "read_metadata", "edit_metadata", "thumbnail_data_url", "format_metadata"]
 
@@ -36,17 +39,26 @@ _IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _HEADER_ALIGN = 8  # safetensors pads its header with spaces so the data starts 8-byte aligned
 
 
-def _split(path: Path) -> tuple[dict, bytes]:
-    """The parsed JSON header and the data bytes (everything after the header) of a safetensors file."""
-    read_safetensors(path)  # refuses pickles, missing and corrupt files with an error that says what to do
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+def _header(path: Path) -> tuple[dict, int]:
+    """The parsed JSON header of a safetensors file and where its data starts; no tensor is read."""
+    from safetensors import safe_open
+
+    if path.suffix.lower() in PICKLE_SUFFIXES or not path.is_file():
+        read_safetensors(path)  # raises the error that says what to do (never unpickles)
+    try:
+        with safe_open(str(path), framework="pt"):  # validates the header, dtypes and offsets only
+            pass
+    except Exception:  # noqa: BLE001 - safetensors' own error types; read_safetensors words them
+        read_safetensors(path)
+        raise
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A safetensors file's `__metadata__` (empty when it has none)."""
-    header, _ = _split(Path(path))
+    header, _ = _header(Path(path))
     return dict(header.get("__metadata__") or {})
 
 
@@ -78,7 +90,7 @@ def edit_metadata(path: str | os.PathLike, changes: Mapping[str, str | None],
     bad = [k for k, v in changes.items() if not isinstance(k, str) or not (v is None or isinstance(v, str))]
     if bad:
         raise ValueError(f"{src}: metadata keys and values must be strings (None removes a key): {bad[:5]}")
-    header, data = _split(src)
+    header, data_start = _header(src)
     meta = dict(header.get("__metadata__") or {})
     for key, value in changes.items():
         if value is None:
@@ -89,7 +101,10 @@ def edit_metadata(path: str | os.PathLike, changes: Mapping[str, str | None],
     if meta:
         header = {"__metadata__": meta, **header}
     head = _header_bytes(header)
-    write_atomic(out if out is not None else src, struct.pack("<Q", len(head)) + head + data)
+    with replace_file_atomic(out if out is not None else src) as tmp, open(tmp, "wb") as dst, open(src, "rb") as data:
+        dst.write(struct.pack("<Q", len(head)) + head)
+        data.seek(data_start)
+        shutil.copyfileobj(data, dst, 1 << 20)
     return meta
 
 

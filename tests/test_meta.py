@@ -103,3 +103,35 @@ def test_cli_meta_shows_and_edits(adapter, tmp_path, capsys):
     assert '"modelspec.trigger_phrase": "pstr"' in capsys.readouterr().out
     assert main(["meta", str(out), "--set", "novalue"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+# VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) peak over fork and exec into ru_maxrss.
+_PEAK_RSS = """
+import sys
+from sd_loha.meta import edit_metadata
+if sys.argv[1] == "edit":
+    edit_metadata(sys.argv[2], {"modelspec.title": "new"})
+print(next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:")))
+"""
+
+
+def test_edit_reads_only_the_header(tmp_path):
+    """Editing a 256 MiB file in place takes no memory for its tensors: the process peaks within a small part of
+    the file's size above a process that only imports the module (the tools used to read it two or three times)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.safetensors"
+    save_file({"lora_unet_x.hada_w1_a": torch.ones(64 << 20)}, path, metadata={"modelspec.title": "old"})
+    data = _data_section(path)
+    size = path.stat().st_size
+
+    def peak(mode: str) -> int:
+        res = subprocess.run([sys.executable, "-c", _PEAK_RSS, mode, str(path)], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return int(res.stdout.split()[-1])
+
+    extra = peak("edit") - peak("import")
+    assert extra < size // 8, f"the edit took {extra / 2**20:.0f} MiB more than the import, for a {size / 2**20:.0f} MiB file"
+    assert read_metadata(path)["modelspec.title"] == "new" and _data_section(path) == data
