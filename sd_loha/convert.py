@@ -53,9 +53,13 @@ from .model_names import ModelLayers, file_architecture
 from .naming import LYCORIS_PREFIX, PART, name_part
 from .ops import apply_dora
 
-# Source metadata still true of the LoRA (training data, base model, title); the network's own keys
-# (ss_network_*: algo, dims, args) and the source's hashes are not.
-_KEPT_METADATA = re.compile(r"^(ss_(?!network_|new_|sd_model_hash|new_sd_model_hash)|modelspec\.)")
+# Source metadata still true of the LoRA: kohya's training record (data, base model) and the modelspec fields
+# that describe what it draws. Not the network's own keys (ss_network_*: algo, dims, args), the source's hashes,
+# nor the modelspec fields that describe the source file (implementation, hash_sha256, date; architecture is
+# rewritten to .../lora).
+_KEPT_METADATA = re.compile(r"^(ss_(?!network_|new_|sd_model_hash|new_sd_model_hash)|modelspec\.(title|author|"
+                            r"description|license|usage_hint|trigger_phrase|tags|thumbnail|resolution|"
+                            r"prediction_type|timestep_range|encoder_layer|sai_model_spec)$)")
 
 
 @dataclass
@@ -272,8 +276,8 @@ def _metadata(parsed: ParsedFile, rank: int | None, energy: float | None, ranks:
     })
     if Path(parsed.source).is_file():
         meta["sd_loha_converted_from_hash"] = addnet_hash(parsed.source)
-    if "modelspec.architecture" in meta:  # e.g. "stable-diffusion-v1/lycoris" -> ".../lora"
-        meta["modelspec.architecture"] = meta["modelspec.architecture"].split("/")[0] + "/lora"
+    if "modelspec.architecture" in parsed.metadata:  # e.g. "stable-diffusion-v1/lycoris" -> ".../lora"
+        meta["modelspec.architecture"] = parsed.metadata["modelspec.architecture"].split("/")[0] + "/lora"
     return meta
 
 
@@ -308,36 +312,39 @@ def loha_to_lora(
                                "change depends on the base weight, so converting them needs the base model "
                                "(--model BASE, or model= in Python)")
     layers = _resolve(parsed, model)
-    svds: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int]] = {}
+    # One layer at a time: a layer's fp32 ΔW lives only while its SVD runs (pass 1) and while the error of its
+    # written factors is measured (pass 2, ΔW computed again), so memory holds the factors, never every ΔW.
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, int, float]] = {}
     with torch.no_grad():
         for name, mod in parsed.modules.items():
             delta = _delta(mod, layers[name])
-            svds[name] = (delta, *_factors(delta, rank, energy))
+            factors[name] = (*_factors(delta, rank, energy), float(delta.norm()))
+            del delta
         # One alpha for the whole file (see the module docstring: diffusers drops per-module alphas of
         # attention layers); alpha / r is folded back into each module's factors.
-        alpha = max(int(up.shape[1]) for _, up, _, _, _ in svds.values())
+        alpha = max(int(up.shape[1]) for up, *_ in factors.values())
         tensors: dict[str, torch.Tensor] = {}
         report = ConversionReport(parsed.source, "lora")
         for name, mod in parsed.modules.items():
             layer = layers[name]
-            delta, up, down, kept, max_rank = svds.pop(name)
+            up, down, kept, max_rank, delta_norm = factors.pop(name)
             r = int(down.shape[0])
             out_dtype = dtype or next(iter(mod.tensors.values())).dtype
             root = math.sqrt(r / alpha)
             up, down = (up * root).to(out_dtype), (down * root).to(out_dtype)
-            written = (up.float() @ down.float()).mul_(alpha / r)
+            error = _delta(mod, layer).reshape(up.shape[0], -1).sub_((up.float() @ down.float()).mul_(alpha / r))
             out_name = _out_name(name, layer.part)
             if f"{out_name}.alpha" in tensors:
                 raise AdapterFileError(f"{parsed.source}: two modules are both named {out_name} once converted")
-            if delta.dim() == 4:  # conv-shaped factors, 1x1 included: diffusers refuses 2-D ones for a conv
-                up, down = up.reshape(*up.shape, 1, 1), down.reshape(r, *delta.shape[1:])
+            if len(layer.shape) == 4:  # conv-shaped factors, 1x1 included: diffusers refuses 2-D ones for a conv
+                up, down = up.reshape(*up.shape, 1, 1), down.reshape(r, *layer.shape[1:])
             tensors[f"{out_name}.lora_down.weight"] = down.contiguous()
             tensors[f"{out_name}.lora_up.weight"] = up.contiguous()
             tensors[f"{out_name}.alpha"] = torch.tensor(float(alpha), dtype=out_dtype)
             report.layers.append(LayerConversion(
                 name=out_name, source_name=name, part=layer.part, block=layer.block,
-                shape=layer.shape, rank=r, max_rank=max_rank, energy=kept, delta_norm=float(delta.norm()),
-                error_norm=float((delta.reshape(written.shape) - written).norm())))
+                shape=layer.shape, rank=r, max_rank=max_rank, energy=kept, delta_norm=delta_norm,
+                error_norm=float(error.norm())))
     return tensors, _metadata(parsed, rank, energy, [x.rank for x in report.layers]), report
 
 

@@ -285,3 +285,67 @@ def test_cli_convert_prints_and_writes_the_report(tmp_path, tiny_pipe, capsys, o
     assert meta["ss_network_module"] == "networks.lora" and meta["modelspec.title"] == "poster"
     assert "ss_network_args" not in meta and meta["sd_loha_converted_from"] == src.name
     assert main(["convert", str(src), "--to", "lora", "--rank", "2", "--out", str(tmp_path / "x.ckpt")]) == 2
+
+
+def test_metadata_describes_the_lora_not_its_source(tmp_path, tiny_pipe, one_thread):
+    """The source's modelspec fields about its own file (implementation, hash, date) are gone; the architecture
+    says lora; what the LoRA draws (title, trigger) stays; the conversion names its source by name and hash."""
+    from safetensors import safe_open
+
+    from sd_loha.io import addnet_hash
+
+    src, out = tmp_path / "src.safetensors", tmp_path / "lora.safetensors"
+    make_loha_file(tiny_pipe("tiny-sd1"), src, metadata={
+        "modelspec.title": "poster", "modelspec.trigger_phrase": "pstr", "modelspec.implementation":
+        "https://github.com/KohakuBlueleaf/LyCORIS", "modelspec.hash_sha256": "0x" + "ab" * 32,
+        "modelspec.date": "2024-01-01T00:00:00", "modelspec.architecture": "stable-diffusion-v1/lycoris",
+        "ss_network_dim": "4", "ss_network_args": json.dumps({"algo": "loha"}), "ss_output_name": "poster"})
+    assert main(["convert", str(src), "--to", "lora", "--rank", "3", "--model", "tiny-sd1", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    stale = {"modelspec.implementation", "modelspec.hash_sha256", "modelspec.date", "ss_network_args"}
+    assert not stale & set(meta), stale & set(meta)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert (meta["modelspec.title"], meta["modelspec.trigger_phrase"], meta["ss_output_name"]) == ("poster", "pstr", "poster")
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "3"
+    assert meta["sd_loha_converted_from"] == src.name and meta["sd_loha_converted_from_hash"] == addnet_hash(src)
+    assert meta["sshs_model_hash"] == addnet_hash(out)
+
+
+_PEAK_RSS = """
+import sys
+from sd_loha.convert import convert_to_lora_file
+if sys.argv[1] == "convert":
+    convert_to_lora_file(sys.argv[2], sys.argv[3], rank=2)
+print(next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:")))
+"""
+
+
+def test_convert_holds_one_layer_delta_at_a_time(tmp_path):
+    """48 text-encoder layers of 512x2048 (4 MiB of fp32 ΔW each, 192 MiB in all): converting takes far less
+    than all of them at once above a process that only imports the converter. VmHWM, not ru_maxrss (Linux
+    carries pytest's peak over fork and exec into a child's ru_maxrss)."""
+    import os
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(48):
+        name = f"lora_te_text_model_encoder_layers_{i}_mlp_fc1"
+        for k in (1, 2):
+            tensors[f"{name}.hada_w{k}_a"] = torch.randn(512, 2, generator=g)
+            tensors[f"{name}.hada_w{k}_b"] = torch.randn(2, 2048, generator=g)
+    src = tmp_path / "te.safetensors"
+    save_file(tensors, src)
+
+    def peak(mode: str) -> int:
+        res = subprocess.run([sys.executable, "-c", _PEAK_RSS, mode, str(src), str(tmp_path / "lora.safetensors")],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return int(res.stdout.split()[-1])
+
+    all_deltas = 48 * 512 * 2048 * 4
+    extra = peak("convert") - peak("import")
+    assert extra < all_deltas // 3, f"converting took {extra / 2**20:.0f} MiB for {all_deltas / 2**20:.0f} MiB of ΔW"
+    assert len(load_file(tmp_path / "lora.safetensors")) == 3 * 48
