@@ -47,6 +47,18 @@ def _cmd_meta(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_guidance(model: str) -> float:
+    """`generate --guidance` when not given: the toy model's card value (it draws best at 4), else 7 (A1111's
+    and diffusers' usual classifier-free guidance for real SD models)."""
+    from .models import TOY_MODELS
+
+    if model in TOY_MODELS:
+        from .toy.evaluate import GUIDANCE
+
+        return GUIDANCE
+    return 7.0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import AdapterSpec, GenerationSession, save_png
 
@@ -55,7 +67,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     session.set_adapters(specs)
     out_dir = Path(args.output_dir)
     results = session.generate(args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                               guidance_scale=args.guidance, width=args.width, height=args.height,
+                               guidance_scale=default_guidance(args.model) if args.guidance is None else args.guidance, width=args.width, height=args.height,
                                scheduler=args.scheduler, num_images=args.num_images)
     for i, (image, params) in enumerate(results):
         seed = params.splitlines()[-1].split("Seed: ")[1].split(",")[0]  # the fields line, not the prompt
@@ -104,6 +116,11 @@ CONVERT_TARGETS = {
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.to != "lora":
+        given = [f"--{k}" for k in ("rank", "energy", "dtype") if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"convert --to {args.to}: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                             "--to lora only (this conversion copies the factors as they are); leave them out")
     print(CONVERT_TARGETS[args.to][1](args))
     return 0
 
@@ -135,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .schedulers import SCHEDULERS
 
     p = argparse.ArgumentParser(prog="sd-loha", description="Train and load LoHA adapters for Stable Diffusion.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    verbose_help = "log what happens (INFO), and print the traceback of an error"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("inspect", help="show what an adapter file holds")
@@ -163,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--seed", type=int, default=-1, help="-1 = random")
     g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (toy-sd1 draws best at 4)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance (default: 4 for toy-sd1, which draws best at 4; 7 for other models)")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--scheduler", default="euler_a", choices=sorted(SCHEDULERS))
@@ -177,10 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "checkpoint in the original layout (A1111, ComfyUI, from_single_file)")
     m.add_argument("--model", required=True,
                    help=f"base model: diffusers folder, .safetensors/.ckpt file, hub id, or {', '.join(TINY_MODELS)}")
-    m.add_argument("--loha", action="append", required=True, metavar="FILE[:STRENGTH[:TE_STRENGTH]]",
-                   help="adapter to bake in, at its UNet (and text-encoder) strength; repeat for several, applied in order")
+    m.add_argument("--loha", action="append", required=True, metavar="FILE[:STRENGTH[:TE_STRENGTH]][:lbw=WEIGHTS]",
+                   help="adapter (a .safetensors file or a PEFT adapter folder) to bake in, at its UNet (and "
+                        "text-encoder) strength; repeat for several, applied in order. lbw= sets block weights as "
+                        "in generate (LoRA Block Weight's lists and presets; docs/tools.md)")
     m.add_argument("--out", required=True,
-                   help="a .safetensors path: single-file checkpoint in the original layout; any other path: diffusers folder")
+                   help="a .safetensors path: single-file checkpoint in the original layout; any other path: diffusers "
+                        "folder (never the --model path itself)")
     m.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
                    help="weights are merged in fp32 and cast to this once (default fp16)")
     m.set_defaults(func=_cmd_merge)
@@ -197,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--energy", type=float, default=None,
                    help="--to lora: per layer, the smallest rank keeping this fraction of the squared singular values")
     c.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
-                   help="--to lora: dtype of the written factors (default: the source file's)")
+                   help="--to lora: dtype of the written factors (default: the source file's); refused with peft/kohya, "
+                        "like --rank and --energy")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=_cmd_convert)
 
@@ -222,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_arguments(w)
     w.set_defaults(func=_cmd_webui)
+    for command in sub.choices.values():  # -v after the subcommand too; SUPPRESS keeps a -v given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     return p
 
 
@@ -239,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        # a KeyError's str() is the repr of its message ('foo' in quotes): print the message itself
+        message = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

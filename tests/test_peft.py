@@ -314,3 +314,14 @@ def test_convert_to_peft_refuses_a_folder_of_other_files(tmp_path, tiny_pipe, ca
     (busy / "notes.txt").write_text("mine")
     assert main(["convert", str(src), "--to", "peft", "--model", "tiny-sd1", "--out", str(busy)]) == 2
     assert "other files" in capsys.readouterr().err and (busy / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("to, extra", [("peft", ["--rank", "4"]), ("peft", ["--energy", "0.9"]), ("peft", ["--dtype", "fp16"]),
+                                       ("kohya", ["--dtype", "bf16"]), ("kohya", ["--rank", "2", "--energy", "0.5"])])
+def test_cli_convert_refuses_lora_options_for_peft_and_kohya(to, extra, tmp_path, capsys) -> None:
+    """--rank/--energy/--dtype shape a LoRA; peft/kohya copy the factors, so giving them is a mistake, not a no-op."""
+    out = tmp_path / ("o" if to == "peft" else "o.safetensors")
+    assert main(["convert", str(tmp_path / "src.safetensors"), "--to", to, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "for --to lora only" in err and all(opt in err for opt in extra if opt.startswith("--"))
+    assert not out.exists()

@@ -1,0 +1,59 @@
+"""The `sd-loha` command line itself: error messages, -v on either side of the subcommand, generate's defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from sd_loha.cli import main
+from sd_loha.toy.evaluate import GUIDANCE  # toy-sd1's model card: it draws best at this guidance
+
+
+def test_key_errors_print_their_message_not_its_repr(monkeypatch, capsys):
+    import sd_loha.inspect
+
+    def missing(*_a, **_k):
+        raise KeyError("no adapter named 'style' is loaded; loaded: none")
+
+    monkeypatch.setattr(sd_loha.inspect, "summarize", missing)
+    assert main(["inspect", "whatever.safetensors"]) == 2
+    assert capsys.readouterr().err == "error: no adapter named 'style' is loaded; loaded: none\n"
+
+
+@pytest.mark.parametrize("argv", [["-v", "merge"], ["merge", "-v"], ["merge", "--verbose"]])
+def test_verbose_before_or_after_the_subcommand(argv, tmp_path, capsys):
+    """-v is accepted on both sides (it used to be refused after the subcommand) and prints the traceback."""
+    code = main([*argv, "--model", "tiny-sd1", "--loha", str(tmp_path / "missing.safetensors"),
+                 "--out", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such file" in err and "Traceback" in err
+
+
+def test_without_verbose_no_traceback(tmp_path, capsys):
+    assert main(["merge", "--model", "tiny-sd1", "--loha", str(tmp_path / "m.safetensors"), "--out",
+                 str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, guidance", [([], GUIDANCE), (["--model", "toy-sd1"], GUIDANCE), (["--model", "tiny-sd1"], 7.0),
+                                            (["--guidance", "5.5"], 5.5), (["--model", "tiny-sd1", "--guidance", "2"], 2.0)])
+def test_generate_guidance_default_follows_the_model(args, guidance, monkeypatch, tmp_path):
+    """toy-sd1 (the default model) draws best at guidance 4, its model card's value; other models default to 7."""
+    import sd_loha.generate
+
+    seen = {}
+
+    class Session:
+        def __init__(self, model, device=None):
+            seen["model"] = model
+
+        def set_adapters(self, specs):
+            pass
+
+        def generate(self, prompt, **kw):
+            seen.update(kw)
+            return []
+
+    monkeypatch.setattr(sd_loha.generate, "GenerationSession", Session)
+    assert main(["generate", "--prompt", "a red circle on a white background", "--output-dir", str(tmp_path), *args]) == 0
+    assert seen["guidance_scale"] == guidance
