@@ -37,19 +37,31 @@ DEFAULT_MERGE_NAME = "merged/merged.safetensors"
 Progress = Callable[[str, float], None]
 
 
+OVERWRITE_LABEL = "Overwrite an existing output of this name"
+
+
+def _output(policy: PathPolicy, out_name: str, what: str, overwrite: bool) -> Path:
+    """The output path of an action; an existing file or folder there is kept unless `overwrite` is ticked."""
+    out = policy.output_path(out_name, what=what)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{what} '{out_name}' already exists ({out}); choose another name, or tick "
+                         f"'{OVERWRITE_LABEL}' to replace it")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ merge
 
 
 def merge(policy: PathPolicy, model: str, adapters: Sequence[tuple], out_name: str, dtype: str = "fp16",
-          progress: Progress | None = None) -> BakeReport:
+          progress: Progress | None = None, overwrite: bool = False) -> BakeReport:
     """`sd-loha merge` from the Tools tab: `adapters` are the slots' (path, strength, te_strength, block weights);
     empty slots are skipped. The output goes under the outputs folder (a .safetensors name: one checkpoint file;
-    any other name: a diffusers folder)."""
+    any other name: a diffusers folder); an existing one is replaced only with `overwrite`."""
     specs = [adapter_spec(policy, f"adapter {i + 1}", *slot) for i, slot in enumerate(adapters) if (slot[0] or "").strip()]
     if not specs:
         raise ValueError("no adapter to merge: choose at least one adapter file")
     base = policy.check_model(model)
-    out = policy.output_path(out_name, what="merged model")
+    out = _output(policy, out_name, "merged model", overwrite)
     return bake_adapters(base, specs, out, dtype, progress=progress)
 
 
@@ -59,7 +71,9 @@ def merge_markdown(report: BakeReport, policy: PathPolicy) -> str:
     lines += [f"| `{a['file']}` | {a['strength']:g} | {a['te_strength']:g} | {a.get('block_weights') or '—'} | "
               f"{a['layers']} | `{adapter_hash_label(a)}` |" for a in report.adapters]
     if policy.inside(report.out, "model"):
-        lines += ["", "It is in the model lists now (↻ in the Generate tab) and is in the original checkpoint layout (the keys A1111, ComfyUI and diffusers' from_single_file read)."]
+        layout = ("in the original checkpoint layout (the keys A1111, ComfyUI and diffusers' from_single_file read)"
+                  if report.layout == "single-file" else "a diffusers folder (diffusers' from_pretrained reads it)")
+        lines += ["", f"It is in the model lists now (↻ in the Generate tab) and is {layout}."]
     return "\n".join(lines)
 
 
@@ -88,14 +102,15 @@ def _optional_number(value: Any, what: str, kind: type = float) -> Any:
 
 
 def convert(policy: PathPolicy, source: str, target: str, out_name: str, *, rank: Any = None, energy: Any = None,
-            model: str | None = None, dtype: str | None = None) -> ConvertResult:
+            model: str | None = None, dtype: str | None = None, overwrite: bool = False) -> ConvertResult:
     """`sd-loha convert SOURCE --to TARGET --out OUT` from the Tools tab. `rank`/`energy` (empty = not set) are
-    for `lora` only, exactly one of them; `model` (empty = none) is the base model when the file needs it."""
+    for `lora` only, exactly one of them; `model` (empty = none) is the base model when the file needs it. An
+    existing output is replaced only with `overwrite`."""
     if target not in CONVERT_TARGETS:
         raise ValueError(f"convert: target {target!r}: choose one of {', '.join(CONVERT_TARGETS)}")
     src = (policy.check_peft_folder(source, what="PEFT adapter") if target == "kohya"
            else policy.check_adapter(source, what="adapter file"))
-    out = policy.output_path(out_name, what="converted file")
+    out = _output(policy, out_name, "converted file", overwrite)
     base = policy.check_model(model) if (model or "").strip() else None
     if target == "lora":
         return _convert_to_lora(src, out, _optional_number(rank, "rank", int), _optional_number(energy, "energy"),
@@ -238,6 +253,7 @@ def build(policy: PathPolicy) -> dict[str, Any]:
             m_out = gr.Textbox(value=DEFAULT_MERGE_NAME, scale=4, elem_id="merge-out",
                                label="Output, in the outputs folder (NAME.safetensors: one checkpoint in the original "
                                      "layout; any other name: a diffusers folder)")
+            m_overwrite = gr.Checkbox(value=False, label=OVERWRITE_LABEL, scale=1, elem_id="merge-overwrite")
             m_go = gr.Button("Merge", variant="primary", scale=1, elem_id="merge-go")
         m_report = gr.Markdown(elem_id="merge-report")
 
@@ -262,6 +278,7 @@ def build(policy: PathPolicy) -> dict[str, Any]:
         with gr.Row():
             c_out = gr.Textbox(value="converted/lora.safetensors", scale=4, elem_id="convert-out",
                                label="Output, in the outputs folder (--to peft: a folder)")
+            c_overwrite = gr.Checkbox(value=False, label=OVERWRITE_LABEL, scale=1, elem_id="convert-overwrite")
             c_go = gr.Button("Convert", variant="primary", scale=1, elem_id="convert-go")
         c_report = gr.Markdown(elem_id="convert-report")
         with gr.Row():
@@ -271,17 +288,20 @@ def build(policy: PathPolicy) -> dict[str, Any]:
                                     elem_id="convert-layers", scale=2, max_height=400)
 
     def on_merge(model, dtype, out_name, *slot_vals, progress=gr.Progress()):
+        *slot_vals, overwrite = slot_vals  # the overwrite checkbox is the last input, after the slots
         n = len(m_slots[0])
         slots = [tuple(slot_vals[i:i + n]) for i in range(0, len(slot_vals), n)]
         try:
-            report = merge(policy, model, slots, out_name, dtype, progress=lambda what, frac: progress(frac, desc=what))
+            report = merge(policy, model, slots, out_name, dtype, progress=lambda what, frac: progress(frac, desc=what),
+                           overwrite=bool(overwrite))
         except Exception as e:  # noqa: BLE001 - every failure is shown in words, the queue keeps running
             return error_markdown("Cannot merge", e)
         return merge_markdown(report, policy)
 
-    def on_convert(source, target, out_name, rank, energy, dtype, model):
+    def on_convert(source, target, out_name, rank, energy, dtype, model, overwrite=False):
         try:
-            r = convert(policy, source, target, out_name, rank=rank, energy=energy, model=model, dtype=dtype)
+            r = convert(policy, source, target, out_name, rank=rank, energy=energy, model=model, dtype=dtype,
+                        overwrite=bool(overwrite))
         except Exception as e:  # noqa: BLE001
             return error_markdown("Cannot convert", e), gr.skip(), gr.skip()
         # four decimals shown (the report keeps every digit; --json on the command line prints them)
@@ -291,9 +311,9 @@ def build(policy: PathPolicy) -> dict[str, Any]:
         suffix = {"peft": "converted/peft", "kohya": "converted/from_peft.safetensors"}.get(target, "converted/lora.safetensors")
         return gr.update(value=suffix)
 
-    m_go.click(on_merge, [m_model, m_dtype, m_out, *[c for slot in m_slots for c in slot]], m_report,
+    m_go.click(on_merge, [m_model, m_dtype, m_out, *[c for slot in m_slots for c in slot], m_overwrite], m_report,
                api_name="merge", concurrency_limit=1, concurrency_id="generation")
-    c_go.click(on_convert, [c_file, c_target, c_out, c_rank, c_energy, c_dtype, c_model],
+    c_go.click(on_convert, [c_file, c_target, c_out, c_rank, c_energy, c_dtype, c_model, c_overwrite],
                [c_report, c_blocks, c_layers], api_name="convert", concurrency_limit=1, concurrency_id="generation")
     c_target.change(on_target, c_target, c_out, api_name=False)
 

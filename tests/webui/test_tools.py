@@ -105,6 +105,27 @@ def test_real_merge_equals_the_cli_and_becomes_a_model(policy, adapter, one_thre
     assert str(out) in policy.model_choices() and policy.check_model("merged/m.safetensors") == str(out)
 
 
+def test_merge_keeps_an_earlier_output_unless_overwrite_is_ticked(policy, adapter, one_thread):
+    """A second merge to the same name is refused (the first stays byte for byte) until 'overwrite' is ticked."""
+    slots = [(str(adapter), 0.7, "", "")]
+    tools_tab.merge(policy, "tiny-sd1", slots, "merged/m.safetensors", "fp32")
+    out = policy.outputs_dir / "merged" / "m.safetensors"
+    first = out.read_bytes()
+    with pytest.raises(ValueError, match="already exists.*Overwrite"):
+        tools_tab.merge(policy, "tiny-sd1", [(str(adapter), 0.2, "", "")], "merged/m.safetensors", "fp32")
+    assert out.read_bytes() == first
+    tools_tab.merge(policy, "tiny-sd1", [(str(adapter), 0.2, "", "")], "merged/m.safetensors", "fp32", overwrite=True)
+    assert out.read_bytes() != first
+
+
+def test_folder_merge_report_says_diffusers_folder(policy, adapter, one_thread):
+    report = tools_tab.merge(policy, "tiny-sd1", [(str(adapter), 1.0, "", "")], "merged/folder", "fp16")
+    md = tools_tab.merge_markdown(report, policy)
+    assert report.layout == "diffusers" and "diffusers folder" in md and "original checkpoint layout" not in md
+    single = tools_tab.merge(policy, "tiny-sd1", [(str(adapter), 1.0, "", "")], "merged/one.safetensors", "fp16")
+    assert "original checkpoint layout" in tools_tab.merge_markdown(single, policy)
+
+
 # ------------------------------------------------------------------------------------------------ convert
 
 
@@ -180,6 +201,19 @@ def test_convert_passes_rank_energy_model_to_the_library(policy, adapter, monkey
             tools_tab.convert(policy, str(adapter), args.pop("target"), args.pop("out"), **args)
     with pytest.raises(PathRefused, match="not a PEFT adapter"):
         tools_tab.convert(policy, str(adapter.parent), "kohya", "k.safetensors")
+
+
+@pytest.mark.parametrize("target, name", [("lora", "converted/l.safetensors"), ("peft", "converted/peft")])
+def test_convert_keeps_an_earlier_output_unless_overwrite_is_ticked(policy, adapter, target, name, one_thread):
+    kw = dict(rank=2, model="tiny-sd1") if target == "lora" else dict(model="tiny-sd1")
+    tools_tab.convert(policy, str(adapter), target, name, **kw)
+    out = policy.outputs_dir / name
+    before = sorted(p.stat().st_mtime_ns for p in [out, *out.rglob("*")])
+    with pytest.raises(ValueError, match="already exists.*Overwrite"):
+        tools_tab.convert(policy, str(adapter), target, name, **kw)
+    assert sorted(p.stat().st_mtime_ns for p in [out, *out.rglob("*")]) == before
+    r = tools_tab.convert(policy, str(adapter), target, name, overwrite=True, **kw)
+    assert "**Wrote**" in r.message
 
 
 def test_convert_library_errors_are_its_messages(policy, adapter):
