@@ -16,8 +16,10 @@ on every Linear of both text encoders, rank 8 (fp16): real names and shapes (824
 `meta` and `merge` take that file. `convert` takes the same file's modules of one UNet block (--convert-block,
 default SDXL's deepest down block, down_blocks.2 = input_blocks.7-8: 20 transformer blocks, 160 layers, 1.2 GiB of
 fp32 ΔW): on a 2-core machine the SVDs of all 824 layers take the better part of an hour, and what the layer count
-changes is known (holding every ΔW grows with it, one layer at a time does not). A watchdog ends a tool when the machine's available memory falls under
---reserve-gib (this is a shared machine); such a run is reported as "stopped at N GiB".
+changes is known (holding every ΔW grows with it, one layer at a time does not).
+
+A watchdog ends a tool when the machine's available memory falls under --reserve-gib (this is a shared machine);
+such a run is reported as "stopped at N GiB" (its peak until then).
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ def tool_args(work: Path, base: Path, loha: Path, size: str = "full", convert_lo
         "meta": ["meta", str(loha), "--title", "edited", "--trigger", "bench", "--out", str(work / "meta.safetensors")],
         "merge": ["merge", "--model", str(base), "--loha", str(loha), "--out", str(work / "merge.safetensors"),
                   "--dtype", "fp16"],
-        "convert": ["convert", str(convert_loha or loha), "--to", "lora", "--rank", "8", "--out", str(work / "convert.safetensors"), *shapes],
+        "convert": ["convert", str(convert_loha or loha), "--to", "lora", "--rank", "8",
+                    "--out", str(work / "convert.safetensors"), *shapes],
     }
 
 

@@ -185,8 +185,8 @@ def bake_adapters(
         applied = apply_loha(pipe, spec.path, unet_strength=spec.strength, text_encoder_strength=te,
                              name=f"{i}:{spec.name}",  # the index keeps two files of one name apart
                              **({"block_weights": lbw} if lbw else {}))
-        records.append({**_adapter_record(spec.path), "strength": spec.strength, "te_strength": te, **({"block_weights": lbw} if lbw else {}),
-                        "layers": applied.total})
+        records.append({**_adapter_record(spec.path), "strength": spec.strength, "te_strength": te,
+                        **({"block_weights": lbw} if lbw else {}), "layers": applied.total})
     # Nothing changes a strength again: drop the clean originals the merge keeps, up to a second copy of the model.
     keep_merged(pipe)
     record = {"base_model": base["name"], **({"base_model_sha256": base["sha256"]} if "sha256" in base else {}),

@@ -66,8 +66,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     specs = [AdapterSpec.parse(s) for s in args.loha]
     session.set_adapters(specs)
     out_dir = Path(args.output_dir)
+    guidance = default_guidance(args.model) if args.guidance is None else args.guidance
     results = session.generate(args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                               guidance_scale=default_guidance(args.model) if args.guidance is None else args.guidance, width=args.width, height=args.height,
+                               guidance_scale=guidance, width=args.width, height=args.height,
                                scheduler=args.scheduler, num_images=args.num_images)
     for i, (image, params) in enumerate(results):
         seed = params.splitlines()[-1].split("Seed: ")[1].split(",")[0]  # the fields line, not the prompt
