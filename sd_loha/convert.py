@@ -254,6 +254,28 @@ def _delta(mod: AdapterModule, layer: _Layer) -> torch.Tensor:
     return apply_dora(w, delta, mod.dora_scale.to(torch.float32)) - w
 
 
+@cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None (another C library)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory of freed layer deltas back to the system. The deltas (MiBs each) come from the C heap once
+    glibc has raised its mmap threshold, and the small factors kept between them leave holes that later deltas do
+    not always fit: without this, resident memory grew by about a delta per layer (measured on 48 layers of
+    512x2048), as if every delta were kept."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _factors(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """fp32 up (out, r) and down (r, in·kh·kw) with up @ down = the best rank-r ΔW, the energy kept, the full rank."""
     u, s, vh = torch.linalg.svd(delta.reshape(delta.shape[0], -1), full_matrices=False)
@@ -320,6 +342,7 @@ def loha_to_lora(
             delta = _delta(mod, layers[name])
             factors[name] = (*_factors(delta, rank, energy), float(delta.norm()))
             del delta
+            _release_freed_memory()
         # One alpha for the whole file (see the module docstring: diffusers drops per-module alphas of
         # attention layers); alpha / r is folded back into each module's factors.
         alpha = max(int(up.shape[1]) for up, *_ in factors.values())
@@ -345,6 +368,8 @@ def loha_to_lora(
                 name=out_name, source_name=name, part=layer.part, block=layer.block,
                 shape=layer.shape, rank=r, max_rank=max_rank, energy=kept, delta_norm=delta_norm,
                 error_norm=float(error.norm())))
+            del error
+            _release_freed_memory()
     return tensors, _metadata(parsed, rank, energy, [x.rank for x in report.layers]), report
 
 
