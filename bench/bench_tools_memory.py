@@ -13,7 +13,8 @@ tree that runs (e.g. a `git worktree` of an older commit), so one machine measur
 The base is bench/random_models.py's full-size SDXL (diffusers folder, fp16, random weights). The adapter is a
 LoHA file with a module on every attention projection of the UNet (attn1 / attn2 to_q, to_k, to_v, to_out.0) and
 on every Linear of both text encoders, rank 8 (fp16): real names and shapes (824 modules, 6.2 GiB of fp32 ΔW).
-`meta` and `merge` take that file. `convert` and `merge-block` take the same file's modules of one UNet block (--convert-block,
+`meta` and `merge` take that file; `meta-checkpoint` edits the merge's output, a full-size fp16 SDXL checkpoint
+(run `merge` first). `convert` and `merge-block` take the same file's modules of one UNet block (--convert-block,
 default SDXL's deepest down block, down_blocks.2 = input_blocks.7-8: 20 transformer blocks, 160 layers, 1.2 GiB of
 fp32 ΔW): on a 2-core machine the SVDs of all 824 layers take the better part of an hour, and what the layer count
 changes is known (holding every ΔW grows with it, one layer at a time does not).
@@ -165,6 +166,9 @@ def tool_args(work: Path, base: Path, loha: Path, size: str = "full", convert_lo
     shapes = [] if size == "full" else ["--model", str(base)]
     return {
         "meta": ["meta", str(loha), "--title", "edited", "--trigger", "bench", "--out", str(work / "meta.safetensors")],
+        # a full-size checkpoint (the merge's output, 6.3 GiB): what "2-3x the file" meant
+        "meta-checkpoint": ["meta", str(work / "merge.safetensors"), "--title", "edited", "--out",
+                            str(work / "meta-checkpoint.safetensors")],
         "merge": ["merge", "--model", str(base), "--loha", str(loha), "--out", str(work / "merge.safetensors"),
                   "--dtype", "fp16"],
         # the same with the one-block adapter: the merge itself then adds little, and writing the file dominates
