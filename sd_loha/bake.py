@@ -26,6 +26,7 @@ from .generate import AdapterSpec
 from .io import AdapterFileError, addnet_hash
 from .models import detect_family, load_pipeline, text_encoders
 from .naming import text_encoder_canonical_path, unet_ldm_path
+from .peft_format import peft_sources
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 METADATA_KEY = "sd_loha_merge"  # JSON in the checkpoint's __metadata__ (and merge.json in a folder)
@@ -82,8 +83,6 @@ def adapter_hash_label(record: Mapping[str, Any]) -> str:
 def _adapter_record(path: str) -> dict[str, Any]:
     """What identifies an adapter in the merge record: its file name and addnet hash; a PEFT folder's name and
     the addnet hash of each model's adapter_model.safetensors."""
-    from .peft_format import peft_sources
-
     sources = peft_sources(path) if Path(path).is_dir() else []
     if not sources:
         return {"file": Path(path).name, "addnet_hash": addnet_hash(path)}

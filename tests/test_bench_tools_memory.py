@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_tools_memory as bench  # noqa: E402
 
-from sd_loha.io import load_adapter  # noqa: E402
+from sd_loha.formats import load_adapter  # noqa: E402
 from sd_loha.naming import text_encoder_module_names, unet_module_names  # noqa: E402
 
 
