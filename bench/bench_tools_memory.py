@@ -66,7 +66,12 @@ import runpy, sys
 out = sys.argv.pop()
 sys.argv[0] = "sd-loha"
 try:
-    runpy.run_module("sd_loha.cli", run_name="__main__", alter_sys=True)
+    if sys.argv[1] == "--load-only":  # what loading the base for a merge takes, the floor of any merge
+        import torch
+        from sd_loha.models import load_pipeline
+        load_pipeline(sys.argv[2], dtype=torch.float32)
+    else:
+        runpy.run_module("sd_loha.cli", run_name="__main__", alter_sys=True)
 finally:
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     open(out, "w").write(hwm.split()[1])
@@ -109,15 +114,15 @@ def measure(tool: str, args: list[str], code: Path, *, threads: int = 2, reserve
     return ToolRun(tool, args, proc.returncode, peak * 1024 / GIB, wall, stopped, tail)
 
 
-def reference_models(size: str) -> tuple[object, dict[str, object]]:
-    """The SDXL UNet and text encoders of `size`, on the meta device (names and shapes only)."""
+def reference_models(size: str, model: str = "sdxl") -> tuple[object, dict[str, object]]:
+    """The UNet and text encoders of `model` (sdxl, sd15) at `size`, on the meta device (names and shapes only)."""
     import diffusers
     import torch
     import transformers
 
     import random_models
 
-    configs = random_models.component_configs("sdxl", size)
+    configs = random_models.component_configs(model, size)
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(**configs["unet"][1])
         encoders = {name: getattr(transformers, cls)(transformers.CLIPTextConfig(vocab_size=984, **cfg))
@@ -125,8 +130,9 @@ def reference_models(size: str) -> tuple[object, dict[str, object]]:
     return unet, encoders
 
 
-def make_loha(path: Path, size: str = "full", rank: int = 8, seed: int = 0, block: str | None = None) -> int:
-    """Write the benchmark's SDXL LoHA file (module docstring) to `path`; returns its number of modules.
+def make_loha(path: Path, size: str = "full", rank: int = 8, seed: int = 0, block: str | None = None,
+              model: str = "sdxl") -> int:
+    """Write the benchmark's LoHA file (module docstring) for `model` to `path`; returns its number of modules.
     `block` (a UNet module path prefix such as "down_blocks.2") keeps only that block's UNet modules."""
     import torch
     from safetensors.torch import save_file
@@ -134,13 +140,15 @@ def make_loha(path: Path, size: str = "full", rank: int = 8, seed: int = 0, bloc
 
     from sd_loha.naming import text_encoder_save_name, unet_save_name
 
-    unet, encoders = reference_models(size)
+    unet, encoders = reference_models(size, model)
+    sdxl = model == "sdxl"
     layers: dict[str, tuple[int, int]] = {}
     for p, m in unet.named_modules():
         if isinstance(m, nn.Linear) and p.rsplit(".", 2)[-2:][0] in ("attn1", "attn2", "to_out") and \
                 (block is None or p.startswith(block + ".")):
-            layers[unet_save_name(p, unet.config, sdxl=True)] = (m.out_features, m.in_features)
-    for attr, prefix in (("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")) if block is None else ():
+            layers[unet_save_name(p, unet.config, sdxl=sdxl)] = (m.out_features, m.in_features)
+    prefixes = (("text_encoder", "lora_te1"), ("text_encoder_2", "lora_te2")) if sdxl else (("text_encoder", "lora_te"),)
+    for attr, prefix in prefixes if block is None else ():
         for p, m in encoders[attr].named_modules():
             if isinstance(m, nn.Linear) and p != "text_projection":
                 layers[text_encoder_save_name(p, prefix)] = (m.out_features, m.in_features)
@@ -152,7 +160,7 @@ def make_loha(path: Path, size: str = "full", rank: int = 8, seed: int = 0, bloc
             tensors[f"{name}.hada_w{i}_b"] = (torch.randn(rank, inp, generator=gen) * 0.1).half()
         tensors[f"{name}.alpha"] = torch.tensor(float(rank / 2), dtype=torch.float16)
     meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "loha"}),
-            "ss_network_dim": str(rank), "ss_base_model_version": "sdxl_base_v1-0", "modelspec.title": "bench"}
+            "ss_network_dim": str(rank), "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1", "modelspec.title": "bench"}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
     return len(layers)
@@ -169,6 +177,7 @@ def tool_args(work: Path, base: Path, loha: Path, size: str = "full", convert_lo
         # a full-size checkpoint (the merge's output, 6.3 GiB): what "2-3x the file" meant
         "meta-checkpoint": ["meta", str(work / "merge.safetensors"), "--title", "edited", "--out",
                             str(work / "meta-checkpoint.safetensors")],
+        "load": ["--load-only", str(base)],  # not a tool: the base loaded in fp32 as merge loads it, nothing else
         "merge": ["merge", "--model", str(base), "--loha", str(loha), "--out", str(work / "merge.safetensors"),
                   "--dtype", "fp16"],
         # the same with the one-block adapter: the merge itself then adds little, and writing the file dominates
@@ -189,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--code", type=Path, default=ROOT, help="the sd-loha tree whose tools run (default: this one)")
     ap.add_argument("--size", default="full", choices=("full", "small"))
+    ap.add_argument("--model", default="sdxl", choices=("sdxl", "sd15"), help="the base (and the LoHA's layers)")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "bench-tools-memory")
     ap.add_argument("--tools", default="meta,merge,convert")
     ap.add_argument("--convert-block", default="down_blocks.2",
@@ -200,16 +210,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import random_models
 
-    base = random_models.prepare("sdxl", args.size)
-    loha = args.work / f"sdxl-{args.size}-loha.safetensors"
+    base = random_models.prepare(args.model, args.size)
+    loha = args.work / f"{args.model}-{args.size}-loha.safetensors"
     if not loha.is_file():
-        print(f"writing {loha}: {make_loha(loha, args.size)} modules", flush=True)
+        print(f"writing {loha}: {make_loha(loha, args.size, model=args.model)} modules", flush=True)
     convert_loha = loha
     if args.convert_block:
-        convert_loha = args.work / f"sdxl-{args.size}-loha-{args.convert_block}.safetensors"
+        convert_loha = args.work / f"{args.model}-{args.size}-loha-{args.convert_block}.safetensors"
         if not convert_loha.is_file():
-            print(f"writing {convert_loha}: {make_loha(convert_loha, args.size, block=args.convert_block)} modules",
-                  flush=True)
+            n = make_loha(convert_loha, args.size, block=args.convert_block, model=args.model)
+            print(f"writing {convert_loha}: {n} modules", flush=True)
     commands = tool_args(args.work, base, loha, args.size, convert_loha)
     runs = []
     for tool in args.tools.split(","):
