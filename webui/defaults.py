@@ -5,6 +5,7 @@ The random-weight tiny-* models stay selectable (quick checks); these are only t
 from __future__ import annotations
 
 from sd_loha.models import TOY_MODELS
+from sd_loha.toy import evaluate as model_card
 
 #: The base model both tabs start with (listed first in their model dropdowns).
 DEFAULT_MODEL = next(iter(TOY_MODELS))
@@ -13,6 +14,6 @@ DEFAULT_SIZE = 64
 #: Captions of its grammar `a {color} {shape} on a {background} background`: the only words it was trained on.
 DEFAULT_PROMPTS = ("a red circle on a white background", "a blue square on a yellow background")
 #: The model card's sampling: 20 Euler steps at guidance 4 (shapes right in 85 % of its prompt set; at 7 in 62 %).
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 4.0
+DEFAULT_STEPS = model_card.STEPS
+DEFAULT_GUIDANCE = model_card.GUIDANCE
 DEFAULT_SAMPLER = "euler"
