@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from . import ops
 
-__all__ = ["auto_path", "autocast_on", "conv_padding", "dora_change", "forward_delta", "forward_dora",
-           "forward_kr", "forward_merge", "hada", "merge_ok", "no_autocast", "tokens"]
+__all__ = ["auto_path", "autocast_on", "base_weight", "conv_padding", "dora_change", "forward_delta", "forward_dora",
+           "forward_kr", "forward_merge", "hada", "merge_ok", "no_autocast", "plain_weight", "tokens"]
 
 
 def autocast_on(device_type: str) -> bool:
@@ -87,9 +87,37 @@ def forward_delta(x: torch.Tensor, base: nn.Module, factors: Sequence[torch.Tens
     return y + _base_op(x, base, dw)
 
 
+def plain_weight(base: nn.Module) -> bool:
+    """Whether ``base.weight`` is the weight its forward computes with, as a float tensor that W + ΔW can replace:
+    not quantized (bitsandbytes 4/8-bit keep packed integers and scales), not stored in fp8 or cast per call by
+    a hook (diffusers' layerwise casting). Only such a layer can merge ΔW into its weight."""
+    w = getattr(base, "weight", None)
+    if type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point() or w.element_size() < 2:
+        return False
+    hooks = getattr(base, "_diffusers_hook", None)
+    return hooks is None or not getattr(hooks, "hooks", None)
+
+
+def base_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The base layer's weight as its forward uses it, in ``dtype``, detached: dequantized from bitsandbytes'
+    nf4 / fp4 (Params4bit) and int8 (Int8Params with its row scales) storage, upcast from fp8."""
+    w = base.weight
+    quant_state = getattr(w, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit: packed uint8 + a quantization state
+        import bitsandbytes.functional as bnbf
+        return bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
+    scb = getattr(w, "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(base, "state", None), "SCB", None)
+    if w.dtype == torch.int8 and scb is not None:  # bitsandbytes 8-bit: int8 rows times absmax / 127
+        return (w.data.to(torch.float32) * (scb.to(torch.float32) / 127.0)[:, None]).to(dtype)
+    return w.detach().to(dtype)
+
+
 def dora_change(weight: torch.Tensor, dw: torch.Tensor, dora_scale: torch.Tensor, on_output: bool,
                 multiplier: float) -> torch.Tensor:
-    """multiplier · (W' − W), W' = (W + dw) · dora_scale / ‖W + dw‖, in dw's dtype."""
+    """multiplier · (W' − W), W' = (W + dw) · dora_scale / ‖W + dw‖, in dw's dtype (``weight``: the base's
+    weight as it computes, :func:`base_weight`)."""
     w = weight.detach().to(dw.dtype)
     change = ops.dora_weight(w + dw, dora_scale.to(dw.dtype), on_output) - w
     return change if multiplier == 1.0 else change * multiplier
@@ -103,7 +131,8 @@ def forward_dora(x: torch.Tensor, base: nn.Module, factors: Sequence[torch.Tenso
     Here ``row_scale`` is alpha / r without the multiplier: the multiplier scales W' − W."""
     with no_autocast(factors[0].device.type):
         h = hada(factors, tucker, weight_shape)
-        d = dora_change(base.weight, h * _per_row(row_scale, h), dora_scale, on_output, multiplier).to(x.dtype)
+        d = dora_change(base_weight(base, h.dtype), h * _per_row(row_scale, h), dora_scale, on_output, multiplier)
+        d = d.to(x.dtype)
     return base(x) + _base_op(x, base, d)
 
 
@@ -164,9 +193,11 @@ def conv_padding(base: nn.Conv2d) -> tuple[int, int] | None:
 def merge_ok(x: torch.Tensor, base: nn.Module, factor_dtype: torch.dtype) -> bool:
     """merge-then-one-op computes x (W + ΔW)ᵀ in the input's dtype: only when that is the weight's and
     factors' dtype and is fp32/fp64 (a half-precision W + ΔW would round ΔW away), autocast is off, the base
-    is a plain nn.Linear / nn.Conv2d and frozen."""
+    is a plain nn.Linear / nn.Conv2d, frozen, and its weight is stored as it computes (:func:`plain_weight`)."""
     w = base.weight
-    if x.dtype not in (torch.float32, torch.float64) or not (x.dtype == w.dtype == factor_dtype):
+    if not plain_weight(base) or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if not x.dtype == w.dtype == factor_dtype:
         return False
     if autocast_on(x.device.type) or w.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return False

@@ -176,7 +176,7 @@ class LoHALayer(nn.Module):
         self.dora_scale = None
         if dora_wd:
             # LyCORIS: the magnitude starts at ‖W‖ of the frozen weight, computed in fp32.
-            mag = ops.dora_magnitude(base.weight.detach().float(), self.wd_on_output)
+            mag = ops.dora_magnitude(fwd.base_weight(base, torch.float32), self.wd_on_output)
             self.dora_scale = nn.Parameter(mag.to(**kw))
         self.reset_parameters()
 
@@ -385,7 +385,7 @@ class LoHALayer(nn.Module):
         return self._dora_change(self._hada(torch.float32) * self.scale, m)
 
     def _dora_change(self, dw: torch.Tensor, multiplier: float) -> torch.Tensor:
-        return fwd.dora_change(self.base.weight, dw, self.dora_scale, self.wd_on_output, multiplier)
+        return fwd.dora_change(fwd.base_weight(self.base, dw.dtype), dw, self.dora_scale, self.wd_on_output, multiplier)
 
     # ---------------------------------------------------------------- forward paths
     def _row_scale(self, with_multiplier: bool = True):

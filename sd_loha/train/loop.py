@@ -35,6 +35,8 @@ from .conditioning import Conditioner, sdxl_time_ids
 from .config import TrainConfig, load
 from .ema import AdapterEMA
 from .loss import LossWeighting, diffusion_loss
+from .lowmem import (TEXT_ENCODERS, Offloader, base_storage, checkpointing_func, idle_components,
+                     store_frozen_base)
 from .metadata import training_metadata
 from .noise import noisy_latents, plain_objective, sample_noise, sample_timesteps, training_scheduler
 from .optim import make_optimizer, make_scheduler
@@ -204,12 +206,25 @@ class Trainer:
         self.family = detect_family(self.pipe)
         self.noise_scheduler = training_scheduler(cfg, self.pipe.scheduler.config)
         self._print(f"base model: {cfg.pretrained_model} ({self.family.label})")
-        self.vae = self.pipe.vae.to(self.device).requires_grad_(False).eval()
-        self.unet = self.pipe.unet.to(self.device).requires_grad_(False)
         self.text_encoders = [te for te in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
                               if te is not None]
+        self._store_frozen_base()
+        self.vae = self.pipe.vae.to(self.device).requires_grad_(False).eval()
+        self.unet = self.pipe.unet.to(self.device).requires_grad_(False)
         for te in self.text_encoders:
             te.to(self.device).requires_grad_(False)
+        self.offload = Offloader(self.pipe, (), self.device)  # nothing idle until the caches are built
+
+    def _store_frozen_base(self) -> None:
+        """fp8 / nf4 / int8 storage of the frozen UNet (and text encoders, when not trained), before the move to
+        the device: bitsandbytes quantizes as the layers move."""
+        cfg = self.cfg
+        self.base_storage = base_storage(cfg.fp8_base, cfg.base_weight_dtype)
+        frozen = [self.pipe.unet] + ([] if cfg.train_text_encoder else self.text_encoders)
+        n = sum(store_frozen_base(m, self.base_storage, self.weight_dtype) for m in frozen)
+        if n:
+            self._print(f"frozen base: {n} layers stored as {self.base_storage}, computing in "
+                        f"{str(self.weight_dtype).removeprefix('torch.')}")
 
     def _setup_network(self) -> None:
         cfg = self.cfg
@@ -235,7 +250,7 @@ class Trainer:
         self.params = self.network.parameters()
         self._print(self.network.summary())
         if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.unet.enable_gradient_checkpointing(checkpointing_func(self.base_storage))
             if cfg.train_text_encoder:
                 for te in self.text_encoders:
                     enable_te_checkpointing(te)
@@ -251,6 +266,7 @@ class Trainer:
         from ..data.cache import LatentCache
 
         cfg = self.cfg
+        latents_cached = False
         if cfg.cache_latents:
             cache_dir = self.output_dir / ".cache" / "latents" if cfg.cache_latents_to_disk else None
             cache = LatentCache(_encoder_id(self.vae, "v1"), cache_dir)
@@ -258,9 +274,18 @@ class Trainer:
                 stats = cache.build(self.dataset, self.encode_pixels, batch_size=4, progress=self.progress and self.main,
                                     on_progress=lambda d, t: self.emit(events.Caching(done=d, total=t)))
             self._print(stats.message)
+            latents_cached = stats.enabled
         self.conditioner = Conditioner(self.pipe, sdxl=self.family.is_sdxl, clip_skip=cfg.clip_skip,
                                        train_text_encoder=cfg.train_text_encoder)
         self.text_cache = self._build_text_cache() if cfg.cache_text_encoder_outputs and not cfg.train_text_encoder else None
+        # What no step runs waits on the CPU; samples and validation bring back what they use.
+        te_names = TEXT_ENCODERS[:len(self.text_encoders)]
+        self.offload = Offloader(self.pipe, idle_components(latents_cached=latents_cached,
+                                                            text_cached=self.text_cache is not None,
+                                                            text_encoders=te_names), self.device)
+        self.offload.park()
+        if self.offload.parked and self.device.type != "cpu":
+            self._print(f"kept on the CPU between samples: {', '.join(self.offload.parked)} (cached outputs)")
 
     def _build_text_cache(self):
         """Every caption a step can see, encoded once. Caption dropout only adds the empty caption, so it is
@@ -287,7 +312,8 @@ class Trainer:
         return ("encoder_hidden_states", "text_embeds") if self.family.is_sdxl else ("encoder_hidden_states",)
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
-        cond = self.conditioner(captions, self.device)
+        with self.offload.using(TEXT_ENCODERS):  # on the device for the cache, or for a caption not cached
+            cond = self.conditioner(captions, self.device)
         return tuple(cond[k].detach() for k in self._text_keys)
 
     def _setup_loader(self) -> None:
@@ -410,8 +436,8 @@ class Trainer:
         gen, objective = torch.Generator().manual_seed(self.cfg.seed + 1), plain_objective(self.cfg)
         total = 0.0
         self._set_train_mode(False)
-        try:
-            with torch.no_grad(), self.file_weights():
+        try:  # held-out images are not in the latent cache: the VAE encodes them
+            with torch.no_grad(), self.file_weights(), self.offload.using(("vae",)):
                 for i in range(len(self.val_dataset)):
                     batch = collate_examples([self.val_dataset[(i, 0)]])
                     total += float(self.loss_step(batch, gen, objective=objective))
@@ -427,11 +453,17 @@ class Trainer:
 
     def make_samples(self, tag: str) -> Path | None:
         """samples/<tag>.png: the sample prompts (rows) at each sample strength (columns)."""
-        return self._publish("samples", self.pictures.step_grid(self.cfg, self.step, tag)) if self.main else None
+        if not self.main or not self.cfg.sample_prompts:
+            return None
+        with self.offload.using():
+            return self._publish("samples", self.pictures.step_grid(self.cfg, self.step, tag))
 
     def write_progress(self) -> Path | None:
         """samples/progress.png: the base, then every sample step of this run at the last sample strength."""
-        return self._publish("progress", self.pictures.progress_grid(self.cfg)) if self.main else None
+        if not self.main:
+            return None
+        with self.offload.using():
+            return self._publish("progress", self.pictures.progress_grid(self.cfg))
 
     def _publish(self, name: str, made: tuple[Any, Path] | None) -> Path | None:
         """A grid the run made: to the trackers, the result and the event stream."""

@@ -16,6 +16,7 @@ from typing import Any
 from ...schedulers import ALIASES as SCHEDULER_ALIASES
 from ...schedulers import SCHEDULERS
 from ..loss import HUBER_SCHEDULES, LOSS_TYPES
+from ..lowmem import BASE_DTYPES
 from .writing import Entry, plain, toml_document, toml_value
 
 GROUPS: tuple[str, ...] = ("model", "dataset", "network", "training", "saving", "sampling", "logging")
@@ -565,6 +566,21 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _opt(
         "training", "bool", False, "Trade compute for memory: recompute activations in the backward pass.",
+    )
+    fp8_base: bool = _opt(
+        "training", "bool", False,
+        "Store the frozen UNet's Linear and Conv weights (and the text encoders', when not trained) in "
+        "float8_e4m3fn, each layer cast to the mixed-precision dtype for its own forward: half the weight memory "
+        "of bf16/fp16 for a small loss of precision. The same as base_weight_dtype = \"fp8\". The saved file is "
+        "a normal LoHA file. kohya's --fp8_base.",
+    )
+    base_weight_dtype: str = _opt(
+        "training", "enum", "auto",
+        "How the frozen base's weights are stored on the training device: auto (the mixed_precision dtype), fp8 "
+        "(= fp8_base), nf4 (4-bit) or int8: the frozen Linear layers become bitsandbytes Linear4bit / "
+        "Linear8bitLt (needs bitsandbytes; >= 0.50 also on the CPU); convs stay in the mixed-precision dtype. The "
+        "text encoders are stored so too when they are not trained. docs/training.md#low-memory-training.",
+        choices=BASE_DTYPES, aliases={"float8": "fp8", "float8_e4m3fn": "fp8", "4bit": "nf4", "8bit": "int8"},
     )
     seed: int = _opt("training", "int", 42,
                      "Random seed of the run (LoHA initialisation, noise and timesteps, shuffling, dropout).", min=0,

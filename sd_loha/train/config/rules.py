@@ -17,6 +17,7 @@ from typing import Literal
 from ...schedulers import sampler_problem
 from ...targets import PresetError, is_preset_file, read_preset
 from ..loss import PREDICTION_ONLY, prediction_mismatch
+from ..lowmem import BITSANDBYTES_INSTALL, bitsandbytes_installed
 from ..optim import OptimizerError, check_optimizer_args, resolve_optimizer
 from ..prompts import PromptError, read_prompt_entries
 from .errors import Problem, show
@@ -84,6 +85,20 @@ def text_cache_needs_frozen_encoder(cfg: TrainConfig) -> Iterator[Finding]:
         yield Finding(("cache_text_encoder_outputs", "train_text_encoder"),
                       "cache_text_encoder_outputs = true needs a frozen text encoder, but train_text_encoder = true",
                       "set train_text_encoder = false, or cache_text_encoder_outputs = false")
+
+
+def one_base_dtype(cfg: TrainConfig) -> Iterator[Finding]:
+    if cfg.fp8_base and cfg.base_weight_dtype not in ("auto", "fp8"):
+        yield Finding(("fp8_base", "base_weight_dtype"),
+                      f"fp8_base = true asks for an fp8 base but base_weight_dtype = \"{cfg.base_weight_dtype}\"",
+                      "keep one of them: fp8_base = true (or base_weight_dtype = \"fp8\"), or base_weight_dtype alone")
+
+
+def quantized_base_needs_bitsandbytes(cfg: TrainConfig) -> Iterator[Finding]:
+    if cfg.base_weight_dtype in ("nf4", "int8") and not bitsandbytes_installed():
+        yield Finding(("base_weight_dtype",),
+                      f"base_weight_dtype = \"{cfg.base_weight_dtype}\" needs the bitsandbytes package, which is not "
+                      "installed", f"install it: {BITSANDBYTES_INSTALL}; or use base_weight_dtype = \"fp8\"")
 
 
 def optimizer_takes_its_args(cfg: TrainConfig) -> Iterator[Finding]:
@@ -344,6 +359,10 @@ RULES: tuple[Rule, ...] = (
          "sample_prompts names a prompts file (.txt/.toml/.json) that is missing or unreadable, or a prompt carries an "
          "unknown or malformed --option (the message names the file and line); a prompt's --ss/--s that its sampler "
          "cannot run (as for sample_sampler).", needs=("sample_prompts", "sample_sampler", "sample_steps")),
+    Rule(one_base_dtype, "error", "fp8_base = true with base_weight_dtype other than auto / fp8."),
+    Rule(quantized_base_needs_bitsandbytes, "error",
+         "base_weight_dtype = nf4 / int8 while bitsandbytes is not installed (the message gives the install "
+         "command)."),
     Rule(optimizer_takes_its_args, "error",
          "optimizer_args that the optimizer class does not take (its signature) or refuses (it is built once on a "
          "dummy parameter), and lr or params in optimizer_args. (An optimizer_type that names no class, or whose "

@@ -1,0 +1,237 @@
+"""Low-memory training: idle components off the training device, and an fp8 / nf4 / int8 frozen base.
+
+Every run goes through the CLI with a shipped config, only the model, data, size and steps swapped, in bf16 (which
+accelerate runs on the CPU). The Trainer the CLI builds is captured, and at the end of its run (before the network
+is removed) the test reads how its frozen layers are stored and measures the loss of a fixed set of batches, at
+strength 0 and 1, with the same noise and timesteps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd_loha import cli
+from sd_loha.layers import LoHALayer
+from sd_loha.train import lowmem
+from sd_loha.train.config import ConfigError, load, load_config
+from sd_loha.train.loop import Trainer
+
+from .helpers import DEMO_IMAGES, REPO, assert_file_loads_everywhere, read_file
+
+CONFIGS = REPO / "train_configs"
+
+
+def _cli_run(config: str, model: str, out, extra: list[str], steps: int = 4) -> None:
+    args = ["train", "--config", str(CONFIGS / config)]
+    for o in [f"pretrained_model={model}", f"train_data_dir={DEMO_IMAGES}", "resolution=64", "min_bucket_reso=64",
+              "max_bucket_reso=128", "bucket_reso_steps=64", f"max_train_steps={steps}", "sample_steps=2",
+              "sample_width=64", "sample_height=64", "mixed_precision=bf16", f"output_dir={out}", *extra]:
+        args += ["--set", o]
+    assert cli.main(args) == 0
+
+
+class _Watch:
+    """Captures the CLI's Trainer and, when its run ends, what the test inspects."""
+
+    def __init__(self, monkeypatch, measure: bool = False) -> None:
+        self.trainer: Trainer | None = None
+        self.losses: dict[float, float] = {}
+        self.stored: dict[str, str] = {}
+        watch = self
+        setup, finish = Trainer.setup, Trainer._finish
+
+        def capture(trainer, *a, **kw):
+            watch.trainer = trainer
+            return setup(trainer, *a, **kw)
+
+        def at_end(trainer, *a, **kw):
+            watch.stored = _storage(trainer)
+            if measure:
+                watch.losses = {m: _fixed_loss(trainer, m) for m in (0.0, 1.0)}
+            return finish(trainer, *a, **kw)
+
+        monkeypatch.setattr(Trainer, "setup", capture)
+        monkeypatch.setattr(Trainer, "_finish", at_end)
+
+
+def _storage(trainer: Trainer) -> dict[str, tuple[str, int]]:
+    """component/module name -> (how the frozen layer under each LoHA layer, or each plain layer of a text
+    encoder, stores its weight; its input width, 0 for a conv)."""
+    out = {}
+    parts = {"unet": trainer.unet, "text_encoder": trainer.pipe.text_encoder,
+             "text_encoder_2": getattr(trainer.pipe, "text_encoder_2", None)}
+    for part, model in parts.items():
+        if model is None:
+            continue
+        for name, m in model.named_modules():
+            base = m.base if isinstance(m, LoHALayer) else m
+            if isinstance(m, LoHALayer) or (part != "unet" and isinstance(m, torch.nn.Linear)
+                                            and not name.endswith(".base")):
+                out[f"{part}/{name}"] = (lowmem.stored_as(base), getattr(base, "in_features", 0))
+    return out
+
+
+@torch.no_grad()
+def _fixed_loss(trainer: Trainer, multiplier: float, batches: int = 4) -> float:
+    """The mean training loss of the first batches of the loader, the same noise and timesteps every call."""
+    trainer._set_train_mode(False)
+    trainer.network.set_multiplier(multiplier)
+    try:
+        total, gen = 0.0, torch.Generator().manual_seed(123)
+        for i, batch in enumerate(trainer.loader):
+            if i == batches:
+                break
+            total += float(trainer.loss_step(batch, gen))
+        return total / batches
+    finally:
+        trainer.network.set_multiplier(1.0)
+        trainer._set_train_mode(True)
+
+
+# ---- placement -------------------------------------------------------------------------------------------
+def test_idle_components_and_their_placement_for_a_gpu():
+    idle = lowmem.idle_components(latents_cached=True, text_cached=True, text_encoders=("text_encoder", "text_encoder_2"))
+    assert idle == ("vae", "text_encoder", "text_encoder_2")
+    assert lowmem.idle_components(latents_cached=False, text_cached=False, text_encoders=("text_encoder",)) == ()
+    assert lowmem.idle_components(latents_cached=True, text_cached=False, text_encoders=("text_encoder",)) == ("vae",)
+    where = lowmem.placement(("unet", "vae", "text_encoder", "text_encoder_2"), idle, "cuda")
+    assert where == {"unet": torch.device("cuda"), "vae": torch.device("cpu"), "text_encoder": torch.device("cpu"),
+                     "text_encoder_2": torch.device("cpu")}
+
+
+def test_sdxl_run_parks_vae_and_text_encoders_and_samples_bring_them_back(tmp_path, monkeypatch):
+    """sdxl_style caches latents and text-encoder outputs: the VAE and both encoders leave the device after the
+    caches are built; each sample grid and each validation brings back what it runs and parks it again; the
+    file is the one a run without offloading writes."""
+    moves: list[tuple[str, str]] = []
+    states: list[tuple[str, tuple[str, ...]]] = []
+    move = lowmem.Offloader._move
+
+    def record(self, name, device):  # on the CPU both ends are "cpu": tell them apart by the Offloader's state
+        moves.append(("bring" if name in self._away else "park", name))
+        return move(self, name, device)
+
+    monkeypatch.setattr(lowmem.Offloader, "_move", record)
+    watch = _Watch(monkeypatch)
+    import sd_loha.train.sampling as sampling
+    sample_images = sampling.sample_images
+
+    def sampled(pipe, cfg, prompts=None):
+        states.append(("sample", watch.trainer.offload.parked))
+        return sample_images(pipe, cfg, prompts)
+
+    monkeypatch.setattr(sampling, "sample_images", sampled)
+    extra = ["sample_every_n_steps=2", "save_every_n_steps=100", "validation_split=0.2", "validation_every_n_steps=2"]
+    _cli_run("sdxl_style.toml", "tiny-sdxl", tmp_path / "a", extra)
+    trainer = watch.trainer
+    assert trainer.offload.idle == ("vae", "text_encoder", "text_encoder_2")
+    assert trainer.offload.parked == ("vae", "text_encoder", "text_encoder_2")  # parked again after the last use
+    assert moves[:3] == [("park", "vae"), ("park", "text_encoder"), ("park", "text_encoder_2")]
+    # samples ran with nothing parked, and each component alternates: brought back, parked again
+    assert states and all(parked == () for _, parked in states)
+    for name in trainer.offload.idle:
+        seen = [what for what, n in moves if n == name]
+        assert seen[0] == "park" and seen[-1] == "park" and len(seen) % 2 == 1
+        assert all(a != b for a, b in zip(seen, seen[1:])), (name, seen)
+    brought = [n for what, n in moves if what == "bring"]
+    # validation at steps 2 and 4 brings back the VAE only; the sample grids (step 2, final) bring back all three
+    assert len(trainer.val_losses) == 2 and len(states) >= 2
+    assert brought.count("text_encoder") == brought.count("text_encoder_2") >= 2
+    assert brought.count("vae") == brought.count("text_encoder") + 2
+
+    # the same run without offloading writes the same file
+    monkeypatch.setattr(lowmem, "idle_components", lambda **kw: ())
+    import sd_loha.train.loop as loop
+    monkeypatch.setattr(loop, "idle_components", lambda **kw: ())
+    _cli_run("sdxl_style.toml", "tiny-sdxl", tmp_path / "b", extra)
+    assert watch.trainer.offload.parked == ()
+    a, _ = read_file(tmp_path / "a" / "sdxl_style.safetensors")
+    b, _ = read_file(tmp_path / "b" / "sdxl_style.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the frozen base's storage ---------------------------------------------------------------------------------
+# (option, shipped config, tiny model, the file's text-encoder parts, whether the text encoders are frozen)
+STORAGE_RUNS = {
+    "fp8_base": ("fp8_base=true", "sdxl_style.toml", "tiny-sdxl", (), True),
+    "fp8": ("base_weight_dtype=fp8", "sd15_style.toml", "tiny-sd1", ("te",), False),
+    "nf4": ("base_weight_dtype=nf4", "sdxl_style.toml", "tiny-sdxl", (), True),
+    "int8": ("base_weight_dtype=int8", "demo.toml", "toy-sd1", ("te",), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORAGE_RUNS))
+def test_low_precision_base_learns_and_writes_a_normal_file(tmp_path, monkeypatch, case):
+    option, config, model, te_parts, frozen_te = STORAGE_RUNS[case]
+    pytest.importorskip("bitsandbytes") if case in ("nf4", "int8") else None
+    watch = _Watch(monkeypatch, measure=True)
+    out = tmp_path / "out"
+    _cli_run(config, model, out, [option, "sample_every_n_steps=100", "save_every_n_steps=100"], steps=6)
+
+    storage = "fp8" if case.startswith("fp8") else case
+    def expected(width: int, frozen: bool = True) -> str:
+        """fp8: Linear and Conv alike; nf4 / int8: Linear layers (nf4: whole 64-wide blocks), convs bf16."""
+        if not frozen or (storage != "fp8" and (width == 0 or (storage == "nf4" and width % lowmem.NF4_BLOCK))):
+            return "bfloat16"
+        return storage
+
+    unet = {k: v for k, v in watch.stored.items() if k.startswith("unet/")}
+    te = {k: v for k, v in watch.stored.items() if not k.startswith("unet/")}
+    assert len(unet) > 10 and te
+    for layers, frozen in ((unet, True), (te, frozen_te)):
+        wrong = {k: v for k, (v, width) in layers.items() if v != expected(width, frozen)}
+        assert not wrong, list(wrong.items())[:5]
+    assert sum(v == storage for v, _ in unet.values()) > 10
+
+    # the run learned: its adapter lowers the loss of the same batches, noise and timesteps
+    assert watch.losses[1.0] < watch.losses[0.0], watch.losses
+    config_name = load_config(CONFIGS / config).output_name
+    assert_file_loads_everywhere(out / f"{config_name}.safetensors", model, monkeypatch, te_parts)
+
+
+def test_fp8_checkpointed_gradients_match_uncheckpointed():
+    """The determinism check is off for fp8 + gradient checkpointing: the gradients it lets through are the
+    ones of the same step without checkpointing."""
+    from sd_loha.models import build_tiny_pipeline
+    from sd_loha.network import add_loha
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        pipe = build_tiny_pipeline("tiny-sd1")
+        unet = pipe.unet.to(torch.bfloat16)
+        lowmem.store_frozen_base(unet, "fp8", torch.bfloat16)
+        net = add_loha(pipe, preset="full", rank=2, text_encoder=False)
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        if checkpointing:
+            unet.enable_gradient_checkpointing(lowmem.checkpointing_func("fp8"))
+        unet.train()
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(1, unet.config.in_channels, 8, 8, generator=gen).to(torch.bfloat16)
+        cond = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen).to(torch.bfloat16)
+        unet(x, torch.tensor([10]), cond).sample.float().square().mean().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_fp8_base_and_another_base_dtype_are_refused_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="fp8_base"):
+        load({"pretrained_model": "tiny-sd1", "train_data_dir": str(DEMO_IMAGES), "output_dir": str(tmp_path),
+                     "fp8_base": True, "base_weight_dtype": "nf4"})
+
+
+def test_quantized_base_without_bitsandbytes_names_the_install_command(tmp_path, monkeypatch, capsys):
+    import sd_loha.train.config.rules as rules
+    monkeypatch.setattr(rules, "bitsandbytes_installed", lambda: False)
+    loaded = []
+    import sd_loha.train.loop as loop
+    monkeypatch.setattr(loop, "load_pipeline", lambda *a, **kw: loaded.append(a))
+    args = ["train", "--config", str(CONFIGS / "sdxl_style.toml"), "--set", "pretrained_model=tiny-sdxl",
+            "--set", f"train_data_dir={DEMO_IMAGES}", "--set", f"output_dir={tmp_path}", "--set",
+            "base_weight_dtype=int8"]
+    assert cli.main(args) != 0
+    err = capsys.readouterr().err
+    assert "bitsandbytes" in err and "pip install" in err and "base_weight_dtype" in err
+    assert loaded == []
