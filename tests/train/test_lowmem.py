@@ -235,3 +235,52 @@ def test_quantized_base_without_bitsandbytes_names_the_install_command(tmp_path,
     err = capsys.readouterr().err
     assert "bitsandbytes" in err and "pip install" in err and "base_weight_dtype" in err
     assert loaded == []
+
+
+# ---- LoHA layers on a low-precision base ---------------------------------------------------------------------
+def _frozen_layer(storage: str, conv: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A frozen 64-wide layer stored as ``storage`` (computing in fp32) and the weight it computes with."""
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(64, 32, 3, padding=1) if conv else torch.nn.Linear(64, 32)
+    holder = torch.nn.Sequential(layer)
+    lowmem.store_frozen_base(holder, storage, torch.float32)
+    holder.to("cpu")  # bitsandbytes quantizes as the layer moves
+    from sd_loha.forward import base_weight
+    return holder[0], base_weight(holder[0])
+
+
+@pytest.mark.parametrize("storage,conv", [("fp8", False), ("fp8", True), ("nf4", False), ("int8", False)])
+def test_loha_layer_adds_its_delta_to_a_low_precision_base(storage, conv):
+    """The delta and Khatri-Rao paths give base(x) + ΔW·x on top of the stored layer; merging into it is never
+    chosen and refused when asked for; DoRA's magnitude starts at the norm of the weight the layer computes with."""
+    import torch.nn.functional as F
+
+    if storage in ("nf4", "int8"):
+        pytest.importorskip("bitsandbytes")
+    base, w = _frozen_layer(storage, conv)
+    assert lowmem.stored_as(base) == storage
+    assert w.dtype == torch.float32 and w.shape[:2] == (32, 64)
+    layer = LoHALayer(base, rank=4, alpha=2.0)
+    torch.nn.init.normal_(layer.hada_w2_a, std=0.1)
+    x = torch.randn(2, 64, 5, 5) if conv else torch.randn(3, 64)
+    with torch.no_grad():
+        y0 = base(x)
+        dw = layer.delta_weight()
+        expected = y0 + (F.conv2d(x, dw, None, 1, 1) if conv else F.linear(x, dw))
+        for path in ("delta", "kr"):
+            layer.path = path
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+        layer.path = "auto"
+        layer(x)
+        assert layer.last_path in ("delta", "kr")
+        layer.path = "merge"
+        with pytest.raises(ValueError, match="merge"):
+            layer(x)
+    dora = LoHALayer(base, rank=4, dora_wd=True)
+    from sd_loha import ops
+    torch.testing.assert_close(dora.dora_scale.detach(), ops.dora_magnitude(w, False))
+    torch.nn.init.normal_(dora.hada_w2_a, std=0.1)
+    with torch.no_grad():
+        d = dora.dora_delta()
+        torch.testing.assert_close(dora(x), y0 + (F.conv2d(x, d, None, 1, 1) if conv else F.linear(x, d)),
+                                   rtol=1e-4, atol=1e-4)
