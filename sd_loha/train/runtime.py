@@ -203,6 +203,12 @@ def oom_advice(cfg: TrainConfig, error: BaseException) -> str:
         tips.append("set cache_latents = true (the VAE is not run during training)")
     if cfg.train_text_encoder:
         tips.append("train_text_encoder = false with cache_text_encoder_outputs = true")
+    elif not cfg.cache_text_encoder_outputs:
+        tips.append("cache_text_encoder_outputs = true (the frozen text encoders then wait on the CPU)")
+    if not cfg.fp8_base and cfg.base_weight_dtype == "auto":
+        tips.append('set fp8_base = true (the frozen weights in fp8: half their memory), or base_weight_dtype = "nf4"')
+    elif cfg.base_weight_dtype != "nf4":
+        tips.append('base_weight_dtype = "nf4" (the frozen Linear weights in 4 bits)')
     w, h = cfg.resolution
     tips.append(f"lower resolution / max_bucket_reso (now {w}x{h}, max {cfg.max_bucket_reso})")
     first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]

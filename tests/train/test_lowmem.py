@@ -284,3 +284,17 @@ def test_loha_layer_adds_its_delta_to_a_low_precision_base(storage, conv):
         d = dora.dora_delta()
         torch.testing.assert_close(dora(x), y0 + (F.conv2d(x, d, None, 1, 1) if conv else F.linear(x, d)),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_out_of_memory_advice_names_the_low_memory_options():
+    from sd_loha.train.runtime import oom_advice
+
+    def advice(**kw) -> str:
+        cfg = load({"pretrained_model": "tiny-sd1", "train_data_dir": str(DEMO_IMAGES), "output_dir": "out",
+                    **kw}).config
+        return oom_advice(cfg, MemoryError("out of memory"))
+
+    assert "fp8_base = true" in advice() and "nf4" in advice()
+    assert "fp8_base = true" not in advice(fp8_base=True) and '"nf4"' in advice(fp8_base=True)
+    assert "fp8_base" not in advice(base_weight_dtype="nf4") and '"nf4"' not in advice(base_weight_dtype="nf4")
+    assert "cache_text_encoder_outputs = true" in advice(train_text_encoder=False)
