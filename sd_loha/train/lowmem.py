@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["BASE_DTYPES", "BITSANDBYTES_INSTALL", "OFFLOAD_DEVICE", "Offloader", "TEXT_ENCODERS", "base_storage",
-           "bitsandbytes_installed", "checkpointing_func", "idle_components", "placement", "store_frozen_base", "stored_as"]
+           "bitsandbytes_installed", "checkpointing_func", "idle_components", "store_frozen_base", "stored_as"]
 
 #: base_weight_dtype's values: auto = the mixed-precision dtype (bf16 / fp16 / fp32)
 BASE_DTYPES: tuple[str, ...] = ("auto", "fp8", "nf4", "int8")
@@ -49,12 +49,6 @@ def idle_components(*, latents_cached: bool, text_cached: bool, text_encoders: S
     """The pipeline components no training step runs: the VAE when every training latent comes from the cache,
     the text encoders when every caption's output does (which implies they are not trained)."""
     return (("vae",) if latents_cached else ()) + (tuple(text_encoders) if text_cached else ())
-
-
-def placement(components: Sequence[str], idle: Sequence[str], device: torch.device | str) -> dict[str, torch.device]:
-    """Where each component lives during the training steps: the idle ones on the CPU, the rest on ``device``."""
-    device = torch.device(device)
-    return {name: OFFLOAD_DEVICE if name in idle else device for name in components}
 
 
 class Offloader:

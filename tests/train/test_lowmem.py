@@ -8,9 +8,13 @@ strength 0 and 1, with the same noise and timesteps.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
+import sd_loha.train.loop as loop
+import sd_loha.train.sampling as sampling
 from sd_loha import cli
 from sd_loha.layers import LoHALayer
 from sd_loha.train import lowmem
@@ -37,7 +41,7 @@ class _Watch:
     def __init__(self, monkeypatch, measure: bool = False) -> None:
         self.trainer: Trainer | None = None
         self.losses: dict[float, float] = {}
-        self.stored: dict[str, str] = {}
+        self.stored: dict[str, tuple[str, int]] = {}
         watch = self
         setup, finish = Trainer.setup, Trainer._finish
 
@@ -95,9 +99,39 @@ def test_idle_components_and_their_placement_for_a_gpu():
     assert idle == ("vae", "text_encoder", "text_encoder_2")
     assert lowmem.idle_components(latents_cached=False, text_cached=False, text_encoders=("text_encoder",)) == ()
     assert lowmem.idle_components(latents_cached=True, text_cached=False, text_encoders=("text_encoder",)) == ("vae",)
-    where = lowmem.placement(("unet", "vae", "text_encoder", "text_encoder_2"), idle, "cuda")
-    assert where == {"unet": torch.device("cuda"), "vae": torch.device("cpu"), "text_encoder": torch.device("cpu"),
-                     "text_encoder_2": torch.device("cpu")}
+
+
+class _Component:
+    """A pipeline component that records where it is sent (a CUDA device works without one)."""
+
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name = log, name
+
+    def to(self, device):
+        self.log.append((self.name, str(torch.device(device))))
+        return self
+
+
+def test_offloader_moves_idle_components_between_the_gpu_and_the_cpu():
+    log: list = []
+    pipe = types.SimpleNamespace(**{n: _Component(log, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")})
+    off = lowmem.Offloader(pipe, ("vae", "text_encoder", "text_encoder_2"), "cuda")
+    assert off.parked == ()
+    off.park()
+    assert off.parked == ("vae", "text_encoder", "text_encoder_2")
+    assert log == [("vae", "cpu"), ("text_encoder", "cpu"), ("text_encoder_2", "cpu")]
+    log.clear()
+    with off.using(("vae",)):  # validation
+        assert off.parked == ("text_encoder", "text_encoder_2") and log == [("vae", "cuda")]
+    assert log == [("vae", "cuda"), ("vae", "cpu")]
+    log.clear()
+    with off.using():  # a sample grid; a nested use of what is already back moves nothing
+        with off.using(lowmem.TEXT_ENCODERS):
+            pass
+        assert off.parked == ()
+    assert log == [("vae", "cuda"), ("text_encoder", "cuda"), ("text_encoder_2", "cuda"),
+                   ("vae", "cpu"), ("text_encoder", "cpu"), ("text_encoder_2", "cpu")]
+    assert not any(name == "unet" for name, _ in log)
 
 
 def test_sdxl_run_parks_vae_and_text_encoders_and_samples_bring_them_back(tmp_path, monkeypatch):
@@ -114,7 +148,6 @@ def test_sdxl_run_parks_vae_and_text_encoders_and_samples_bring_them_back(tmp_pa
 
     monkeypatch.setattr(lowmem.Offloader, "_move", record)
     watch = _Watch(monkeypatch)
-    import sd_loha.train.sampling as sampling
     sample_images = sampling.sample_images
 
     def sampled(pipe, cfg, prompts=None):
@@ -141,8 +174,6 @@ def test_sdxl_run_parks_vae_and_text_encoders_and_samples_bring_them_back(tmp_pa
     assert brought.count("vae") == brought.count("text_encoder") + 2
 
     # the same run without offloading writes the same file
-    monkeypatch.setattr(lowmem, "idle_components", lambda **kw: ())
-    import sd_loha.train.loop as loop
     monkeypatch.setattr(loop, "idle_components", lambda **kw: ())
     _cli_run("sdxl_style.toml", "tiny-sdxl", tmp_path / "b", extra)
     assert watch.trainer.offload.parked == ()
@@ -164,7 +195,8 @@ STORAGE_RUNS = {
 @pytest.mark.parametrize("case", sorted(STORAGE_RUNS))
 def test_low_precision_base_learns_and_writes_a_normal_file(tmp_path, monkeypatch, case):
     option, config, model, te_parts, frozen_te = STORAGE_RUNS[case]
-    pytest.importorskip("bitsandbytes") if case in ("nf4", "int8") else None
+    if case in ("nf4", "int8"):
+        pytest.importorskip("bitsandbytes", reason="nf4 / int8 bases need bitsandbytes")
     watch = _Watch(monkeypatch, measure=True)
     out = tmp_path / "out"
     _cli_run(config, model, out, [option, "sample_every_n_steps=100", "save_every_n_steps=100"], steps=6)
@@ -226,7 +258,6 @@ def test_quantized_base_without_bitsandbytes_names_the_install_command(tmp_path,
     import sd_loha.train.config.rules as rules
     monkeypatch.setattr(rules, "bitsandbytes_installed", lambda: False)
     loaded = []
-    import sd_loha.train.loop as loop
     monkeypatch.setattr(loop, "load_pipeline", lambda *a, **kw: loaded.append(a))
     args = ["train", "--config", str(CONFIGS / "sdxl_style.toml"), "--set", "pretrained_model=tiny-sdxl",
             "--set", f"train_data_dir={DEMO_IMAGES}", "--set", f"output_dir={tmp_path}", "--set",
