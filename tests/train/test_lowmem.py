@@ -216,6 +216,8 @@ def test_low_precision_base_learns_and_writes_a_normal_file(tmp_path, monkeypatc
         assert not wrong, list(wrong.items())[:5]
     assert sum(v == storage for v, _ in unet.values()) > 10
 
+    # SD 1.x configs train the text encoder: only the VAE waits on the CPU; sdxl_style caches both encoders' outputs
+    assert watch.trainer.offload.parked == (("vae", "text_encoder", "text_encoder_2") if frozen_te else ("vae",))
     # the run learned: its adapter lowers the loss of the same batches, noise and timesteps
     assert watch.losses[1.0] < watch.losses[0.0], watch.losses
     config_name = load_config(CONFIGS / config).output_name
