@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
+from .lowmem import base_storage
 
 
 def training_metadata(cfg: TrainConfig, preflight, *, step: int, epoch: int, started: float,
@@ -44,6 +45,8 @@ def training_metadata(cfg: TrainConfig, preflight, *, step: int, epoch: int, sta
         "ss_total_batch_size": cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_mixed_precision": cfg.mixed_precision,
+        "ss_fp8_base": base_storage(cfg.fp8_base, cfg.base_weight_dtype) == "fp8",  # kohya's key
+        "ss_base_weight_dtype": base_storage(cfg.fp8_base, cfg.base_weight_dtype),
         "ss_seed": cfg.seed,
         "ss_clip_skip": cfg.clip_skip,
         "ss_min_snr_gamma": cfg.min_snr_gamma,

@@ -220,8 +220,10 @@ def test_low_precision_base_learns_and_writes_a_normal_file(tmp_path, monkeypatc
     assert watch.trainer.offload.parked == (("vae", "text_encoder", "text_encoder_2") if frozen_te else ("vae",))
     # the run learned: its adapter lowers the loss of the same batches, noise and timesteps
     assert watch.losses[1.0] < watch.losses[0.0], watch.losses
-    config_name = load_config(CONFIGS / config).output_name
-    assert_file_loads_everywhere(out / f"{config_name}.safetensors", model, monkeypatch, te_parts)
+    path = out / f"{load_config(CONFIGS / config).output_name}.safetensors"
+    meta = read_file(path)[1]
+    assert meta["ss_fp8_base"] == str(storage == "fp8") and meta["ss_base_weight_dtype"] == storage
+    assert_file_loads_everywhere(path, model, monkeypatch, te_parts)
 
 
 def test_fp8_checkpointed_gradients_match_uncheckpointed():
