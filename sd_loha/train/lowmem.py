@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["BASE_DTYPES", "BITSANDBYTES_INSTALL", "OFFLOAD_DEVICE", "Offloader", "TEXT_ENCODERS", "base_storage",
-           "bitsandbytes_installed", "checkpointing_func", "idle_components", "store_frozen_base", "stored_as"]
+           "bitsandbytes_installed", "checkpointing_func", "diffusers_has_layerwise_casting", "idle_components",
+           "store_frozen_base", "stored_as"]
 
 #: base_weight_dtype's values: auto = the mixed-precision dtype (bf16 / fp16 / fp32)
 BASE_DTYPES: tuple[str, ...] = ("auto", "fp8", "nf4", "int8")
@@ -37,6 +38,17 @@ NF4_BLOCK = 64  # bitsandbytes' default 4-bit block size
 
 def bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
+
+
+#: diffusers' layerwise casting (fp8 storage) and its custom checkpointing function came in 0.33
+LAYERWISE_CASTING_DIFFUSERS = (0, 33)
+
+
+def diffusers_has_layerwise_casting() -> bool:
+    from importlib.metadata import version
+
+    numbers = [int(p) for p in version("diffusers").split(".")[:2] if p.isdigit()]
+    return tuple(numbers) >= LAYERWISE_CASTING_DIFFUSERS
 
 
 def base_storage(fp8_base: bool, base_weight_dtype: str) -> str:

@@ -333,3 +333,13 @@ def test_out_of_memory_advice_names_the_low_memory_options():
     assert "fp8_base = true" not in advice(fp8_base=True) and '"nf4"' in advice(fp8_base=True)
     assert "fp8_base" not in advice(base_weight_dtype="nf4") and '"nf4"' not in advice(base_weight_dtype="nf4")
     assert "cache_text_encoder_outputs = true" in advice(train_text_encoder=False)
+
+
+def test_fp8_base_with_a_diffusers_without_layerwise_casting_is_refused(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.32.2" if name == "diffusers" else "1.0")
+    with pytest.raises(ConfigError, match=r"diffusers>=0\.33"):
+        load({"pretrained_model": "tiny-sd1", "train_data_dir": str(DEMO_IMAGES), "output_dir": str(tmp_path),
+              "fp8_base": True})
+    load({"pretrained_model": "tiny-sd1", "train_data_dir": str(DEMO_IMAGES), "output_dir": str(tmp_path)})

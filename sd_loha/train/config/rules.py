@@ -17,7 +17,7 @@ from typing import Literal
 from ...schedulers import sampler_problem
 from ...targets import PresetError, is_preset_file, read_preset
 from ..loss import PREDICTION_ONLY, prediction_mismatch
-from ..lowmem import BITSANDBYTES_INSTALL, bitsandbytes_installed
+from ..lowmem import BITSANDBYTES_INSTALL, base_storage, bitsandbytes_installed, diffusers_has_layerwise_casting
 from ..optim import OptimizerError, check_optimizer_args, resolve_optimizer
 from ..prompts import PromptError, read_prompt_entries
 from .errors import Problem, show
@@ -92,6 +92,13 @@ def one_base_dtype(cfg: TrainConfig) -> Iterator[Finding]:
         yield Finding(("fp8_base", "base_weight_dtype"),
                       f"fp8_base = true asks for an fp8 base but base_weight_dtype = \"{cfg.base_weight_dtype}\"",
                       "keep one of them: fp8_base = true (or base_weight_dtype = \"fp8\"), or base_weight_dtype alone")
+
+
+def fp8_base_needs_layerwise_casting(cfg: TrainConfig) -> Iterator[Finding]:
+    if base_storage(cfg.fp8_base, cfg.base_weight_dtype) == "fp8" and not diffusers_has_layerwise_casting():
+        yield Finding(("fp8_base", "base_weight_dtype"),
+                      "an fp8 base needs diffusers' layerwise casting, which this diffusers is too old for",
+                      'pip install -U "diffusers>=0.33"')
 
 
 def quantized_base_needs_bitsandbytes(cfg: TrainConfig) -> Iterator[Finding]:
@@ -360,6 +367,8 @@ RULES: tuple[Rule, ...] = (
          "unknown or malformed --option (the message names the file and line); a prompt's --ss/--s that its sampler "
          "cannot run (as for sample_sampler).", needs=("sample_prompts", "sample_sampler", "sample_steps")),
     Rule(one_base_dtype, "error", "fp8_base = true with base_weight_dtype other than auto / fp8."),
+    Rule(fp8_base_needs_layerwise_casting, "error",
+         "fp8_base = true or base_weight_dtype = fp8 with diffusers older than 0.33 (no layerwise casting)."),
     Rule(quantized_base_needs_bitsandbytes, "error",
          "base_weight_dtype = nf4 / int8 while bitsandbytes is not installed (the message gives the install "
          "command)."),
