@@ -460,7 +460,7 @@ class Trainer:
 
     def write_progress(self) -> Path | None:
         """samples/progress.png: the base, then every sample step of this run at the last sample strength."""
-        if not self.main:
+        if not self.main or not self.cfg.sample_prompts:
             return None
         with self.offload.using():
             return self._publish("progress", self.pictures.progress_grid(self.cfg))
