@@ -90,7 +90,9 @@ def forward_delta(x: torch.Tensor, base: nn.Module, factors: Sequence[torch.Tens
 def plain_weight(base: nn.Module) -> bool:
     """Whether ``base.weight`` is the weight its forward computes with, as a float tensor that W + ΔW can replace:
     not quantized (bitsandbytes 4/8-bit keep packed integers and scales), not stored in fp8 or cast per call by
-    a hook (diffusers' layerwise casting). Only such a layer can merge ΔW into its weight."""
+    a hook (diffusers' layerwise casting). Only such a layer takes the merge path: for the others W + ΔW would
+    start from a dequantized compute-dtype copy of W, which the merged op's backward would keep alive per layer
+    (a full-size weight each), undoing what the low-precision storage saves; they add ΔW·x instead."""
     w = getattr(base, "weight", None)
     if type(w) not in (torch.Tensor, nn.Parameter) or not w.is_floating_point() or w.element_size() < 2:
         return False
