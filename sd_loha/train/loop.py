@@ -210,13 +210,15 @@ class Trainer:
                               if te is not None]
         self._store_frozen_base()
         self.vae = self.pipe.vae.to(self.device).requires_grad_(False).eval()
-        self.unet = self.pipe.unet.to(self.device).requires_grad_(False)
+        # The UNet joins them on the device once the caches are built and what they needed has left (the end of
+        # _setup_caches): the device never holds the UNet and the caching encoders at once.
+        self.unet = self.pipe.unet.requires_grad_(False)
         for te in self.text_encoders:
             te.to(self.device).requires_grad_(False)
         self.offload = Offloader(self.pipe, (), self.device)  # nothing idle until the caches are built
 
     def _store_frozen_base(self) -> None:
-        """fp8 / nf4 / int8 storage of the frozen UNet (and text encoders, when not trained), before the move to
+        """fp8 / nf4 / int8 storage of the frozen UNet (and text encoders, when not trained), before they move to
         the device: bitsandbytes quantizes as the layers move."""
         cfg = self.cfg
         self.base_storage = base_storage(cfg.fp8_base, cfg.base_weight_dtype)
@@ -286,6 +288,7 @@ class Trainer:
         self.offload.park()
         if self.offload.parked and self.device.type != "cpu":
             self._print(f"kept on the CPU between samples: {', '.join(self.offload.parked)} (cached outputs)")
+        self.unet.to(self.device)  # with its LoHA layers; bitsandbytes quantizes its Linear layers here
 
     def _build_text_cache(self):
         """Every caption a step can see, encoded once. Caption dropout only adds the empty caption, so it is

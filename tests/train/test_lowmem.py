@@ -147,6 +147,15 @@ def test_sdxl_run_parks_vae_and_text_encoders_and_samples_bring_them_back(tmp_pa
         return move(self, name, device)
 
     monkeypatch.setattr(lowmem.Offloader, "_move", record)
+    from diffusers import UNet2DConditionModel
+    unet_to = UNet2DConditionModel.to
+
+    def unet_moved(self, *a, **kw):
+        if hasattr(watch.trainer, "offload"):  # set up after the pipeline is loaded (on the CPU)
+            moves.append(("move", "unet"))
+        return unet_to(self, *a, **kw)
+
+    monkeypatch.setattr(UNet2DConditionModel, "to", unet_moved)
     watch = _Watch(monkeypatch)
     sample_images = sampling.sample_images
 
@@ -160,7 +169,9 @@ def test_sdxl_run_parks_vae_and_text_encoders_and_samples_bring_them_back(tmp_pa
     trainer = watch.trainer
     assert trainer.offload.idle == ("vae", "text_encoder", "text_encoder_2")
     assert trainer.offload.parked == ("vae", "text_encoder", "text_encoder_2")  # parked again after the last use
-    assert moves[:3] == [("park", "vae"), ("park", "text_encoder"), ("park", "text_encoder_2")]
+    # the UNet goes to the device only after the caching encoders left it
+    assert moves[:4] == [("park", "vae"), ("park", "text_encoder"), ("park", "text_encoder_2"), ("move", "unet")]
+    moves.remove(("move", "unet"))
     # samples ran with nothing parked, and each component alternates: brought back, parked again
     assert states and all(parked == () for _, parked in states)
     for name in trainer.offload.idle:
