@@ -252,7 +252,9 @@ class Trainer:
         self.params = self.network.parameters()
         self._print(self.network.summary())
         if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing(checkpointing_func(self.base_storage))
+            custom = checkpointing_func(self.base_storage)
+            # diffusers < 0.33 takes no checkpointing function (fp8 storage, which needs one, is refused there)
+            self.unet.enable_gradient_checkpointing(*([custom] if custom is not None else []))
             if cfg.train_text_encoder:
                 for te in self.text_encoders:
                     enable_te_checkpointing(te)
