@@ -5,6 +5,11 @@ weight is always recomputed as original + Σ strength·ΔW over the adapters on 
 cast once: changing a strength never subtracts in half precision, and removing the last adapter
 restores the original bit for bit. After merging, the pipeline runs exactly the modules it ran before,
 so generation costs the same.
+
+Layers whose weight cannot take an exact merge (bitsandbytes 4/8-bit, float8 storage, quantized tensor types),
+and every layer when `apply_loha(merge=False)` asks, take the "bypass" path instead (sd_loha.bypass): a forward
+hook adds strength·ΔW·x and the stored weight is never written. One adapter may take both paths (e.g. merged
+into a quantized UNet's fp16 convs, bypassed on its 4-bit Linears); the ApplyReport says which layer took which.
 """
 
 from __future__ import annotations
@@ -21,16 +26,18 @@ import torch
 from torch import nn
 
 from .blocks import BlockWeights, BlockWeightsLike, layer_block_id, parse_block_weights
+from .bypass import BypassSlot, dora_problem, full_delta, weight_shape
 from .formats import load_adapter
 from .io import AdapterFileError, AdapterModule
-from .model_names import ModelLayers, file_architecture
+from .model_names import ModelLayers, UnsupportedWeightError, file_architecture, weight_problem
 from .models import detect_family
 from .naming import LYCORIS_PREFIX, PART_LABELS, name_part, parts_of_family
-from .ops import apply_dora, loha_delta, lora_delta
+from .ops import apply_dora
 
 logger = logging.getLogger(__name__)
 REGISTRY_ATTR = "_sd_loha_registry"
 KEEP_BLOCK_WEIGHTS = object()  # set_loha_strength's default: leave the block weights as they are
+MERGED, BYPASS = "merged", "bypass"  # the two paths a layer may take (ApplyReport.paths)
 
 
 class ArchitectureMismatchError(AdapterFileError):
@@ -44,14 +51,23 @@ class ApplyReport:
     unmatched: list[str]  # file modules that match no layer of this pipeline
     unsupported: list[str]  # modules of algorithms we do not merge (LoKr, OFT, ...)
     file_architecture: str | None
+    paths: dict[tuple[str, str], str] = field(default_factory=dict)  # (part, module path) -> MERGED | BYPASS
+    bypass_reasons: dict[str, int] = field(default_factory=dict)  # why layers were bypassed -> how many
 
     @property
     def total(self) -> int:
         return sum(self.patched.values())
 
+    @property
+    def bypassed(self) -> int:
+        return sum(1 for p in self.paths.values() if p == BYPASS)
+
     def __str__(self) -> str:
         parts = ", ".join(f"{PART_LABELS.get(p, p)}: {n}" for p, n in self.patched.items() if n)
         lines = [f"adapter {self.name!r}: {self.total} layers patched ({parts or 'none'})"]
+        if self.bypassed:
+            why = "; ".join(f"{n} {reason}" for reason, n in self.bypass_reasons.items())
+            lines[0] += f": {self.total - self.bypassed} merged, {self.bypassed} through bypass ({why})"
         if self.unmatched:
             lines.append(f"  {len(self.unmatched)} modules matched nothing: {', '.join(self.unmatched[:10])}"
                          + (" …" if len(self.unmatched) > 10 else ""))
@@ -67,6 +83,7 @@ class _Adapter:
     unet_strength: float
     te_strength: float
     layers: dict[tuple[str, str], AdapterModule]  # (part, module path) -> file module
+    bypassed: set[tuple[str, str]] = field(default_factory=set)  # the layers it is added on in the forward
     block_weights: BlockWeights | None = None
     block_factor: dict[tuple[str, str], float] = field(default_factory=dict)  # layer -> its block's weight
 
@@ -123,8 +140,21 @@ class _Registry:
     def __init__(self) -> None:
         self.adapters: dict[str, _Adapter] = {}
         self.slots: dict[tuple[str, str], _Slot] = {}
+        self.bypass: dict[tuple[str, str], BypassSlot] = {}
 
     def recompute(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Bring the merged weights and the bypass hooks of these layers up to the adapters' multipliers."""
+        keys = list(keys)
+        self._recompute_merged([k for k in keys if k in self.slots])
+        for key in keys:
+            slot = self.bypass.get(key)
+            if slot is not None:
+                merged = self.slots.get(key)
+                merged_state = () if merged is None else tuple(
+                    (n, self.adapters[n].multiplier(key)) for n in merged.adapters)
+                slot.refresh({n: self.adapters[n].multiplier(key) for n in slot.entries}, merged_state)
+
+    def _recompute_merged(self, keys: list[tuple[str, str]]) -> None:
         """Set each layer's weight to original + Σ strength·ΔW (fp32, one cast at the end).
 
         Per layer: original.float() + strength · ΔW for each active adapter in the order applied, in fp32.
@@ -133,7 +163,6 @@ class _Registry:
         2-3x faster than whole-layer products; freshly allocated memory costs more than the maths).
         ΔW is `merge_delta`'s, which equals ops.loha_delta's up to fp32 rounding of the BLAS.
         """
-        keys = list(keys)
         ws = _Workspace()
         with torch.no_grad():
             for key in keys:
@@ -152,7 +181,7 @@ class _Registry:
                     mod, strength = adapter.layers[key], adapter.multiplier(key)
                     base = original if i == 0 else acc
                     if mod.dora_scale is not None or mod.tucker:
-                        delta = _full_delta(mod, weight.shape, weight.device)
+                        delta = full_delta(mod, weight.shape, weight.device)
                         if mod.dora_scale is not None:
                             # DoRA re-normalises the whole weight; strength interpolates towards it (A1111/ComfyUI).
                             current = base.to(torch.float32)
@@ -225,19 +254,11 @@ def merge_delta(mod: AdapterModule, shape: Iterable[int], device: torch.device |
     shape = torch.Size(shape)
     device = torch.device(device)
     if mod.tucker:
-        return _full_delta(mod, shape, device)
+        return full_delta(mod, shape, device)
     acc = torch.zeros(shape, dtype=torch.float32, device=device)
     flat = acc.view(shape[0], -1)
     _add_flat_delta(mod, 1.0, flat, flat, _Workspace())
     return acc
-
-
-def _full_delta(mod: AdapterModule, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """scale · H as a fresh fp32 tensor of the weight's shape (Tucker forms and DoRA)."""
-    f = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in mod.tensors.items()}
-    if mod.algo == "loha":
-        return loha_delta(f, shape, mod.scale)
-    return lora_delta(f["lora_up.weight"], f["lora_down.weight"], f.get("lora_mid.weight"), shape=shape, scale=mod.scale)
 
 
 def _take_original(weight: torch.Tensor) -> torch.Tensor:
@@ -279,6 +300,7 @@ def apply_loha(
     name: str | None = None,
     strict: bool = False,
     block_weights: BlockWeightsLike | None = None,
+    merge: bool = True,
 ) -> ApplyReport:
     """Merge a LoHA (or LoRA/LoCon, or mixed) file into a pipeline's UNet and text encoder(s).
 
@@ -287,6 +309,11 @@ def apply_loha(
     `block_weights` (LoRA Block Weight's syntax, see sd_loha.blocks: a preset name such as "INS", a comma
     string or a list of 12/17/20/26 numbers) multiplies each layer's strength by its block's weight.
     Applying under a name that is already loaded replaces that adapter.
+
+    Layers whose weight cannot take an exact merge (bitsandbytes 4/8-bit, float8 storage, quantized tensor
+    types) get the adapter through bypass: a forward hook adds strength·ΔW·x and their stored weights are never
+    written (see sd_loha.bypass). `merge=False` puts every layer on that path: strength changes then rewrite no
+    weight at all (instant sweeps), at a small cost per generation step.
     """
     _check_strengths(strength=strength, unet_strength=unet_strength, text_encoder_strength=text_encoder_strength)
     weights = None if block_weights is None else parse_block_weights(block_weights)
@@ -304,6 +331,8 @@ def apply_loha(
     arch = file_architecture(parsed)
 
     layers: dict[tuple[str, str], AdapterModule] = {}
+    bypass_why: dict[tuple[str, str], str] = {}  # layer -> why it takes the bypass path
+    cannot: list[str] = []  # layers where even the bypass cannot work
     unmatched: list[str] = []
     missing_parts: set[str] = set()
     mismatched: list[str] = []
@@ -322,11 +351,17 @@ def apply_loha(
             unmatched.append(mod_name)
             continue
         hit = match.key
-        weight = match.weight  # refuses quantized / float8-stored layers before anything changes
-        problem = mod.shape_problem(weight.shape)
+        label = f"{PART_LABELS.get(match.part, match.part)} layer {match.path}"
+        if not isinstance(getattr(match.module, "weight", None), torch.Tensor):
+            cannot.append(f"{label} is a {type(match.module).__name__} without a weight tensor")
+            continue
+        why = _bypass_reason(match.module, merge, mod, cannot, label)
+        problem = mod.shape_problem(weight_shape(match.module))
         if problem is not None:
             mismatched.append(f"{mod_name}: {problem}")
             continue
+        if why is not None:
+            bypass_why[hit] = why
         if hit in layers:
             # Two names for one layer (e.g. diffusers- and LDM-style, or lycoris_ and lora_unet_): ambiguous.
             duplicates.append(f"{claimed[hit]} and {mod_name} (both {hit[1]})")
@@ -334,6 +369,10 @@ def apply_loha(
         layers[hit] = mod
         claimed[hit] = mod_name
 
+    if cannot:
+        raise UnsupportedWeightError(
+            f"{parsed.source}: {len(cannot)} layers cannot take the adapter, merged or in the forward: "
+            + "; ".join(cannot[:3]) + ". Load the pipeline without that quantization. Nothing was changed.")
     made_for = f"made for {arch}" if arch else "made for another architecture"
     if missing_parts:
         labels = ", ".join(PART_LABELS.get(p, p) for p in sorted(missing_parts))
@@ -389,16 +428,22 @@ def apply_loha(
         unet_strength=float(strength if unet_strength is None else unet_strength),
         te_strength=float(strength if text_encoder_strength is None else text_encoder_strength),
         layers=layers,
+        bypassed=set(bypass_why),
     )
     adapter.set_block_weights(weights, pipe.unet.config)
     reg.adapters[name] = adapter
-    for key in layers:
-        slot = reg.slots.get(key)
-        if slot is None:
-            module = model_layers.models[key[0]].get_submodule(key[1])
-            slot = reg.slots[key] = _Slot(module, _take_original(module.weight))
-        slot.adapters.append(name)
     try:
+        for key, mod in layers.items():
+            module = model_layers.models[key[0]].get_submodule(key[1])
+            if key in bypass_why:
+                if key not in reg.bypass:
+                    reg.bypass[key] = BypassSlot(module)
+                reg.bypass[key].add(name, mod)
+                continue
+            slot = reg.slots.get(key)
+            if slot is None:
+                slot = reg.slots[key] = _Slot(module, _take_original(module.weight))
+            slot.adapters.append(name)
         reg.recompute(layers)
     except BaseException:
         remove_loha(pipe, name)  # never leave a half-merged adapter behind
@@ -407,7 +452,24 @@ def apply_loha(
     patched: dict[str, int] = {p: 0 for p in model_layers.models}
     for part, _ in layers:
         patched[part] += 1
-    return ApplyReport(name, patched, unmatched, unsupported, arch)
+    reasons: dict[str, int] = {}
+    for why in bypass_why.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    paths = {key: BYPASS if key in bypass_why else MERGED for key in layers}
+    return ApplyReport(name, patched, unmatched, unsupported, arch, paths, reasons)
+
+
+def _bypass_reason(module: nn.Module, merge: bool, mod: AdapterModule, cannot: list[str], label: str) -> str | None:
+    """Why this layer takes the bypass path (None: it is merged). Layers where neither path works are added to
+    `cannot`: DoRA (which needs the weight's norm) on a weight sd-loha cannot read."""
+    problem = weight_problem(module)
+    if problem is None and merge:
+        return None
+    if mod.dora_scale is not None and dora_problem(module) is not None:
+        cannot.append(f"{label} {dora_problem(module)} (its DoRA needs the weight's norm)")
+    if problem is None:
+        return "merge=False"
+    return problem.removeprefix("is a ").removeprefix("stores its weight as ")
 
 
 def _check_strengths(**values: float | None) -> None:
@@ -447,8 +509,14 @@ def set_loha_strength(
 
 def keep_merged(pipe: Any) -> None:
     """Keep the merged weights as the model's own and drop the clean originals kept for strength changes and
-    removal (up to a second copy of the patched layers): afterwards the pipeline no longer knows its adapters."""
-    if hasattr(pipe.unet, REGISTRY_ATTR):
+    removal (up to a second copy of the patched layers): afterwards the pipeline no longer knows its adapters.
+    Refused while an adapter is on the bypass path: it is in no weight to keep."""
+    reg = _registry(pipe)
+    if reg is not None and reg.bypass:
+        names = sorted({n for slot in reg.bypass.values() for n in slot.entries})
+        raise ValueError(f"adapters {', '.join(names)} are added in the forward (bypass) on {len(reg.bypass)} layers, "
+                         "not merged into weights; keep_merged needs a pipeline in fp32/fp16/bf16 with merge=True")
+    if reg is not None:
         delattr(pipe.unet, REGISTRY_ATTR)
 
 
@@ -463,11 +531,17 @@ def remove_loha(pipe: Any, name: str | None = None) -> None:
             raise KeyError(f"no adapter named {n!r} is loaded; loaded: {', '.join(reg.adapters) or 'none'}")
         adapter = reg.adapters.pop(n)
         for key in adapter.layers:
-            reg.slots[key].adapters.remove(n)
+            # (A failed apply cleans up here too, before every layer got its entry.)
+            if key in adapter.bypassed and key in reg.bypass and n in reg.bypass[key].entries:
+                reg.bypass[key].remove(n)
+            elif key in reg.slots and n in reg.slots[key].adapters:
+                reg.slots[key].adapters.remove(n)
         reg.recompute(adapter.layers)
         for key in adapter.layers:
-            if not reg.slots[key].adapters:
+            if key in reg.slots and not reg.slots[key].adapters:
                 del reg.slots[key]  # weight is the original again; drop the clean copy and any spare buffer
+            if key in reg.bypass and not reg.bypass[key].entries:
+                reg.bypass.pop(key).close()  # the layer runs exactly its own forward again
 
 
 def loha_block_weights(pipe: Any, name: str) -> BlockWeights | None:
