@@ -66,7 +66,8 @@ class ApplyReport:
         parts = ", ".join(f"{PART_LABELS.get(p, p)}: {n}" for p, n in self.patched.items() if n)
         lines = [f"adapter {self.name!r}: {self.total} layers patched ({parts or 'none'})"]
         if self.bypassed:
-            why = "; ".join(f"{n} {reason}" for reason, n in self.bypass_reasons.items())
+            reasons = self.bypass_reasons
+            why = "; ".join(reason if len(reasons) == 1 else f"{n}: {reason}" for reason, n in reasons.items())
             lines[0] += f": {self.total - self.bypassed} merged, {self.bypassed} through bypass ({why})"
         if self.unmatched:
             lines.append(f"  {len(self.unmatched)} modules matched nothing: {', '.join(self.unmatched[:10])}"

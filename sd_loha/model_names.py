@@ -2,9 +2,9 @@
 
 naming.py builds every name a file may give each layer of a model; this module puts those tables together for
 a whole pipeline (:class:`ModelLayers`), tells which part a LyCORIS ``lycoris_<path>`` name may belong to
-(:func:`name_candidates`), which architecture a file was made for (:func:`file_architecture`), and refuses
-layers whose weights sd-loha cannot change (quantized or float8-stored: :func:`weight_problem`), before
-anything changes.
+(:func:`name_candidates`), which architecture a file was made for (:func:`file_architecture`), and tells which layers' weights cannot take an
+exact merge (quantized or float8-stored: :func:`weight_problem`; apply_loha adds adapters to those in the forward,
+sd_loha.bypass; what needs the weight itself, such as convert, refuses them before anything changes).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ _BNB_KINDS = {"Linear4bit": "4-bit quantized", "LinearFP4": "4-bit (FP4) quantiz
 
 
 class UnsupportedWeightError(ValueError):
-    """A pipeline layer that a file adapts stores its weight in a form sd-loha cannot merge into (bitsandbytes
-    4/8-bit, float8 storage, a quantized tensor subclass). Raised before any weight changes."""
+    """A pipeline layer that a file adapts stores its weight in a form the operation cannot use (convert needs
+    the weight itself; apply_loha refuses only what even its bypass cannot do, such as DoRA on a weight it
+    cannot read). Raised before any weight changes."""
 
 
 def pipeline_models(pipe: Any) -> dict[str, nn.Module]:
@@ -84,9 +85,9 @@ def file_architecture(parsed: ParsedFile) -> str | None:
 
 
 def weight_problem(module: nn.Module) -> str | None:
-    """Why sd-loha cannot merge into this layer's weight (None when it can): a bitsandbytes 4/8-bit layer, a
-    quantized tensor subclass, or a weight stored in a dtype that is not fp32/fp16/bf16 (e.g. float8 from
-    diffusers' enable_layerwise_casting)."""
+    """Why sd-loha cannot merge exactly into this layer's weight (None when it can): a bitsandbytes 4/8-bit layer,
+    a quantized tensor subclass, or a weight stored in a dtype that is not fp32/fp16/bf16 (e.g. float8 from
+    diffusers' enable_layerwise_casting). apply_loha takes such layers through the bypass path instead."""
     cls = type(module)
     if cls.__module__.split(".")[0] == "bitsandbytes":
         kind = _BNB_KINDS.get(cls.__name__, "quantized")
@@ -115,12 +116,14 @@ class LayerMatch:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The layer's weight; an UnsupportedWeightError when sd-loha cannot merge into it."""
+        """The layer's weight, for what needs the weight itself (convert); an UnsupportedWeightError when it is
+        not a plain fp32/fp16/bf16 tensor."""
         problem = weight_problem(self.module)
         if problem is not None:
             raise UnsupportedWeightError(
-                f"{PART[self.part].label} layer {self.path} {problem}; sd-loha cannot merge into quantized or "
-                "float8-stored weights yet. Load the pipeline without quantization (no BitsAndBytesConfig / "
+                f"{PART[self.part].label} layer {self.path} {problem}; this needs the weight itself, which a quantized "
+                "or float8-stored layer does not give exactly (apply_loha adds adapters to such layers in the forward "
+                "instead). Load the pipeline without quantization (no BitsAndBytesConfig / "
                 "quantization_config, no enable_layerwise_casting) in fp32, fp16 or bf16. Nothing was changed.")
         return self.module.weight
 

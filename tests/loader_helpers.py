@@ -86,3 +86,29 @@ def group_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, to
     for k, v in state_dict.items():
         out.setdefault(k.split(".", 1)[0], {})[k] = v
     return out
+
+
+def quantize_unet_linears(unet: nn.Module, bits: int) -> int:
+    """Replace every Linear of `unet` by a bitsandbytes Linear4bit (NF4) or Linear8bitLt (LLM.int8), quantized on
+    the CPU, as diffusers' BitsAndBytesConfig does on a GPU."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for path, module in list(unet.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        data = module.weight.data.clone()
+        if bits == 4:
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4")
+        else:
+            q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                    has_fp16_weights=False)
+            q.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        parent, _, attr = path.rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, attr, q.to("cpu"))  # .to() quantizes
+        n += 1
+    return n
