@@ -120,11 +120,15 @@ def default_device() -> tuple[str, torch.dtype]:
 
 
 class GenerationSession:
-    """A loaded base pipeline plus the adapters merged into it."""
+    """A loaded base pipeline plus the adapters merged into it. `merge=False` adds them in the forward instead
+    (apply_loha's bypass): strength changes then rewrite no weight, for sweeps over many strengths. Layers that
+    cannot take a merge (a quantized or fp8 pipeline put in `self.pipe`) take the bypass either way."""
 
-    def __init__(self, model: str, *, device: str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: str, *, device: str | None = None, dtype: torch.dtype | None = None,
+                 merge: bool = True) -> None:
         dev, dt = default_device()
         self.model = model
+        self.merge = merge
         self.device = device or dev
         self.pipe = load_pipeline(model, device=self.device, dtype=dtype or dt)
         self.adapters: list[AdapterSpec] = []
@@ -146,7 +150,7 @@ class GenerationSession:
                                   block_weights=spec.block_weights)
             else:
                 apply_loha(self.pipe, spec.path, unet_strength=spec.strength, text_encoder_strength=te, name=spec.name,
-                           block_weights=spec.block_weights)
+                           block_weights=spec.block_weights, merge=self.merge)
         self.adapters = list(specs)
 
     def set_scheduler(self, name: str) -> str:

@@ -28,7 +28,7 @@ from torch import nn
 from .blocks import BlockWeights, BlockWeightsLike, layer_block_id, parse_block_weights
 from .bypass import BypassSlot, dora_problem, full_delta, weight_shape
 from .formats import load_adapter
-from .io import AdapterFileError, AdapterModule
+from .io import AdapterFileError, AdapterModule, ParsedFile
 from .model_names import ModelLayers, UnsupportedWeightError, file_architecture, weight_problem
 from .models import detect_family
 from .naming import LYCORIS_PREFIX, PART_LABELS, name_part, parts_of_family
@@ -397,29 +397,7 @@ def apply_loha(
             f"(file {made_for if arch else 'of unknown architecture'}; first keys: {', '.join(list(parsed.modules)[:3])}). "
             "Nothing was changed."
         )
-    unsupported = sorted(parsed.unsupported)
-    if strict and (unmatched or unsupported or parsed.ignored):
-        problems = []
-        if unmatched:
-            problems.append(f"{len(unmatched)} modules match no layer of this pipeline: "
-                            + ", ".join(unmatched[:20]) + (" …" if len(unmatched) > 20 else ""))
-        if unsupported:
-            problems.append(f"{len(unsupported)} modules use an algorithm sd-loha does not merge: "
-                            + ", ".join(unsupported[:20]) + (" …" if len(unsupported) > 20 else ""))
-        if parsed.ignored:
-            problems.append(f"{len(parsed.ignored)} modules carry parameters sd-loha does not know: "
-                            + ", ".join(f"{n} ({', '.join(p)})" for n, p in list(parsed.ignored.items())[:5]))
-        raise AdapterFileError(f"{parsed.source} (strict=True): " + "; ".join(problems)
-                               + ". Nothing was changed; pass strict=False to apply the rest.")
-    if unmatched:
-        logger.warning("%s: %d modules match no layer and were skipped: %s", parsed.source, len(unmatched),
-                       ", ".join(unmatched[:20]) + (" …" if len(unmatched) > 20 else ""))
-    if unsupported:
-        logger.warning("%s: %d modules use an algorithm sd-loha does not merge and were skipped: %s", parsed.source,
-                       len(unsupported), ", ".join(unsupported[:20]) + (" …" if len(unsupported) > 20 else ""))
-    if parsed.ignored:
-        logger.warning("%s: %d modules carry parameters sd-loha does not know, which were ignored: %s", parsed.source,
-                       len(parsed.ignored), ", ".join(f"{n} ({', '.join(p)})" for n, p in list(parsed.ignored.items())[:5]))
+    unsupported = _check_leftovers(parsed, unmatched, strict)
 
     reg = _registry(pipe, create=True)
     if name in reg.adapters:
@@ -458,6 +436,35 @@ def apply_loha(
         reasons[why] = reasons.get(why, 0) + 1
     paths = {key: BYPASS if key in bypass_why else MERGED for key in layers}
     return ApplyReport(name, patched, unmatched, unsupported, arch, paths, reasons)
+
+
+def _check_leftovers(parsed: ParsedFile, unmatched: list[str], strict: bool) -> list[str]:
+    """What of the file will not be applied (unmatched modules, algorithms sd-loha does not merge, unknown
+    parameters): an error with strict=True, else warnings. Returns the unsupported modules' names."""
+    unsupported = sorted(parsed.unsupported)
+    if strict and (unmatched or unsupported or parsed.ignored):
+        problems = []
+        if unmatched:
+            problems.append(f"{len(unmatched)} modules match no layer of this pipeline: "
+                            + ", ".join(unmatched[:20]) + (" …" if len(unmatched) > 20 else ""))
+        if unsupported:
+            problems.append(f"{len(unsupported)} modules use an algorithm sd-loha does not merge: "
+                            + ", ".join(unsupported[:20]) + (" …" if len(unsupported) > 20 else ""))
+        if parsed.ignored:
+            problems.append(f"{len(parsed.ignored)} modules carry parameters sd-loha does not know: "
+                            + ", ".join(f"{n} ({', '.join(p)})" for n, p in list(parsed.ignored.items())[:5]))
+        raise AdapterFileError(f"{parsed.source} (strict=True): " + "; ".join(problems)
+                               + ". Nothing was changed; pass strict=False to apply the rest.")
+    if unmatched:
+        logger.warning("%s: %d modules match no layer and were skipped: %s", parsed.source, len(unmatched),
+                       ", ".join(unmatched[:20]) + (" …" if len(unmatched) > 20 else ""))
+    if unsupported:
+        logger.warning("%s: %d modules use an algorithm sd-loha does not merge and were skipped: %s", parsed.source,
+                       len(unsupported), ", ".join(unsupported[:20]) + (" …" if len(unsupported) > 20 else ""))
+    if parsed.ignored:
+        logger.warning("%s: %d modules carry parameters sd-loha does not know, which were ignored: %s", parsed.source,
+                       len(parsed.ignored), ", ".join(f"{n} ({', '.join(p)})" for n, p in list(parsed.ignored.items())[:5]))
+    return unsupported
 
 
 def _bypass_reason(module: nn.Module, merge: bool, mod: AdapterModule, cannot: list[str], label: str) -> str | None:

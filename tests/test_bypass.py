@@ -19,7 +19,7 @@ from torch import nn
 from sd_loha import apply_loha, list_loha, remove_loha, set_loha_strength
 from sd_loha.merge import BYPASS, MERGED, keep_merged
 
-from .loader_helpers import all_models, assert_unchanged, make_loha_file, quantize_unet_linears, snapshot
+from .loader_helpers import all_models, assert_unchanged, changed, make_loha_file, quantize_unet_linears, snapshot
 
 ACT_TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -300,3 +300,33 @@ def test_bypass_computes_in_the_layers_half_precision(tiny_pipe, files):
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     assert F.mse_loss(got.float(), want) < 1e-4
+
+
+def test_generation_session_on_a_quantized_unet_and_with_merge_false(files):
+    """GenerationSession needs nothing new for a quantized pipeline (apply_loha takes its 4-bit layers through
+    bypass): strength 0 is the base image exactly, strength changes write no stored tensor; merge=False gives the
+    merged session's image."""
+    pytest.importorskip("bitsandbytes")
+    import numpy as np
+
+    from sd_loha.generate import AdapterSpec, GenerationSession
+
+    gen = dict(seed=1, steps=2, width=64, height=64, scheduler="euler")
+    quantized = GenerationSession("tiny-sd1", device="cpu")
+    quantize_unet_linears(quantized.pipe.unet, 4)
+    plain = np.asarray(quantized.generate("a poster", **gen)[0][0])
+    quantized.set_adapters([AdapterSpec(str(files["a"]), 0.0)])
+    assert np.array_equal(np.asarray(quantized.generate("a poster", **gen)[0][0]), plain)
+    snap = snapshot(quantized.pipe)
+    quantized.set_adapters([AdapterSpec(str(files["a"]), 1.0)])
+    one = np.asarray(quantized.generate("a poster", **gen)[0][0])
+    assert np.abs(one.astype(int) - plain.astype(int)).max() > 0
+    bnb_weights = [k for k in snap if k.startswith("unet:") and snap[k].dtype == torch.uint8]
+    assert bnb_weights and not set(bnb_weights) & set(changed(quantized.pipe, snap))
+
+    merged, bypassed = GenerationSession("tiny-sd1", device="cpu"), GenerationSession("tiny-sd1", device="cpu",
+                                                                                        merge=False)
+    for s in (merged, bypassed):
+        s.set_adapters([AdapterSpec(str(files["a"]), 0.8)])
+    a, b = (np.asarray(s.generate("a poster", **gen)[0][0]).astype(int) for s in (merged, bypassed))
+    assert np.abs(a - b).max() <= 1  # uint8 pixels: fp32 rounding may flip one level
