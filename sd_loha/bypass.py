@@ -58,17 +58,27 @@ def weight_shape(module: nn.Module) -> torch.Size:
     return weight.shape
 
 
+def _float_storage(weight: torch.Tensor) -> bool:
+    """A weight that is its own values in a floating dtype (float8 included): plain tensors, and bitsandbytes
+    parameters not (yet) quantized."""
+    bnb_param = type(weight).__name__ in ("Params4bit", "Int8Params")
+    return weight.is_floating_point() and (type(weight) in (torch.Tensor, nn.Parameter) or bnb_param)
+
+
 def dora_problem(module: nn.Module) -> str | None:
     """Why :func:`dequantized_weight` cannot read this layer's weight (None when it can)."""
     weight = module.weight
     name = type(weight).__name__
-    if name == "Params4bit" and getattr(weight, "quant_state", None) is None:
-        return "is a bitsandbytes 4-bit weight that is not quantized yet (move the model to its device first)"
-    if name == "Int8Params" and weight.dtype == torch.int8 and getattr(weight, "SCB", None) is None:
-        return "is a bitsandbytes 8-bit weight without its scales (SCB)"
-    if name not in ("Params4bit", "Int8Params") and type(weight) not in (torch.Tensor, nn.Parameter):
-        if not callable(getattr(weight, "dequantize", None)):
-            return f"stores its weight as {name}, which has no dequantize()"
+    if _float_storage(weight) or weight.is_quantized:
+        return None
+    if name == "Params4bit":
+        return None if getattr(weight, "quant_state", None) is not None else \
+            "is a bitsandbytes 4-bit weight without its quant_state"
+    if name == "Int8Params":
+        return None if getattr(weight, "SCB", None) is not None else "is a bitsandbytes 8-bit weight without its SCB"
+    if getattr(type(weight), "dequantize", torch.Tensor.dequantize) is torch.Tensor.dequantize:
+        # (torch.Tensor's own dequantize() is for torch's quantized dtypes; a tensor type must bring its own)
+        return f"stores its weight as {name}, which has no dequantize()"
     return None
 
 
@@ -82,15 +92,15 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         raise UnsupportedWeightError(f"{type(module).__name__} {problem}")
     weight = module.weight
     name = type(weight).__name__
+    if _float_storage(weight):
+        return weight.detach().float()
     if name == "Params4bit":
         import bitsandbytes.functional as bnb_f
 
         return bnb_f.dequantize_4bit(weight.data, weight.quant_state).float().reshape(weight_shape(module))
-    if name == "Int8Params" and weight.dtype == torch.int8:
+    if name == "Int8Params":
         return weight.data.float() * (weight.SCB.float()[:, None] / 127.0)
-    if type(weight) not in (torch.Tensor, nn.Parameter):
-        return weight.dequantize().float()
-    return weight.detach().float()
+    return weight.dequantize().float()
 
 
 def full_delta(mod: AdapterModule, shape: torch.Size, device: torch.device | str,
@@ -298,7 +308,8 @@ class BypassSlot:
         return ((scaled, *args[1:]), kwargs) if args else (args, {**kwargs, "input": scaled})
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        x, self._x = (self._x, None) if self._x is not None else (args[0] if args else kwargs["input"], None)
+        x = self._x if self._x is not None else (args[0] if args else kwargs["input"])  # the unscaled input
+        self._x = None
         if not self._plan and self._base_out is None:
             return None
         linear = len(self.shape) == 2

@@ -130,27 +130,33 @@ def test_bitsandbytes_layers_load_through_bypass_and_stay_as_stored(tmp_path, ti
         loha_to_lora(path, rank=2, model=pipe)
 
 
-def test_dora_on_an_unreadable_quantized_weight_is_refused_before_anything_changes(tmp_path, tiny_pipe):
-    """What still cannot work: DoRA needs the weight's norm, and a bitsandbytes 4-bit layer that was never
-    quantized (no quant_state) cannot be read; refused by name, nothing changed (merged layers included)."""
-    pytest.importorskip("bitsandbytes")
-    import bitsandbytes as bnb
+class _PackedWeight(torch.Tensor):
+    """A quantized tensor type sd-loha knows nothing about: no dequantize()."""
 
+
+def test_dora_on_an_unreadable_quantized_weight_is_refused_before_anything_changes(tmp_path, tiny_pipe):
+    """What still cannot work: DoRA needs the weight's norm, and a quantized tensor type without dequantize()
+    cannot be read; refused by name, nothing changed (merged layers included), no hook left. Without DoRA the
+    same layer takes the bypass."""
     pipe = tiny_pipe("tiny-sd1")
-    path = tmp_path / "dora.safetensors"
-    make_loha_file(pipe, path, dora_wd=True)
+    dora, plain = tmp_path / "dora.safetensors", tmp_path / "plain.safetensors"
+    make_loha_file(pipe, dora, dora_wd=True)
+    make_loha_file(pipe, plain)
     layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
-    q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4")  # not .to(): raw
-    pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q = q
+    data = layer.weight.detach().clone()
+    del layer.weight
+    layer.weight = torch.Tensor._make_subclass(_PackedWeight, data)
+    assert weight_problem(layer) == "stores its weight as _PackedWeight (a quantized tensor type)"
     before = _state(pipe.unet), _state(pipe.text_encoder)
-    with pytest.raises(UnsupportedWeightError, match=r"UNet layer \S+to_q is a bitsandbytes 4-bit weight that is "
-                                                     r"not quantized yet.*DoRA needs the weight's norm"):
-        apply_loha(pipe, path)
+    with pytest.raises(UnsupportedWeightError, match=r"UNet layer \S+to_q stores its weight as _PackedWeight, "
+                                                     r"which has no dequantize\(\) \(its DoRA needs the weight's norm\)"):
+        apply_loha(pipe, dora)
     after = _state(pipe.unet), _state(pipe.text_encoder)
     for b, a in zip(before, after):
         assert b.keys() == a.keys() and all(torch.equal(b[k], a[k]) for k in b)
-    assert not q._forward_hooks
+    assert not any(m._forward_hooks for m in pipe.unet.modules())
+    report = apply_loha(pipe, plain)
+    assert report.bypass_reasons == {"_PackedWeight (a quantized tensor type)": 1}
 
 
 def test_float8_layerwise_casting_loads_through_bypass(tmp_path, tiny_pipe):
