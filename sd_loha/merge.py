@@ -496,7 +496,8 @@ def set_loha_strength(
     block_weights: BlockWeightsLike | None | object = KEEP_BLOCK_WEIGHTS,
 ) -> None:
     """Change one loaded adapter's strength (UNet and text encoder together, or each on its own) and/or its
-    block weights (None: no block weights; left out: unchanged). Exact: recomputed from the original weights."""
+    block weights (None: no block weights; left out: unchanged). Exact: recomputed from the original weights; on
+    bypassed layers only the numbers the hooks read change (no weight is written)."""
     _check_strengths(strength=strength, unet_strength=unet_strength, text_encoder_strength=text_encoder_strength)
     keep = block_weights is KEEP_BLOCK_WEIGHTS
     weights = None if keep or block_weights is None else parse_block_weights(block_weights)  # type: ignore[arg-type]
