@@ -12,6 +12,7 @@ bench/RESULTS.md ("Bypass").
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -97,14 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", action="store_true", help="write the section into bench/RESULTS.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     tables = [_table(m, args.rounds, args.threads) for m in args.models]
+    load_after = os.getloadavg()[0]
     section = "\n".join([
         "## Bypass: adapters added in the forward (apply_loha merge=False, quantized pipelines)",
         "",
         f"Command: `python bench/bench_bypass.py --models {' '.join(args.models)} --rounds {args.rounds} "
         f"--threads {args.threads}`",
         "",
-        f"Machine: {bench_loader.machine()}; torch threads {args.threads}. {bench_loader.versions()}",
+        f"Machine: {bench_loader.machine()}; torch threads {args.threads}. {bench_loader.versions()}. Load average "
+        f"before / after: {load_before:.1f} / {load_after:.1f} (on a shared machine the minimums are the steadier figures).",
         "One full-preset LoHA file (rank 8 / alpha 4, 3×3 convs rank 4 / alpha 1, stored fp16) loaded twice into one "
         "fp32 pipeline with random weights: merged (`apply_loha`) and bypassed (`merge=False`); the arms alternate in "
         "rotating order, each pass after one untimed pass. The bypass computes the same layer outputs to fp32 "
