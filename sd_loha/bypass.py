@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .forward import tokens
+from .forward import base_weight, tokens
 from .io import AdapterModule
 from .model_names import UnsupportedWeightError
 
@@ -85,23 +85,16 @@ def dora_problem(module: nn.Module) -> str | None:
 
 @torch.no_grad()
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as the forward uses it, in fp32, on its device, in its logical shape: bitsandbytes
-    NF4/FP4 through dequantize_4bit, LLM.int8 as int8 · SCB / 127 (row-wise absmax), a tensor subclass through its
-    dequantize(), float8 storage upcast exactly."""
+    """The layer's weight as the forward uses it, in fp32, on its device, in its logical shape: bitsandbytes and
+    float8 storage as the training layer reads them (:func:`sd_loha.forward.base_weight`), a quantized tensor type
+    through its own dequantize()."""
     problem = dora_problem(module)
     if problem is not None:
         raise UnsupportedWeightError(f"{type(module).__name__} {problem}")
     weight = module.weight
-    name = type(weight).__name__
-    if _float_storage(weight):
-        return weight.detach().float()
-    if name == "Params4bit":
-        import bitsandbytes.functional as bnb_f
-
-        return bnb_f.dequantize_4bit(weight.data, weight.quant_state).float().reshape(weight_shape(module))
-    if name == "Int8Params":
-        return weight.data.float() * (weight.SCB.float()[:, None] / 127.0)
-    return weight.dequantize().float()
+    if weight.is_quantized or (not _float_storage(weight) and type(weight).__name__ not in ("Params4bit", "Int8Params")):
+        return weight.dequantize().float()
+    return base_weight(module, torch.float32).reshape(weight_shape(module))
 
 
 def full_delta(mod: AdapterModule, shape: torch.Size, device: torch.device | str,
