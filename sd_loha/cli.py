@@ -62,7 +62,7 @@ def default_guidance(model: str) -> float:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import AdapterSpec, GenerationSession, save_png
 
-    session = GenerationSession(args.model, device=args.device)
+    session = GenerationSession(args.model, device=args.device, merge=not args.no_merge)
     specs = [AdapterSpec.parse(s) for s in args.loha]
     session.set_adapters(specs)
     out_dir = Path(args.output_dir)
@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="outputs")
     g.add_argument("--prefix", default="", help="file name prefix")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    g.add_argument("--no-merge", action="store_true",
+                   help="add the adapters in the forward (bypass) instead of merging them into the weights: stored "
+                        "weights untouched, a little slower per step (quantized or fp8 layers take this path anyway)")
     g.set_defaults(func=_cmd_generate)
 
     m = sub.add_parser("merge", help="bake LoHA adapters into a base model: a diffusers folder or one .safetensors "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sd_loha.cli import main
 from sd_loha.toy.evaluate import GUIDANCE  # toy-sd1's model card: it draws best at this guidance
@@ -44,7 +45,7 @@ def test_generate_guidance_default_follows_the_model(args, guidance, monkeypatch
     seen = {}
 
     class Session:
-        def __init__(self, model, device=None):
+        def __init__(self, model, device=None, merge=True):
             seen["model"] = model
 
         def set_adapters(self, specs):
@@ -57,3 +58,38 @@ def test_generate_guidance_default_follows_the_model(args, guidance, monkeypatch
     monkeypatch.setattr(sd_loha.generate, "GenerationSession", Session)
     assert main(["generate", "--prompt", "a red circle on a white background", "--output-dir", str(tmp_path), *args]) == 0
     assert seen["guidance_scale"] == guidance
+
+
+def test_generate_no_merge_adds_the_adapter_in_the_forward(tmp_path, monkeypatch):
+    """--no-merge: the same picture as the merged adapter, with the UNet's stored weights untouched."""
+    import numpy as np
+    from PIL import Image
+
+    import sd_loha.generate
+    from sd_loha.models import load_pipeline
+
+    from .loader_helpers import make_loha_file, snapshot
+
+    adapter = tmp_path / "style.safetensors"
+    make_loha_file(load_pipeline("tiny-sd1"), adapter, std=0.3)
+    sessions = []
+
+    class Recorded(sd_loha.generate.GenerationSession):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            sessions.append(self)
+
+    monkeypatch.setattr(sd_loha.generate, "GenerationSession", Recorded)
+    pictures = {}
+    for name, extra in {"merged": [], "bypass": ["--no-merge"], "base": None}.items():
+        loha = [] if extra is None else ["--loha", f"{adapter}:1"]
+        out = tmp_path / name
+        assert main(["generate", "--model", "tiny-sd1", *loha, "--prompt", "a red circle", "--seed", "3",
+                     "--steps", "2", "--device", "cpu", "--output-dir", str(out), *(extra or [])]) == 0
+        pictures[name] = np.asarray(Image.open(next(out.glob("*.png"))), dtype=np.int16)
+        if name == "bypass":
+            untouched, stored = snapshot(load_pipeline("tiny-sd1")), snapshot(sessions[-1].pipe)
+            assert untouched.keys() == stored.keys()
+            assert all(torch.equal(untouched[k], stored[k]) for k in untouched)
+    assert np.abs(pictures["merged"] - pictures["base"]).max() > 8  # the adapter shows
+    assert np.abs(pictures["bypass"] - pictures["merged"]).max() <= 1  # fp32 rounding, then 8-bit pixels
