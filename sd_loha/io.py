@@ -203,8 +203,8 @@ def _unreadable(path: Path, reason: str) -> AdapterFileError:
                             "re-download or re-export it.")
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, refusing anything that is not safetensors."""
+def _readable_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or the error for a pickle or a missing file (before safetensors sees it)."""
     p = Path(path)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterFileError(
@@ -213,6 +213,28 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         )
     if not p.is_file():
         raise AdapterFileError(f"{p}: no such file")
+    return p
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """The parsed JSON header of a safetensors file and the byte offset where its data starts, with no tensor
+    read; refused as read_safetensors refuses (safetensors validates the header, dtypes and offsets)."""
+    p = _readable_path(path)
+    try:
+        with safe_open(str(p), framework="pt", device="cpu"):
+            pass
+        with open(p, "rb") as f:
+            n = _header_length(f, p.stat().st_size)
+            return json.loads(f.read(n)), 8 + n
+    except OSError as e:
+        raise AdapterFileError(f"{p}: cannot read the file ({e.strerror or e}); check its permissions") from None
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise _unreadable(p, str(e)) from None
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, refusing anything that is not safetensors."""
+    p = _readable_path(path)
     try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(p), framework="pt", device="cpu") as f:

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .atomic import replace_file_atomic
-from .io import PICKLE_SUFFIXES, read_safetensors
+from .io import read_safetensors_header
 
 __all__ = ["FIELDS", "read_metadata", "edit_metadata", "thumbnail_data_url", "format_metadata"]
 
@@ -39,26 +39,9 @@ _IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _HEADER_ALIGN = 8  # safetensors pads its header with spaces so the data starts 8-byte aligned
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    """The parsed JSON header of a safetensors file and where its data starts; no tensor is read."""
-    from safetensors import safe_open
-
-    if path.suffix.lower() in PICKLE_SUFFIXES or not path.is_file():
-        read_safetensors(path)  # raises the error that says what to do (never unpickles)
-    try:
-        with safe_open(str(path), framework="pt"):  # validates the header, dtypes and offsets only
-            pass
-    except Exception:  # noqa: BLE001 - safetensors' own error types; read_safetensors words them
-        read_safetensors(path)
-        raise
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A safetensors file's `__metadata__` (empty when it has none)."""
-    header, _ = _header(Path(path))
+    header, _ = read_safetensors_header(path)
     return dict(header.get("__metadata__") or {})
 
 
@@ -90,7 +73,7 @@ def edit_metadata(path: str | os.PathLike, changes: Mapping[str, str | None],
     bad = [k for k, v in changes.items() if not isinstance(k, str) or not (v is None or isinstance(v, str))]
     if bad:
         raise ValueError(f"{src}: metadata keys and values must be strings (None removes a key): {bad[:5]}")
-    header, data_start = _header(src)
+    header, data_start = read_safetensors_header(src)
     meta = dict(header.get("__metadata__") or {})
     for key, value in changes.items():
         if value is None:
