@@ -91,6 +91,19 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike, **pil_kwargs)
     return write_atomic(path, buf.getvalue())
 
 
+def remove_atomic(path: str | os.PathLike) -> None:
+    """Delete a file, or a folder by first renaming it to a hidden temp name beside it: a kill in the middle of
+    the rmtree leaves a `.<name>.<random>.tmp` leftover (which state.clean_stale_temp removes), never a
+    half-deleted folder under its real name."""
+    path = Path(path)
+    if not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    _, doomed = _create_beside(path.parent, path.name, lambda p: os.mkdir(p, 0o700))
+    os.replace(path, doomed)  # onto the empty temp folder: an atomic rename on POSIX
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _swap_folder(new: Path, path: Path) -> None:
     """Put the folder `new` at `path`; an existing `path` is renamed aside first and put back if the second
     rename fails, so `path` is always either the old folder or the new one."""

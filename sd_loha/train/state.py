@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import remove_atomic
 from ..io import read_safetensors, save_safetensors_atomic
 
 STATE_PREFIX = "state-"
@@ -63,7 +64,7 @@ def save_state(output_dir: Path, step: int, *, network_sd: dict[str, torch.Tenso
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():
-            _discard(final)
+            remove_atomic(final)
         os.replace(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -130,19 +131,8 @@ def rotate(output_dir: Path, pattern: str, keep: int | None) -> list[Path]:
     items = sorted(output_dir.glob(pattern))
     doomed = items[:-keep]
     for p in doomed:
-        _discard(p)
+        remove_atomic(p)
     return doomed
-
-
-def _discard(path: Path) -> None:
-    """Delete a file, or a folder by first renaming it to a temp name: a kill in the middle of rmtree then
-    leaves a `.state-*` leftover for clean_stale_temp, never a half-deleted state under its final name."""
-    if not path.is_dir():
-        path.unlink(missing_ok=True)
-        return
-    doomed = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.replace(path, doomed)  # onto the empty temp folder: an atomic rename on POSIX
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def clean_stale_temp(output_dir: Path) -> list[Path]:
