@@ -91,11 +91,8 @@ def _adapter_record(path: str) -> dict[str, Any]:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # streamed: checkpoints are GBs
 
 
 def base_model_identity(model: str) -> dict[str, str]:
