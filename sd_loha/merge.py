@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -431,9 +432,7 @@ def apply_loha(
     patched: dict[str, int] = {p: 0 for p in model_layers.models}
     for part, _ in layers:
         patched[part] += 1
-    reasons: dict[str, int] = {}
-    for why in bypass_why.values():
-        reasons[why] = reasons.get(why, 0) + 1
+    reasons = dict(Counter(bypass_why.values()))
     paths = {key: BYPASS if key in bypass_why else MERGED for key in layers}
     return ApplyReport(name, patched, unmatched, unsupported, arch, paths, reasons)
 
@@ -473,8 +472,9 @@ def _bypass_reason(module: nn.Module, merge: bool, mod: AdapterModule, cannot: l
     problem = weight_problem(module)
     if problem is None and merge:
         return None
-    if mod.dora_scale is not None and dora_problem(module) is not None:
-        cannot.append(f"{label} {dora_problem(module)} (its DoRA needs the weight's norm)")
+    unreadable = dora_problem(module) if mod.dora_scale is not None else None
+    if unreadable is not None:
+        cannot.append(f"{label} {unreadable} (its DoRA needs the weight's norm)")
     if problem is None:
         return "merge=False"
     return problem.removeprefix("is a ").removeprefix("stores its weight as ")
