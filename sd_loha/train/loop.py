@@ -465,7 +465,7 @@ class Trainer:
 
     def write_progress(self) -> Path | None:
         """samples/progress.png: the base, then every sample step of this run at the last sample strength."""
-        if not self.main or not self.cfg.sample_prompts:
+        if not self.main or not self.pictures.has_progress:  # nothing to draw: bring nothing back to the device
             return None
         with self.offload.using():
             return self._publish("progress", self.pictures.progress_grid(self.cfg))

@@ -225,9 +225,14 @@ class RunSamples:
         self._progress.append((f"step {step}", columns[-1][1]))
         return grid, path
 
+    @property
+    def has_progress(self) -> bool:
+        """Two sample events or more: with one, the progress grid would repeat the last grid."""
+        return len(self._progress) >= 2
+
     def progress_grid(self, cfg: TrainConfig) -> tuple[Image.Image, Path] | None:
         """samples/progress.png (None before two sample events: it would repeat the last grid)."""
-        if len(self._progress) < 2:
+        if not self.has_progress:
             return None
         grid = sample_grid_image([(strength_label(0, 0.0), self.base_images(cfg)), *self._progress], cfg,
                                  self.prompts(cfg))
