@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sd_loha.train.events import Caching, Done, Event, Preflight, Progress, Sample, Saved, Validation
+from sd_loha.train.events import Caching, Done, Event, MemoryEstimate, Preflight, Progress, Sample, Saved, Validation
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ class RunState:
     error: str | None = None
     preflight: str = ""
     preflight_report: dict[str, Any] | None = None  # PreflightReport.to_dict() of this run's dataset
+    memory: str = ""  # the trainer's device-memory estimate, as printed
+    memory_total: int | None = None
+    memory_fits: bool | None = None  # None: nothing to compare with (the CPU)
     resume: bool = False
     started_at: float | None = None
     finished_at: float | None = None
@@ -198,6 +201,11 @@ class TrainingRunner:
                     self._log(f"dataset: {rep.get('images_used', '?')} images used, "
                               f"{len(rep.get('skipped', []))} skipped")
                     self._phase("loading", "Loading the base model…")
+                case MemoryEstimate(report=rep, text=text, fits=fits):
+                    s.memory, s.memory_total, s.memory_fits = text, rep.get("total"), fits
+                    self._log(next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("total")), text))
+                    if fits is False:
+                        self._log("the estimate does NOT fit the device's free memory: see the status for options")
                 case Caching(done=done, total=total):
                     s.caching = (done, total)
                     self._phase("caching", f"Caching latents: {done} / {total} images")

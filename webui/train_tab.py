@@ -479,6 +479,10 @@ def status_html(snap: dict[str, Any]) -> str:
         parts.append(f"ETA {_fmt_time(snap['eta_s'])}")
     if snap.get("loss") is not None:
         parts.append(f"loss {snap['loss']:.4f}")
+    if snap.get("memory_total"):
+        gib = snap["memory_total"] / 2 ** 30
+        parts.append(f"needs about {gib:.1f} GiB" + (" (more than the GPU has free)" if snap.get("memory_fits") is False
+                                                     else ""))
     return (
         f'<div class="sdl-status" data-status="{st}" data-step="{step}" data-total="{total}">'
         f'<div class="sdl-bar"><div class="sdl-fill sdl-{st}" style="width:{100 * frac:.1f}%"></div></div>'
@@ -503,7 +507,10 @@ def result_markdown(snap: dict[str, Any]) -> str:
             lines.append(f"\nLoss curve: `{snap['loss_curve']}`")
         return "\n".join(lines)
     if snap["active"]:
-        return f"Running, writing to `{snap.get('output_dir') or '?'}`"
+        text = f"Running, writing to `{snap.get('output_dir') or '?'}`"
+        if snap.get("memory_fits") is False:  # say it while there is time to stop and change the settings
+            text += f"\n\n**The run may not fit in the GPU's memory:**\n\n```text\n{snap['memory']}\n```"
+        return text
     return ""
 
 

@@ -30,6 +30,17 @@ class Preflight(Event):
 
 
 @dataclass(frozen=True)
+class MemoryEstimate(Event):
+    """The device memory the run will need (sd_loha.train.memory): `report` is `MemoryEstimate.to_dict()`,
+    `text` its printed form; `fits` is None where there is no device memory to compare with (the CPU)."""
+
+    kind: ClassVar[str] = "memory"
+    report: dict[str, Any]
+    text: str
+    fits: bool | None
+
+
+@dataclass(frozen=True)
 class Caching(Event):
     """Latent caching progress: `done` of `total` images encoded."""
 
@@ -85,4 +96,4 @@ class Done(Event):
     step: int
 
 
-EVENT_TYPES: tuple[type[Event], ...] = (Preflight, Caching, Progress, Validation, Sample, Saved, Done)
+EVENT_TYPES: tuple[type[Event], ...] = (Preflight, MemoryEstimate, Caching, Progress, Validation, Sample, Saved, Done)

@@ -37,6 +37,7 @@ from .ema import AdapterEMA
 from .loss import LossWeighting, diffusion_loss
 from .lowmem import (TEXT_ENCODERS, Offloader, base_storage, checkpointing_func, idle_components,
                      store_frozen_base)
+from .memory import run_estimate
 from .metadata import training_metadata
 from .noise import noisy_latents, plain_objective, sample_noise, sample_timesteps, training_scheduler
 from .optim import make_optimizer, make_scheduler
@@ -85,6 +86,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
     with OutputDirLock(output_dir) if main_process else contextlib.nullcontext():
         if main_process:
             clean_stale_temp(output_dir)
+        trainer = None
         try:
             trainer = Trainer(cfg, output_dir, on_event=on_event, progress=progress)
             trainer.setup(resume_path)
@@ -95,7 +97,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, resume: str | bool 
             # files already saved are complete (atomic writes), so nothing is lost.
             if isinstance(e, TrainingError) or not is_oom(e):
                 raise
-            raise TrainingError(oom_advice(cfg, e)) from None
+            raise TrainingError(oom_advice(cfg, e, getattr(trainer, "memory", None))) from None
 
 
 def _resolve_resume(cfg: TrainConfig, resume: str | bool | None) -> Path | None:
@@ -290,7 +292,22 @@ class Trainer:
         self.offload.park()
         if self.offload.parked and self.device.type != "cpu":
             self._print(f"kept on the CPU between samples: {', '.join(self.offload.parked)} (cached outputs)")
+        self._estimate_memory()
         self.unet.to(self.device)  # with its LoHA layers; bitsandbytes quantizes its Linear layers here
+
+    def _estimate_memory(self) -> None:
+        """Say what the steps will need on the device before the UNet goes there (kohya's and OneTrainer's users
+        find out by running out of memory): printed, and sent to the web UI."""
+        names = ("unet", "vae", *TEXT_ENCODERS)
+        components = {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+        pixels = max(b.bucket[0] * b.bucket[1] for b in self.preflight.buckets)
+        held = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        self.memory = run_estimate(self.cfg, components=components, parked=self.offload.parked, network=self.network,
+                                   unet_config=self.unet.config, compute_dtype=self.weight_dtype, pixels=pixels,
+                                   device=self.device, held=held)
+        text = self.memory.format()
+        self._print(text)
+        self.emit(events.MemoryEstimate(report=self.memory.to_dict(), text=text, fits=self.memory.fits))
 
     def _build_text_cache(self):
         """Every caption a step can see, encoded once. Caption dropout only adds the empty caption, so it is

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 __all__ = ["BASE_DTYPES", "BITSANDBYTES_INSTALL", "OFFLOAD_DEVICE", "Offloader", "TEXT_ENCODERS", "base_storage",
            "bitsandbytes_installed", "checkpointing_func", "diffusers_has_layerwise_casting", "idle_components",
-           "store_frozen_base", "stored_as"]
+           "quantizable_linears", "store_frozen_base", "stored_as"]
 
 #: base_weight_dtype's values: auto = the mixed-precision dtype (bf16 / fp16 / fp32)
 BASE_DTYPES: tuple[str, ...] = ("auto", "fp8", "nf4", "int8")
@@ -129,33 +129,36 @@ def _layerwise_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
     return sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.dtype == FP8)
 
 
+def quantizable_linears(model: nn.Module, storage: str) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute name, layer) of every plain nn.Linear of ``model`` that ``storage`` ("nf4" / "int8")
+    quantizes. nf4 quantizes blocks of 64 weights along a row, and bitsandbytes' CPU kernel needs whole blocks: a
+    Linear whose input width is not a multiple of 64 (none in the SD / SDXL UNets and text encoders; some in the
+    tiny test models) stays as it is."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is nn.Linear and not (storage == "nf4" and child.in_features % NF4_BLOCK)]
+
+
 def _quantize_linears(model: nn.Module, storage: str, compute_dtype: torch.dtype) -> int:
-    """Every plain nn.Linear of ``model`` becomes a bitsandbytes Linear4bit (nf4) / Linear8bitLt (int8) holding the
-    same weight; the quantization itself happens when the model moves to a device. nf4 quantizes blocks of 64
-    weights along a row, and bitsandbytes' CPU kernel needs whole blocks: a Linear whose input width is not a
-    multiple of 64 (none in the SD / SDXL UNets and text encoders; some in the tiny test models) stays as it is."""
+    """Every layer :func:`quantizable_linears` names becomes a bitsandbytes Linear4bit (nf4) / Linear8bitLt (int8)
+    holding the same weight; the quantization itself happens when the model moves to a device."""
     import bitsandbytes as bnb
 
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or (storage == "nf4" and child.in_features % NF4_BLOCK):
-                continue
-            w, b = child.weight.data, child.bias
-            if storage == "nf4":
-                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=b is not None,
-                                        compute_dtype=compute_dtype, quant_type="nf4", device="meta")
-                new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
-            else:
-                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=b is not None,
-                                          has_fp16_weights=False, device="meta")
-                new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-            if b is not None:
-                new.bias = nn.Parameter(b.data.to(compute_dtype), requires_grad=False)
-            new.train(child.training)
-            setattr(parent, name, new)
-            replaced += 1
-    return replaced
+    found = quantizable_linears(model, storage)
+    for parent, name, child in found:
+        w, b = child.weight.data, child.bias
+        if storage == "nf4":
+            new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=b is not None,
+                                    compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+        else:
+            new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=b is not None,
+                                      has_fp16_weights=False, device="meta")
+            new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        if b is not None:
+            new.bias = nn.Parameter(b.data.to(compute_dtype), requires_grad=False)
+        new.train(child.training)
+        setattr(parent, name, new)
+    return len(found)
 
 
 def checkpointing_func(storage: str) -> Callable[..., Any] | None:

@@ -189,9 +189,12 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, _OOM_TYPES) or "out of memory" in text or "can't allocate memory" in text
 
 
-def oom_advice(cfg: TrainConfig, error: BaseException) -> str:
-    """Out of memory: say what to change, in the order that usually helps most."""
+def oom_advice(cfg: TrainConfig, error: BaseException, estimate: Any = None) -> str:
+    """Out of memory: say what to change, in the order that usually helps most; with the run's memory estimate
+    (sd_loha.train.memory.MemoryEstimate, when it was made), what it said the run needs and its measured options."""
     tips = []
+    if estimate is not None and estimate.suggestions:
+        tips += [f"{change} (estimated {total / 2 ** 30:.1f} GiB in all)" for change, total in estimate.suggestions]
     if cfg.train_batch_size > 1:
         tips.append(f"lower train_batch_size (now {cfg.train_batch_size}) and raise gradient_accumulation_steps to keep "
                     "the effective batch")
@@ -211,5 +214,11 @@ def oom_advice(cfg: TrainConfig, error: BaseException) -> str:
         tips.append('base_weight_dtype = "nf4" (the frozen Linear weights in 4 bits)')
     w, h = cfg.resolution
     tips.append(f"lower resolution / max_bucket_reso (now {w}x{h}, max {cfg.max_bucket_reso})")
+    if estimate is not None and estimate.suggestions:  # the measured form of a tip replaces its plain one
+        named = {change.split(" =")[0] for change, _ in estimate.suggestions}
+        tips = tips[:len(estimate.suggestions)] + [t for t in tips[len(estimate.suggestions):]
+                                                   if not any(n in t for n in named)]
     first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
-    return ("out of memory (" + first_line + "). Adapters saved so far are complete. Try: " + "; ".join(tips) + ".")
+    need = "" if estimate is None else f" The estimate before the first step was {estimate.total / 2 ** 30:.1f} GiB."
+    return ("out of memory (" + first_line + ")." + need + " Adapters saved so far are complete. Try: "
+            + "; ".join(tips) + ".")

@@ -148,3 +148,32 @@ def test_a_stop_before_the_thread_runs_stays(monkeypatch):
     held[0].start()
     assert r.wait(10)
     assert seen == ["stopping", "stopping"] and r.snapshot()["status"] == "stopped"
+
+
+def test_a_memory_estimate_that_does_not_fit_is_shown_while_the_run_can_still_be_stopped():
+    from webui.train_tab import result_markdown, status_html
+
+    gate = threading.Event()
+    text = "device memory for training (estimate, cuda):\n  total   13.20 GiB\n  does NOT fit: 8.00 GiB available"
+
+    def train(config, *, resume=None, on_event, stop_event, progress):
+        on_event(events.MemoryEstimate(report={"total": int(13.2 * 2 ** 30)}, text=text, fits=False))
+        gate.wait(10)
+        return fake_train(steps=1)(config, resume=resume, on_event=on_event, stop_event=stop_event,
+                                   progress=progress)
+
+    r = TrainingRunner(train)
+    r.start(CFG)
+    for _ in range(100):
+        if r.snapshot()["memory"]:
+            break
+        time.sleep(0.05)
+    s = r.snapshot()
+    assert s["active"] and s["memory"] == text and s["memory_fits"] is False
+    assert "needs about 13.2 GiB (more than the GPU has free)" in status_html(s)
+    assert "may not fit" in result_markdown(s) and "does NOT fit: 8.00 GiB available" in result_markdown(s)
+    assert any("total   13.20 GiB" in line for line in s["log"])
+    gate.set()
+    assert r.wait(10)
+    done = r.snapshot()
+    assert "may not fit" not in result_markdown(done)  # the finished run shows its result instead
