@@ -155,6 +155,7 @@ class Trainer:
         set_seed(self.cfg.seed)
         self._setup_models()
         self._setup_network()
+        self._estimate_memory()
         self.pictures = RunSamples(self.pipe, self.network, self.output_dir / "samples", self.file_weights)
         self._setup_caches()
         self._setup_loader()
@@ -292,17 +293,22 @@ class Trainer:
         self.offload.park()
         if self.offload.parked and self.device.type != "cpu":
             self._print(f"kept on the CPU between samples: {', '.join(self.offload.parked)} (cached outputs)")
-        self._estimate_memory()
         self.unet.to(self.device)  # with its LoHA layers; bitsandbytes quantizes its Linear layers here
 
     def _estimate_memory(self) -> None:
-        """Say what the steps will need on the device before the UNet goes there (kohya's and OneTrainer's users
-        find out by running out of memory): printed, and sent to the web UI."""
+        """Say what the steps will need on the device before caching starts and the UNet goes there (kohya's and
+        OneTrainer's users find out by running out of memory): printed, and sent to the web UI. What will wait on
+        the CPU is what _setup_caches will park: the caches it can build are known from the config."""
+        cfg = self.cfg
         names = ("unet", "vae", *TEXT_ENCODERS)
         components = {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+        fixed_captions = not (cfg.shuffle_caption or cfg.caption_tag_dropout_rate > 0)
+        parked = idle_components(latents_cached=cfg.cache_latents and not cfg.random_crop,
+                                 text_cached=cfg.cache_text_encoder_outputs and not cfg.train_text_encoder
+                                 and fixed_captions, text_encoders=TEXT_ENCODERS[:len(self.text_encoders)])
         pixels = max(b.bucket[0] * b.bucket[1] for b in self.preflight.buckets)
         held = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        self.memory = run_estimate(self.cfg, components=components, parked=self.offload.parked, network=self.network,
+        self.memory = run_estimate(cfg, components=components, parked=parked, network=self.network,
                                    unet_config=self.unet.config, compute_dtype=self.weight_dtype, pixels=pixels,
                                    device=self.device, held=held)
         text = self.memory.format()
