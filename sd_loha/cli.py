@@ -62,7 +62,8 @@ def default_guidance(model: str) -> float:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import AdapterSpec, GenerationSession, save_png
 
-    session = GenerationSession(args.model, device=args.device, merge=not args.no_merge)
+    session = GenerationSession(args.model, device=args.device, merge=not args.no_merge,
+                                base_weight_dtype=args.base_weight_dtype)
     specs = [AdapterSpec.parse(s) for s in args.loha]
     session.set_adapters(specs)
     out_dir = Path(args.output_dir)
@@ -151,6 +152,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .models import TINY_MODELS
     from .schedulers import SCHEDULERS
+    from .train.lowmem import BASE_DTYPES
 
     p = argparse.ArgumentParser(prog="sd-loha", description="Train and load LoHA adapters for Stable Diffusion.")
     verbose_help = "log what happens (INFO), and print the traceback of an error"
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-merge", action="store_true",
                    help="add the adapters in the forward (bypass) instead of merging them into the weights: stored "
                         "weights untouched, a little slower per step (quantized or fp8 layers take this path anyway)")
+    g.add_argument("--base-weight-dtype", default="auto", choices=BASE_DTYPES,
+                   help="store the base's UNet and text encoders in fp8, nf4 or int8 (the training option of that "
+                        "name; nf4/int8 need bitsandbytes): less GPU memory; the adapters then take the bypass")
     g.set_defaults(func=_cmd_generate)
 
     m = sub.add_parser("merge", help="bake LoHA adapters into a base model: a diffusers folder or one .safetensors "

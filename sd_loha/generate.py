@@ -19,8 +19,9 @@ from .atomic import save_image_atomic
 from .blocks import parse_block_weights
 from .io import short_addnet_hash
 from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
-from .models import load_pipeline
+from .models import load_pipeline, text_encoders
 from .schedulers import make_scheduler, sampler_problem
+from .train.lowmem import BASE_DTYPES, BITSANDBYTES_INSTALL, bitsandbytes_installed, store_frozen_base
 
 
 @dataclass(frozen=True)
@@ -122,27 +123,47 @@ def default_device() -> tuple[str, torch.dtype]:
 class GenerationSession:
     """A loaded base pipeline plus the adapters merged into it. `merge=False` adds them in the forward instead
     (apply_loha's bypass): strength changes then rewrite no weight, for sweeps over many strengths. Layers that
-    cannot take a merge (a quantized or fp8 pipeline put in `self.pipe`) take the bypass either way."""
+    cannot take a merge (a quantized or fp8 pipeline put in `self.pipe`) take the bypass either way.
+
+    `base_weight_dtype` stores the base's UNet and text encoders as the trainer's option of that name does ("fp8":
+    diffusers' layerwise casting; "nf4" / "int8": bitsandbytes, quantized as they move to the device): about half
+    (fp8, int8) or a third (nf4) of the weights' memory, for a GPU that cannot hold the base in fp16."""
 
     def __init__(self, model: str, *, device: str | None = None, dtype: torch.dtype | None = None,
-                 merge: bool = True) -> None:
+                 merge: bool = True, base_weight_dtype: str = "auto") -> None:
         dev, dt = default_device()
         self.model = model
         self.merge = merge
         self.device = device or dev
-        self.pipe = load_pipeline(model, device=self.device, dtype=dtype or dt)
+        self.base_weight_dtype = base_weight_dtype
+        if base_weight_dtype not in BASE_DTYPES:
+            raise ValueError(f"base_weight_dtype must be one of {', '.join(BASE_DTYPES)}, got {base_weight_dtype!r}")
+        if base_weight_dtype in ("nf4", "int8") and not bitsandbytes_installed():
+            raise ValueError(f'base_weight_dtype "{base_weight_dtype}" needs bitsandbytes: {BITSANDBYTES_INSTALL}')
+        if base_weight_dtype == "auto":
+            self.pipe = load_pipeline(model, device=self.device, dtype=dtype or dt)
+        else:  # stored on the CPU, then moved: bitsandbytes quantizes on the move, never holding a full copy there
+            self.pipe = load_pipeline(model, device="cpu", dtype=dtype or dt)
+            for part in (self.pipe.unet, *text_encoders(self.pipe).values()):
+                store_frozen_base(part, base_weight_dtype, dtype or dt)
+            self.pipe.to(self.device)
         self.adapters: list[AdapterSpec] = []
+        self._merged: dict[str, bool] = {}  # adapter name -> whether it was merged (else: bypass)
 
-    def set_adapters(self, specs: Sequence[AdapterSpec]) -> None:
-        """Make the merged adapters exactly `specs`: apply new files, re-strengthen kept ones, remove the rest."""
+    def set_adapters(self, specs: Sequence[AdapterSpec], *, merge: bool | None = None) -> None:
+        """Make the adapters exactly `specs`: apply new files, re-strengthen kept ones, remove the rest. `merge`
+        (default: the session's) picks merging or the bypass; an adapter applied the other way is applied again."""
+        merge = self.merge if merge is None else merge
         wanted = {s.name: s for s in specs}
         if len(wanted) != len(specs):
             raise ValueError("two adapters have the same file name; rename one")
         loaded = {a.name: a for a in self.adapters}
         for name in list(list_loha(self.pipe)):
             # An adapter merged outside this session (not in self.adapters) is replaced too.
-            if name not in wanted or name not in loaded or wanted[name].path != loaded[name].path:
+            if (name not in wanted or name not in loaded or wanted[name].path != loaded[name].path
+                    or self._merged.get(name) != merge):
                 remove_loha(self.pipe, name)
+                self._merged.pop(name, None)
         for spec in specs:
             te = spec.strength if spec.te_strength is None else spec.te_strength
             if spec.name in list_loha(self.pipe):
@@ -150,7 +171,8 @@ class GenerationSession:
                                   block_weights=spec.block_weights)
             else:
                 apply_loha(self.pipe, spec.path, unet_strength=spec.strength, text_encoder_strength=te, name=spec.name,
-                           block_weights=spec.block_weights, merge=self.merge)
+                           block_weights=spec.block_weights, merge=merge)
+                self._merged[spec.name] = merge
         self.adapters = list(specs)
 
     def set_scheduler(self, name: str) -> str:

@@ -347,3 +347,25 @@ def test_bench_bypass_runs_on_tiny(tmp_path):
     for row in ("| base (both adapters at strength 0) |", "| LoHA merged (strength 1) |",
                 "| LoHA bypass, merge=False (strength 1) |", "Strength change"):
         assert row in out.stdout
+
+
+def test_a_session_switches_an_adapter_between_merged_and_bypass(files):
+    """set_adapters(merge=False) after a merged apply re-applies the file as a bypass: the stored weights are the
+    base's again, bit for bit, and the picture is the merged one to fp32 rounding; and back."""
+    import numpy as np
+
+    from sd_loha.generate import AdapterSpec, GenerationSession
+
+    gen = dict(seed=1, steps=2, width=64, height=64, scheduler="euler")
+    session = GenerationSession("tiny-sd1", device="cpu")
+    base = snapshot(session.pipe)
+    spec = AdapterSpec(str(files["a"]), 0.8)
+    session.set_adapters([spec])
+    assert changed(session.pipe, base)  # merged into the weights
+    merged = np.asarray(session.generate("a poster", **gen)[0][0]).astype(int)
+    session.set_adapters([spec], merge=False)
+    assert not changed(session.pipe, base)
+    bypassed = np.asarray(session.generate("a poster", **gen)[0][0]).astype(int)
+    assert np.abs(merged - bypassed).max() <= 1
+    session.set_adapters([spec])  # the session's default again: merged
+    assert changed(session.pipe, base)

@@ -45,7 +45,7 @@ def test_generate_guidance_default_follows_the_model(args, guidance, monkeypatch
     seen = {}
 
     class Session:
-        def __init__(self, model, device=None, merge=True):
+        def __init__(self, model, device=None, merge=True, base_weight_dtype="auto"):
             seen["model"] = model
 
         def set_adapters(self, specs):
@@ -60,6 +60,21 @@ def test_generate_guidance_default_follows_the_model(args, guidance, monkeypatch
     assert seen["guidance_scale"] == guidance
 
 
+def _record_sessions(monkeypatch) -> list:
+    """The GenerationSessions the CLI makes, in order."""
+    import sd_loha.generate
+
+    sessions = []
+
+    class Recorded(sd_loha.generate.GenerationSession):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            sessions.append(self)
+
+    monkeypatch.setattr(sd_loha.generate, "GenerationSession", Recorded)
+    return sessions
+
+
 def test_generate_no_merge_adds_the_adapter_in_the_forward(tmp_path, monkeypatch):
     """--no-merge: the same picture as the merged adapter, with the UNet's stored weights untouched."""
     import numpy as np
@@ -72,14 +87,7 @@ def test_generate_no_merge_adds_the_adapter_in_the_forward(tmp_path, monkeypatch
 
     adapter = tmp_path / "style.safetensors"
     make_loha_file(load_pipeline("tiny-sd1"), adapter, std=0.3)
-    sessions = []
-
-    class Recorded(sd_loha.generate.GenerationSession):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            sessions.append(self)
-
-    monkeypatch.setattr(sd_loha.generate, "GenerationSession", Recorded)
+    sessions = _record_sessions(monkeypatch)
     pictures = {}
     for name, extra in {"merged": [], "bypass": ["--no-merge"], "base": None}.items():
         loha = [] if extra is None else ["--loha", f"{adapter}:1"]
@@ -93,3 +101,46 @@ def test_generate_no_merge_adds_the_adapter_in_the_forward(tmp_path, monkeypatch
             assert all(torch.equal(untouched[k], stored[k]) for k in untouched)
     assert np.abs(pictures["merged"] - pictures["base"]).max() > 8  # the adapter shows
     assert np.abs(pictures["bypass"] - pictures["merged"]).max() <= 1  # fp32 rounding, then 8-bit pixels
+
+
+@pytest.mark.parametrize("storage", ["nf4", "fp8"])
+def test_generate_on_a_low_precision_base(tmp_path, monkeypatch, storage):
+    """--base-weight-dtype: the UNet and text encoder are stored as asked, the adapter shows (strength 1 differs from
+    the same stored base without it), and the stored low-precision weights are never written."""
+    import numpy as np
+    from PIL import Image
+
+    import sd_loha.generate
+    from sd_loha.models import load_pipeline
+    from sd_loha.train.lowmem import stored_as
+
+    from .loader_helpers import make_loha_file
+
+    if storage == "nf4":
+        pytest.importorskip("bitsandbytes")
+    adapter = tmp_path / "style.safetensors"
+    make_loha_file(load_pipeline("tiny-sd1"), adapter, std=0.3)
+    sessions = _record_sessions(monkeypatch)
+    pictures = {}
+    for name, loha in {"base": [], "adapter": ["--loha", f"{adapter}:1"]}.items():
+        out = tmp_path / name
+        assert main(["generate", "--model", "tiny-sd1", *loha, "--prompt", "a red circle", "--seed", "3", "--steps",
+                     "2", "--device", "cpu", "--output-dir", str(out), "--base-weight-dtype", storage]) == 0
+        pictures[name] = np.asarray(Image.open(next(out.glob("*.png"))), dtype=np.int16)
+    pipe = sessions[-1].pipe
+    kinds = {stored_as(m) for part in (pipe.unet, pipe.text_encoder) for m in part.modules()
+             if type(m).__name__ in ("Linear", "Linear4bit", "Conv2d") and hasattr(m, "weight")}
+    assert storage in kinds
+    assert np.abs(pictures["adapter"] - pictures["base"]).max() > 8
+    # against the run without the adapter (bitsandbytes repacks 4-bit weights for its CPU kernel in the first
+    # forward, so both have generated once)
+    low = torch.uint8 if storage == "nf4" else torch.float8_e4m3fn
+    fresh = sessions[0].pipe.unet.state_dict()
+    stored = {k: v for k, v in pipe.unet.state_dict().items() if v.dtype == low}
+    assert stored and all(torch.equal(v.view(torch.uint8), fresh[k].view(torch.uint8)) for k, v in stored.items())
+
+
+def test_generate_refuses_an_unknown_base_weight_dtype(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x", "--base-weight-dtype", "nf2"])
+    assert "nf2" in capsys.readouterr().err

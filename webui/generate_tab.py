@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sd_loha.blocks import PRESETS, parse_block_weights
 from sd_loha.generate import AdapterSpec, GenerationSession, save_png
+from sd_loha.train.lowmem import BASE_DTYPES
 from sd_loha.schedulers import SCHEDULERS
 
 from .defaults import (
@@ -138,11 +139,12 @@ class Generator:
         self.session: GenerationSession | None = None
         self._lock = threading.Lock()
 
-    def _session(self, model: str) -> GenerationSession:
+    def _session(self, model: str, base_weight_dtype: str = "auto") -> GenerationSession:
         model = self.policy.check_model(model)
-        if self.session is None or self.session.model != model:
+        s = self.session
+        if s is None or s.model != model or s.base_weight_dtype != base_weight_dtype:
             self.session = None  # free the old pipeline before loading the next
-            self.session = GenerationSession(model)
+            self.session = GenerationSession(model, base_weight_dtype=base_weight_dtype)
         return self.session
 
     def _specs(self, adapters: list[tuple]) -> list[AdapterSpec]:
@@ -163,11 +165,12 @@ class Generator:
     def generate(self, model: str, adapters: list[tuple], prompt: str, *,
                  negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
                  seed: int = -1, width: int | None = None, height: int | None = None, scheduler: str = DEFAULT_SAMPLER,
-                 num_images: int = 1) -> list[tuple[str, str, str]]:
-        """[(png path, caption, parameters text)]; `adapters`: (path, strength, te_strength[, block weights]) each."""
+                 num_images: int = 1, base_weight_dtype: str = "auto") -> list[tuple[str, str, str]]:
+        """[(png path, caption, parameters text)]; `adapters`: (path, strength, te_strength[, block weights]) each;
+        `base_weight_dtype`: the base stored as the trainer's option of that name says (less GPU memory)."""
         with self._lock:
             specs = self._specs(adapters)
-            session = self._session(model)
+            session = self._session(model, base_weight_dtype)
             session.set_adapters(specs)
             results = session.generate(prompt, negative_prompt=negative_prompt, seed=int(seed), steps=int(steps),
                                        guidance_scale=float(guidance), width=width or None, height=height or None,
@@ -184,8 +187,9 @@ class Generator:
     def grid(self, model: str, files: list[str], strengths: list[float], seeds: list[int], prompt: str, *,
              negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
              width: int | None = None, height: int | None = None,
-             scheduler: str = DEFAULT_SAMPLER) -> tuple[str, list[tuple[str, str, str]]]:
-        """Files (rows) × strengths × seeds (columns) in one labelled PNG; every cell is saved too."""
+             scheduler: str = DEFAULT_SAMPLER, base_weight_dtype: str = "auto") -> tuple[str, list[tuple[str, str, str]]]:
+        """Files (rows) × strengths × seeds (columns) in one labelled PNG; every cell is saved too. The adapters take
+        the bypass (added in the forward): a new strength then rewrites no weight (bench/RESULTS.md, "Bypass")."""
         if not files:
             raise ValueError("choose the LoHA files for the grid rows (or put one in the first adapter slot)")
         strengths = strengths or [1.0]
@@ -195,7 +199,7 @@ class Generator:
             raise ValueError(f"the grid would have {n} images; at most {MAX_GRID_CELLS} (fewer files, strengths or seeds)")
         with self._lock:
             paths = [self.policy.check_adapter(f, what="grid file") for f in files]
-            session = self._session(model)
+            session = self._session(model, base_weight_dtype)
             cells: list[list[Image.Image]] = []
             saved: list[tuple[str, str, str]] = []
             first_params = ""
@@ -203,7 +207,7 @@ class Generator:
                 row = []
                 for strength in strengths:
                     spec = AdapterSpec(str(path), strength)
-                    session.set_adapters([spec])  # first time: merge; then: exact re-strengthening
+                    session.set_adapters([spec], merge=False)
                     for seed in seeds:
                         image, params = session.generate(prompt, negative_prompt=negative_prompt, seed=seed,
                                                          steps=int(steps), guidance_scale=float(guidance),
@@ -251,6 +255,9 @@ def build(policy: PathPolicy) -> dict[str, Any]:
             with gr.Row():
                 model = gr.Dropdown(choices=policy.model_choices(), value=DEFAULT_MODEL, allow_custom_value=True,
                                     label="Base model", elem_id="gen-model", scale=3)
+                base_dtype = gr.Dropdown(choices=list(BASE_DTYPES), value="auto", label="Base weights", scale=1,
+                                         min_width=110, elem_id="gen-base-dtype",
+                                         info="fp8 / nf4 / int8: less GPU memory (nf4, int8: bitsandbytes)")
                 refresh = gr.Button("↻ files", scale=0, min_width=70, elem_id="gen-refresh")
             slots = []
             for i in range(N_SLOTS):
@@ -300,25 +307,27 @@ def build(policy: PathPolicy) -> dict[str, Any]:
         return [tuple(vals[i:i + n]) for i in range(0, len(vals), n)]
 
     def on_generate(*vals):
-        model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, seed_v, count_v, *slot_vals = vals
+        model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, seed_v, count_v, *slot_vals, base_v = vals
         try:
             res = gen.generate(model_v, _adapters(slot_vals), prompt_v or "", negative_prompt=neg_v or "",
                                steps=int(steps_v or DEFAULT_STEPS), guidance=_guidance(guid_v),
                                seed=int(seed_v if seed_v is not None else -1), width=int(w_v or 0) or None,
-                               height=int(h_v or 0) or None, scheduler=sched_v, num_images=max(1, int(count_v or 1)))
+                               height=int(h_v or 0) or None, scheduler=sched_v, num_images=max(1, int(count_v or 1)),
+                               base_weight_dtype=base_v or "auto")
         except Exception as e:  # noqa: BLE001 - every failure is shown, the queue keeps running
             return _error(e), gr.skip(), gr.skip(), gr.skip()
         msg = f"Saved {len(res)} image(s): " + ", ".join(f"`{Path(p).name}`" for p, _, _ in res) + f" in `{Path(res[0][0]).parent}`"
         return msg, [(p, c) for p, c, _ in res], res[0][2], [p for p, _, _ in res]
 
     def on_grid(*vals):
-        model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, files_v, strengths_v, seeds_v, first_file = vals
+        (model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, files_v, strengths_v, seeds_v, first_file,
+         base_v) = vals
         try:
             files = list(files_v or []) or ([first_file] if first_file else [])
             gpath, cells = gen.grid(model_v, files, parse_strengths(strengths_v), parse_seeds(seeds_v), prompt_v or "",
                                     negative_prompt=neg_v or "", steps=int(steps_v or DEFAULT_STEPS),
                                     guidance=_guidance(guid_v), width=int(w_v or 0) or None,
-                                    height=int(h_v or 0) or None, scheduler=sched_v)
+                                    height=int(h_v or 0) or None, scheduler=sched_v, base_weight_dtype=base_v or "auto")
         except Exception as e:  # noqa: BLE001
             return _error(e), gr.skip(), gr.skip(), gr.skip()
         params = Path(gpath).name
@@ -356,9 +365,9 @@ def build(policy: PathPolicy) -> dict[str, Any]:
                 return im.info.get("parameters", caption or "")
         return caption or ""
 
-    go.click(on_generate, common + [seed, count] + slot_inputs, [message, gallery, params_box, files_out],
+    go.click(on_generate, common + [seed, count] + slot_inputs + [base_dtype], [message, gallery, params_box, files_out],
              api_name="generate", concurrency_limit=1, concurrency_id="generation")
-    grid_go.click(on_grid, common + [grid_files, grid_strengths, grid_seeds, slots[0][0]],
+    grid_go.click(on_grid, common + [grid_files, grid_strengths, grid_seeds, slots[0][0], base_dtype],
                   [message, gallery, params_box, files_out], api_name="grid", concurrency_limit=1,
                   concurrency_id="generation")
     refresh.click(on_refresh, None, [model, *[s[0] for s in slots], grid_files], api_name=False)

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -117,12 +118,12 @@ def test_failed_start_is_explained(client, ui):
     assert status(client)["status"] != "training"
 
 
-def _generate(client, adapter, strength, seed=7, lbw=None):
+def _generate(client, adapter, strength, seed=7, lbw=None, base="auto"):
     # common inputs: model, prompt, negative, steps, guidance, width, height, scheduler; then seed, count; 3 slots
-    # of (file, strength, TE strength, block weights)
+    # of (file, strength, TE strength, block weights); the base's storage
     slots = [adapter, strength, "", lbw, None, 1.0, "", None, None, 1.0, "", None]
     return client.predict("tiny-sd1", "sdlohastyle, poster, red circle", "", 3, 5.0, 64, 64, "euler", seed, 1, *slots,
-                          api_name="/generate")
+                          base, api_name="/generate")
 
 
 def test_generate_strength_zero_vs_one(client, ui, trained_adapter):
@@ -147,10 +148,31 @@ def test_generate_strength_zero_vs_one(client, ui, trained_adapter):
     assert np.array_equal(np.asarray(Image.open(files0b[0]).convert("RGB"), dtype=np.int16), a)
 
 
+def test_generate_on_an_int8_base(client, ui, trained_adapter):
+    """The Generate tab's "Base weights" loads the base quantized (bitsandbytes int8 on the CPU): its Linear layers are
+    stored as int8, the adapter takes the bypass and never writes them, strength 0 is that base's own picture."""
+    pytest.importorskip("bitsandbytes")
+    from sd_loha.train.lowmem import stored_as
+
+    demo = ui[0]
+    _, _, _, plain = _generate(client, None, 1.0, base="int8")
+    pipe = demo.sdl_generator.session.pipe
+    assert demo.sdl_generator.session.base_weight_dtype == "int8"
+    kinds = [stored_as(m) for m in pipe.unet.modules() if type(m).__name__ == "Linear8bitLt"]
+    assert len(kinds) > 10 and set(kinds) == {"int8"}
+    before = {n: t.clone() for n, t in pipe.unet.state_dict().items() if t.dtype == torch.int8}
+    _, _, _, zero = _generate(client, trained_adapter, 0.0, base="int8")
+    _, _, _, one = _generate(client, trained_adapter, 1.0, base="int8")
+    a, z, b = (np.asarray(Image.open(f[0]).convert("RGB"), dtype=np.int16) for f in (plain, zero, one))
+    assert np.array_equal(a, z) and np.abs(a - b).max() > 0
+    after = pipe.unet.state_dict()
+    assert before and all(torch.equal(after[n], t) for n, t in before.items())
+
+
 def test_grid(client, ui, trained_adapter):
     adapter = trained_adapter
     msg, gallery, params, files = client.predict("tiny-sd1", "sdlohastyle, poster", "", 2, 5.0, 64, 64, "euler",
-                                                 [adapter], "0, 1", "3", adapter, api_name="/grid")
+                                                 [adapter], "0, 1", "3", adapter, "auto", api_name="/grid")
     assert "Grid saved" in msg, msg
     grid = Image.open(files[0])
     assert len(files) == 3  # the grid, then its two cells
