@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .architectures import ARCHITECTURES
+from .architectures import UNET_ARCHITECTURES
 from .naming import name_part, unet_ldm_path
 
 __all__ = [
@@ -155,7 +155,7 @@ def layer_block_id(part: str, module_path: str, unet_config: Any) -> str | None:
 
 
 # The UNet configs of the released models by family, for naming the blocks of a file without a pipeline.
-STANDARD_UNET_CONFIGS: dict[str, dict[str, Any]] = {a.family: a.unet for a in ARCHITECTURES.values()}
+STANDARD_UNET_CONFIGS: dict[str, dict[str, Any]] = {a.family: a.unet for a in UNET_ARCHITECTURES.values()}
 # How reports and charts label the layers no block id covers (time embedding, conv_out, SDXL's label embedding,
 # the text projection), which keep weight 1.
 OUTSIDE_BLOCKS = "other"
@@ -190,9 +190,9 @@ def block_id_of_name(name: str, unet_config: Any = STANDARD_UNET_CONFIGS["sd1"])
 
 def file_block(name: str, architecture: str | None = None) -> str:
     """The block a file's module belongs to, for reports and charts: its LoRA Block Weight id (BASE, IN00–IN11,
-    M00, OUT00–OUT11) or :data:`OUTSIDE_BLOCKS`. `architecture` (an architectures.ARCHITECTURES label such as
+    M00, OUT00–OUT11) or :data:`OUTSIDE_BLOCKS`. `architecture` (an architectures.UNET_ARCHITECTURES label such as
     "SDXL") gives the UNet layout that diffusers-style names need; SD 1.x's when None or unknown."""
-    arch = ARCHITECTURES.get(architecture or "", ARCHITECTURES["SD 1.x"])
+    arch = UNET_ARCHITECTURES.get(architecture or "", UNET_ARCHITECTURES["SD 1.x"])
     return block_id_of_name(name, arch.unet) or OUTSIDE_BLOCKS
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .architectures import ARCHITECTURES, meta_pipeline
+from .architectures import UNET_ARCHITECTURES, meta_pipeline
 from .blocks import OUTSIDE_BLOCKS, block_order, file_block, layer_block_id
 from .formats import load_adapter
 from .io import (
@@ -192,7 +192,7 @@ def _file_layer(name: str, mod: AdapterModule, arch: str | None) -> _Layer | Non
     """The layer as the file alone says it: its own shapes, else the real models of the file's architecture."""
     part = name_part(name)
     shape = _shape_from_factors(mod, part)
-    if shape is None and arch in ARCHITECTURES:
+    if shape is None and arch in UNET_ARCHITECTURES:
         match = _reference_layers(arch).match(name)
         if match is not None:
             part, shape = match.part, tuple(match.weight.shape)
@@ -227,7 +227,7 @@ def _resolve(parsed: ParsedFile, model: Any | None) -> dict[str, _Layer]:
             why = "match no layer of the given model (or differ from it in shape): is it the base the file was made for?"
         else:
             known = (f"the real {arch} models (the architecture the file names) have no such layers of these shapes"
-                     if arch in ARCHITECTURES else "the file's architecture is unknown")
+                     if arch in UNET_ARCHITECTURES else "the file's architecture is unknown")
             why = (f"have flat factors that do not say whether the layer is a Linear or a conv (nor its kernel), and "
                    f"{known}. Pass the base model (--model BASE, or model= in Python) so each layer's shape is "
                    "read from it")

@@ -19,6 +19,7 @@ from torch import nn
 from .io import ParsedFile
 from .models import text_encoders
 from .naming import LYCORIS_PREFIX, PART, PARTS, name_part, text_encoder_module_names, unet_module_names
+from .sd3_names import sd3_file_architecture
 
 # The dtypes sd-loha merges into (in place, through an fp32 copy). float8 dtypes are floating point to torch
 # but are storage formats: a merge rounded to them would lose most of ΔW.
@@ -60,8 +61,12 @@ def name_candidates(mod_name: str) -> list[tuple[str, str]]:
 
 
 def file_architecture(parsed: ParsedFile) -> str | None:
-    """The architecture a file was made for ("SD 1.x", "SD 2.x", "SDXL": architectures.ARCHITECTURES' labels),
-    from its keys and shapes (metadata as a fallback); None when nothing says."""
+    """The architecture a file was made for ("SD 1.x", "SD 2.x", "SDXL", "SD3 Medium", "SD3.5 Medium", "SD3.5 Large":
+    architectures.ARCHITECTURES' labels; sd3_names.sd3_file_architecture for SD3 sizes its names cannot tell
+    apart), from its keys and shapes (metadata as a fallback); None when nothing says."""
+    sd3 = sd3_file_architecture(parsed)  # first: SD3 files use SDXL's lora_te1 / lora_te2 too
+    if sd3 is not None:
+        return sd3
     parts = {name_part(n) for n in parsed.modules}
     if parts & {"te1", "te2"}:
         return "SDXL"

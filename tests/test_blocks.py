@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sd_loha import apply_loha, list_loha, remove_loha, set_loha_strength
-from sd_loha.architectures import ARCHITECTURES, meta_pipeline
+from sd_loha.architectures import UNET_ARCHITECTURES, meta_pipeline
 from sd_loha.blocks import (
     BLOCK_ID_FORMS,
     BLOCK_IDS,
@@ -126,7 +126,7 @@ def test_block_of_a_file_module_name(name, family, block):
     assert block_id_of_name(name, STANDARD_UNET_CONFIGS[family]) == block
 
 
-@pytest.mark.parametrize("label", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("label", sorted(UNET_ARCHITECTURES))
 def test_file_blocks_are_the_block_weight_ids_of_the_real_layers(label):
     """Reports and charts (file_block, from a name alone) name every layer of a real architecture by the block id
     its block weight is taken from (layer_block_id, from the pipeline layer), in either naming style."""
