@@ -163,22 +163,26 @@ class Form:
     dotted: bool  # module paths keep their dots
     prefixes: Mapping[str, str]  # part -> prefix, separator included; a part missing: the form has no names for it
     writers: str  # who writes it (docs and messages)
+    lora_params: tuple[str, str] = ("lora_down.weight", "lora_up.weight")  # how it spells LoRA's (down, up)
+    alpha_in_up: bool = False  # LoRA's alpha/r folded into the up factor, no alpha key (diffusers / PEFT)
 
 
 _KOHYA_TE = {"te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_"}
+_AB = ("lora_A.weight", "lora_B.weight")  # PEFT's spelling; OneTrainer's ORIGINAL / COMFY use it too
 FORMS: dict[str, Form] = {f.name: f for f in (
     Form("kohya", "original", False, {TRANSFORMER: "lora_unet_", **_KOHYA_TE},
          "kohya sd-scripts (networks/lora_sd3.py; LyCORIS as its network module), OneTrainer KOHYA; ComfyUI reads it"),
-    Form("original", "original", True, {TRANSFORMER: ""}, "OneTrainer ORIGINAL (transformer only)"),
+    Form("original", "original", True, {TRANSFORMER: ""}, "OneTrainer ORIGINAL (transformer only)", _AB),
     Form("comfy", "original", True, {TRANSFORMER: "diffusion_model.", "te1": "text_encoders.clip_l.transformer.",
                                      "te2": "text_encoders.clip_g.transformer.",
-                                     "te3": "text_encoders.t5xxl.transformer."}, "OneTrainer COMFY"),
+                                     "te3": "text_encoders.t5xxl.transformer."}, "OneTrainer COMFY", _AB),
     Form("lycoris", "diffusers", False, {TRANSFORMER: "lycoris_"}, "LyCORIS on the diffusers transformer (SimpleTuner)"),
     Form("legacy", "diffusers", False, {TRANSFORMER: "lora_transformer_", **_KOHYA_TE}, "OneTrainer LEGACY"),
     Form("diffusers", "diffusers", True, {TRANSFORMER: "transformer.", "te1": "text_encoder.",
                                           "te2": "text_encoder_2.", "te3": "text_encoder_3."},
-         "diffusers / PEFT (load_lora_weights), OneTrainer DIFFUSERS"),
-    Form("peft", "diffusers", True, {TRANSFORMER: "base_model.model."}, "PEFT's own wrapper paths (ComfyUI reads them)"),
+         "diffusers / PEFT (load_lora_weights), OneTrainer DIFFUSERS", _AB, True),
+    Form("peft", "diffusers", True, {TRANSFORMER: "base_model.model."}, "PEFT's own wrapper paths (ComfyUI reads them)",
+         _AB, True),
 )}
 
 
@@ -221,8 +225,7 @@ def _add(table: dict[str, SD3Layer], name: str, layer: SD3Layer) -> None:
         raise ValueError(f"SD3 module name {name!r} refers to both {other.targets} and {layer.targets}")
 
 
-def _transformer_names(transformer: nn.Module, table: dict[str, SD3Layer]) -> None:
-    layout = original_layout(transformer)
+def _transformer_names(layout: Mapping[str, tuple[Target, ...]], table: dict[str, SD3Layer]) -> None:
     for form in FORMS.values():
         for original, targets in layout.items():
             if form.layout == "original":
@@ -260,10 +263,13 @@ class SD3Names:
 
     def __init__(self, models: Mapping[str, nn.Module | None]) -> None:
         self.models = {part: m for part, m in models.items() if m is not None}
+        transformer = self.models.get(TRANSFORMER)
+        # original-layout layer -> the model layers it is (original_layout)
+        self.layout: dict[str, tuple[Target, ...]] = original_layout(transformer) if transformer is not None else {}
         self.table: dict[str, SD3Layer] = {}
         for part, model in self.models.items():
             if part == TRANSFORMER:
-                _transformer_names(model, self.table)
+                _transformer_names(self.layout, self.table)
             else:
                 _text_encoder_names(part, model, self.table)
 
@@ -284,7 +290,10 @@ class SD3Names:
 _PARAMS: dict[str, str] = {p: p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                                           "alpha", "scale", "dora_scale", "lora_up.weight", "lora_down.weight",
                                           "lora_mid.weight")}
-_PARAMS.update({"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"})
+_PARAMS.update({"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                "lora_A.default.weight": "lora_down.weight", "lora_B.default.weight": "lora_up.weight",
+                "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
+                "lora_linear_layer.down.weight": "lora_down.weight", "lora_linear_layer.up.weight": "lora_up.weight"})
 # Longest first, so "x.lora_up.weight" is never read as "x.lora_up" + "weight".
 _SUFFIXES = sorted(_PARAMS, key=len, reverse=True)
 

@@ -61,7 +61,9 @@ def _with(mod: AdapterModule, name: str, tensors: dict[str, torch.Tensor], dora:
 
 def slice_rows(mod: AdapterModule, start: int, stop: int, name: str | None = None) -> AdapterModule:
     """The module whose ΔW is rows [start, stop) of `mod`'s, exactly: the A factors' rows, everything else shared
-    (same rank and alpha). Raises DenseSplitNeeded for an input-column dora_scale."""
+    (same rank and alpha). Raises DenseSplitNeeded for an input-column dora_scale on fewer than all rows."""
+    if start == 0 and stop == mod.out_features():
+        return _with(mod, name or mod.name, dict(mod.tensors), mod.dora_scale)
     if dora_axis(mod) == "in":
         raise DenseSplitNeeded(
             f"{mod.name}: its dora_scale is per input column, a norm over all the rows being split, so no module "

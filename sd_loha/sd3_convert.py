@@ -1,0 +1,120 @@
+"""An SD3 adapter rewritten in another file form (sd_loha.sd3_names.FORMS), exactly.
+
+Between forms of one layout only names change. From the original layout to diffusers' a fused qkv module splits
+onto q, k and v and the two (shift, scale) adaLN modules swap their halves (sd3_ops); back, split modules fuse at
+their summed rank. What no module of the other layout equals, an input-column dora_scale on a fused qkv, is
+refused with the reason before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .io import AdapterFileError, AdapterModule, ParsedFile
+from .naming import text_encoder_canonical_path
+from .sd3_names import FORMS, TRANSFORMER, SD3Layer, SD3Names, form_name
+from .sd3_ops import DenseSplitNeeded, fuse_rows, split_rows, swap_halves
+
+__all__ = ["resolve", "in_layout", "to_form"]
+
+
+def resolve(parsed: ParsedFile, names: SD3Names) -> dict[str, tuple[SD3Layer, AdapterModule]]:
+    """file module name -> (the layers it adapts, the module), for every module of an SD3 file; an
+    AdapterFileError naming those that match no layer of `names`' models."""
+    resolved, unknown = {}, []
+    for name, mod in parsed.modules.items():
+        layer = names.match(name)
+        if layer is None:
+            unknown.append(name)
+        else:
+            resolved[name] = (layer, mod)
+    if unknown:
+        raise AdapterFileError(f"{parsed.source}: {len(unknown)} modules match no layer of this SD3 model "
+                               f"(another size, or not SD3), e.g. {', '.join(unknown[:5])}")
+    return resolved
+
+
+def _file_path(part: str, path: str) -> str:
+    # Text encoders: the path as files write it (CLIPs in transformers 4's text_model. layout).
+    return path if part in (TRANSFORMER, "te3") else text_encoder_canonical_path(path)
+
+
+def _claim(out: dict[tuple[str, str], AdapterModule], key: tuple[str, str], mod: AdapterModule, where: str) -> None:
+    if key in out:
+        raise AdapterFileError(f"{where}: layer {key[1]} is adapted twice (modules {out[key].name} and {mod.name})")
+    out[key] = mod
+
+
+def _to_diffusers(layer: SD3Layer, mod: AdapterModule, where: str) -> list[tuple[str, AdapterModule]]:
+    try:
+        pieces = split_rows(mod, layer.targets)
+    except DenseSplitNeeded as e:
+        raise AdapterFileError(f"{where}: {e}; split forms cannot hold it exactly, keep the fused form") from None
+    return [(t.path, p) for t, p in zip(layer.targets, pieces)]
+
+
+def in_layout(parsed: ParsedFile, names: SD3Names, layout: str) -> dict[tuple[str, str], AdapterModule]:
+    """Every module of an SD3 file moved to `layout` ("original" or "diffusers"), keyed by (part, path): the
+    transformer's original-layout or diffusers path, a text encoder's module path as files write it."""
+    out: dict[tuple[str, str], AdapterModule] = {}
+    slots: dict[str, list[AdapterModule | None]] = {}
+    for layer, mod in resolve(parsed, names).values():
+        form = FORMS[layer.form]
+        if layer.part != TRANSFORMER:
+            _claim(out, (layer.part, _file_path(layer.part, layer.targets[0].path)), mod, parsed.source)
+        elif form.layout == layout:
+            key = layer.original if layout == "original" else layer.targets[0].path
+            _claim(out, (TRANSFORMER, key), mod, parsed.source)
+        elif layout == "diffusers":
+            for path, piece in _to_diffusers(layer, mod, parsed.source):
+                _claim(out, (TRANSFORMER, path), piece, parsed.source)
+        else:
+            targets = names.layout[layer.original]
+            group = slots.setdefault(layer.original, [None] * len(targets))
+            index = layer.slot or 0
+            if group[index] is not None:
+                raise AdapterFileError(f"{parsed.source}: layer {layer.targets[0].path} is adapted twice")
+            group[index] = mod
+    for original, group in slots.items():
+        targets = names.layout[original]
+        name = form_name("kohya", TRANSFORMER, original)
+        fused = fuse_rows(group, [t.stop - t.start for t in targets], name) if len(targets) > 1 else group[0]
+        _claim(out, (TRANSFORMER, original), swap_halves(fused) if targets[0].swap_halves else fused, parsed.source)
+    return out
+
+
+def _tensors(mod: AdapterModule, name: str, form_key: str) -> dict[str, torch.Tensor]:
+    form = FORMS[form_key]
+    out: dict[str, torch.Tensor] = {}
+    spell = {"lora_down.weight": form.lora_params[0], "lora_up.weight": form.lora_params[1]}
+    fold = form.alpha_in_up and mod.algo == "lora"
+    for k, v in mod.tensors.items():
+        if fold and k == "lora_up.weight":
+            v = v.float() * mod.scale
+        out[f"{name}.{spell.get(k, k)}"] = v
+    if mod.alpha is not None and not fold:
+        out[f"{name}.alpha"] = torch.tensor(float(mod.alpha))
+    if mod.scale_override is not None and not fold:
+        out[f"{name}.scale"] = torch.tensor(float(mod.scale_override))
+    if mod.dora_scale is not None:
+        out[f"{name}.dora_scale"] = mod.dora_scale
+    return out
+
+
+def to_form(parsed: ParsedFile, names: SD3Names, form: str) -> dict[str, torch.Tensor]:
+    """The tensors of an SD3 file (any form, read by sd3_names.read_sd3 / formats.load_adapter) in `form` (a
+    FORMS key), exact; `names` (SD3Names of the pipeline or architectures.meta_pipeline) gives the layers. An
+    AdapterFileError, before anything is written, for a part the form has no names for (OneTrainer's ORIGINAL
+    holds the transformer only, ...) or a module the target layout cannot hold exactly."""
+    target = FORMS[form]
+    moved: Mapping[tuple[str, str], AdapterModule] = in_layout(parsed, names, target.layout)
+    missing = sorted({part for part, _ in moved if part not in target.prefixes})
+    if missing:
+        raise AdapterFileError(f"{parsed.source}: the {form} form ({target.writers}) has no names for the "
+                               f"{', '.join(missing)} modules of this file; choose another form")
+    out: dict[str, torch.Tensor] = {}
+    for (part, path), mod in moved.items():
+        out.update(_tensors(mod, form_name(form, part, path), form))
+    return out
