@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -32,6 +32,8 @@ __all__ = [
     "PARTS",
     "PART",
     "PART_LABELS",
+    "SD3_PARTS",
+    "SD3_PART",
     "parts_of_family",
     "UNET_PREFIX",
     "LYCORIS_PREFIX",
@@ -84,6 +86,18 @@ PARTS: tuple[Part, ...] = (
 )
 PART: dict[str, Part] = {p.name: p for p in PARTS}
 PART_LABELS: dict[str, str] = {p.name: p.label for p in PARTS}  # part name -> how messages and reports name it
+
+# The models of an SD3 / SD3.5 pipeline that files adapt (sd_loha.sd3_names). The transformer keeps kohya's
+# lora_unet and the CLIPs SDXL's lora_te1 / lora_te2, T5 is lora_te3 (kohya sd-scripts networks/lora_sd3.py:
+# LORA_PREFIX_SD3 = "lora_unet" "to make ComfyUI compatible", LORA_PREFIX_TEXT_ENCODER_T5 = "lora_te3"; LyCORIS's
+# kohya module numbers text encoders the same way). A separate table: name_part() answers for SD1/SD2/SDXL names.
+SD3_PARTS: tuple[Part, ...] = (
+    Part("transformer", PART["unet"].prefix, "transformer", ("sd3",), "transformer (MMDiT)"),
+    replace(PART["te1"], families=("sd3",)),
+    replace(PART["te2"], families=("sd3",)),
+    Part("te3", "lora_te3", "text_encoder_3", ("sd3",), "text encoder 3 (T5-XXL)"),
+)
+SD3_PART: dict[str, Part] = {p.name: p for p in SD3_PARTS}
 
 UNET_PREFIX = PART["unet"].prefix
 TE_PREFIX = PART["te"].prefix  # SD1/SD2 text encoder

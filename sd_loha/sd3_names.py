@@ -24,7 +24,6 @@ SD3.5 Large files apart. docs/format.md, "SD3 / SD3.5", says which tool writes w
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections import Counter
@@ -37,25 +36,15 @@ from torch import nn
 
 from .architectures import SD3_ARCHITECTURES
 from .io import ParsedFile, parse_state_dict, read_safetensors
-from .naming import PART, UNET_PREFIX, Part, text_encoder_canonical_path
+from .naming import LYCORIS_PREFIX, SD3_PARTS, text_encoder_canonical_path
 
 __all__ = [
-    "SD3_PARTS", "SD3_PART", "Form", "FORMS", "Target", "SD3Layer", "original_of", "original_layout",
+    "Form", "FORMS", "Target", "SD3Layer", "original_of", "original_layout",
     "form_name", "flat", "SD3Names", "split_param", "is_sd3_state_dict", "read_sd3", "SD3Evidence",
     "sd3_file_evidence", "fitting_architectures", "sd3_file_architecture", "transformer_problem",
 ]
 
-# The models of an SD3 pipeline that files adapt. The text encoders keep SDXL's kohya prefixes (kohya sd-scripts
-# networks/lora_sd3.py: LORA_PREFIX_TEXT_ENCODER_CLIP_L/_CLIP_G = lora_te1/lora_te2, _T5 = lora_te3; the
-# transformer is lora_unet "to make ComfyUI compatible").
-SD3_PARTS: tuple[Part, ...] = (
-    Part("transformer", UNET_PREFIX, "transformer", ("sd3",), "transformer (MMDiT)"),
-    dataclasses.replace(PART["te1"], families=("sd3",)),
-    dataclasses.replace(PART["te2"], families=("sd3",)),
-    Part("te3", "lora_te3", "text_encoder_3", ("sd3",), "text encoder 3 (T5-XXL)"),
-)
-SD3_PART: dict[str, Part] = {p.name: p for p in SD3_PARTS}
-TRANSFORMER = "transformer"
+TRANSFORMER = SD3_PARTS[0].name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,16 +156,17 @@ class Form:
     alpha_in_up: bool = False  # LoRA's alpha/r folded into the up factor, no alpha key (diffusers / PEFT)
 
 
-_KOHYA_TE = {"te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_"}
+_KOHYA = {p.name: p.prefix + "_" for p in SD3_PARTS}  # lora_unet_, lora_te1_, lora_te2_, lora_te3_
+_KOHYA_TE = {k: v for k, v in _KOHYA.items() if k != TRANSFORMER}
 _AB = ("lora_A.weight", "lora_B.weight")  # PEFT's spelling; OneTrainer's ORIGINAL / COMFY use it too
 FORMS: dict[str, Form] = {f.name: f for f in (
-    Form("kohya", "original", False, {TRANSFORMER: "lora_unet_", **_KOHYA_TE},
+    Form("kohya", "original", False, _KOHYA,
          "kohya sd-scripts (networks/lora_sd3.py; LyCORIS as its network module), OneTrainer KOHYA; ComfyUI reads it"),
     Form("original", "original", True, {TRANSFORMER: ""}, "OneTrainer ORIGINAL (transformer only)", _AB),
     Form("comfy", "original", True, {TRANSFORMER: "diffusion_model.", "te1": "text_encoders.clip_l.transformer.",
                                      "te2": "text_encoders.clip_g.transformer.",
                                      "te3": "text_encoders.t5xxl.transformer."}, "OneTrainer COMFY", _AB),
-    Form("lycoris", "diffusers", False, {TRANSFORMER: "lycoris_"}, "LyCORIS on the diffusers transformer (SimpleTuner)"),
+    Form("simpletuner", "diffusers", False, {TRANSFORMER: LYCORIS_PREFIX + "_"}, "LyCORIS on the diffusers transformer (SimpleTuner)"),
     Form("legacy", "diffusers", False, {TRANSFORMER: "lora_transformer_", **_KOHYA_TE}, "OneTrainer LEGACY"),
     Form("diffusers", "diffusers", True, {TRANSFORMER: "transformer.", "te1": "text_encoder.",
                                           "te2": "text_encoder_2.", "te3": "text_encoder_3."},
@@ -309,13 +299,20 @@ def split_param(key: str) -> tuple[str, str]:
     return name, param
 
 
-# Names only SD3 files have, in any form (flattened): a transformer block or embedder at the top of a
-# transformer prefix, T5's lora_te3, OneTrainer's text_encoders.* and diffusers' text_encoder_3.
+def _alternatives(prefixes: Iterable[str]) -> str:
+    return "|".join(sorted({re.escape(flat(p)) for p in prefixes}, key=len, reverse=True))
+
+
+# Names only SD3 files have, in any form (flattened): an original-layout block, embedder or final layer under an
+# original-layout form's prefix, a diffusers transformer layer under a diffusers-layout form's prefix (never
+# reached through an SD1 UNet's attentions_N_), and the text-encoder prefixes only SD3 has (T5's, ComfyUI's).
 _SD3_NAME = re.compile(
-    r"^(lora_unet_|diffusion_model_|)(joint_blocks_\d+_(x|context)_block_|final_layer_|[xyt]_embedder_)"
-    r"|^(lycoris_|lora_transformer_|transformer_|base_model_model_)(transformer_blocks_\d+_(attn2?_|ff_|ff_context_|norm1)"
-    r"|time_text_embed_|pos_embed_proj|norm_out_linear|proj_out|context_embedder)"
-    r"|^(lora_te3_|text_encoders_(clip_l|clip_g|t5xxl)_transformer_|text_encoder_3_)"
+    rf"^({_alternatives(f.prefixes[TRANSFORMER] for f in FORMS.values() if f.layout == 'original')})"
+    r"(joint_blocks_\d+_(x|context)_block_|final_layer_|[xyt]_embedder_)"
+    rf"|^({_alternatives(f.prefixes[TRANSFORMER] for f in FORMS.values() if f.layout == 'diffusers')})"
+    r"(transformer_blocks_\d+_(attn2?_|ff_|ff_context_|norm1)|time_text_embed_|pos_embed_proj|norm_out_linear"
+    r"|proj_out|context_embedder)"
+    rf"|^({_alternatives(f.prefixes[p] for f in FORMS.values() for p in f.prefixes if p == 'te3' or (f.name == 'comfy' and p != TRANSFORMER))})"
 )
 
 
@@ -362,6 +359,8 @@ _BLOCK_NAME = re.compile(r"(?:joint|transformer)_blocks_(\d+)_(.+)$")
 _WIDTH_FROM_OUT = ("embedder_mlp_0", "embedder_mlp_2", "embedder_linear_1", "embedder_linear_2", "context_embedder",
                    "x_embedder_proj", "pos_embed_proj")
 _FOUR_X_IN = ("mlp_fc2", "ff_net_2", "ff_context_net_2")
+# Flat names of text-encoder modules in any form (the texts' widths say nothing of the transformer).
+_TEXT_ENCODER_NAMES = tuple({flat(f.prefixes[p]) for f in FORMS.values() for p in f.prefixes if p != TRANSFORMER})
 
 
 def sd3_file_evidence(parsed: ParsedFile) -> SD3Evidence | None:
@@ -386,7 +385,7 @@ def sd3_file_evidence(parsed: ParsedFile) -> SD3Evidence | None:
                 attn2.add(block)
             if tail in ("x_block_adaLN_modulation_1", "norm1_linear"):
                 x_mod[block] = out
-        if not name.startswith(("lora_te", "text_encoder")):
+        if not name.startswith(_TEXT_ENCODER_NAMES):
             widths[out if name.endswith(_WIDTH_FROM_OUT) else inn // 4 if name.endswith(_FOUR_X_IN) else inn] += 1
     width = widths.most_common(1)[0][0] if widths else None
     return SD3Evidence(width, max(blocks) if blocks else None, frozenset(attn2), x_mod)

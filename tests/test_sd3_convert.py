@@ -122,7 +122,7 @@ def test_every_form_gives_every_layer_the_reference_change_and_back(form):
 def test_split_forms_refuse_an_input_column_dora_on_a_fused_qkv():
     parsed = load_adapter(_kohya_file(dora_in_fused=True))
     with pytest.raises(AdapterFileError, match="per input column.*keep the fused form"):
-        to_form(parsed, SD3Names(_models()), "lycoris")
+        to_form(parsed, SD3Names(_models()), "simpletuner")
     assert to_form(parsed, SD3Names(_models()), "comfy")  # fused forms hold it
 
 
@@ -133,7 +133,7 @@ def test_form_without_text_encoder_names_refuses():
 
 def test_split_modules_and_fused_module_on_one_layer_refused():
     sd = _transformer_only(_kohya_file())
-    split = to_form(load_adapter(sd), SD3Names(_models()), "lycoris")
+    split = to_form(load_adapter(sd), SD3Names(_models()), "simpletuner")
     both = {**sd, **{k: v for k, v in split.items() if k.startswith("lycoris_transformer_blocks_0_attn_to_q.")}}
     with pytest.raises(AdapterFileError, match="adapted twice"):
-        to_form(load_adapter(both), SD3Names(_models()), "lycoris")
+        to_form(load_adapter(both), SD3Names(_models()), "simpletuner")

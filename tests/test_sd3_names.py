@@ -14,9 +14,10 @@ from torch import nn
 
 from sd_loha.architectures import SD3_ARCHITECTURES, build_model, meta_pipeline
 from sd_loha.formats import load_adapter
+from sd_loha.naming import SD3_PARTS
 from sd_loha.model_names import file_architecture
 from sd_loha.sd3_names import (
-    FORMS, SD3_PARTS, SD3Names, Target, flat, form_name, is_sd3_state_dict, original_layout, original_of,
+    FORMS, SD3Names, Target, flat, form_name, is_sd3_state_dict, original_layout, original_of,
     sd3_file_architecture, sd3_file_evidence, split_param, transformer_problem,
 )
 
@@ -158,7 +159,7 @@ def test_prefixes_of_each_form():
     assert form_name("comfy", "transformer", "joint_blocks.0.x_block.attn.qkv") == "diffusion_model.joint_blocks.0.x_block.attn.qkv"
     assert form_name("comfy", "te2", "text_model.encoder.layers.0.mlp.fc1") == \
         "text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc1"
-    assert form_name("lycoris", "transformer", "transformer_blocks.0.attn.to_q") == "lycoris_transformer_blocks_0_attn_to_q"
+    assert form_name("simpletuner", "transformer", "transformer_blocks.0.attn.to_q") == "lycoris_transformer_blocks_0_attn_to_q"
     assert form_name("legacy", "transformer", "transformer_blocks.0.attn.to_q") == "lora_transformer_transformer_blocks_0_attn_to_q"
     assert form_name("diffusers", "transformer", "transformer_blocks.0.attn.to_q") == "transformer.transformer_blocks.0.attn.to_q"
     assert split_param("transformer.transformer_blocks.0.attn.to_q.lora_A.weight") == \
