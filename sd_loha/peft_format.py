@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import meta_pipeline
+from .architectures import UNET_ARCHITECTURES, meta_pipeline
 from .atomic import write_folder_atomic, write_text_atomic
 from .io import LOHA_PARAMS, TUCKER_PARAMS, AdapterFileError, AdapterModule, ParsedFile, load_kohya, \
     read_safetensors, save_safetensors_atomic
@@ -356,6 +356,9 @@ def convert_to_peft(source: str | os.PathLike, out: str | os.PathLike, model: st
     if arch is None:
         raise AdapterFileError(f"{source}: its architecture cannot be told from its keys or metadata; pass the base "
                                "model it was trained on with --model")
+    if arch not in UNET_ARCHITECTURES:
+        raise AdapterFileError(f"{source}: a {arch} file; converting to PEFT LoHa covers SD 1.x, SD 2.x and SDXL files. "
+                               "Nothing was written.")
     return write_peft(parsed, out, meta_pipeline(arch))
 
 

@@ -137,3 +137,14 @@ def test_split_modules_and_fused_module_on_one_layer_refused():
     both = {**sd, **{k: v for k, v in split.items() if k.startswith("lycoris_transformer_blocks_0_attn_to_q.")}}
     with pytest.raises(AdapterFileError, match="adapted twice"):
         to_form(load_adapter(both), SD3Names(_models()), "simpletuner")
+
+
+def test_convert_to_peft_refuses_an_sd3_file_naming_it(tmp_path):
+    """convert --to peft (SD 1.x/2.x/XL only) says the file is SD3 instead of failing inside a UNet lookup."""
+    from sd_loha.io import save_safetensors_atomic
+    from sd_loha.peft_format import convert_to_peft
+
+    path = save_safetensors_atomic(_transformer_only(_kohya_file()), tmp_path / "sd3.safetensors")
+    with pytest.raises(AdapterFileError, match="SD3.*covers SD 1.x, SD 2.x and SDXL"):
+        convert_to_peft(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
