@@ -29,18 +29,19 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
 from torch import nn
 
-from .architectures import SD3_ARCHITECTURES
+from .architectures import SD3_ARCHITECTURES, meta_pipeline
 from .io import ParsedFile, parse_state_dict, read_safetensors
 from .naming import LYCORIS_PREFIX, SD3_PARTS, text_encoder_canonical_path
 
 __all__ = [
     "Form", "FORMS", "Target", "SD3Layer", "original_of", "original_layout",
-    "form_name", "flat", "SD3Names", "split_param", "is_sd3_state_dict", "read_sd3", "SD3Evidence",
+    "form_name", "flat", "SD3Names", "architecture_names", "split_param", "is_sd3_state_dict", "read_sd3", "SD3Evidence",
     "sd3_file_evidence", "fitting_architectures", "sd3_file_architecture", "transformer_problem",
 ]
 
@@ -166,7 +167,8 @@ FORMS: dict[str, Form] = {f.name: f for f in (
     Form("comfy", "original", True, {TRANSFORMER: "diffusion_model.", "te1": "text_encoders.clip_l.transformer.",
                                      "te2": "text_encoders.clip_g.transformer.",
                                      "te3": "text_encoders.t5xxl.transformer."}, "OneTrainer COMFY", _AB),
-    Form("simpletuner", "diffusers", False, {TRANSFORMER: LYCORIS_PREFIX + "_"}, "LyCORIS on the diffusers transformer (SimpleTuner)"),
+    Form("simpletuner", "diffusers", False, {TRANSFORMER: LYCORIS_PREFIX + "_"},
+         "LyCORIS on the diffusers transformer (SimpleTuner)"),
     Form("legacy", "diffusers", False, {TRANSFORMER: "lora_transformer_", **_KOHYA_TE}, "OneTrainer LEGACY"),
     Form("diffusers", "diffusers", True, {TRANSFORMER: "transformer.", "te1": "text_encoder.",
                                           "te2": "text_encoder_2.", "te3": "text_encoder_3."},
@@ -272,6 +274,15 @@ class SD3Names:
         return self.table.get(flat(name))
 
 
+@cache
+def architecture_names(label: str) -> SD3Names:
+    """The SD3Names of a real SD3 architecture (an architectures.SD3_ARCHITECTURES label), its models built on the
+    meta device (names and shapes, no weights): for tools that name a file's layers without a model."""
+    if label not in SD3_ARCHITECTURES:
+        raise KeyError(f"{label!r} is not an SD3 architecture ({', '.join(SD3_ARCHITECTURES)})")
+    return SD3Names.from_pipeline(meta_pipeline(label))
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading files of every form
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +314,9 @@ def _alternatives(prefixes: Iterable[str]) -> str:
     return "|".join(sorted({re.escape(flat(p)) for p in prefixes}, key=len, reverse=True))
 
 
+# Text-encoder prefixes no SDXL file has: T5's in every form, and ComfyUI's text_encoders.* for the CLIPs.
+_SD3_ONLY_TEXT = [f.prefixes[p] for f in FORMS.values() for p in f.prefixes
+                  if p == "te3" or (f.name == "comfy" and p != TRANSFORMER)]
 # Names only SD3 files have, in any form (flattened): an original-layout block, embedder or final layer under an
 # original-layout form's prefix, a diffusers transformer layer under a diffusers-layout form's prefix (never
 # reached through an SD1 UNet's attentions_N_), and the text-encoder prefixes only SD3 has (T5's, ComfyUI's).
@@ -312,7 +326,7 @@ _SD3_NAME = re.compile(
     rf"|^({_alternatives(f.prefixes[TRANSFORMER] for f in FORMS.values() if f.layout == 'diffusers')})"
     r"(transformer_blocks_\d+_(attn2?_|ff_|ff_context_|norm1)|time_text_embed_|pos_embed_proj|norm_out_linear"
     r"|proj_out|context_embedder)"
-    rf"|^({_alternatives(f.prefixes[p] for f in FORMS.values() for p in f.prefixes if p == 'te3' or (f.name == 'comfy' and p != TRANSFORMER))})"
+    rf"|^({_alternatives(_SD3_ONLY_TEXT)})"
 )
 
 

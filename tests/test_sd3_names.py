@@ -14,10 +14,10 @@ from torch import nn
 
 from sd_loha.architectures import SD3_ARCHITECTURES, build_model, meta_pipeline
 from sd_loha.formats import load_adapter
-from sd_loha.naming import SD3_PARTS
+from sd_loha.naming import SD3_PARTS, text_encoder_canonical_path
 from sd_loha.model_names import file_architecture
 from sd_loha.sd3_names import (
-    FORMS, SD3Names, Target, flat, form_name, is_sd3_state_dict, original_layout, original_of,
+    FORMS, SD3Names, Target, architecture_names, flat, form_name, is_sd3_state_dict, original_layout, original_of,
     sd3_file_architecture, sd3_file_evidence, split_param, transformer_problem,
 )
 
@@ -36,9 +36,8 @@ def _pipe(label: str):
     return meta_pipeline(label)
 
 
-@cache
 def _names(label: str) -> SD3Names:
-    return SD3Names.from_pipeline(_pipe(label))
+    return architecture_names(label)
 
 
 def _swap(t: torch.Tensor) -> torch.Tensor:
@@ -132,7 +131,7 @@ def test_every_layer_maps_both_ways_through_every_form(label):
         for path, module in encoder.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
-            file_path = path if part.name == "te3" else ("text_model." + path if not path.startswith(("text_model.", "text_projection")) else path)
+            file_path = path if part.name == "te3" else text_encoder_canonical_path(path)
             for form in FORMS.values():
                 if part.name not in form.prefixes:
                     continue
@@ -140,9 +139,9 @@ def test_every_layer_maps_both_ways_through_every_form(label):
                 layer = names.match(name)
                 assert layer is not None and layer.part == part.name and layer.targets[0].path == path, name
                 seen.add(flat(name))
-    leftover = [n for n in names.table if n not in seen and not re.search(r"^(lora_te[12]_|text_encoder(_2)?_|"
-                                                                            r"text_encoders_clip_[lg]_transformer_)(?!text_model)", n)]
-    assert leftover == []  # the only other names are the CLIPs' names without text_model_
+    # The only other names are the CLIPs' without text_model_.
+    short_clip = re.compile(r"^(lora_te[12]_|text_encoder(_2)?_|text_encoders_clip_[lg]_transformer_)(?!text_model)")
+    assert [n for n in names.table if n not in seen and not short_clip.search(n)] == []
 
 
 def test_swapped_layers_are_the_two_adaln_projections():
@@ -154,9 +153,11 @@ def test_swapped_layers_are_the_two_adaln_projections():
 def test_prefixes_of_each_form():
     """The spellings the projects' code uses (kohya networks/lora_sd3.py, ComfyUI comfy/lora.py,
     OneTrainer StableDiffusion3Model / LoRASaverMixin, diffusers' SD3 LoRA loader)."""
-    assert form_name("kohya", "transformer", "joint_blocks.0.x_block.attn.qkv") == "lora_unet_joint_blocks_0_x_block_attn_qkv"
-    assert form_name("kohya", "te3", "encoder.block.0.layer.0.SelfAttention.q") == "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
-    assert form_name("comfy", "transformer", "joint_blocks.0.x_block.attn.qkv") == "diffusion_model.joint_blocks.0.x_block.attn.qkv"
+    qkv = "joint_blocks.0.x_block.attn.qkv"
+    assert form_name("kohya", "transformer", qkv) == "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    assert form_name("kohya", "te3", "encoder.block.0.layer.0.SelfAttention.q") == \
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    assert form_name("comfy", "transformer", qkv) == "diffusion_model.joint_blocks.0.x_block.attn.qkv"
     assert form_name("comfy", "te2", "text_model.encoder.layers.0.mlp.fc1") == \
         "text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc1"
     assert form_name("simpletuner", "transformer", "transformer_blocks.0.attn.to_q") == "lycoris_transformer_blocks_0_attn_to_q"
