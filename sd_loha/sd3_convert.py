@@ -9,15 +9,16 @@ refused with the reason before anything is written.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from .io import AdapterFileError, AdapterModule, ParsedFile
 from .naming import text_encoder_canonical_path
-from .sd3_names import FORMS, TRANSFORMER, SD3Layer, SD3Names, form_name
+from .sd3_names import FORMS, TRANSFORMER, SD3Layer, SD3Names, Target, form_name
 from .sd3_ops import DenseSplitNeeded, fuse_rows, split_rows, swap_halves
 
-__all__ = ["resolve", "in_layout", "to_form"]
+__all__ = ["resolve", "Coupled", "model_layers", "in_layout", "to_form"]
 
 
 def resolve(parsed: ParsedFile, names: SD3Names) -> dict[str, tuple[SD3Layer, AdapterModule]]:
@@ -36,6 +37,34 @@ def resolve(parsed: ParsedFile, names: SD3Names) -> dict[str, tuple[SD3Layer, Ad
     return resolved
 
 
+@dataclass(frozen=True)
+class Coupled:
+    """A fused module no per-layer module equals (an input-column dora_scale over a fused qkv): each of its
+    layers' exact change needs all their base weights, sd3_ops.dense_deltas(module, targets, weights)."""
+
+    module: AdapterModule
+    targets: tuple[Target, ...]
+
+
+def model_layers(parsed: ParsedFile, names: SD3Names) -> dict[tuple[str, str], AdapterModule | Coupled]:
+    """(part, module path in the pipeline's model) -> what changes that layer: an AdapterModule made for that layer
+    alone (a fused qkv split exactly, swapped halves put in the model's order), or the same Coupled for every layer
+    of a fused module that cannot be split. An AdapterFileError names a layer two modules adapt, or modules that
+    match no layer."""
+    out: dict[tuple[str, str], AdapterModule | Coupled] = {}
+    for layer, mod in resolve(parsed, names).values():
+        try:
+            pieces: list[AdapterModule | Coupled] = list(split_rows(mod, layer.targets))
+        except DenseSplitNeeded:
+            pieces = [Coupled(mod, layer.targets)] * len(layer.targets)
+        for t, piece in zip(layer.targets, pieces):
+            if (layer.part, t.path) in out:
+                raise AdapterFileError(f"{parsed.source}: layer {t.path} is adapted twice (by {mod.name} and another "
+                                       "module); a file holds one module per layer")
+            out[(layer.part, t.path)] = piece
+    return out
+
+
 def _file_path(part: str, path: str) -> str:
     # Text encoders: the path as files write it (CLIPs in transformers 4's text_model. layout).
     return path if part in (TRANSFORMER, "te3") else text_encoder_canonical_path(path)
@@ -47,32 +76,26 @@ def _claim(out: dict[tuple[str, str], AdapterModule], key: tuple[str, str], mod:
     out[key] = mod
 
 
-def _to_diffusers(layer: SD3Layer, mod: AdapterModule, where: str) -> list[tuple[str, AdapterModule]]:
-    try:
-        pieces = split_rows(mod, layer.targets)
-    except DenseSplitNeeded as e:
-        raise AdapterFileError(f"{where}: {e}; split forms cannot hold it exactly, keep the fused form") from None
-    return [(t.path, p) for t, p in zip(layer.targets, pieces)]
-
-
 def in_layout(parsed: ParsedFile, names: SD3Names, layout: str) -> dict[tuple[str, str], AdapterModule]:
     """Every module of an SD3 file moved to `layout` ("original" or "diffusers"), keyed by (part, path): the
     transformer's original-layout or diffusers path, a text encoder's module path as files write it."""
+    if layout == "diffusers":
+        moved = {}
+        for (part, path), piece in model_layers(parsed, names).items():
+            if isinstance(piece, Coupled):
+                raise AdapterFileError(f"{parsed.source}: {piece.module.name} has a per-input-column dora_scale, a norm "
+                                       "over all the fused rows, which no split module reproduces; keep the fused form")
+            moved[(part, _file_path(part, path))] = piece
+        return moved
     out: dict[tuple[str, str], AdapterModule] = {}
     slots: dict[str, list[AdapterModule | None]] = {}
     for layer, mod in resolve(parsed, names).values():
-        form = FORMS[layer.form]
         if layer.part != TRANSFORMER:
             _claim(out, (layer.part, _file_path(layer.part, layer.targets[0].path)), mod, parsed.source)
-        elif form.layout == layout:
-            key = layer.original if layout == "original" else layer.targets[0].path
-            _claim(out, (TRANSFORMER, key), mod, parsed.source)
-        elif layout == "diffusers":
-            for path, piece in _to_diffusers(layer, mod, parsed.source):
-                _claim(out, (TRANSFORMER, path), piece, parsed.source)
+        elif FORMS[layer.form].layout == "original":
+            _claim(out, (TRANSFORMER, layer.original), mod, parsed.source)
         else:
-            targets = names.layout[layer.original]
-            group = slots.setdefault(layer.original, [None] * len(targets))
+            group = slots.setdefault(layer.original, [None] * len(names.layout[layer.original]))
             index = layer.slot or 0
             if group[index] is not None:
                 raise AdapterFileError(f"{parsed.source}: layer {layer.targets[0].path} is adapted twice")

@@ -16,7 +16,7 @@ from sd_loha.architectures import build_model
 from sd_loha.formats import load_adapter
 from sd_loha.io import AdapterFileError
 from sd_loha.sd3_convert import resolve, to_form
-from sd_loha.sd3_names import FORMS, SD3Names, form_name
+from sd_loha.sd3_names import FORMS, SD3Names, Target, form_name
 from sd_loha.sd3_ops import dense_deltas
 from tests.test_sd3_names import SMALL
 from tests.test_sd3_ops import ref_delta
@@ -121,7 +121,7 @@ def test_every_form_gives_every_layer_the_reference_change_and_back(form):
 
 def test_split_forms_refuse_an_input_column_dora_on_a_fused_qkv():
     parsed = load_adapter(_kohya_file(dora_in_fused=True))
-    with pytest.raises(AdapterFileError, match="per input column.*keep the fused form"):
+    with pytest.raises(AdapterFileError, match="per-input-column dora_scale.*keep the fused form"):
         to_form(parsed, SD3Names(_models()), "simpletuner")
     assert to_form(parsed, SD3Names(_models()), "comfy")  # fused forms hold it
 
@@ -148,3 +148,27 @@ def test_convert_to_peft_refuses_an_sd3_file_naming_it(tmp_path):
     with pytest.raises(AdapterFileError, match="SD3.*covers SD 1.x, SD 2.x and SDXL"):
         convert_to_peft(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_model_layers_gives_each_pipeline_layer_its_own_module_or_the_coupled_one():
+    """What the loader needs: per pipeline layer, a module whose change is the reference change (split, swapped),
+    or for an input-column DoRA over a fused qkv the coupled module whose dense deltas are."""
+    from sd_loha.sd3_convert import Coupled, model_layers
+
+    sd = _kohya_file(dora_in_fused=True)
+    expected = _reference_changes(sd)
+    layers = model_layers(load_adapter(sd), SD3Names(_models()))
+    assert set(layers) == set(expected)
+    coupled = {id(v): v for v in layers.values() if isinstance(v, Coupled)}
+    assert [c.module.name for c in coupled.values()] == ["lora_unet_joint_blocks_0_context_block_attn_qkv"]
+    for (part, path), got in layers.items():
+        model = _models()[part]
+        if isinstance(got, Coupled):
+            weights = [model.get_submodule(t.path).weight for t in got.targets]
+            i = [t.path for t in got.targets].index(path)
+            change = dense_deltas(got.module, got.targets, weights)[i]
+        else:
+            w = model.get_submodule(path).weight
+            (change,) = dense_deltas(got, [Target(path, 0, w.shape[0])], [w])
+        torch.testing.assert_close(change.reshape(expected[(part, path)].shape), expected[(part, path)],
+                                   rtol=1e-4, atol=1e-5)
