@@ -1,4 +1,5 @@
-"""An SD3 adapter rewritten in another file form (sd_loha.sd3_names.FORMS), exactly.
+"""An SD3 adapter rewritten in another file form (sd_loha.sd3_names.FORMS), exactly; and, for a loader, what
+changes each layer of a pipeline (:func:`model_layers`).
 
 Between forms of one layout only names change. From the original layout to diffusers' a fused qkv module splits
 onto q, k and v and the two (shift, scale) adaLN modules swap their halves (sd3_ops); back, split modules fuse at
