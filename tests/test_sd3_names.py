@@ -249,3 +249,17 @@ def test_every_form_reads_to_the_same_layers(form):
     layer = names.match(name)
     assert layer is not None and layer.form in (form, "kohya") and layer.targets == expected
     assert sd3_file_architecture(parsed) in ("SD3.5 Medium", "SD3 Medium or SD3.5 Medium")
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_large_file_told_in_every_form(form):
+    """The size shows in every form: SD3.5 Large's block 37 and width 2432, split or fused."""
+    path = "transformer_blocks.37.attn.to_q"
+    original = "joint_blocks.37.x_block.attn.qkv"
+    key, rows = (original, 3 * 2432) if FORMS[form].layout == "original" else (path, 2432)
+    n = form_name(form, "transformer", key)
+    parsed = load_adapter({f"{n}.hada_w1_a": torch.ones(rows, 1), f"{n}.hada_w2_a": torch.ones(rows, 1),
+                           f"{n}.hada_w1_b": torch.ones(1, 2432), f"{n}.hada_w2_b": torch.ones(1, 2432)})
+    assert file_architecture(parsed) == "SD3.5 Large"
+    problem = transformer_problem(sd3_file_evidence(parsed), SD3_ARCHITECTURES["SD3 Medium"].transformer)
+    assert "2432" in problem and "1536" in problem
