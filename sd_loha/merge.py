@@ -19,7 +19,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,19 @@ from .blocks import BlockWeights, BlockWeightsLike, layer_block_id, parse_block_
 from .bypass import BypassSlot, dora_problem, full_delta, weight_shape
 from .formats import load_adapter
 from .io import AdapterFileError, AdapterModule, ParsedFile
-from .model_names import ModelLayers, UnsupportedWeightError, file_architecture, weight_problem
+from .model_names import LayerMatch, ModelLayers, UnsupportedWeightError, file_architecture, weight_problem
 from .models import detect_family
 from .naming import LYCORIS_PREFIX, PART_LABELS, name_part, parts_of_family
 from .ops import apply_dora
+from .sd3_convert import Coupled
+from .sd3_convert import model_layers as sd3_model_layers
+from .sd3_names import SD3Names, sd3_file_evidence, transformer_problem
 
 logger = logging.getLogger(__name__)
 REGISTRY_ATTR = "_sd_loha_registry"
 KEEP_BLOCK_WEIGHTS = object()  # set_loha_strength's default: leave the block weights as they are
 MERGED, BYPASS = "merged", "bypass"  # the two paths a layer may take (ApplyReport.paths)
+DENOISER_PARTS = ("unet", "transformer")  # the parts unet_strength applies to; every other part is a text encoder
 
 
 class ArchitectureMismatchError(AdapterFileError):
@@ -90,7 +94,7 @@ class _Adapter:
     block_factor: dict[tuple[str, str], float] = field(default_factory=dict)  # layer -> its block's weight
 
     def strength(self, part: str) -> float:
-        return self.unet_strength if part == "unet" else self.te_strength
+        return self.unet_strength if part in DENOISER_PARTS else self.te_strength
 
     def multiplier(self, key: tuple[str, str]) -> float:
         """What ΔW of this layer is multiplied by: the part's strength × the layer's block weight."""
@@ -284,12 +288,97 @@ def _empty_like(t: torch.Tensor, device: str | torch.device | None = None) -> to
     return torch.empty(t.shape, dtype=t.dtype, device=t.device if device is None else device)
 
 
+def _denoiser(pipe: Any) -> nn.Module:
+    """The UNet, or SD 3.x's transformer: where the registry of loaded adapters lives."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 def _registry(pipe: Any, create: bool = False) -> _Registry | None:
-    reg = getattr(pipe.unet, REGISTRY_ATTR, None)
+    reg = getattr(_denoiser(pipe), REGISTRY_ATTR, None)
     if reg is None and create:
         reg = _Registry()
-        setattr(pipe.unet, REGISTRY_ATTR, reg)
+        setattr(_denoiser(pipe), REGISTRY_ATTR, reg)
     return reg
+
+
+@dataclass
+class _Matching:
+    """A file's modules put on a pipeline's layers, with every problem found on the way: all of it is known
+    before apply_loha changes anything."""
+
+    merge: bool
+    models: dict[str, nn.Module]  # part -> the pipeline's model for it
+    layers: dict[tuple[str, str], AdapterModule] = field(default_factory=dict)
+    claimed: dict[tuple[str, str], str] = field(default_factory=dict)  # layer -> the file module name on it
+    bypass_why: dict[tuple[str, str], str] = field(default_factory=dict)  # layer -> why it takes the bypass path
+    cannot: list[str] = field(default_factory=list)  # layers where even the bypass cannot work
+    unmatched: list[str] = field(default_factory=list)
+    missing_parts: set[str] = field(default_factory=set)
+    mismatched: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+    def add(self, mod_name: str, match: LayerMatch, mod: AdapterModule) -> None:
+        hit = match.key
+        label = f"{PART_LABELS.get(match.part, match.part)} layer {match.path}"
+        if not isinstance(getattr(match.module, "weight", None), torch.Tensor):
+            self.cannot.append(f"{label} is a {type(match.module).__name__} without a weight tensor")
+            return
+        why = _bypass_reason(match.module, self.merge, mod, self.cannot, label)
+        problem = mod.shape_problem(weight_shape(match.module))
+        if problem is not None:
+            self.mismatched.append(f"{mod_name}: {problem}")
+            return
+        if why is not None:
+            self.bypass_why[hit] = why
+        if hit in self.layers:
+            # Two names for one layer (e.g. diffusers- and LDM-style, or lycoris_ and lora_unet_): ambiguous.
+            self.duplicates.append(f"{self.claimed[hit]} and {mod_name} (both {hit[1]})")
+            return
+        self.layers[hit] = mod
+        self.claimed[hit] = mod_name
+
+
+def _match_unet_family(pipe: Any, parsed: ParsedFile, family: Any, merge: bool) -> _Matching:
+    """SD 1.x / 2.x / XL: each file module names one layer (kohya, LDM or diffusers paths; ModelLayers.match)."""
+    model_layers = ModelLayers(pipe)
+    m = _Matching(merge, model_layers.models)
+    family_parts = {p.name for p in parts_of_family(family.name)}
+    for mod_name, mod in parsed.modules.items():
+        match = model_layers.match(mod_name)
+        if match is None:
+            part = name_part(mod_name)
+            # A part the architecture does not have (te1 on SD 1.x, te on SDXL) means another architecture;
+            # a text encoder the family has but this pipeline object lacks (text_encoder=None) is just unmatched.
+            if (part is not None and part not in model_layers.tables and part != "unet" and part not in family_parts
+                    and not mod_name.startswith(LYCORIS_PREFIX + "_")):
+                m.missing_parts.add(part)
+            m.unmatched.append(mod_name)
+            continue
+        m.add(mod_name, match, mod)
+    return m
+
+
+def _match_sd3(pipe: Any, parsed: ParsedFile, merge: bool) -> _Matching:
+    """SD 3.x: a file module in any of the forms (sd3_names.FORMS) may span several layers (a fused qkv on
+    diffusers' to_q/to_k/to_v): it is split exactly into one module per layer first (sd3_convert.model_layers). A
+    transformer of another size is refused by name before anything else."""
+    names = SD3Names.from_pipeline(pipe)
+    evidence = sd3_file_evidence(parsed)
+    problem = None if evidence is None else transformer_problem(evidence, pipe.transformer.config)
+    if problem is not None:
+        raise ArchitectureMismatchError(f"{parsed.source}: {problem}. Nothing was changed.")
+    m = _Matching(merge, names.models)
+    known = {n: mod for n, mod in parsed.modules.items() if names.match(n) is not None}
+    m.unmatched = [n for n in parsed.modules if n not in known]
+    for (part, path), piece in sd3_model_layers(replace(parsed, modules=known), names).items():
+        module = names.models[part].get_submodule(path)
+        if isinstance(piece, Coupled):
+            m.cannot.append(f"{piece.module.name} has a dora_scale along the input axis of a fused qkv, which splits "
+                            "onto to_q/to_k/to_v only as dense per-layer deltas (sd-loha's loader does not take those)")
+            continue
+        m.add(piece.name, LayerMatch(part, path, module), piece)
+    return m
 
 
 def apply_loha(
@@ -327,49 +416,18 @@ def apply_loha(
             name = next(f"adapter{i}" for i in range(len(loaded) + 1) if f"adapter{i}" not in loaded)
         else:
             name = Path(source).stem
-    model_layers = ModelLayers(pipe)
-    tables = model_layers.tables
     family = detect_family(pipe)
     arch = file_architecture(parsed)
-
-    layers: dict[tuple[str, str], AdapterModule] = {}
-    bypass_why: dict[tuple[str, str], str] = {}  # layer -> why it takes the bypass path
-    cannot: list[str] = []  # layers where even the bypass cannot work
-    unmatched: list[str] = []
-    missing_parts: set[str] = set()
-    mismatched: list[str] = []
-    duplicates: list[str] = []
-    claimed: dict[tuple[str, str], str] = {}
-    for mod_name, mod in parsed.modules.items():
-        match = model_layers.match(mod_name)
-        if match is None:
-            part = name_part(mod_name)
-            # A part the architecture does not have (te1 on SD 1.x, te on SDXL) means another architecture;
-            # a text encoder the family has but this pipeline object lacks (text_encoder=None) is just unmatched.
-            family_parts = {p.name for p in parts_of_family(family.name)}
-            if (part is not None and part not in tables and part != "unet" and part not in family_parts
-                    and not mod_name.startswith(LYCORIS_PREFIX + "_")):
-                missing_parts.add(part)
-            unmatched.append(mod_name)
-            continue
-        hit = match.key
-        label = f"{PART_LABELS.get(match.part, match.part)} layer {match.path}"
-        if not isinstance(getattr(match.module, "weight", None), torch.Tensor):
-            cannot.append(f"{label} is a {type(match.module).__name__} without a weight tensor")
-            continue
-        why = _bypass_reason(match.module, merge, mod, cannot, label)
-        problem = mod.shape_problem(weight_shape(match.module))
-        if problem is not None:
-            mismatched.append(f"{mod_name}: {problem}")
-            continue
-        if why is not None:
-            bypass_why[hit] = why
-        if hit in layers:
-            # Two names for one layer (e.g. diffusers- and LDM-style, or lycoris_ and lora_unet_): ambiguous.
-            duplicates.append(f"{claimed[hit]} and {mod_name} (both {hit[1]})")
-            continue
-        layers[hit] = mod
-        claimed[hit] = mod_name
+    if family.name == "sd3" and weights is not None:
+        raise ValueError("block weights (LoRA Block Weight's syntax) are defined for the SD 1.x/2.x/XL UNets' blocks, "
+                         "not for SD 3.x's transformer; leave block_weights out")
+    m = _match_sd3(pipe, parsed, merge) if family.name == "sd3" else _match_unet_family(pipe, parsed, family, merge)
+    layers, bypass_why, cannot, unmatched = m.layers, m.bypass_why, m.cannot, m.unmatched
+    missing_parts, mismatched, duplicates = m.missing_parts, m.mismatched, m.duplicates
+    if arch is not None and (arch.startswith("SD3")) != (family.name == "sd3"):
+        raise ArchitectureMismatchError(
+            f"{parsed.source} was made for {arch}; this pipeline is {family.label}. Nothing was changed; use a base "
+            "model of the architecture the file was trained on.")
 
     if cannot:
         raise UnsupportedWeightError(
@@ -410,11 +468,11 @@ def apply_loha(
         layers=layers,
         bypassed=set(bypass_why),
     )
-    adapter.set_block_weights(weights, pipe.unet.config)
+    adapter.set_block_weights(weights, getattr(_denoiser(pipe), "config", None))
     reg.adapters[name] = adapter
     try:
         for key, mod in layers.items():
-            module = model_layers.models[key[0]].get_submodule(key[1])
+            module = m.models[key[0]].get_submodule(key[1])
             if key in bypass_why:
                 if key not in reg.bypass:
                     reg.bypass[key] = BypassSlot(module)
@@ -429,7 +487,7 @@ def apply_loha(
         remove_loha(pipe, name)  # never leave a half-merged adapter behind
         raise
 
-    patched: dict[str, int] = {p: 0 for p in model_layers.models}
+    patched: dict[str, int] = {p: 0 for p in m.models}
     for part, _ in layers:
         patched[part] += 1
     reasons = dict(Counter(bypass_why.values()))
@@ -506,7 +564,7 @@ def set_loha_strength(
         raise KeyError(f"no adapter named {name!r} is loaded; loaded: {', '.join(list_loha(pipe)) or 'none'}")
     adapter = reg.adapters[name]
     if not keep:
-        adapter.set_block_weights(weights, pipe.unet.config)
+        adapter.set_block_weights(weights, getattr(_denoiser(pipe), "config", None))
     if strength is not None:
         adapter.unet_strength = adapter.te_strength = float(strength)
     if unet_strength is not None:
@@ -526,7 +584,7 @@ def keep_merged(pipe: Any) -> None:
         raise ValueError(f"adapters {', '.join(names)} are added in the forward (bypass) on {len(reg.bypass)} layers, "
                          "not merged into weights; keep_merged needs a pipeline in fp32/fp16/bf16 with merge=True")
     if reg is not None:
-        delattr(pipe.unet, REGISTRY_ATTR)
+        delattr(_denoiser(pipe), REGISTRY_ATTR)
 
 
 def remove_loha(pipe: Any, name: str | None = None) -> None:
