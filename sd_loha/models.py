@@ -19,8 +19,13 @@ import torch
 # Built-in models, loaded offline: the random tiny ones (fast tests) and `toy-sd1`, pretrained on a procedural world
 # and shipped in sd_loha/assets (docs/toy-model.md). The tiny-sd1 default stays first.
 TOY_MODELS: dict[str, Path] = {"toy-sd1": Path(__file__).parent / "assets" / "toy-sd1"}
-TINY_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl", *TOY_MODELS)
+TINY_MODELS = ("tiny-sd1", "tiny-sd2", "tiny-sdxl", "tiny-sd3", *TOY_MODELS)
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+#: the tiny SD3's T5 tokenizer (built by sd_loha/assets/make_t5_tokenizer.py)
+T5_TOKENIZER_DIR = Path(__file__).parent / "assets" / "t5_tokenizer"
+#: SD 3.x's variants as kohya sd-scripts names them (library/sd3_utils.py analyze_state_dict_state): its
+#: ss_base_model_version, and the end of its modelspec architecture "stable-diffusion-3-<variant>"
+SD3_VARIANTS: tuple[str, ...] = ("medium", "5-medium", "5-large")
 
 
 class ModelLoadError(RuntimeError):
@@ -31,15 +36,22 @@ class ModelLoadError(RuntimeError):
 class ModelFamily:
     """What an adapter file and a trainer need to know about a base model."""
 
-    name: str  # "sd1" | "sd2" | "sdxl"
-    prediction_type: str  # "epsilon" | "v_prediction"
+    name: str  # "sd1" | "sd2" | "sdxl" | "sd3"
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow" (SD 3.x: rectified flow, the velocity noise - x0)
+    variant: str = ""  # SD 3.x: one of SD3_VARIANTS
 
     @property
     def is_sdxl(self) -> bool:
         return self.name == "sdxl"
 
     @property
+    def is_sd3(self) -> bool:
+        return self.name == "sd3"
+
+    @property
     def ss_base_model_version(self) -> str:
+        if self.name == "sd3":  # kohya writes the bare variant here (sd3_train_network.py: mmdit.model_type)
+            return self.variant
         if self.name == "sdxl":
             return "sdxl_base_v1-0"
         if self.name == "sd2":
@@ -48,6 +60,8 @@ class ModelFamily:
 
     @property
     def modelspec_architecture(self) -> str:
+        if self.name == "sd3":
+            return f"stable-diffusion-3-{self.variant}/lora"
         if self.name == "sdxl":
             return "stable-diffusion-xl-v1-base/lora"
         if self.name == "sd2":
@@ -56,7 +70,7 @@ class ModelFamily:
 
     @property
     def label(self) -> str:
-        names = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+        names = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD 3.x"}
         suffix = " (v-prediction)" if self.prediction_type == "v_prediction" else ""
         return names[self.name] + suffix
 
@@ -71,8 +85,22 @@ def unet_family_name(unet_config: Any) -> str:
     return "sd1"
 
 
+def sd3_variant(transformer_config: Any) -> str:
+    """kohya's name of an SD 3.x transformer: SD3 Medium has no qk-norm, SD3.5 Medium has RMS qk-norm and dual
+    attention (a second self-attention in its first blocks), SD3.5 Large qk-norm alone."""
+    cfg = dict(transformer_config)
+    if not cfg.get("qk_norm"):
+        return "medium"
+    return "5-medium" if cfg.get("dual_attention_layers") else "5-large"
+
+
 def detect_family(pipe: Any) -> ModelFamily:
-    """Family of a diffusers pipeline (or anything with .unet and .scheduler)."""
+    """Family of a diffusers pipeline (anything with .unet and .scheduler, or SD 3.x's .transformer)."""
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        if type(pipe.transformer).__name__ != "SD3Transformer2DModel":
+            raise ModelLoadError(f"{type(pipe).__name__} with a {type(pipe.transformer).__name__}: sd-loha supports "
+                                 "SD 1.x, SD 2.x, SDXL and SD 3.x (SD3Transformer2DModel) base models")
+        return ModelFamily("sd3", "flow", sd3_variant(pipe.transformer.config))
     prediction = getattr(getattr(pipe, "scheduler", None), "config", {}).get("prediction_type", "epsilon")
     return ModelFamily(unet_family_name(pipe.unet.config), prediction)
 
@@ -87,12 +115,12 @@ def _tiny_tokenizer():
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
-def _tiny_text_encoder(tokenizer, *, with_projection: bool, hidden_act: str):
+def _tiny_text_encoder(tokenizer, *, with_projection: bool, hidden_act: str, hidden_size: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -107,7 +135,8 @@ def _tiny_text_encoder(tokenizer, *, with_projection: bool, hidden_act: str):
     return cls(config).eval()
 
 
-def _tiny_vae():
+def _tiny_vae(**sd3: Any):
+    """``sd3``: SD 3.x's VAE settings (16 latent channels, no quant convs, its shift and scaling factors)."""
     from diffusers import AutoencoderKL
 
     # Four levels like the real VAE, so latents are 1/8 of the image as the bucketing assumes.
@@ -118,9 +147,9 @@ def _tiny_vae():
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
         norm_num_groups=8,
         sample_size=128,
+        **{"latent_channels": 4, **sd3},
     ).eval()
 
 
@@ -136,6 +165,51 @@ def _tiny_scheduler(prediction_type: str):
         prediction_type=prediction_type,
         timestep_spacing="leading",
         steps_offset=1,
+    )
+
+
+#: SD 3.x's VAE (stabilityai/stable-diffusion-3.5-medium vae/config.json): 16 channels, latents shifted then scaled
+SD3_VAE: dict[str, Any] = dict(latent_channels=16, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                               use_post_quant_conv=False)
+
+
+def _tiny_t5(tokenizer, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    # T5 v1.1's layout (gated-GELU feed-forward), as in SD3's T5-XXL
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    return T5EncoderModel(config).eval()
+
+
+def _tiny_sd3():
+    """An SD3.5-Medium-style pipeline: dual attention in the first blocks, RMS qk-norm, the last block's context
+    stream pre-only (diffusers builds it so), and SD3's width rule hidden = 64 x blocks (64-wide heads, one per
+    block), which keeps ComfyUI's fixed qkv offsets valid. CLIP-L and CLIP-G differ in width (32, 48) so that
+    their order in the joint context shows; T5 (96 wide) sets the joint width, as T5-XXL's 4096 does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5TokenizerFast
+
+    blocks, clip_l_width, clip_g_width, t5_width = 3, 32, 48, 96
+    t5_tokenizer = T5TokenizerFast.from_pretrained(str(T5_TOKENIZER_DIR))
+    clip_l = _tiny_text_encoder(_tiny_tokenizer(), with_projection=True, hidden_act="quick_gelu",
+                                hidden_size=clip_l_width)
+    clip_g = _tiny_text_encoder(_tiny_tokenizer(), with_projection=True, hidden_act="gelu", hidden_size=clip_g_width)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=blocks, attention_head_dim=64,
+        num_attention_heads=blocks, joint_attention_dim=t5_width, caption_projection_dim=64 * blocks,
+        pooled_projection_dim=clip_l.config.projection_dim + clip_g.config.projection_dim, pos_embed_max_size=64,
+        dual_attention_layers=tuple(range(blocks - 1)), qk_norm="rms_norm",
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_tiny_vae(**SD3_VAE),
+        text_encoder=clip_l, tokenizer=_tiny_tokenizer(),
+        text_encoder_2=clip_g, tokenizer_2=_tiny_tokenizer(),
+        text_encoder_3=_tiny_t5(t5_tokenizer, t5_width), tokenizer_3=t5_tokenizer,
     )
 
 
@@ -162,6 +236,8 @@ def build_tiny_pipeline(name: str = "tiny-sd1", seed: int = 0):
         return load_toy_pipeline(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if name == "tiny-sd3":
+            return _tiny_sd3()
         tokenizer = _tiny_tokenizer()
         common = dict(
             sample_size=16,
@@ -230,22 +306,98 @@ def _safetensors_keys(path: Path) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
-def single_file_is_sdxl(path: Path) -> bool:
+#: single-file checkpoints: the pipeline class of the first family whose marker begins one of the file's keys (SD 3.x:
+#: diffusers' own marker, single_file_utils.CHECKPOINT_KEY_NAMES["sd3"], with or without the model prefix)
+SINGLE_FILE_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("StableDiffusion3Pipeline", ("joint_blocks.0.context_block.", "model.diffusion_model.joint_blocks.0.context_block.")),
+    ("StableDiffusionXLPipeline", ("conditioner.embedders.1",)),
+)
+
+
+def single_file_pipeline(path: Path) -> str:
+    """The diffusers pipeline class that reads this single-file checkpoint (StableDiffusionPipeline unless its keys
+    say SDXL or SD 3.x). A .ckpt is taken for SD 1.x/2.x: diffusers' loader tells those apart, and SDXL and SD 3.x
+    checkpoints are essentially never shipped as .ckpt."""
     if path.suffix.lower() == ".safetensors":
-        return any(k.startswith("conditioner.embedders.1") for k in _safetensors_keys(path))
-    # .ckpt: diffusers' loader can tell; SDXL checkpoints are essentially never shipped as .ckpt.
-    return False
+        keys = _safetensors_keys(path)
+        for cls, markers in SINGLE_FILE_MARKERS:
+            if any(k.startswith(markers) for k in keys):
+                return cls
+    return "StableDiffusionPipeline"
+
+
+def peek_is_sd3(model: str) -> bool | None:
+    """Whether a base model is SD 3.x, where that shows without loading it: a built-in name, a local diffusers
+    folder (its model_index.json's pipeline class), a single .safetensors file (its keys); None when it does not
+    (a hub id, a .ckpt, an unreadable file: the loaded model is checked instead)."""
+    if model in TINY_MODELS:
+        return model == "tiny-sd3"
+    path = Path(model).expanduser()
+    try:
+        if (path / "model_index.json").is_file():
+            return json.loads((path / "model_index.json").read_text()).get("_class_name", "").startswith(
+                "StableDiffusion3")
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            return single_file_pipeline(path) == "StableDiffusion3Pipeline"
+    except (OSError, ValueError, ModelLoadError):
+        return None
+    return None
+
+
+def _is_repo(model: str, path: Path) -> bool:
+    """A diffusers folder, or a hub id (org/name) that is no local path."""
+    return path.is_dir() or (model.count("/") == 1 and not model.startswith((".", "/", "~")) and not path.exists())
+
+
+def _from_folder(model: str, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype, vae_model: Any):
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"pretrained_model {model!r} is a folder without model_index.json: point it at a diffusers "
+            "pipeline folder, a single .safetensors/.ckpt checkpoint, a hub id, or a built-in tiny model "
+            f"({', '.join(TINY_MODELS)})"
+        )
+    source = str(path) if path.is_dir() else model
+    if vae_model is None and vae_dtype != dtype:
+        vae_model = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
+    extra = {"vae": vae_model} if vae_model is not None else {}
+    # SD 1.x/2.x pipelines load without their safety checker; a local folder whose pipeline has none (SDXL, SD 3.x)
+    # is not handed one to ignore with a warning
+    if not path.is_dir() or "safety_checker" in json.loads((path / "model_index.json").read_text()):
+        extra["safety_checker"] = None
+    return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **extra)
+
+
+def _from_single_file(model: str, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype, vae_model: Any,
+                      config: str | None):
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    if path.suffix.lower() not in (".safetensors", ".ckpt"):
+        raise ModelLoadError(f"pretrained_model {model!r}: single-file checkpoints must be .safetensors or .ckpt")
+    # A config folder completes the file offline: its configs, and the components the file lacks (an SD 3.x file
+    # often holds no text encoders)
+    local = {"config": config} if config else {}
+    if vae_model is None and vae_dtype != dtype:  # the checkpoint's own VAE, read in its dtype
+        vae_model = AutoencoderKL.from_single_file(str(path), torch_dtype=vae_dtype,
+                                                   **({**local, "subfolder": "vae"} if config else {}))
+    cls = getattr(diffusers, single_file_pipeline(path))
+    extra = {"vae": vae_model} if vae_model is not None else {}
+    return cls.from_single_file(str(path), torch_dtype=dtype, **local, **extra)
 
 
 def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  vae: str | None = None, vae_dtype: torch.dtype | None = None):
+                  vae: str | None = None, vae_dtype: torch.dtype | None = None, config: str | None = None):
     """Load a base pipeline from a built-in tiny name, a diffusers folder, a single file, or a hub id.
 
-    `dtype` is the UNet's and text encoders' dtype, `vae_dtype` the VAE's (default: `dtype`). Each component is
-    read from the checkpoint in its own dtype, so a half-precision run with an fp32 VAE never holds the whole
-    model in fp32 (SDXL: 14.6 GiB instead of 10.5 at its peak; bench/RESULTS.md, real-size smoke).
+    `dtype` is the denoiser's and text encoders' dtype, `vae_dtype` the VAE's (default: `dtype`). Each component
+    is read from the checkpoint in its own dtype, so a half-precision run with an fp32 VAE never holds the whole
+    model in fp32 (SDXL: 14.6 GiB instead of 10.5 at its peak; bench/RESULTS.md, real-size smoke). `config`: for a
+    single file, the diffusers folder (or hub id) whose configs and missing components complete it, as
+    diffusers' ``from_single_file(config=...)`` takes it (a local folder works offline).
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
 
     vae_dtype = vae_dtype or dtype
     vae_model = None
@@ -257,26 +409,10 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
     else:
         path = Path(model).expanduser()
         try:
-            if path.is_dir() or (model.count("/") == 1 and not model.startswith((".", "/", "~")) and not path.exists()):
-                if path.is_dir() and not (path / "model_index.json").is_file():
-                    raise ModelLoadError(
-                        f"pretrained_model {model!r} is a folder without model_index.json: point it at a diffusers "
-                        "pipeline folder, a single .safetensors/.ckpt checkpoint, a hub id, or a built-in tiny model "
-                        f"({', '.join(TINY_MODELS)})"
-                    )
-                source = str(path) if path.is_dir() else model
-                if vae_model is None and vae_dtype != dtype:
-                    vae_model = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
-                extra = {"vae": vae_model} if vae_model is not None else {}
-                pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None, **extra)
+            if _is_repo(model, path):
+                pipe = _from_folder(model, path, dtype, vae_dtype, vae_model)
             elif path.is_file():
-                if path.suffix.lower() not in (".safetensors", ".ckpt"):
-                    raise ModelLoadError(f"pretrained_model {model!r}: single-file checkpoints must be .safetensors or .ckpt")
-                if vae_model is None and vae_dtype != dtype:  # the checkpoint's own VAE, read in its dtype
-                    vae_model = AutoencoderKL.from_single_file(str(path), torch_dtype=vae_dtype)
-                cls = StableDiffusionXLPipeline if single_file_is_sdxl(path) else StableDiffusionPipeline
-                extra = {"vae": vae_model} if vae_model is not None else {}
-                pipe = cls.from_single_file(str(path), torch_dtype=dtype, **extra)
+                pipe = _from_single_file(model, path, dtype, vae_dtype, vae_model, config)
             else:
                 raise ModelLoadError(
                     f"pretrained_model {model!r} not found: give a diffusers folder, a .safetensors/.ckpt file, "
@@ -297,9 +433,9 @@ def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str
 
 
 def text_encoders(pipe: Any) -> dict[str, torch.nn.Module]:
-    """The pipeline's text encoders by adapter part name: {"te": ...} or {"te1": ..., "te2": ...}."""
-    te2 = getattr(pipe, "text_encoder_2", None)
-    te1 = getattr(pipe, "text_encoder", None)
+    """The pipeline's text encoders by adapter part name: {"te": ...}, {"te1": ..., "te2": ...}, or SD 3.x's
+    {"te1": CLIP-L, "te2": CLIP-G, "te3": T5} (kohya's lora_te1/2/3; T5 only while the pipeline has it)."""
+    te1, te2, te3 = (getattr(pipe, f"text_encoder{s}", None) for s in ("", "_2", "_3"))
     if te2 is not None:
-        return {k: v for k, v in (("te1", te1), ("te2", te2)) if v is not None}
+        return {k: v for k, v in (("te1", te1), ("te2", te2), ("te3", te3)) if v is not None}
     return {"te": te1} if te1 is not None else {}

@@ -31,7 +31,7 @@ BASE_DTYPES: tuple[str, ...] = ("auto", "fp8", "nf4", "int8")
 BITSANDBYTES_INSTALL = 'pip install -U "bitsandbytes>=0.45"  (>= 0.50 for the CPU)'
 OFFLOAD_DEVICE = torch.device("cpu")
 #: the pipeline's text-encoder components, in conditioning order
-TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
 FP8 = torch.float8_e4m3fn
 NF4_BLOCK = 64  # bitsandbytes' default 4-bit block size
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ...schedulers import ALIASES as SCHEDULER_ALIASES
 from ...schedulers import SCHEDULERS
+from ..flow import WEIGHTING_SCHEMES
 from ..loss import HUBER_SCHEDULES, LOSS_TYPES
 from ..lowmem import BASE_DTYPES
 from .writing import Entry, plain, toml_document, toml_value
@@ -30,7 +31,7 @@ GROUP_TITLES = {
     "logging": "Logging",
 }
 
-BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd1", "tiny-sd2", "tiny-sdxl", "toy-sd1")  # = sd_loha.models.TINY_MODELS
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd1", "tiny-sd2", "tiny-sdxl", "tiny-sd3", "toy-sd1")  # = sd_loha.models.TINY_MODELS
 PRESETS: tuple[str, ...] = ("attn-only", "attn-mlp", "full")
 LR_SCHEDULERS: tuple[str, ...] = (
     "linear",
@@ -154,7 +155,7 @@ class TrainConfig:
         "Base model: a local diffusers folder (with model_index.json), a single .safetensors/.ckpt "
         "checkpoint, a Hugging Face hub id (org/name), or a built-in model: toy-sd1 (a small SD 1.x pretrained on "
         "a procedural world of shapes, docs/toy-model.md) or the random-weight test models tiny-sd1, tiny-sd2, "
-        "tiny-sdxl. SD 1.x, 2.x or SDXL is detected from the model.",
+        "tiny-sdxl, tiny-sd3 (SD3.5-Medium-style). SD 1.x, 2.x, SDXL or SD 3.x is detected from the model.",
         required=True, type_doc="path, hub id or built-in name",
         example='"stable-diffusion-v1-5/stable-diffusion-v1-5"',
     )
@@ -179,6 +180,18 @@ class TrainConfig:
         kohya_default="`false`",
         kohya_note=("detected from the model's scheduler, so an SD 2.x 768-v model trains as v-prediction "
                    "without a flag that is easy to forget"),
+    )
+    t5xxl: bool = _opt(
+        "model", "bool", True,
+        "SD 3.x: condition on T5-XXL as well as the CLIPs. false: train and sample without it (its part of the "
+        "context is zeros, as diffusers' StableDiffusion3Pipeline does without text_encoder_3), and it is not "
+        "kept in memory. kohya's t5xxl is a path to its weights; here T5 comes with the base model.",
+    )
+    t5xxl_max_token_length: int = _opt(
+        "model", "int", 256,
+        "SD 3.x: T5-XXL's prompt length in tokens (kohya's t5xxl_max_token_length; diffusers' max_sequence_length). "
+        "Samples use the same length.",
+        min=1, max=512,
     )
 
     # ---- dataset -------------------------------------------------------------------------------
@@ -459,6 +472,11 @@ class TrainConfig:
         "network", "bool", True,
         "Also put LoHA modules in the text encoder(s) (both CLIP encoders for SDXL) and train them.",
     )
+    train_t5xxl: bool = _opt(
+        "network", "bool", False,
+        "SD 3.x: with train_text_encoder, train T5-XXL too (kohya's train_t5xxl); false keeps it frozen, so its "
+        "gradients are never computed. Needs t5xxl = true.",
+    )
     network_weights: str | None = _opt(
         "network", "path", None,
         "Start from an existing LoHA .safetensors file: its factors and its alpha values (the file's alpha "
@@ -609,6 +627,42 @@ class TrainConfig:
         "1 + v_pred_like_loss x (SNR + 1)/SNR (SNR capped at 1000; kohya's v_pred_like_loss). ε-prediction models "
         "only. Not set: off.",
         optional=True, min=0.0, min_open=True, default_doc="off", example="0.1",
+    )
+    weighting_scheme: str = _opt(
+        "training", "enum", "logit_normal",
+        "SD 3.x: how flow-matching timesteps are drawn and losses weighted (diffusers' training_utils, kohya's "
+        "weighting_scheme): logit_normal draws σ = sigmoid(N(logit_mean, logit_std²)), mode from the SD3 paper's "
+        "mode density (mode_scale), none (kohya: uniform) uniformly; cosmap and sigma_sqrt draw uniformly and weight "
+        "each loss by 2/(π(1 - 2σ + 2σ²)) or σ⁻².",
+        choices=WEIGHTING_SCHEMES, aliases={"uniform": "none"},
+        kohya_default='`"uniform"`',
+        kohya_note="the SD3 paper's best and diffusers' SD3 training default",
+    )
+    logit_mean: float = _opt(
+        "training", "float", 0.0,
+        "SD 3.x, weighting_scheme logit_normal: the mean of the normal that sigmoid maps to σ (> 0: noisier).",
+    )
+    logit_std: float = _opt(
+        "training", "float", 1.0, "SD 3.x, weighting_scheme logit_normal: the normal's standard deviation.",
+        min=0.0, min_open=True,
+    )
+    mode_scale: float = _opt(
+        "training", "float", 1.29,
+        "SD 3.x, weighting_scheme mode: the SD3 paper's s (> 0: more middle timesteps, < 0: more at the ends; its "
+        "density stays valid for -1 <= s <= 2/(π - 2)).",
+        min=-1.0, max=1.75,
+    )
+    training_shift: float = _opt(
+        "training", "float", 1.0,
+        "SD 3.x: shift of the drawn σ, sσ/(1 + (s - 1)σ), the formula of the flow scheduler's shift (kohya's "
+        "training_shift): > 1 trains noisier timesteps (composition), < 1 cleaner ones (detail).",
+        min=0.0, min_open=True,
+    )
+    precondition_outputs: bool = _opt(
+        "training", "bool", True,
+        "SD 3.x: compare the x0 estimate x_σ - σ·prediction with the image latents (diffusers' "
+        "precondition_outputs; kohya's SD3 trainer always does), i.e. the velocity loss weighted by σ²; false: "
+        "compare the prediction with the velocity noise - x0.",
     )
     noise_offset: float = _opt(
         "training", "float", 0.0,

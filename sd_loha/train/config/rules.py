@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from ...models import peek_is_sd3
 from ...schedulers import sampler_problem
 from ...targets import PresetError, is_preset_file, read_preset
 from ..loss import PREDICTION_ONLY, prediction_mismatch
@@ -238,6 +239,58 @@ def prediction_type_fits(cfg: TrainConfig) -> Iterator[Finding]:
             yield Finding((name, "v_parameterization"), *bad_pair)
 
 
+#: options that only SD 3.x's flow-matching trainer uses, and those only the UNet (DDPM) families use; each is "set"
+#: when it differs from its default (v_parameterization: when it is not "auto")
+SD3_ONLY: tuple[str, ...] = ("t5xxl", "t5xxl_max_token_length", "train_t5xxl", "weighting_scheme", "logit_mean",
+                             "logit_std", "mode_scale", "training_shift", "precondition_outputs")
+UNET_ONLY: tuple[str, ...] = ("v_parameterization", "zero_terminal_snr", "min_snr_gamma", "debiased_estimation_loss",
+                              "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "ip_noise_gamma",
+                              "ip_noise_gamma_random_strength")
+
+
+def _changed(cfg: TrainConfig, name: str) -> bool:
+    return getattr(cfg, name) != OPTIONS[name].default
+
+
+def family_findings(cfg: TrainConfig, sd3: bool) -> Iterator[Finding]:
+    """The family-only options that do not fit an SD 3.x (``sd3``) or a UNet base model."""
+    model = f"the base model {show(cfg.pretrained_model)}"
+    if sd3:
+        for name in (n for n in UNET_ONLY if _changed(cfg, n)):
+            yield Finding((name,), f"{name} is for SD 1.x / 2.x / SDXL (the DDPM schedule), but {model} is SD 3.x, "
+                          "trained by flow matching", f"remove {name}; SD 3.x's timesteps and loss weights are "
+                          "weighting_scheme, logit_mean, logit_std, mode_scale and training_shift")
+        if cfg.loss_type != "l2" and cfg.huber_schedule == "snr":
+            yield Finding(("huber_schedule", "loss_type"),
+                          f'huber_schedule = "snr" needs the DDPM schedule\'s SNR, but {model} is SD 3.x',
+                          'set huber_schedule = "exponential" or "constant"')
+        return
+    for name in (n for n in SD3_ONLY if _changed(cfg, n)):
+        yield Finding((name,), f"{name} is for SD 3.x (flow matching, T5-XXL), but {model} is not SD 3.x",
+                      f"remove {name}, or train an SD 3.x model")
+
+
+def family_problems(cfg: TrainConfig, family: str) -> list[Problem]:
+    """family_findings for a loaded model (``family``: ModelFamily.name) as problems, unlocated."""
+    return [Problem(None, f.message, f.fix) for f in family_findings(cfg, family == "sd3")]
+
+
+def options_fit_the_family(cfg: TrainConfig) -> Iterator[Finding]:
+    sd3 = peek_is_sd3(cfg.pretrained_model) if cfg.pretrained_model else None
+    if sd3 is not None:
+        yield from family_findings(cfg, sd3)
+
+
+def t5_options_fit(cfg: TrainConfig) -> Iterator[Finding]:
+    if cfg.train_t5xxl and not cfg.t5xxl:
+        yield Finding(("train_t5xxl", "t5xxl"), "train_t5xxl = true but t5xxl = false: there is no T5 to train",
+                      "set t5xxl = true, or train_t5xxl = false")
+    if cfg.train_t5xxl and not cfg.train_text_encoder:
+        yield Finding(("train_t5xxl", "train_text_encoder"),
+                      "train_t5xxl = true needs train_text_encoder = true (it trains T5 along with the CLIPs)",
+                      "set train_text_encoder = true, or train_t5xxl = false")
+
+
 # ---- warnings -------------------------------------------------------------------------------------
 
 
@@ -401,6 +454,14 @@ RULES: tuple[Rule, ...] = (
          "with v_parameterization = true; with v_parameterization not set, the same is checked against the model's "
          "prediction type when it loads, and past the model's number of timesteps for min_timestep/max_timestep.",
          needs=("v_parameterization",)),
+    Rule(options_fit_the_family, "error",
+         "an SD 3.x option (" + ", ".join(SD3_ONLY) + ") changed from its default for a base model that is not SD "
+         "3.x, or a UNet-only option (" + ", ".join(UNET_ONLY) + ") set, or huber_schedule = snr with loss_type "
+         "huber / smooth_l1, for an SD 3.x one. Checked before loading where the model shows its family (a built-in "
+         "name, a local folder, a .safetensors file), otherwise once it loads.",
+         needs=("pretrained_model", *SD3_ONLY, *UNET_ONLY, "loss_type", "huber_schedule")),
+    Rule(t5_options_fit, "error", "train_t5xxl = true with t5xxl = false or train_text_encoder = false.",
+         needs=("train_t5xxl", "t5xxl", "train_text_encoder")),
     Rule(random_crop_defeats_latent_cache, "warning",
          "cache_latents with random_crop: every step crops a different region, so latents are not cached."),
     Rule(changing_captions_defeat_text_cache, "warning",
