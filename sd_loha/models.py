@@ -299,10 +299,15 @@ def build_tiny_pipeline(name: str = "tiny-sd1", seed: int = 0):
 def _safetensors_keys(path: Path) -> list[str]:
     """Tensor names from a safetensors header, without reading tensors (checkpoints are GBs)."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:
-            raise ModelLoadError(f"{path}: not a valid safetensors file (header size {n})")
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= 100_000_000:
+            raise ModelLoadError(f"{path}: not a valid safetensors file (no header); point pretrained_model at a "
+                                 "complete .safetensors checkpoint")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ModelLoadError(f"{path}: not a valid safetensors file (unreadable header)") from None
     return [k for k in header if k != "__metadata__"]
 
 

@@ -613,7 +613,7 @@ def test_check_paths_model_names(tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)
     base = ["train_data_dir=data", "output_dir=out"]
-    m = one_error(check_paths, load_config(None, base + ["pretrained_model=tiny-sd3"]))
+    m = one_error(check_paths, load_config(None, base + ["pretrained_model=tiny-sd5"]))
     assert "not an existing file or folder, a built-in model" in m and "(did you mean 'tiny-sd" in m
     m = one_error(check_paths, load_config(None, base + ["pretrained_model=models/sd15"]))
     assert "does not exist, though the folder 'models' does" in m
