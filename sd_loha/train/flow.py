@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLOW_TIMESTEPS", "WEIGHTING_SCHEMES", "FlowDraw", "flow_input", "flow_target", "flow_weights",
+__all__ = ["FLOW_DIFFUSERS", "FLOW_TIMESTEPS", "WEIGHTING_SCHEMES", "FlowDraw", "flow_input", "flow_target", "flow_weights",
            "sample_flow_sigmas", "shift_sigmas"]
 
 #: weighting_scheme's values (diffusers' and kohya's; kohya's "uniform" is an alias of "none"): which draw σ
@@ -30,6 +30,8 @@ __all__ = ["FLOW_TIMESTEPS", "WEIGHTING_SCHEMES", "FlowDraw", "flow_input", "flo
 WEIGHTING_SCHEMES: tuple[str, ...] = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 #: SD 3.x's timesteps per unit σ (its FlowMatchEulerDiscreteScheduler's num_train_timesteps)
 FLOW_TIMESTEPS = 1000
+#: compute_density_for_timestep_sampling takes a generator (seeded, resumable draws) from this diffusers on
+FLOW_DIFFUSERS = (0, 33)
 
 
 @dataclass(frozen=True)

@@ -27,19 +27,19 @@ from typing import Any
 import torch
 
 from ..io import all_finite, read_safetensors
-from ..models import detect_family, load_pipeline
+from ..models import detect_family, load_pipeline, text_encoders
 from ..network import SAVE_DTYPES, add_loha
 from . import events
 from .checks import check_output_dir, check_paths, config_preflight
-from .conditioning import Conditioner, sdxl_time_ids
+from .conditioning import make_conditioner, sdxl_time_ids
 from .config import TrainConfig, load
 from .ema import AdapterEMA
-from .loss import LossWeighting, diffusion_loss
 from .lowmem import (TEXT_ENCODERS, Offloader, base_storage, checkpointing_func, idle_components,
                      store_frozen_base)
 from .memory import run_estimate
 from .metadata import training_metadata
-from .noise import noisy_latents, plain_objective, sample_noise, sample_timesteps, training_scheduler
+from .noise import plain_objective
+from .objective import training_objective
 from .optim import make_optimizer, make_scheduler
 from .report import write_loss_log
 from .runtime import (StopFlag, TrainingError, all_reduce_grads, enable_te_checkpointing, ensure_loss_scaler, is_oom,
@@ -207,15 +207,23 @@ class Trainer:
         if cfg.v_parameterization is not None:
             self.pipe.scheduler.register_to_config(prediction_type="v_prediction" if cfg.v_parameterization else "epsilon")
         self.family = detect_family(self.pipe)
-        self.noise_scheduler = training_scheduler(cfg, self.pipe.scheduler.config)
+        # the family's noise, timesteps, model call and loss; refuses options that do not fit the loaded model
+        self.objective = training_objective(cfg, self.family, self.pipe.scheduler.config)
+        self.noise_scheduler = self.objective.scheduler
         self._print(f"base model: {cfg.pretrained_model} ({self.family.label})")
-        self.text_encoders = [te for te in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
-                              if te is not None]
+        if not cfg.t5xxl and getattr(self.pipe, "text_encoder_3", None) is not None:
+            # trained and sampled without T5, as diffusers' StableDiffusion3Pipeline runs without text_encoder_3
+            self.pipe.text_encoder_3, self.pipe.tokenizer_3 = None, None
+        parts = text_encoders(self.pipe)
+        self.text_encoders = list(parts.values())
+        # which of them train with train_text_encoder: SD 3.x's T5 (te3) only with train_t5xxl
+        self.te_trained = [cfg.train_text_encoder and (name != "te3" or cfg.train_t5xxl) for name in parts]
+        # The denoiser (the UNet, or SD 3.x's MMDiT transformer) joins them on the device once the caches are built
+        # and what they needed has left (the end of _setup_caches): the device never holds it and the caching
+        # encoders at once.
+        self.unet = (self.pipe.transformer if self.family.is_sd3 else self.pipe.unet).requires_grad_(False)
         self._store_frozen_base()
         self.vae = self.pipe.vae.to(self.device).requires_grad_(False).eval()
-        # The UNet joins them on the device once the caches are built and what they needed has left (the end of
-        # _setup_caches): the device never holds the UNet and the caching encoders at once.
-        self.unet = self.pipe.unet.requires_grad_(False)
         for te in self.text_encoders:
             te.to(self.device).requires_grad_(False)
         self.offload = Offloader(self.pipe, (), self.device)  # nothing idle until the caches are built
@@ -225,7 +233,7 @@ class Trainer:
         the device: bitsandbytes quantizes as the layers move."""
         cfg = self.cfg
         self.base_storage = base_storage(cfg.fp8_base, cfg.base_weight_dtype)
-        frozen = [self.pipe.unet] + ([] if cfg.train_text_encoder else self.text_encoders)
+        frozen = [self.unet] + [te for te, trained in zip(self.text_encoders, self.te_trained) if not trained]
         n = sum(store_frozen_base(m, self.base_storage, self.weight_dtype) for m in frozen)
         if n:
             self._print(f"frozen base: {n} layers stored as {self.base_storage}, computing in "
@@ -258,16 +266,16 @@ class Trainer:
             custom = checkpointing_func(self.base_storage)
             # diffusers < 0.33 takes no checkpointing function (fp8 storage, which needs one, is refused there)
             self.unet.enable_gradient_checkpointing(*([custom] if custom is not None else []))
-            if cfg.train_text_encoder:
-                for te in self.text_encoders:
+            for te, trained in zip(self.text_encoders, self.te_trained):
+                if trained:
                     enable_te_checkpointing(te)
         self._set_train_mode(True)
 
     def _set_train_mode(self, training: bool) -> None:
         """Train mode turns on rank/module dropout; the frozen text encoders stay in eval mode unless trained."""
         self.unet.train(training)
-        for te in self.text_encoders:
-            te.train(training and self.cfg.train_text_encoder)
+        for te, trained in zip(self.text_encoders, self.te_trained):
+            te.train(training and trained)
 
     def _setup_caches(self) -> None:
         from ..data.cache import LatentCache
@@ -282,8 +290,7 @@ class Trainer:
                                     on_progress=lambda d, t: self.emit(events.Caching(done=d, total=t)))
             self._print(stats.message)
             latents_cached = stats.enabled
-        self.conditioner = Conditioner(self.pipe, sdxl=self.family.is_sdxl, clip_skip=cfg.clip_skip,
-                                       train_text_encoder=cfg.train_text_encoder)
+        self.conditioner = make_conditioner(self.pipe, self.family.name, cfg)
         self.text_cache = self._build_text_cache() if cfg.cache_text_encoder_outputs and not cfg.train_text_encoder else None
         # What no step runs waits on the CPU; samples and validation bring back what they use.
         te_names = TEXT_ENCODERS[:len(self.text_encoders)]
@@ -337,7 +344,7 @@ class Trainer:
     @property
     def _text_keys(self) -> tuple[str, ...]:
         """The conditioner outputs that come from the text encoders (what the text cache holds)."""
-        return ("encoder_hidden_states", "text_embeds") if self.family.is_sdxl else ("encoder_hidden_states",)
+        return self.conditioner.keys
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
         with self.offload.using(TEXT_ENCODERS):  # on the device for the cache, or for a caption not cached
@@ -399,10 +406,11 @@ class Trainer:
             cond = dict(zip(self._text_keys, self.text_cache.encode_batch(batch["captions"], self._encode_text)))
         else:
             cond = self.conditioner(batch["captions"], self.device)
-        out = {"encoder_hidden_states": cond["encoder_hidden_states"].to(self.weight_dtype), "added_cond_kwargs": None}
+        out: dict[str, Any] = {k: cond[k].to(self.weight_dtype) for k in self._text_keys}
+        out["added_cond_kwargs"] = None
         if self.family.is_sdxl:
             out["added_cond_kwargs"] = {
-                "text_embeds": cond["text_embeds"].to(self.weight_dtype),
+                "text_embeds": out.pop("text_embeds"),
                 "time_ids": sdxl_time_ids(batch["original_sizes"].tolist(), batch["crop_top_lefts"].tolist(),
                                           batch["target_sizes"].tolist(), self.device, self.weight_dtype)}
         return out
@@ -411,20 +419,15 @@ class Trainer:
                   objective: TrainConfig | None = None) -> torch.Tensor:
         """The denoising loss of one batch: noise the latents at random timesteps, predict, compare. `objective`:
         the config whose noise and weighting options apply (the training config by default)."""
-        cfg, scheduler = objective or self.cfg, self.noise_scheduler
+        cfg = objective or self.cfg
         latents = (batch["latents"].to(self.device, torch.float32) if "latents" in batch
                    else self.encode_pixels(batch["pixel_values"]))
-        noise = sample_noise(cfg, latents, generator)
-        timesteps = sample_timesteps(cfg, scheduler, latents.shape[0], self.device, generator)
-        noisy = noisy_latents(cfg, scheduler, latents, noise, timesteps, generator)
+        draw = self.objective.draw(cfg, latents, generator)
         cond = self.conditioning(batch)
         with self.accelerator.autocast():
-            pred = self.unet(noisy.to(self.weight_dtype), timesteps, cond["encoder_hidden_states"],
-                             added_cond_kwargs=cond["added_cond_kwargs"]).sample
-        return diffusion_loss(scheduler, pred, latents, noise, timesteps, loss_type=cfg.loss_type,
-                              huber_c=cfg.huber_c, huber_schedule=cfg.huber_schedule, huber_scale=cfg.huber_scale,
-                              weighting=LossWeighting.from_config(cfg), mask=batch.get("loss_mask"),
-                              sample_weights=batch.get("loss_weight"))
+            pred = self.objective.predict(self.unet, draw.noisy.to(self.weight_dtype), draw.timesteps, cond)
+        return self.objective.loss(cfg, pred, latents, draw, mask=batch.get("loss_mask"),
+                                   sample_weights=batch.get("loss_weight"))
 
     def optimizer_step(self) -> None:
         """Clip, update, advance the schedule, average into the EMA."""

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["BASE_DTYPES", "BITSANDBYTES_INSTALL", "OFFLOAD_DEVICE", "Offloader", "TEXT_ENCODERS", "base_storage",
-           "bitsandbytes_installed", "checkpointing_func", "diffusers_has_layerwise_casting", "idle_components",
-           "quantizable_linears", "store_frozen_base", "stored_as"]
+           "bitsandbytes_installed", "checkpointing_func", "diffusers_at_least", "diffusers_has_layerwise_casting",
+           "idle_components", "quantizable_linears", "store_frozen_base", "stored_as"]
 
 #: base_weight_dtype's values: auto = the mixed-precision dtype (bf16 / fp16 / fp32)
 BASE_DTYPES: tuple[str, ...] = ("auto", "fp8", "nf4", "int8")
@@ -44,11 +44,16 @@ def bitsandbytes_installed() -> bool:
 LAYERWISE_CASTING_DIFFUSERS = (0, 33)
 
 
-def diffusers_has_layerwise_casting() -> bool:
+def diffusers_at_least(release: tuple[int, int]) -> bool:
+    """Whether the installed diffusers is this (major, minor) release or newer."""
     from importlib.metadata import version
 
     numbers = [int(p) for p in version("diffusers").split(".")[:2] if p.isdigit()]
-    return tuple(numbers) >= LAYERWISE_CASTING_DIFFUSERS
+    return tuple(numbers) >= release
+
+
+def diffusers_has_layerwise_casting() -> bool:
+    return diffusers_at_least(LAYERWISE_CASTING_DIFFUSERS)
 
 
 def base_storage(fp8_base: bool, base_weight_dtype: str) -> str:

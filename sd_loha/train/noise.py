@@ -33,6 +33,7 @@ OBJECTIVE_OPTIONS: tuple[str, ...] = (
     "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
     "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_timestep", "max_timestep",
     "min_snr_gamma", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
+    "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "training_shift", "precondition_outputs",
 )
 
 

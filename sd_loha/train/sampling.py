@@ -96,9 +96,22 @@ def row_labels(cfg: TrainConfig, prompts: Sequence[PromptEntry] | None = None) -
     return [s.label for s in sample_specs(cfg, prompts)]
 
 
+def _is_flow(pipe: Any) -> bool:
+    """An SD 3.x pipeline: a flow-matching transformer instead of a UNet."""
+    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+
+
+def _sampler(pipe: Any, name: str, base: Any) -> Any:
+    """The scheduler of a sample: sample_sampler on the UNet families. SD 3.x samples with its own flow-matching
+    Euler scheduler, as kohya's SD3 sampler does whatever sample_sampler says (the SD samplers do not integrate a
+    flow)."""
+    return base if _is_flow(pipe) else schedulers.make_scheduler(name, base.config)[0]
+
+
 def sample_images(pipe: Any, cfg: TrainConfig, prompts: Sequence[PromptEntry] | None = None) -> list[Image.Image]:
     """One image per sample prompt from the pipeline as it is now (eval mode: no rank/module dropout)."""
-    models = [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    models = [m for m in (getattr(pipe, "unet", None), getattr(pipe, "transformer", None), pipe.text_encoder,
+                          getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None)) if m is not None]
     pipe.set_progress_bar_config(disable=True)
     was_training = [m.training for m in models]
     for m in models:
@@ -108,7 +121,7 @@ def sample_images(pipe: Any, cfg: TrainConfig, prompts: Sequence[PromptEntry] | 
     try:
         with torch.no_grad():
             for spec in sample_specs(cfg, prompts):
-                pipe.scheduler, _ = schedulers.make_scheduler(spec.sampler, old_scheduler.config)
+                pipe.scheduler = _sampler(pipe, spec.sampler, old_scheduler)
                 gen = torch.Generator().manual_seed(spec.seed)
                 latents = pipe(**_prompt_kwargs(pipe, cfg, spec), num_inference_steps=spec.steps,
                                guidance_scale=spec.guidance_scale, width=spec.width, height=spec.height,
@@ -163,12 +176,14 @@ def _prompt_kwargs(pipe: Any, cfg: TrainConfig, spec: SampleSpec) -> dict[str, A
     encoder (prompt and negative prompt both skip layers, as in A1111).
     """
     prompt, negative = spec.prompt, spec.negative_prompt or None
+    # SD 3.x: T5's prompt length as trained
+    extra = {"max_sequence_length": cfg.t5xxl_max_token_length} if _is_flow(pipe) else {}
     if cfg.clip_skip <= 1:
-        return {"prompt": prompt, "negative_prompt": negative}
+        return {"prompt": prompt, "negative_prompt": negative, **extra}
     if getattr(pipe, "text_encoder_2", None) is not None:
-        return {"prompt": prompt, "negative_prompt": negative, "clip_skip": cfg.clip_skip - 1}
+        return {"prompt": prompt, "negative_prompt": negative, "clip_skip": cfg.clip_skip - 1, **extra}
     encode = Conditioner(pipe, sdxl=False, clip_skip=cfg.clip_skip, train_text_encoder=False)
-    device = pipe.unet.device
+    device = pipe.unet.device  # SD 1.x / 2.x only
     return {"prompt_embeds": encode([prompt], device)["encoder_hidden_states"],
             "negative_prompt_embeds": encode([negative or ""], device)["encoder_hidden_states"]}
 

@@ -115,3 +115,12 @@ def test_huber_snr_schedule_and_t5_rules():
     with pytest.raises(ConfigError, match="train_t5xxl = true needs train_text_encoder = true"):
         config_from_kwargs(pretrained_model="tiny-sd3", train_text_encoder=False, train_t5xxl=True, **BASE)
     assert config_from_kwargs(pretrained_model="tiny-sd3", weighting_scheme="uniform", **BASE).weighting_scheme == "none"
+
+
+def test_sd3_training_needs_diffusers_with_seeded_timestep_draws(monkeypatch):
+    from sd_loha.train.config import rules
+
+    monkeypatch.setattr(rules, "diffusers_at_least", lambda release: release < (0, 33))
+    with pytest.raises(ConfigError, match=r'needs diffusers 0\.33 or newer.*pip install -U "diffusers>=0\.33"'):
+        config_from_kwargs(pretrained_model="tiny-sd3", **BASE)
+    config_from_kwargs(pretrained_model="tiny-sd1", **BASE)  # the UNet families train on older diffusers

@@ -18,7 +18,9 @@ from ...models import peek_is_sd3
 from ...schedulers import sampler_problem
 from ...targets import PresetError, is_preset_file, read_preset
 from ..loss import PREDICTION_ONLY, prediction_mismatch
-from ..lowmem import BITSANDBYTES_INSTALL, base_storage, bitsandbytes_installed, diffusers_has_layerwise_casting
+from ..flow import FLOW_DIFFUSERS
+from ..lowmem import (BITSANDBYTES_INSTALL, base_storage, bitsandbytes_installed, diffusers_at_least,
+                      diffusers_has_layerwise_casting)
 from ..optim import OptimizerError, check_optimizer_args, resolve_optimizer
 from ..prompts import PromptError, read_prompt_entries
 from .errors import Problem, show
@@ -255,6 +257,10 @@ def _changed(cfg: TrainConfig, name: str) -> bool:
 def family_findings(cfg: TrainConfig, sd3: bool) -> Iterator[Finding]:
     """The family-only options that do not fit an SD 3.x (``sd3``) or a UNet base model."""
     model = f"the base model {show(cfg.pretrained_model)}"
+    if sd3 and not diffusers_at_least(FLOW_DIFFUSERS):
+        yield Finding(("pretrained_model",), f"training {model} (SD 3.x) needs diffusers {FLOW_DIFFUSERS[0]}."
+                      f"{FLOW_DIFFUSERS[1]} or newer (seeded flow-matching timesteps in its training_utils)",
+                      f'update it: pip install -U "diffusers>={FLOW_DIFFUSERS[0]}.{FLOW_DIFFUSERS[1]}"')
     if sd3:
         for name in (n for n in UNET_ONLY if _changed(cfg, n)):
             yield Finding((name,), f"{name} is for SD 1.x / 2.x / SDXL (the DDPM schedule), but {model} is SD 3.x, "
@@ -292,6 +298,13 @@ def t5_options_fit(cfg: TrainConfig) -> Iterator[Finding]:
 
 
 # ---- warnings -------------------------------------------------------------------------------------
+
+
+def sd3_samples_use_flow_euler(cfg: TrainConfig) -> Iterator[Finding]:
+    if _changed(cfg, "sample_sampler") and cfg.pretrained_model and peek_is_sd3(cfg.pretrained_model):
+        yield Finding(("sample_sampler",),
+                      f"sample_sampler = {show(cfg.sample_sampler)} is not used for SD 3.x: its samples use the "
+                      "model's own flow-matching Euler scheduler (as kohya's SD3 sampling does)")
 
 
 def random_crop_defeats_latent_cache(cfg: TrainConfig) -> Iterator[Finding]:
@@ -457,11 +470,14 @@ RULES: tuple[Rule, ...] = (
     Rule(options_fit_the_family, "error",
          "an SD 3.x option (" + ", ".join(SD3_ONLY) + ") changed from its default for a base model that is not SD "
          "3.x, or a UNet-only option (" + ", ".join(UNET_ONLY) + ") set, or huber_schedule = snr with loss_type "
-         "huber / smooth_l1, for an SD 3.x one. Checked before loading where the model shows its family (a built-in "
+         "huber / smooth_l1, for an SD 3.x one; SD 3.x with diffusers older than 0.33. Checked before loading where the model shows its family (a built-in "
          "name, a local folder, a .safetensors file), otherwise once it loads.",
          needs=("pretrained_model", *SD3_ONLY, *UNET_ONLY, "loss_type", "huber_schedule")),
     Rule(t5_options_fit, "error", "train_t5xxl = true with t5xxl = false or train_text_encoder = false.",
          needs=("train_t5xxl", "t5xxl", "train_text_encoder")),
+    Rule(sd3_samples_use_flow_euler, "warning",
+         "sample_sampler changed for an SD 3.x base model, whose samples always use its flow-matching Euler "
+         "scheduler.", needs=("sample_sampler", "pretrained_model")),
     Rule(random_crop_defeats_latent_cache, "warning",
          "cache_latents with random_crop: every step crops a different region, so latents are not cached."),
     Rule(changing_captions_defeat_text_cache, "warning",
