@@ -236,17 +236,17 @@ def test_train_uses_the_noise_options(tmp_path, monkeypatch):
     are tested above, on loss_step): the target noise went through the pyramid last (its std is 1 to fp32),
     the timesteps lie in [min_timestep, max_timestep), and the UNet's input is add_noise of the target plus the
     input perturbation γ·N(0, 1), γ in [0, ip_noise_gamma)."""
-    import sd_loha.train.loop as loop_mod
+    import sd_loha.train.objective as objective_mod  # the UNet families' draw calls noisy_latents there
 
     seen = []
-    real_noisy = loop_mod.noisy_latents
+    real_noisy = objective_mod.noisy_latents
 
     def noisy_spy(cfg, scheduler, latents, noise, timesteps, generator=None):  # the real function, watched
         out = real_noisy(cfg, scheduler, latents, noise, timesteps, generator)
         seen.append((noise, timesteps, out, scheduler.add_noise(latents, noise, timesteps), scheduler))
         return out
 
-    monkeypatch.setattr(loop_mod, "noisy_latents", noisy_spy)
+    monkeypatch.setattr(objective_mod, "noisy_latents", noisy_spy)
     run = train(base_config(tmp_path / "noise", max_train_steps=2, train_text_encoder=False, noise_offset=0.05,
                             noise_offset_random_strength=True, adaptive_noise_scale=0.01, multires_noise_iterations=6,
                             multires_noise_discount=0.3, ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True,
