@@ -519,7 +519,7 @@ class Trainer:
                     "this step" + (f"; the last saved adapter is intact: {self.saved[-1]}" if self.saved else "") + "."
                 )
             meta = training_metadata(cfg, self.preflight, step=self.step, epoch=self.epochs_seen(), started=self.started,
-                                     num_processes=self.accelerator.num_processes)
+                                     num_processes=self.accelerator.num_processes, sd3=self.family.is_sd3)
             path = self.network.save(self.output_dir / f"{name}.safetensors", metadata=meta,
                                      dtype=SAVE_DTYPES[cfg.save_precision])
         self.saved.append(path)

@@ -16,8 +16,17 @@ from .config import TrainConfig
 from .lowmem import base_storage
 
 
+def sd3_metadata(cfg: TrainConfig) -> dict[str, Any]:
+    """kohya's SD 3.x keys (sd3_train_network.py update_metadata): its CLIP / T5 attention masks, which sd-loha does
+    not apply (StableDiffusion3Pipeline does not either), and the timestep draw."""
+    return {"ss_apply_lg_attn_mask": False, "ss_apply_t5_attn_mask": False,
+            "ss_weighting_scheme": cfg.weighting_scheme, "ss_logit_mean": cfg.logit_mean,
+            "ss_logit_std": cfg.logit_std, "ss_mode_scale": cfg.mode_scale}
+
+
 def training_metadata(cfg: TrainConfig, preflight, *, step: int, epoch: int, started: float,
-                       num_processes: int) -> dict[str, Any]:
+                      num_processes: int, sd3: bool = False) -> dict[str, Any]:
+    """The run's ss_* / modelspec.* keys; ``sd3``: an SD 3.x run, which adds kohya's SD 3.x keys."""
     tags: dict[str, Counter] = {}
     dirs: dict[str, dict[str, int]] = {}
     for it in preflight.items:
@@ -72,4 +81,5 @@ def training_metadata(cfg: TrainConfig, preflight, *, step: int, epoch: int, sta
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.trigger_phrase": cfg.trigger_word or None,
         "modelspec.title": cfg.output_name,
+        **(sd3_metadata(cfg) if sd3 else {}),
     }

@@ -119,3 +119,17 @@ def test_sd3_samples_use_the_flow_scheduler_and_t5_length(tmp_path):
     assert len(images) == 1 and images[0].size == (64, 64)
     assert seen and all(s == (FlowMatchEulerDiscreteScheduler, 77 + 24) for s in seen)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def test_sd3_runs_write_kohyas_sd3_metadata_keys(tmp_path):
+    from sd_loha.train.metadata import training_metadata
+
+    t = _trainer(tmp_path, weighting_scheme="mode", mode_scale=1.1, logit_mean=0.2, logit_std=0.9)
+    meta = training_metadata(t.cfg, t.preflight, step=1, epoch=1, started=0.0, num_processes=1,
+                             sd3=t.family.is_sd3)
+    assert {k: meta[k] for k in ("ss_weighting_scheme", "ss_logit_mean", "ss_logit_std", "ss_mode_scale",
+                                 "ss_apply_lg_attn_mask", "ss_apply_t5_attn_mask")} == {
+        "ss_weighting_scheme": "mode", "ss_logit_mean": 0.2, "ss_logit_std": 0.9, "ss_mode_scale": 1.1,
+        "ss_apply_lg_attn_mask": False, "ss_apply_t5_attn_mask": False}
+    plain = training_metadata(t.cfg, t.preflight, step=1, epoch=1, started=0.0, num_processes=1)
+    assert "ss_weighting_scheme" not in plain
