@@ -11,7 +11,7 @@ embeddings as pooled_projections (StableDiffusion3Pipeline.encode_prompt).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -87,44 +87,52 @@ class Conditioner:
 
 
 def encode_sd3(clip_encoders: Sequence[Any], clip_ids: Sequence[torch.Tensor], clip_skip: int = 1,
-               t5: Any | None = None, t5_ids: torch.Tensor | None = None, *, t5_length: int = 256,
-               joint_width: int = 4096, train_t5: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, pooled_projections) as StableDiffusion3Pipeline.encode_prompt builds them. Without ``t5``
-    its part is zeros (t5_length x joint_width), as the pipeline does without text_encoder_3. T5 runs with
-    gradients only when ``train_t5`` (the CLIPs follow the caller's grad mode)."""
+               t5_embeds: torch.Tensor | None = None, *, t5_length: int = 256,
+               joint_width: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled_projections) as StableDiffusion3Pipeline.encode_prompt builds them from the CLIPs and
+    T5's last hidden state ``t5_embeds``; without it T5's part is zeros (t5_length x joint_width), as the pipeline
+    does without text_encoder_3."""
     states, pooled_parts = _clip_states(clip_encoders, clip_ids, clip_skip)
     clip, pooled = torch.cat(states, dim=-1), torch.cat(pooled_parts, dim=-1)
     dtype = clip_encoders[0].dtype  # the pipeline's choice: everything in CLIP-L's dtype
-    if t5 is None:
+    if t5_embeds is None:
         t5_embeds = torch.zeros(clip.shape[0], t5_length, joint_width, device=clip.device, dtype=dtype)
-    else:
-        with torch.set_grad_enabled(train_t5 and torch.is_grad_enabled()):
-            t5_embeds = t5(t5_ids)[0].to(dtype)
+    t5_embeds = t5_embeds.to(clip.device, dtype)
     clip = torch.nn.functional.pad(clip.to(dtype), (0, t5_embeds.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5_embeds], dim=-2), pooled.to(dtype)
 
 
 class SD3Conditioner:
     """Encodes a batch of captions for an SD 3.x pipeline: CLIP-L, CLIP-G and (while the pipeline has it) T5-XXL
-    at ``t5_length`` tokens. The CLIPs run with gradients when ``train_text_encoder``, T5 when ``train_t5``."""
+    at ``t5_length`` tokens. The CLIPs run with gradients when ``train_text_encoder``, T5 when ``train_t5`` too.
+    ``t5_cache``: where T5's outputs come from instead of running it (captions -> (batch, t5_length, width)), set
+    when T5 is frozen and its outputs are cached while the CLIPs train."""
 
     keys: tuple[str, ...] = ("encoder_hidden_states", "pooled_projections")
 
     def __init__(self, pipe: Any, *, clip_skip: int, train_text_encoder: bool, train_t5: bool = False,
                  t5_length: int = 256) -> None:
         self.pipe, self.clip_skip, self.t5_length = pipe, clip_skip, t5_length
-        self.train_text_encoder, self.train_t5 = train_text_encoder, train_t5
+        self.train_text_encoder, self.train_t5 = train_text_encoder, train_t5 and train_text_encoder
         self.joint_width = pipe.transformer.config.joint_attention_dim
+        self.t5_cache: Callable[[list[str]], torch.Tensor] | None = None
+
+    def encode_t5(self, captions: Sequence[str], device: torch.device) -> torch.Tensor:
+        """T5-XXL's last hidden state, with gradients only when T5 trains."""
+        ids = tokenize(self.pipe.tokenizer_3, captions, self.t5_length).to(device)
+        with torch.set_grad_enabled(self.train_t5 and torch.is_grad_enabled()):
+            return self.pipe.text_encoder_3(ids)[0]
 
     def __call__(self, captions: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
         pipe = self.pipe
+        t5_embeds = None
+        if pipe.text_encoder_3 is not None:
+            t5_embeds = (self.t5_cache(list(captions)) if self.t5_cache is not None
+                         else self.encode_t5(captions, device))
         clip_ids = [tokenize(t, captions).to(device) for t in (pipe.tokenizer, pipe.tokenizer_2)]
-        t5 = pipe.text_encoder_3
-        t5_ids = tokenize(pipe.tokenizer_3, captions, self.t5_length).to(device) if t5 is not None else None
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            embeds, pooled = encode_sd3([pipe.text_encoder, pipe.text_encoder_2], clip_ids, self.clip_skip, t5,
-                                        t5_ids, t5_length=self.t5_length, joint_width=self.joint_width,
-                                        train_t5=self.train_t5 and self.train_text_encoder)
+            embeds, pooled = encode_sd3([pipe.text_encoder, pipe.text_encoder_2], clip_ids, self.clip_skip, t5_embeds,
+                                        t5_length=self.t5_length, joint_width=self.joint_width)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 

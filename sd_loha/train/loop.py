@@ -291,16 +291,34 @@ class Trainer:
             self._print(stats.message)
             latents_cached = stats.enabled
         self.conditioner = make_conditioner(self.pipe, self.family.name, cfg)
-        self.text_cache = self._build_text_cache() if cfg.cache_text_encoder_outputs and not cfg.train_text_encoder else None
+        self.text_cache, cached = None, ()
+        cacheable = self._cacheable_text_encoders()
+        if cacheable and not cfg.train_text_encoder:
+            self.text_cache = self._build_text_cache(self._encode_text, "text encoder")
+            cached = cacheable if self.text_cache is not None else ()
+        elif cacheable:  # SD 3.x with trained CLIPs: T5, frozen, is cached alone (kohya's partial cache)
+            t5_cache = self._build_text_cache(self._encode_t5, "T5-XXL")
+            if t5_cache is not None:
+                self.conditioner.t5_cache = lambda captions: t5_cache.encode_batch(captions, self._encode_t5)
+                cached = ("text_encoder_3",)
         # What no step runs waits on the CPU; samples and validation bring back what they use.
-        te_names = TEXT_ENCODERS[:len(self.text_encoders)]
-        self.offload = Offloader(self.pipe, idle_components(latents_cached=latents_cached,
-                                                            text_cached=self.text_cache is not None,
-                                                            text_encoders=te_names), self.device)
+        self.offload = Offloader(self.pipe, idle_components(latents_cached=latents_cached, text_cached=bool(cached),
+                                                            text_encoders=cached), self.device)
         self.offload.park()
         if self.offload.parked and self.device.type != "cpu":
             self._print(f"kept on the CPU between samples: {', '.join(self.offload.parked)} (cached outputs)")
         self.unet.to(self.device)  # with its LoHA layers; bitsandbytes quantizes its Linear layers here
+
+    def _cacheable_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders whose outputs cache_text_encoder_outputs caches, so that they wait on the CPU: all of
+        them when none trains, SD 3.x's frozen T5 alone while the CLIPs train."""
+        cfg = self.cfg
+        if not cfg.cache_text_encoder_outputs:
+            return ()
+        if not cfg.train_text_encoder:
+            return TEXT_ENCODERS[:len(self.text_encoders)]
+        return ("text_encoder_3",) if getattr(self.pipe, "text_encoder_3", None) is not None and not cfg.train_t5xxl \
+            else ()
 
     def _estimate_memory(self) -> None:
         """Say what the steps will need on the device before caching starts and the UNet goes there (kohya's and
@@ -311,8 +329,7 @@ class Trainer:
         components = {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
         fixed_captions = not (cfg.shuffle_caption or cfg.caption_tag_dropout_rate > 0)
         parked = idle_components(latents_cached=cfg.cache_latents and not cfg.random_crop,
-                                 text_cached=cfg.cache_text_encoder_outputs and not cfg.train_text_encoder
-                                 and fixed_captions, text_encoders=TEXT_ENCODERS[:len(self.text_encoders)])
+                                 text_cached=fixed_captions, text_encoders=self._cacheable_text_encoders())
         pixels = max(b.bucket[0] * b.bucket[1] for b in self.preflight.buckets)
         held = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         self.memory = run_estimate(cfg, components=components, parked=parked, network=self.network,
@@ -322,9 +339,9 @@ class Trainer:
         self._print(text)
         self.emit(events.MemoryEstimate(report=self.memory.to_dict(), text=text, fits=self.memory.fits))
 
-    def _build_text_cache(self):
-        """Every caption a step can see, encoded once. Caption dropout only adds the empty caption, so it is
-        cached too; shuffling or tag dropout make captions open-ended, and then nothing is cached."""
+    def _build_text_cache(self, encode: Callable[[list[str]], Any], what: str):
+        """Every caption a step can see, encoded once by ``encode``. Caption dropout only adds the empty caption, so
+        it is cached too; shuffling or tag dropout make captions open-ended, and then nothing is cached."""
         from ..data.cache import TextEmbeddingCache
         from ..data.captions import caption_variants
 
@@ -332,13 +349,13 @@ class Trainer:
         sets += [caption_variants(it.caption, self.val_captions) for it in self.preflight.validation_items]
         if any(s is None for s in sets):
             self._print("captions change every step (shuffle_caption / caption_tag_dropout_rate): "
-                        "text encoder outputs are computed per step")
+                        f"{what} outputs are computed per step")
             return None
-        cache = TextEmbeddingCache("te")
+        cache = TextEmbeddingCache(what)
         # In batches of train_batch_size: the encoder then runs at the shapes per-step encoding runs at, and
         # BLAS kernels (their summation order) are chosen by shape.
-        n = cache.precompute(sorted(set().union(*sets)), self._encode_text, batch_size=self.cfg.train_batch_size)
-        self._print(f"text encoder outputs cached: {n} captions")
+        n = cache.precompute(sorted(set().union(*sets)), encode, batch_size=self.cfg.train_batch_size)
+        self._print(f"{what} outputs cached: {n} captions")
         return cache
 
     @property
@@ -350,6 +367,10 @@ class Trainer:
         with self.offload.using(TEXT_ENCODERS):  # on the device for the cache, or for a caption not cached
             cond = self.conditioner(captions, self.device)
         return tuple(cond[k].detach() for k in self._text_keys)
+
+    def _encode_t5(self, captions: list[str]) -> torch.Tensor:
+        with self.offload.using(("text_encoder_3",)):
+            return self.conditioner.encode_t5(captions, self.device).detach()
 
     def _setup_loader(self) -> None:
         from ..data.dataset import BucketBatchSampler, collate_examples

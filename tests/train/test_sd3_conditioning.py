@@ -124,3 +124,15 @@ def test_sd3_training_needs_diffusers_with_seeded_timestep_draws(monkeypatch):
     with pytest.raises(ConfigError, match=r'needs diffusers 0\.33 or newer.*pip install -U "diffusers>=0\.33"'):
         config_from_kwargs(pretrained_model="tiny-sd3", **BASE)
     config_from_kwargs(pretrained_model="tiny-sd1", **BASE)  # the UNet families train on older diffusers
+
+
+def test_text_cache_with_trained_clips_only_for_sd3_with_frozen_t5():
+    cfg = config_from_kwargs(pretrained_model="tiny-sd3", train_text_encoder=True, cache_text_encoder_outputs=True,
+                             **BASE)
+    assert cfg.cache_text_encoder_outputs and cfg.train_text_encoder
+    with pytest.raises(ConfigError, match="cache_text_encoder_outputs = true needs a frozen text encoder"):
+        config_from_kwargs(pretrained_model="tiny-sd3", train_text_encoder=True, train_t5xxl=True,
+                           cache_text_encoder_outputs=True, **BASE)
+    with pytest.raises(ConfigError, match="cache_text_encoder_outputs = true needs a frozen text encoder"):
+        config_from_kwargs(pretrained_model="tiny-sdxl", train_text_encoder=True, cache_text_encoder_outputs=True,
+                           **BASE)

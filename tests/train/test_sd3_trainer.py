@@ -19,8 +19,8 @@ from .helpers import base_config
 
 def _trainer(tmp_path, **overrides) -> Trainer:
     """A Trainer on tiny-sd3 set up to its text conditioning: dataset, models, caches (no adapter network)."""
-    cfg = load(base_config(tmp_path / "out", pretrained_model="tiny-sd3", train_text_encoder=False,
-                           **overrides)).config
+    cfg = load(base_config(tmp_path / "out", **{"pretrained_model": "tiny-sd3", "train_text_encoder": False,
+                                                 **overrides})).config
     t = Trainer(cfg, tmp_path / "out", progress=False)
     t.accelerator = make_accelerator(cfg)
     t.main, t.device = True, t.accelerator.device
@@ -133,3 +133,24 @@ def test_sd3_runs_write_kohyas_sd3_metadata_keys(tmp_path):
         "ss_apply_lg_attn_mask": False, "ss_apply_t5_attn_mask": False}
     plain = training_metadata(t.cfg, t.preflight, step=1, epoch=1, started=0.0, num_processes=1)
     assert "ss_weighting_scheme" not in plain
+
+
+def test_trained_clips_with_a_cached_frozen_t5(tmp_path):
+    """kohya's partial cache: the CLIPs train, T5's outputs come from the cache (T5 parked on the CPU and not run
+    by a step) and equal what T5 computes."""
+    t = _trainer(tmp_path, train_text_encoder=True, cache_text_encoder_outputs=True)
+    assert t.te_trained == [True, True, False] and t.text_cache is None
+    assert t.conditioner.t5_cache is not None and t.offload.idle == ("vae", "text_encoder_3")
+    batch = _batch(t)
+    calls = []
+    hook = t.pipe.text_encoder_3.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cond = t.conditioning(batch)
+    finally:
+        hook.remove()
+    assert calls == []  # cached: T5 does not run in a step
+    with torch.no_grad():
+        fresh = t.conditioner.encode_t5(batch["captions"], t.device)
+    torch.testing.assert_close(cond["encoder_hidden_states"][:, 77:].float(), fresh.float())
+    uncached = _trainer(tmp_path / "b", train_text_encoder=True)
+    assert uncached.conditioner.t5_cache is None and uncached.offload.idle == ("vae",)

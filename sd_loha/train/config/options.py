@@ -291,7 +291,8 @@ class TrainConfig:
     cache_text_encoder_outputs: bool = _opt(
         "dataset", "bool", False,
         "Encode each caption once and reuse its text-encoder output (saves time, mostly for SDXL's two "
-        "encoders). Needs train_text_encoder = false. caption_dropout_rate is fine (the empty caption is cached "
+        "encoders). Needs train_text_encoder = false; for SD 3.x, or train_t5xxl = false: then T5-XXL's outputs "
+        "alone are cached (and T5 kept on the CPU) while the CLIPs train. caption_dropout_rate is fine (the empty caption is cached "
         "too); with shuffle_caption or caption_tag_dropout_rate captions change every step and are encoded per "
         "step instead.",
     )

@@ -84,6 +84,9 @@ def run_length_once(cfg: TrainConfig) -> Iterator[Finding]:
 
 
 def text_cache_needs_frozen_encoder(cfg: TrainConfig) -> Iterator[Finding]:
+    if cfg.cache_text_encoder_outputs and cfg.train_text_encoder and cfg.pretrained_model \
+            and peek_is_sd3(cfg.pretrained_model) and not cfg.train_t5xxl:
+        return  # SD 3.x: the frozen T5's outputs are cached while the CLIPs train
     if cfg.cache_text_encoder_outputs and cfg.train_text_encoder:
         yield Finding(("cache_text_encoder_outputs", "train_text_encoder"),
                       "cache_text_encoder_outputs = true needs a frozen text encoder, but train_text_encoder = true",
@@ -421,7 +424,8 @@ RULES: tuple[Rule, ...] = (
     Rule(run_length_once, "error",
          "max_train_steps and max_train_epochs are both set (a later layer setting one unsets the other)."),
     Rule(text_cache_needs_frozen_encoder, "error",
-         "cache_text_encoder_outputs = true while train_text_encoder = true."),
+         "cache_text_encoder_outputs = true while train_text_encoder = true (except for SD 3.x with train_t5xxl = "
+         "false: T5's outputs are then cached alone)."),
     Rule(sampler_runs, "error",
          "sample_sampler needs a package that is not installed (lms: scipy), or more sample_steps than given "
          "(pndm: 4).", needs=("sample_sampler", "sample_steps")),
