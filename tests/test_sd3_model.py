@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from sd_loha.assets import make_t5_tokenizer
-from sd_loha.models import (T5_TOKENIZER_DIR, ModelFamily, build_tiny_pipeline, detect_family, load_pipeline,
-                            peek_is_sd3, sd3_variant, single_file_pipeline, text_encoders)
+from sd_loha.models import (T5_TOKENIZER_DIR, ModelFamily, ModelLoadError, build_tiny_pipeline, detect_family,
+                            load_pipeline, peek_is_sd3, sd3_variant, single_file_pipeline, text_encoders)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,11 @@ def test_single_file_and_folder_family_without_loading(tmp_path, sd3):
     assert [peek_is_sd3(str(p)) for p in (sd3_file, xl, sd1)] == [True, False, False]
     assert peek_is_sd3("tiny-sd3") is True and peek_is_sd3("tiny-sdxl") is False
     assert peek_is_sd3("stabilityai/stable-diffusion-3.5-medium") is None  # a hub id shows nothing before loading
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(b"\x01\x02")
+    assert peek_is_sd3(str(truncated)) is None  # unreadable: left to the loader, which names the file
+    with pytest.raises(ModelLoadError, match="cut.safetensors: not a valid safetensors file"):
+        load_pipeline(str(truncated))
     folder = tmp_path / "folder"
     sd3.save_pretrained(folder)
     assert peek_is_sd3(str(folder)) is True
