@@ -150,3 +150,23 @@ def test_bf16_loss_step_on_tiny_sd3_transformer_trains_a_plain_parameter(sd3):
     torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-6)
     assert pred.dtype == torch.bfloat16 and torch.isfinite(loss)
     assert extra.grad is not None and torch.isfinite(extra.grad).all() and extra.grad.abs().sum() > 0
+
+
+def test_flow_loss_with_huber_mask_and_sample_weights(sd3):
+    """The flow loss keeps the trainer's per-sample terms: kohya's exponential Huber threshold of the timestep, the
+    loss mask's pixel weights and the batch's sample weights (prior_loss_weight), written out here."""
+    cfg = flow_cfg(loss_type="huber", huber_c=0.2, huber_schedule="exponential", huber_scale=1.5,
+                   precondition_outputs=False, weighting_scheme="cosmap")
+    objective = FlowObjective(cfg, sd3.scheduler.config)
+    g = torch.Generator().manual_seed(7)
+    latents, pred = torch.randn(3, 16, 4, 4, generator=g), torch.randn(3, 16, 4, 4, generator=g)
+    mask = (torch.rand(3, 1, 4, 4, generator=g) > 0.5).float()
+    sample_weights = torch.tensor([1.0, 0.5, 2.0])
+    draw = objective.draw(cfg, latents, torch.Generator().manual_seed(8))
+    loss = objective.loss(cfg, pred, latents, draw, mask=mask, sample_weights=sample_weights)
+    c = (0.2 ** (draw.timesteps / 1000) * 1.5).view(-1, 1, 1, 1)
+    d = pred - (draw.noise - latents)
+    per_sample = (2 * c * (torch.sqrt(d**2 + c**2) - c) * mask).mean(dim=(1, 2, 3))
+    s = draw.sigmas
+    want = (per_sample * 2 / (math.pi * (1 - 2 * s + 2 * s**2)) * sample_weights).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
