@@ -374,6 +374,37 @@ def _from_folder(model: str, path: Path, dtype: torch.dtype, vae_dtype: torch.dt
     return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **extra)
 
 
+#: the components an SD 3.x single file may hold besides the MMDiT: pipeline component -> (its key prefix in the
+#: file, its class); SAI's files come with or without the text encoders (and T5), and diffusers loads a missing one
+#: only when it is handed in
+SD3_FILE_PARTS: dict[str, tuple[str, str]] = {
+    "text_encoder": ("text_encoders.clip_l.", "transformers.CLIPTextModelWithProjection"),
+    "text_encoder_2": ("text_encoders.clip_g.", "transformers.CLIPTextModelWithProjection"),
+    "text_encoder_3": ("text_encoders.t5xxl.", "transformers.T5EncoderModel"),
+    "vae": ("first_stage_model.", "diffusers.AutoencoderKL"),
+}
+
+
+def _sd3_parts(model: str, path: Path, config: str | None, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
+    """The SD3_FILE_PARTS the file lacks, read from the diffusers folder (or hub id) ``config``; without one, an
+    error naming them (diffusers loads nothing a single SD 3.x file lacks by itself)."""
+    import importlib
+
+    keys = _safetensors_keys(path)
+    missing = [name for name, (prefix, _) in SD3_FILE_PARTS.items() if not any(k.startswith(prefix) for k in keys)]
+    if missing and not config:
+        raise ModelLoadError(
+            f"pretrained_model {model!r} is an SD 3.x file without {', '.join(missing)}: load the model's diffusers "
+            "folder instead (or, from Python, load_pipeline(..., config=<that folder>) completes the file)")
+    parts = {}
+    for name, (_, cls_path) in SD3_FILE_PARTS.items():
+        if name in missing:
+            module, cls = cls_path.split(".")
+            loader = getattr(importlib.import_module(module), cls)
+            parts[name] = loader.from_pretrained(config, subfolder=name, torch_dtype=vae_dtype if name == "vae" else dtype)
+    return parts
+
+
 def _from_single_file(model: str, path: Path, dtype: torch.dtype, vae_dtype: torch.dtype, vae_model: Any,
                       config: str | None):
     import diffusers
@@ -381,15 +412,18 @@ def _from_single_file(model: str, path: Path, dtype: torch.dtype, vae_dtype: tor
 
     if path.suffix.lower() not in (".safetensors", ".ckpt"):
         raise ModelLoadError(f"pretrained_model {model!r}: single-file checkpoints must be .safetensors or .ckpt")
-    # A config folder completes the file offline: its configs, and the components the file lacks (an SD 3.x file
-    # often holds no text encoders)
+    cls = single_file_pipeline(path)
+    # A config folder completes the file offline: its configs, and (SD 3.x) the components the file lacks
     local = {"config": config} if config else {}
-    if vae_model is None and vae_dtype != dtype:  # the checkpoint's own VAE, read in its dtype
+    extra = {}
+    if cls == "StableDiffusion3Pipeline":
+        extra = _sd3_parts(model, path, config, dtype, vae_dtype)
+    if vae_model is None and vae_dtype != dtype and "vae" not in extra:  # the file's own VAE, read in its dtype
         vae_model = AutoencoderKL.from_single_file(str(path), torch_dtype=vae_dtype,
                                                    **({**local, "subfolder": "vae"} if config else {}))
-    cls = getattr(diffusers, single_file_pipeline(path))
-    extra = {"vae": vae_model} if vae_model is not None else {}
-    return cls.from_single_file(str(path), torch_dtype=dtype, **local, **extra)
+    if vae_model is not None:
+        extra["vae"] = vae_model
+    return getattr(diffusers, cls).from_single_file(str(path), torch_dtype=dtype, **local, **extra)
 
 
 def load_pipeline(model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -142,3 +142,70 @@ def test_load_pipeline_reads_an_sd3_folder(tmp_path, sd3):
     ref = sd3.transformer.transformer_blocks[1].ff.net[0].proj.weight
     torch.testing.assert_close(pipe.transformer.transformer_blocks[1].ff.net[0].proj.weight.float(),
                                ref.to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def _original_layout(transformer) -> dict:
+    """The transformer's weights in SD3's original (MMDiT) layout, as SAI's single files hold them: diffusers'
+    convert_sd3_transformer_checkpoint_to_diffusers run backwards (q|k|v fused, the last context block's and the
+    final layer's adaLN halves swapped); diffusers' own loader reading it back to every tensor checks it."""
+    sd = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    out = {}
+    def swap(t):
+        a, b = t.chunk(2, dim=0)
+        return torch.cat([b, a], dim=0)
+    n = transformer.config.num_layers
+    out["pos_embed"] = sd["pos_embed.pos_embed"]
+    for o, d in (("x_embedder.proj", "pos_embed.proj"), ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+                 ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"), ("context_embedder", "context_embedder"),
+                 ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+                 ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"), ("final_layer.linear", "proj_out")):
+        for p in ("weight", "bias"):
+            out[f"{o}.{p}"] = sd[f"{d}.{p}"]
+    for p in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{p}"] = swap(sd[f"norm_out.linear.{p}"])
+    for i in range(n):
+        b, j = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        last = i == n - 1
+        for p in ("weight", "bias"):
+            out[f"{j}.x_block.attn.qkv.{p}"] = torch.cat([sd[f"{b}.attn.to_{x}.{p}"] for x in "qkv"])
+            out[f"{j}.context_block.attn.qkv.{p}"] = torch.cat([sd[f"{b}.attn.add_{x}_proj.{p}"] for x in "qkv"])
+            out[f"{j}.x_block.attn.proj.{p}"] = sd[f"{b}.attn.to_out.0.{p}"]
+            out[f"{j}.x_block.adaLN_modulation.1.{p}"] = sd[f"{b}.norm1.linear.{p}"]
+            ctx = sd[f"{b}.norm1_context.linear.{p}"]
+            out[f"{j}.context_block.adaLN_modulation.1.{p}"] = swap(ctx) if last else ctx
+            out[f"{j}.x_block.mlp.fc1.{p}"] = sd[f"{b}.ff.net.0.proj.{p}"]
+            out[f"{j}.x_block.mlp.fc2.{p}"] = sd[f"{b}.ff.net.2.{p}"]
+            if not last:
+                out[f"{j}.context_block.attn.proj.{p}"] = sd[f"{b}.attn.to_add_out.{p}"]
+                out[f"{j}.context_block.mlp.fc1.{p}"] = sd[f"{b}.ff_context.net.0.proj.{p}"]
+                out[f"{j}.context_block.mlp.fc2.{p}"] = sd[f"{b}.ff_context.net.2.{p}"]
+            if f"{b}.attn2.to_q.{p}" in sd:
+                out[f"{j}.x_block.attn2.qkv.{p}"] = torch.cat([sd[f"{b}.attn2.to_{x}.{p}"] for x in "qkv"])
+                out[f"{j}.x_block.attn2.proj.{p}"] = sd[f"{b}.attn2.to_out.0.{p}"]
+        for o, d in (("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
+                     ("context_block.attn.ln_q", "attn.norm_added_q"), ("context_block.attn.ln_k", "attn.norm_added_k"),
+                     ("x_block.attn2.ln_q", "attn2.norm_q"), ("x_block.attn2.ln_k", "attn2.norm_k")):
+            if f"{b}.{d}.weight" in sd:
+                out[f"{j}.{o}.weight"] = sd[f"{b}.{d}.weight"]
+    return {f"model.diffusion_model.{k}": v.contiguous() for k, v in out.items()}
+
+
+def test_load_pipeline_reads_an_sd3_single_file_offline_with_a_config_folder(tmp_path, sd3):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "sd3"
+    sd3.save_pretrained(folder)
+    single = tmp_path / "sd35m.safetensors"  # the MMDiT alone, as SAI ships files without text encoders
+    save_file(_original_layout(sd3.transformer), str(single))
+    with pytest.raises(ModelLoadError, match="SD 3.x file without text_encoder, text_encoder_2, text_encoder_3, vae"):
+        load_pipeline(str(single))
+    pipe = load_pipeline(str(single), config=str(folder), dtype=torch.bfloat16, vae_dtype=torch.float32)
+    assert detect_family(pipe) == detect_family(sd3)
+    ours, theirs = pipe.transformer.state_dict(), sd3.transformer.state_dict()
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k].float(), theirs[k].to(torch.bfloat16).float(), rtol=0, atol=0, msg=k)
+    assert pipe.vae.dtype == torch.float32 and pipe.text_encoder_3.dtype == torch.bfloat16
+    torch.testing.assert_close(pipe.vae.decoder.conv_out.weight, sd3.vae.decoder.conv_out.weight, rtol=0, atol=0)
+    torch.testing.assert_close(pipe.text_encoder_2.text_projection.weight.float(),
+                               sd3.text_encoder_2.text_projection.weight.to(torch.bfloat16).float(), rtol=0, atol=0)

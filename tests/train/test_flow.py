@@ -37,6 +37,7 @@ def test_sigmas_are_diffusers_density_then_kohya_shift(scheme):
     u = compute_density_for_timestep_sampling(scheme, 64, logit_mean=0.3, logit_std=0.8, mode_scale=1.1,
                                               generator=torch.Generator().manual_seed(5))
     want = 3.0 * u / (1 + 2.0 * u)  # kohya's sd3_train_utils: u = (u * shift) / (1 + (shift - 1) * u)
+    torch.testing.assert_close(shift_sigmas(u, 3.0), want)
     torch.testing.assert_close(drawn.sigmas, want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(drawn.timesteps, want * 1000, rtol=1e-6, atol=1e-4)
 
