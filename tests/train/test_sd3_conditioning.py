@@ -136,3 +136,9 @@ def test_text_cache_with_trained_clips_only_for_sd3_with_frozen_t5():
     with pytest.raises(ConfigError, match="cache_text_encoder_outputs = true needs a frozen text encoder"):
         config_from_kwargs(pretrained_model="tiny-sdxl", train_text_encoder=True, cache_text_encoder_outputs=True,
                            **BASE)
+
+
+def test_kohyas_sd3_paths_and_masks_get_hints():
+    for key, hint in (("clip_l", "come with the base model"), ("apply_t5_attn_mask", "masks no text states")):
+        with pytest.raises(ConfigError, match=f"unknown option '{key}'.*{hint}"):
+            config_from_kwargs(pretrained_model="tiny-sd3", **{key: "x"}, **BASE)

@@ -50,6 +50,10 @@ KOHYA_HINTS: dict[str, str] = {
     "alpha": "the option is network_alpha",
     "conv_rank": "the option is conv_dim",
     "resume": "resuming is a command-line flag: sd-loha train --config FILE --resume [STATE_DIR]",
+    "clip_l": "SD 3.x's text encoders come with the base model (its diffusers folder); delete this line",
+    "clip_g": "SD 3.x's text encoders come with the base model (its diffusers folder); delete this line",
+    "apply_lg_attn_mask": "sd-loha masks no text states, as diffusers' StableDiffusion3Pipeline; delete this line",
+    "apply_t5_attn_mask": "sd-loha masks no text states, as diffusers' StableDiffusion3Pipeline; delete this line",
 }
 
 
