@@ -421,13 +421,13 @@ def apply_loha(
     if family.name == "sd3" and weights is not None:
         raise ValueError("block weights (LoRA Block Weight's syntax) are defined for the SD 1.x/2.x/XL UNets' blocks, "
                          "not for SD 3.x's transformer; leave block_weights out")
-    m = _match_sd3(pipe, parsed, merge) if family.name == "sd3" else _match_unet_family(pipe, parsed, family, merge)
-    layers, bypass_why, cannot, unmatched = m.layers, m.bypass_why, m.cannot, m.unmatched
-    missing_parts, mismatched, duplicates = m.missing_parts, m.mismatched, m.duplicates
-    if arch is not None and (arch.startswith("SD3")) != (family.name == "sd3"):
+    if arch is not None and arch.startswith("SD3") != (family.name == "sd3"):  # their text encoders share names
         raise ArchitectureMismatchError(
             f"{parsed.source} was made for {arch}; this pipeline is {family.label}. Nothing was changed; use a base "
             "model of the architecture the file was trained on.")
+    m = _match_sd3(pipe, parsed, merge) if family.name == "sd3" else _match_unet_family(pipe, parsed, family, merge)
+    layers, bypass_why, cannot, unmatched = m.layers, m.bypass_why, m.cannot, m.unmatched
+    missing_parts, mismatched, duplicates = m.missing_parts, m.mismatched, m.duplicates
 
     if cannot:
         raise UnsupportedWeightError(

@@ -85,7 +85,6 @@ PARTS: tuple[Part, ...] = (
     Part("te2", "lora_te2", "text_encoder_2", ("sdxl",), "text encoder 2 (CLIP-G)"),
 )
 PART: dict[str, Part] = {p.name: p for p in PARTS}
-PART_LABELS: dict[str, str] = {p.name: p.label for p in PARTS}  # part name -> how messages and reports name it
 
 # The models of an SD3 / SD3.5 pipeline that files adapt (sd_loha.sd3_names). The transformer keeps kohya's
 # lora_unet and the CLIPs SDXL's lora_te1 / lora_te2, T5 is lora_te3 (kohya sd-scripts networks/lora_sd3.py:
@@ -98,6 +97,7 @@ SD3_PARTS: tuple[Part, ...] = (
     Part("te3", "lora_te3", "text_encoder_3", ("sd3",), "text encoder 3 (T5-XXL)"),
 )
 SD3_PART: dict[str, Part] = {p.name: p for p in SD3_PARTS}
+PART_LABELS: dict[str, str] = {p.name: p.label for p in (*PARTS, *SD3_PARTS)}  # part -> how messages name it
 
 UNET_PREFIX = PART["unet"].prefix
 TE_PREFIX = PART["te"].prefix  # SD1/SD2 text encoder

@@ -38,7 +38,9 @@ def make_loha_file(pipe, path: Path, *, seed: int = 0, std: float = 0.2, dtype=t
 
 
 def all_models(pipe) -> dict[str, nn.Module]:
-    models = {"unet": pipe.unet, **text_encoders(pipe)}
+    unet = getattr(pipe, "unet", None)
+    models = {"unet": unet} if unet is not None else {"transformer": pipe.transformer}
+    models.update(text_encoders(pipe))
     if getattr(pipe, "vae", None) is not None:
         models["vae"] = pipe.vae
     return models
