@@ -27,8 +27,9 @@ Timing: rounds of one step per variant, in a rotating order; median over ``--ste
 round), robust to other processes' load drifting between rounds.
 
 Memory, two numbers per variant:
-- "saved": bytes autograd keeps between forward and backward (``saved_tensors_hooks``; unique
-  storages, parameters and buffers excluded): the activation memory a trainer holds per step;
+- "saved": bytes autograd keeps between forward and backward (bench/saved_memory.py: unique storages
+  still alive when the forward returns, parameters and buffers excluded): the activation memory a trainer
+  holds per step;
 - "peak": CPU: the process's resident high-water mark during one step minus the resident size just
   before it (``/proc/self/clear_refs`` resets VmHWM; ``malloc_trim`` first), which covers
   temporaries too (glibc's allocator granularity included); CUDA: ``max_memory_allocated`` minus
@@ -57,6 +58,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import saved_memory  # noqa: E402
 
 from sd_loha.architectures import SD15_UNET  # noqa: E402
 
@@ -172,11 +176,15 @@ class Inputs:
         self.batch, self.latent = batch, latent
 
 
-def step(name, model, params, inp: Inputs, autocast):
+def forward_loss(name, model, inp: Inputs, autocast):
     x = inp.x.detach().requires_grad_(name == "floor")
     with autocast():
         out = model(x, inp.t, inp.ctx).sample
-    loss = torch.nn.functional.mse_loss(out.float(), inp.target.float())
+    return torch.nn.functional.mse_loss(out.float(), inp.target.float())
+
+
+def step(name, model, params, inp: Inputs, autocast):
+    loss = forward_loss(name, model, inp, autocast)
     loss.backward()
     for p in params:
         p.grad = None
@@ -189,34 +197,9 @@ def sync(device):
 
 
 # ------------------------------------------------------------------------------------------ memory
-class SavedBytes:
-    """Unique storages autograd saves for backward (parameters and buffers excluded)."""
-
-    def __init__(self, exclude_ptrs):
-        self.exclude = exclude_ptrs
-        self.seen = {}
-
-    def pack(self, t):
-        try:
-            st = t.untyped_storage()
-            ptr = st.data_ptr()
-            if ptr not in self.exclude:
-                self.seen[ptr] = max(self.seen.get(ptr, 0), st.nbytes())
-        except Exception:
-            pass
-        return t
-
-    @property
-    def total(self):
-        return sum(self.seen.values())
-
-
 def saved_bytes(name, model, params, inp, autocast):
-    ex = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    sb = SavedBytes(ex)
-    with torch.autograd.graph.saved_tensors_hooks(sb.pack, lambda t: t):
-        step(name, model, params, inp, autocast)  # backward saves nothing new (no create_graph)
-    return sb.total
+    """Bytes autograd keeps between forward and backward (bench/saved_memory.py says what is counted)."""
+    return saved_memory.saved_bytes(model, lambda: forward_loss(name, model, inp, autocast))
 
 
 _LIBC = None
