@@ -124,9 +124,11 @@ def randomize_(params, seed=0, std=0.05):
             p.copy_((std * torch.randn(p.shape, generator=g)).to(p.dtype))
 
 
-def make_variant(name: str, unet, targets: str, paths: list[str], adapter_dtype):
-    """(model, trainable parameters, note) for one variant."""
-    m = shared_copy(unet)
+def make_variant(name: str, unet, targets: str, paths: list[str], adapter_dtype, share: bool = True):
+    """(model, trainable parameters, note) for one variant; on a copy sharing the UNet's frozen tensors, or
+    with ``share=False`` on the UNet itself (a throwaway one: copying diffusers' layerwise-casting hooks is
+    best avoided)."""
+    m = shared_copy(unet) if share else unet
     if name == "floor":
         return m, [], ""
     if name == "sd-loha":

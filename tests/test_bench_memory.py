@@ -150,3 +150,71 @@ def test_meta_attention_saves_what_the_fused_kernel_saves():
     sb.settle()
     del out
     assert sb.total >= 2 * 256 * 256 * 4 > sizes["meta"]
+
+
+def test_bench_tiny_prints_every_component(tmp_path):
+    out_json = tmp_path / "rows.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_memory.py"), "--size", "tiny", "--storages", "bf16,nf4",
+           "--variants", "sd-loha,peft-lora", "--json", str(out_json)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = re.findall(r"^\| (bf16|nf4) \| (sd-loha|peft-lora) \| (.*) \|$", res.stdout, re.M)
+    assert sorted((s, v) for s, v, _ in table) == [("bf16", "peft-lora"), ("bf16", "sd-loha"),
+                                                    ("nf4", "peft-lora"), ("nf4", "sd-loha")]
+    rows = {(r["storage"], r["variant"]): r for r in json.loads(out_json.read_text())}
+    for (storage, variant), r in rows.items():
+        assert "error" not in r, r
+        assert r["gradients"] == r["adapter"] > 0 and r["optimizer"] == 2 * r["adapter"]  # AdamW: two fp32 moments
+        assert r["saved"] > 0
+    # nf4 packs two weights a byte (plus per-block scales): its Linear weights take about a quarter of bf16's
+    bf16, nf4 = rows[("bf16", "sd-loha")]["base"], rows[("nf4", "sd-loha")]["base"]
+    assert set(bf16) == {"bf16"} and {"nf4 packed", "nf4 state"} <= set(nf4)
+    assert nf4["nf4 packed"] < 0.3 * (bf16["bf16"] - nf4["bf16"])
+    # bf16: the meta count is the real one (checkpointed layer norms keep nothing, so no kernel differs)
+    assert rows[("bf16", "sd-loha")]["saved"] == rows[("bf16", "sd-loha")]["saved (real)"]
+    assert rows[("nf4", "sd-loha")]["saved (real)"] > 0
+    # equal parameter counts by construction (LoRA r16 vs LoHA 2x r8)
+    assert rows[("bf16", "sd-loha")]["adapter"] == rows[("bf16", "peft-lora")]["adapter"]
+
+
+def _table() -> dict:
+    return json.loads((ROOT / "sd_loha" / "assets" / "activation_memory.json").read_text())
+
+
+def test_table_has_every_promised_row():
+    table = _table()
+    assert table["measured_by"] == "python bench/bench_memory.py --table"
+    assert {"torch", "diffusers", "adapter"} <= set(table)
+    keys = {(r["family"], r["preset"], r["width"], r["height"], r["batch"], r["checkpointing"], r["element_bytes"])
+            for r in table["rows"]}
+    assert len(keys) == len(table["rows"])  # no duplicates
+    sizes = {"sd1": (512, 768, 1024), "sd2": (512, 768, 1024), "sdxl": (512, 768, 1024, 1280)}
+    for family, sides in sizes.items():
+        for preset in ("attn-only", "attn-mlp", "full"):
+            for side in sides:
+                for batch in (1, 2):
+                    for ck in (True, False):
+                        for eb in (2, 4):
+                            assert (family, preset, side, side, batch, ck, eb) in keys
+    for r in table["rows"]:
+        assert isinstance(r["saved_bytes"], int) and r["saved_bytes"] > 0
+
+
+def test_table_batch_two_is_about_twice_batch_one():
+    rows = _table()["rows"]
+    one = {(r["family"], r["preset"], r["width"], r["checkpointing"], r["element_bytes"]): r["saved_bytes"]
+           for r in rows if r["batch"] == 1}
+    for r in rows:
+        if r["batch"] == 2:
+            ratio = r["saved_bytes"] / one[(r["family"], r["preset"], r["width"], r["checkpointing"], r["element_bytes"])]
+            assert 1.9 < ratio < 2.05, (r, ratio)
+
+
+def test_table_grows_with_what_should_grow():
+    rows = {(r["family"], r["preset"], r["width"], r["batch"], r["checkpointing"], r["element_bytes"]): r["saved_bytes"]
+            for r in _table()["rows"]}
+    for (family, preset, side, batch, ck, eb), n in rows.items():
+        assert n > rows.get((family, preset, side, batch, True, eb), 0) or ck  # checkpointing saves memory
+        assert eb == 2 or n > rows[(family, preset, side, batch, ck, 2)]  # fp32 keeps more than bf16
+        assert preset == "attn-only" or n >= rows[(family, "attn-only", side, batch, ck, eb)]
+
