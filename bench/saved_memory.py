@@ -59,6 +59,7 @@ class SavedBytes:
         self.exclude, self.exclude_tensors = exclude, exclude_tensors or set()
         self.kept: dict[int, int] = {}  # storage identity -> bytes, filled by settle()
         self._followed: dict[int, tuple[StorageWeakRef, int]] = {}
+        self._pins: list[StorageWeakRef] = []
 
     def follow(self, t: Any) -> None:
         if not isinstance(t, torch.Tensor) or t._cdata in self.exclude_tensors:
@@ -86,9 +87,13 @@ class SavedBytes:
     def for_model(cls, model: nn.Module) -> "SavedBytes":
         """Parameters and buffers left out by their storage and, for a parameter whose storage a hook swaps
         around its forward (fp8 layerwise casting), by the tensor itself: a saved parameter keeps whatever
-        storage it has, a saved view of the cast copy keeps the copy."""
+        storage it has, a saved view of the cast copy keeps the copy. The storages left out are pinned by weak
+        references too: one that the swap frees would otherwise hand its identity to a later allocation (a
+        cast copy), which would then be left out as well."""
         tensors = list(model.parameters()) + list(model.buffers())
-        return cls({t.untyped_storage()._cdata for t in tensors}, {t._cdata for t in tensors})
+        sb = cls({t.untyped_storage()._cdata for t in tensors}, {t._cdata for t in tensors})
+        sb._pins = [StorageWeakRef(t.untyped_storage()) for t in tensors]
+        return sb
 
 
 @contextlib.contextmanager
