@@ -5,7 +5,8 @@
   and full presets); and the real count equals what really stays alive after the forward (every storage the
   ops made, followed by weak references: those still alive when only the loss is held).
 - ``bench_memory.py --size tiny`` runs end to end and prints each component.
-- The shipped table has every row its schema promises, and batch 2 saves about twice batch 1.
+- The shipped table has every row its schema promises, and batch 2 saves about twice batch 1 (at most twice:
+  some layers keep weight-sized adapter deltas, which do not grow with the batch).
 """
 
 from __future__ import annotations
@@ -217,13 +218,14 @@ def test_table_has_every_promised_row():
 
 
 def test_table_batch_two_is_about_twice_batch_one():
+    """1.8-2x: sd_loha.train.memory takes the part that does not grow with the batch from the two rows."""
     rows = _table()["rows"]
     one = {(r["family"], r["preset"], r["width"], r["checkpointing"], r["element_bytes"]): r["saved_bytes"]
            for r in rows if r["batch"] == 1}
     for r in rows:
         if r["batch"] == 2:
             ratio = r["saved_bytes"] / one[(r["family"], r["preset"], r["width"], r["checkpointing"], r["element_bytes"])]
-            assert 1.9 < ratio < 2.05, (r, ratio)
+            assert 1.8 < ratio <= 2.0, (r, ratio)
 
 
 def test_table_grows_with_what_should_grow():

@@ -205,22 +205,35 @@ def _table() -> tuple[dict[str, Any], ...]:
     return tuple(json.loads(ACTIVATION_TABLE.read_text())["rows"])
 
 
-def activation_bytes(architecture: str, preset: str, pixels: int, batch: int, checkpointing: bool,
-                     element_bytes: int) -> int | None:
-    """Bytes saved for backward by one step, from the measured table; None where nothing was measured."""
-    rows = [r for r in _table() if r["family"] == architecture and r["preset"] == preset and r["batch"] == 1
-            and r["checkpointing"] == checkpointing and r["element_bytes"] == element_bytes]
+def _at_pixels(rows: Sequence[Mapping[str, Any]], pixels: int) -> float | None:
+    """The rows' saved bytes at `pixels`: a measured size as measured, others on the power law of the segment
+    around them (the first or last one beyond the measured range)."""
     points = sorted({r["width"] * r["height"]: r["saved_bytes"] for r in rows}.items())
     if not points:
         return None
     if len(points) == 1:
         (p0, s0), = points
-        return round(s0 * pixels / p0 * batch)
-    # the segment around `pixels` (the first or last one beyond the measured range)
+        return s0 * pixels / p0
     i = next((k for k in range(1, len(points) - 1) if pixels <= points[k][0]), len(points) - 1)
     (p0, s0), (p1, s1) = points[i - 1], points[i]
     k = math.log(s1 / s0) / math.log(p1 / p0)
-    return round(s0 * (pixels / p0) ** k * batch)
+    return s0 * (pixels / p0) ** k
+
+
+def activation_bytes(architecture: str, preset: str, pixels: int, batch: int, checkpointing: bool,
+                     element_bytes: int) -> int | None:
+    """Bytes saved for backward by one step, from the measured table; None where nothing was measured. Batch
+    enters as the table measured it: a part per sample plus a part that does not grow with the batch (the
+    adapter's weight-sized deltas that some layers keep), from the batch-1 and batch-2 rows; proportional to
+    the batch where only batch 1 was measured."""
+    rows = [r for r in _table() if r["family"] == architecture and r["preset"] == preset
+            and r["checkpointing"] == checkpointing and r["element_bytes"] == element_bytes]
+    one = _at_pixels([r for r in rows if r["batch"] == 1], pixels)
+    if one is None:
+        return None
+    two = _at_pixels([r for r in rows if r["batch"] == 2], pixels)
+    per_sample = one if two is None else two - one
+    return round(one + per_sample * (batch - 1))
 
 
 # ---- the estimate ----------------------------------------------------------------------------------------------------
