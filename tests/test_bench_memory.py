@@ -169,6 +169,7 @@ def test_meta_attention_saves_what_the_fused_kernel_saves():
     assert sb.total >= 2 * 256 * 256 * 4 > sizes["meta"]
 
 
+@pytest.mark.slow  # 40-70 s on 2 shared cores: a real forward per storage and adapter, imports of three libraries
 def test_bench_tiny_prints_every_component(tmp_path):
     out_json = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "bench" / "bench_memory.py"), "--size", "tiny", "--storages", "bf16,nf4",
