@@ -155,6 +155,10 @@ def _quantize_linears(model: nn.Module, storage: str, compute_dtype: torch.dtype
             new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=b is not None,
                                     compute_dtype=compute_dtype, quant_type="nf4", device="meta")
             new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+            # On a CPU with AVX512-BF16, bitsandbytes repacks the weight in place for its inference kernel at the
+            # first eval-mode, no-grad forward (sampling, validation); a training forward after that fails, and
+            # the repacking refuses output widths that are not a multiple of 32.
+            new.support_avx512bf16_for_cpu = False
         else:
             new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=b is not None,
                                       has_fp16_weights=False, device="meta")

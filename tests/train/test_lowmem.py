@@ -332,6 +332,30 @@ def test_loha_layer_adds_its_delta_to_a_low_precision_base(storage, conv):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("width", [64, 48])
+def test_nf4_base_trains_after_an_eval_forward(width):
+    """Sampling / validation run the frozen nf4 layers in eval mode without gradients; training goes on after.
+    On CPUs with AVX512-BF16 bitsandbytes would repack the weight for its inference kernel at that first eval
+    forward: the next training forward then failed, and a width not a multiple of 32 (toy-sd1 has 48) failed at
+    once. Every forward gives the same output, eval or training."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(torch.nn.Linear(64, width))
+    lowmem.store_frozen_base(holder, "nf4", torch.bfloat16)
+    holder.to("cpu")
+    assert lowmem.stored_as(holder[0]) == "nf4"
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    holder.eval()
+    with torch.no_grad():
+        y_eval = holder(x)
+    holder.train()
+    xg = x.clone().requires_grad_(True)
+    y_train = holder(xg)
+    y_train.float().sum().backward()
+    assert xg.grad is not None and bool(xg.grad.abs().sum() > 0)
+    torch.testing.assert_close(y_train.detach(), y_eval)
+
+
 def test_out_of_memory_advice_names_the_low_memory_options():
     from sd_loha.train.runtime import oom_advice
 
