@@ -36,10 +36,8 @@ give the base row.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -53,9 +51,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from sd_loha.toy import evaluate, measure, styles, world
 from sd_loha.train.loop import Trainer
+
+from runlog import bench_parser, log_row, logged_rows, spread  # noqa: E402  (bench/, next to this file)
 
 ASSETS = REPO / "sd_loha" / "assets"
 GEN_STEPS, GUIDANCE, GEN_SEED = 20, 4.0, 0
@@ -238,13 +239,14 @@ def heldout_items(folder: Path) -> list[tuple[torch.Tensor, str]]:
 
 
 @torch.no_grad()
-def heldout_loss(pipe: Any, items: list[tuple[torch.Tensor, str]]) -> float:
+def heldout_loss(pipe: Any, items: list[tuple[torch.Tensor, str]], dtype: torch.dtype | None = None) -> float:
     """Mean epsilon MSE of the pipeline (as it is: adapter on or off) on the held-out images; the noise and
-    timesteps come from a generator with a fixed seed, so every run and the base model see the same ones."""
+    timesteps come from a generator with a fixed seed, so every run and the base model see the same ones.
+    `dtype`: the UNet's compute dtype where it is not fp32 (a bf16 run)."""
     vae = pipe.vae
     latents = vae.encode(torch.stack([x for x, _ in items]).to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
     cond = pipe.encode_prompt([c for _, c in items], pipe.device, 1, False)[0]
-    return evaluate.denoising_mse(pipe, latents, cond, draws=HELDOUT_DRAWS, seed=HELDOUT_SEED)
+    return evaluate.denoising_mse(pipe, latents, cond, draws=HELDOUT_DRAWS, seed=HELDOUT_SEED, dtype=dtype)
 
 
 def picture_scores(pipe: Any, style: str) -> dict[str, Any]:
@@ -284,30 +286,32 @@ class BenchTrainer(Trainer):
         self._set_train_mode(False)
         self.scores = {"params_unet": sum(p.numel() for p in self.network.parameters("unet")),
                        "params_te": sum(p.numel() for p in self.network.parameters("te")),
-                       "heldout_loss": heldout_loss(self.pipe, self.heldout)}
+                       "heldout_loss": heldout_loss(self.pipe, self.heldout, self.weight_dtype)}
         if self.measure_pictures:
             self.scores.update(picture_scores(self.pipe, self.style))
         return super()._finish(stopped)
 
 
 def run_one(name: str, style: str, seed: int, lr: float, root: Path, *, steps: int | None = None,
-            measure_pictures: bool = True) -> dict[str, Any]:
-    """Train one (method, style, seed, learning rate) and return its figures."""
+            measure_pictures: bool = True, options: dict[str, Any] | None = None, tag: str = "",
+            trainer_class: Callable[..., BenchTrainer] | None = None) -> dict[str, Any]:
+    """Train one (method, style, seed, learning rate) and return its figures. `options`: config settings on top
+    of the recipe (its own run folder, named by `tag`); `trainer_class`: a BenchTrainer that measures more."""
     from sd_loha.train.checks import check_output_dir, check_paths
     from sd_loha.train.config import as_config
     from sd_loha.train.runtime import StopFlag
 
     method = METHODS[name]
     train_dir, heldout_dir = style_folders(style, root)
-    out = root / "runs" / f"{style}-{name}-lr{lr:g}-seed{seed}"
+    out = root / "runs" / f"{style}-{name}{tag}-lr{lr:g}-seed{seed}"
     cfg = as_config({**RECIPE, **method_overrides(method), "train_data_dir": str(train_dir), "output_dir": str(out),
                      "output_name": name, "learning_rate": lr, "text_encoder_lr": lr / TE_LR_RATIO, "seed": seed,
-                     **({"max_train_steps": steps, "lr_warmup_steps": 0} if steps is not None else {})})
+                     **({"max_train_steps": steps, "lr_warmup_steps": 0} if steps is not None else {}), **(options or {})})
     check_paths(cfg)
     check_output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    trainer = BenchTrainer(cfg, out, progress=False, method=method, style=style, heldout=heldout_items(heldout_dir),
+    trainer = (trainer_class or BenchTrainer)(cfg, out, progress=False, method=method, style=style, heldout=heldout_items(heldout_dir),
                            measure_pictures=measure_pictures)
     trainer.setup()
     with StopFlag(None) as stop:
@@ -354,30 +358,19 @@ def parameter_counts(names: list[str]) -> dict[str, tuple[int, int]]:
 
 # ---- the whole bench and its tables ---------------------------------------------------------------------------
 
-def _log(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps({k: v for k, v in row.items() if k != "measure_per_picture"}) + "\n")
-    shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items() if k != "measure_per_picture"}
-    print(json.dumps(shown), flush=True)
-
-
-def _logged(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()] if log.exists() else []
-
-
 def run_bench(root: Path, names: list[str], styles_: list[str], seeds: list[int], lrs: list[float]) -> Path:
     """Parameter counts, base rows, the learning-rate sweep (first style, first seed), then one block of all
     methods and styles per seed, so a run cut short has every method on the same seeds. Runs already in
     root/runs.jsonl are not repeated (a rerun with the same --out continues)."""
     log = root / "runs.jsonl"
     root.mkdir(parents=True, exist_ok=True)
-    done = {(r["method"], r["style"], r["seed"], r["lr"]): r for r in _logged(log) if r.get("kind") == "sweep"}
-    done.update({(r["method"], r["style"], r["seed"], r["lr"]): r for r in _logged(log) if r.get("kind") == "run"})
-    if not _logged(log):
+    done = {(r["method"], r["style"], r["seed"], r["lr"]): r for r in logged_rows(log) if r.get("kind") == "sweep"}
+    done.update({(r["method"], r["style"], r["seed"], r["lr"]): r for r in logged_rows(log) if r.get("kind") == "run"})
+    if not logged_rows(log):
         for name, (unet, te) in parameter_counts(names).items():
-            _log(log, {"method": name, "kind": "params", "params_unet": unet, "params_te": te})
+            log_row(log, {"method": name, "kind": "params", "params_unet": unet, "params_te": te})
         for style in styles_:
-            _log(log, base_row(style, root))
+            log_row(log, base_row(style, root))
     chosen = {}
     for name in names:
         sweep = []
@@ -385,30 +378,24 @@ def run_bench(root: Path, names: list[str], styles_: list[str], seeds: list[int]
             key = (name, styles_[0], seeds[0], lr)
             if key not in done:
                 done[key] = run_one(name, styles_[0], seeds[0], lr, root)
-                _log(log, {**done[key], "kind": "sweep"})
+                log_row(log, {**done[key], "kind": "sweep"})
             sweep.append(done[key])
         best = min(sweep, key=lambda r: r["heldout_loss"])
         chosen[name] = best["lr"]
         if not any(r.get("kind") == "run" and r["method"] == name and r["style"] == styles_[0] and r["seed"] == seeds[0]
-                   for r in _logged(log)):
-            _log(log, {**best, "kind": "run"})
+                   for r in logged_rows(log)):
+            log_row(log, {**best, "kind": "run"})
     for seed, style, name in itertools.product(seeds, styles_, names):
         key = (name, style, seed, chosen[name])
         if key not in done:
             done[key] = run_one(name, style, seed, chosen[name], root)
-            _log(log, {**done[key], "kind": "run"})
+            log_row(log, {**done[key], "kind": "run"})
     return log
-
-
-def _spread(values: list[float], fmt: str) -> str:
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
 def results_tables(log: Path) -> str:
     """Markdown: parameter counts, the LR sweep, and per style mean ± std over seeds of each figure."""
-    rows = _logged(log)
+    rows = logged_rows(log)
     params = {r["method"]: (r["params_unet"], r["params_te"]) for r in rows if r.get("kind") == "params"}
     out = ["| method | library, algorithm | rank / alpha | conv rank / alpha | UNet params | text-encoder params | total |",
            "|---|---|---|---|---|---|---|"]
@@ -440,9 +427,9 @@ def _style_tables(rows: list[dict[str, Any]]) -> list[str]:
                        f"{b['measure_after_vae']:.4f} | - | - |")
         for name in dict.fromkeys(r["method"] for r in runs):
             mine = [r for r in runs if r["method"] == name]
-            out.append(f"| {name} | {mine[0]['lr']:g} | {len(mine)} | {_spread([r['heldout_loss'] for r in mine], '.4f')} | "
-                       f"{_spread([r['measure'] for r in mine], '.4f')} | "
-                       f"{_spread([100 * r['content'] for r in mine], '.0f')} % | "
+            out.append(f"| {name} | {mine[0]['lr']:g} | {len(mine)} | {spread([r['heldout_loss'] for r in mine], '.4f')} | "
+                       f"{spread([r['measure'] for r in mine], '.4f')} | "
+                       f"{spread([100 * r['content'] for r in mine], '.0f')} % | "
                        f"{statistics.mean(r['seconds'] for r in mine):.0f} |")
     return out
 
@@ -461,20 +448,16 @@ def _pair_table(rows: list[dict[str, Any]]) -> list[str]:
             continue
         dl = [runs[style, loha, s]["heldout_loss"] - runs[style, other, s]["heldout_loss"] for s in seeds]
         dm = [runs[style, loha, s]["measure"] - runs[style, other, s]["measure"] for s in seeds]
-        out.append(f"| {style} | {loha} - {other} | {len(seeds)} | {_spread(dl, '+.4f')} | "
-                   f"{sum(d < 0 for d in dl)} of {len(seeds)} | {_spread(dm, '+.4f')} | {sum(d > 0 for d in dm)} of {len(seeds)} |")
+        out.append(f"| {style} | {loha} - {other} | {len(seeds)} | {spread(dl, '+.4f')} | "
+                   f"{sum(d < 0 for d in dl)} of {len(seeds)} | {spread(dm, '+.4f')} | {sum(d > 0 for d in dm)} of {len(seeds)} |")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("/tmp/bench_styles"), help="runs, hatch pictures, runs.jsonl")
+    p = bench_parser(__doc__.split("\n\n")[0], Path("/tmp/bench_styles"), "runs, hatch pictures, runs.jsonl")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"of {', '.join(METHODS)}")
     p.add_argument("--styles", default=",".join(STYLES), help="the first one picks the learning rates")
-    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS), help="tried per method")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--results", type=Path, help="only print the tables of an earlier run's runs.jsonl")
     args = p.parse_args(argv)
     if args.results:
         print(results_tables(args.results))

@@ -3,31 +3,19 @@ exactly equal trainable parameters on the same layers, every method trains on th
 is deterministic, the hatch style's measure separates hatched from plain pictures, and the tables aggregate
 what the runs logged. The full benchmark's figures live in bench/RESULTS.md."""
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sd_loha.toy import measure, styles, world
 
+from tests.bench_helpers import load_bench
+
 pytest.importorskip("lycoris")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_styles", ROOT / "bench" / "bench_styles.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_styles"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = load_bench("bench_styles")
 
 
 def test_compared_pairs_have_equal_parameters_on_the_same_layers():

@@ -45,10 +45,12 @@ def evaluate(pipe: Any, scenes: list[world.Scene] | None = None, seeds: tuple[in
 
 
 @torch.no_grad()
-def denoising_mse(pipe: Any, latents: torch.Tensor, cond: torch.Tensor, *, draws: int, seed: int) -> float:
+def denoising_mse(pipe: Any, latents: torch.Tensor, cond: torch.Tensor, *, draws: int, seed: int,
+                  dtype: torch.dtype | None = None) -> float:
     """Mean ε-MSE of the pipeline's UNet on these latents and text conditioning: `draws` (noise, timestep) pairs
     from a generator seeded with `seed`, so every adapter and the base model see the same ones. The plain
-    objective (no SNR weighting), over the base model's whole DDPM schedule."""
+    objective (no SNR weighting), over the base model's whole DDPM schedule. `dtype`: the UNet's compute dtype
+    (the inputs are cast to it; the noise, timesteps and loss stay fp32, so they are the same in every dtype)."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -57,7 +59,8 @@ def denoising_mse(pipe: Any, latents: torch.Tensor, cond: torch.Tensor, *, draws
     for _ in range(draws):
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        pred = pipe.unet(sched.add_noise(latents, noise, t), t, cond).sample
+        noisy = sched.add_noise(latents, noise, t)
+        pred = pipe.unet(noisy.to(dtype or noisy.dtype), t, cond.to(dtype or cond.dtype)).sample
         total += float(torch.nn.functional.mse_loss(pred.float(), noise))
     return total / draws
 
