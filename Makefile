@@ -1,5 +1,5 @@
 # The two quickstart commands (see README.md). Both set up .venv first (idempotent).
-.PHONY: setup demo test soak bench bench-styles floors
+.PHONY: setup demo test soak bench bench-styles bench-base-dtype floors
 
 setup:
 	./scripts/setup
@@ -20,6 +20,11 @@ bench: setup
 # about 35 minutes on one idle core)
 bench-styles: setup
 	OMP_NUM_THREADS=1 .venv/bin/python bench/bench_styles.py --out output/bench_styles
+
+# The quality cost of an fp8 / int8 / nf4 frozen base against bf16 on toy-sd1, three seeds (bench/RESULTS.md;
+# 12 runs per style, 4 min each on a loaded 2-core machine)
+bench-base-dtype: setup
+	OMP_NUM_THREADS=1 .venv/bin/python bench/bench_base_dtype.py --out output/bench_base_dtype --steps 300
 
 # The oldest versions pyproject.toml allows, on its oldest Python, with a fast test subset (.venv-floors).
 floors:
