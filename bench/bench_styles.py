@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -183,6 +184,12 @@ class LycorisAdapter:
                                    f"targets are {len(targets)} layers: the comparison would not cover the same layers")
             net.apply_to()
             self.nets[part] = net
+
+    @property
+    def modules(self) -> list[SimpleNamespace]:
+        """LoHANetwork's view of its adapter modules (each as `.layer`, holding its own tensors), which the
+        trainer's memory estimate reads to tell adapter tensors from the base's."""
+        return [SimpleNamespace(layer=m) for net in self.nets.values() for m in net.loras]
 
     def parameters(self, part: str | None = None) -> list[torch.nn.Parameter]:
         return [p for name, net in self.nets.items() if part in (None, name) for p in net.parameters()
