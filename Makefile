@@ -22,7 +22,7 @@ bench-styles: setup
 	OMP_NUM_THREADS=1 .venv/bin/python bench/bench_styles.py --out output/bench_styles
 
 # The quality cost of an fp8 / int8 / nf4 frozen base against bf16 on toy-sd1, three seeds (bench/RESULTS.md;
-# 12 runs per style, 4 min each on a loaded 2-core machine)
+# 48 min for the posters, 12 runs, on a loaded 2-core machine)
 bench-base-dtype: setup
 	OMP_NUM_THREADS=1 .venv/bin/python bench/bench_base_dtype.py --out output/bench_base_dtype --steps 300
 
