@@ -22,7 +22,8 @@ from torch import nn
 from .io import save_safetensors_atomic
 from .layers import LoHALayer, wrap
 from .models import ModelFamily, detect_family, text_encoders, unet_family_name
-from .naming import PART, text_encoder_canonical_path, text_encoder_save_name, unet_ldm_path, unet_save_name
+from .naming import PART, SD3_PART, text_encoder_canonical_path, text_encoder_save_name, unet_ldm_path, unet_save_name
+from .sd3_network import RowSlice, SD3Keys, fused_owner
 from .targets import (Preset, Target, candidate_targets, first_match, layer_names, load_preset, preset_label,
                       unmatched_patterns, unmatched_regexes)
 from .version import __version__
@@ -44,6 +45,8 @@ class NetworkModule:
     parent: nn.Module
     attr: str
     lr_rule: int | None = None  # index of its network_reg_lrs pattern; None: the part's lr (unet_lr / text_encoder_lr)
+    # SD 3.x layers the file stores as one (a fused qkv): (parent, attr, RowSlice) of each model layer it spans
+    slices: tuple[tuple[nn.Module, str, nn.Module], ...] = ()
 
 
 class LoHANetwork:
@@ -198,6 +201,8 @@ class LoHANetwork:
         for flag in ("dora_wd", "use_scalar"):  # LyCORIS's network_args spelling
             if s.get(flag):
                 args[flag] = "True"
+        if s.get("train_t5xxl"):  # kohya's lora_sd3 network argument
+            args["train_t5xxl"] = "True"
         if s.get("dora_wd"):
             args["wd_on_output"] = str(bool(s.get("wd_on_output")))
         if s["rank_dropout"]:
@@ -237,7 +242,8 @@ class LoHANetwork:
     def remove(self) -> None:
         """Unwrap every layer, putting the original frozen modules back."""
         for m in self.modules:
-            setattr(m.parent, m.attr, m.layer.base)
+            for parent, attr, layer in m.slices or ((m.parent, m.attr, m.layer),):
+                setattr(parent, attr, layer.base)
         self.modules = []
 
 
@@ -246,7 +252,14 @@ def _split_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
-def _resolve_models(target: Any, text_encoder: bool) -> tuple[dict[str, nn.Module], ModelFamily | None]:
+def _resolve_models(target: Any, text_encoder: bool, train_t5xxl: bool = False
+                    ) -> tuple[dict[str, nn.Module], ModelFamily | None]:
+    if getattr(target, "unet", None) is None and getattr(target, "transformer", None) is not None:  # SD 3.x
+        family = detect_family(target)  # refuses a transformer that is not SD3's
+        models = {"unet": target.transformer}  # the denoiser is the "unet" part: lora_unet_, unet_lr
+        if text_encoder:
+            models.update({k: v for k, v in text_encoders(target).items() if k != "te3" or train_t5xxl})
+        return models, family
     if hasattr(target, "unet"):  # a pipeline
         models = {"unet": target.unet}
         if text_encoder:
@@ -280,6 +293,8 @@ def add_loha(
     dora_wd: bool = False,
     wd_on_output: bool = False,
     use_scalar: bool = False,
+    train_t5xxl: bool = False,
+    sd3_file_form: str = "kohya",
 ) -> LoHANetwork:
     """Put LoHA layers into a pipeline (UNet + text encoder(s)), a single UNet, or a single text encoder.
 
@@ -288,33 +303,45 @@ def add_loha(
     kohya's network_reg_dims / network_reg_lrs: regular expressions searched in each module's file name, the
     first match giving its rank (0 = not adapted) or learning rate (:func:`sd_loha.targets.candidate_targets`).
     The original weights are frozen; only the factors train.
+
+    SD 3.x pipelines: the transformer is the "unet" part; T5 (te3) is adapted only with `train_t5xxl`;
+    `sd3_file_form` "kohya" (default) trains each fused qkv as one LoHA over the three diffusers layers and writes
+    the original-layout names kohya and ComfyUI read, "simpletuner" one LoHA per diffusers layer
+    (:mod:`sd_loha.sd3_network`).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     preset_obj = load_preset(preset)
-    models, family = _resolve_models(target, text_encoder)
-    modules: list[NetworkModule] = []
-    names: list[tuple[str, str]] = []
+    models, family = _resolve_models(target, text_encoder, train_t5xxl)
+    sd3 = SD3Keys(models["unet"], sd3_file_form) if family is not None and family.is_sd3 else None
+    names: list[tuple[str, ...]] = []
     plan: list[tuple[str, nn.Module, Target]] = []
     for part, model in models.items():
-        prefix = PART[part].prefix
-        names += layer_names(model, prefix)
+        prefix = (PART[part] if part in PART else SD3_PART[part]).prefix
+        key_of = sd3.key_of(part) if sd3 else _key_function(part, model, prefix)
+        names += layer_names(model, prefix, key_of)
         plan += [(part, model, t) for t in candidate_targets(
             model, part=part, prefix=prefix, preset=preset_obj, rank=rank, alpha=alpha, conv_rank=conv_rank,
-            conv_alpha=conv_alpha, include=include, exclude=exclude, reg_dims=reg_dims,
-            key_of=_key_function(part, model, prefix), path_forms=_path_forms(part, model))]
+            conv_alpha=conv_alpha, include=include, exclude=exclude, reg_dims=reg_dims, key_of=key_of,
+            path_forms=sd3.path_forms(part) if sd3 else _path_forms(part, model))]
     # before any layer is wrapped, so a refused pattern leaves the models as they were
     _check_regexes("network_reg_dims", reg_dims, [t.key for _, _, t in plan], preset_obj)
     plan = [(part, model, t) for part, model, t in plan if t.rank > 0]
     _check_regexes("network_reg_lrs", reg_lrs, [t.key for _, _, t in plan], preset_obj)
+    groups = _fused_groups(plan, sd3)
     for model in models.values():
         model.requires_grad_(False)
     rules = {p: i for i, p in enumerate(reg_lrs or {})}  # pattern -> its index: the group it trains in
+    settings_kw = dict(rank_dropout=rank_dropout, module_dropout=module_dropout, rank_dropout_scale=rank_dropout_scale,
+                       dora_wd=dora_wd, wd_on_output=wd_on_output, use_scalar=use_scalar)
+    modules: list[NetworkModule] = []
     for part, model, t in plan:
+        if part == "unet" and sd3 is not None and sd3.fused(t.path) is not None:
+            if t.path == groups[t.key][0].path:  # the file's module, made once, at its first row
+                modules.append(_attach_fused(model, sd3, groups[t.key], first_match(rules, t.key), settings_kw))
+            continue
         tucker = use_tucker if t.use_tucker is None else t.use_tucker
-        layer = wrap(t.module, rank=t.rank, alpha=t.alpha, use_tucker=tucker and t.is_kxk_conv,
-                     rank_dropout=rank_dropout, module_dropout=module_dropout, rank_dropout_scale=rank_dropout_scale,
-                     dora_wd=dora_wd, wd_on_output=wd_on_output, use_scalar=use_scalar)
+        layer = wrap(t.module, rank=t.rank, alpha=t.alpha, use_tucker=tucker and t.is_kxk_conv, **settings_kw)
         parent, attr = _split_parent(model, t.path)
         setattr(parent, attr, layer)
         modules.append(NetworkModule(part, t.path, t.key, layer, parent, attr, lr_rule=first_match(rules, t.key)))
@@ -329,8 +356,49 @@ def add_loha(
                     use_tucker=use_tucker, rank_dropout=rank_dropout, module_dropout=module_dropout,
                     dora_wd=dora_wd, wd_on_output=wd_on_output, use_scalar=use_scalar,
                     text_encoder=text_encoder and any(p != "unet" for p in models),
-                    reg_dims=dict(reg_dims or {}), reg_lrs=dict(reg_lrs or {}))
+                    reg_dims=dict(reg_dims or {}), reg_lrs=dict(reg_lrs or {}),
+                    **({"sd3_file_form": sd3_file_form, "train_t5xxl": train_t5xxl} if sd3 else {}))
     return LoHANetwork(modules, settings, family)
+
+
+def _fused_groups(plan: Sequence[tuple[str, nn.Module, Target]], sd3: SD3Keys | None) -> dict[str, list[Target]]:
+    """File key -> the selected targets of each SD 3.x layer the kohya form stores as one (rows in file order).
+    A fused qkv trains as one LoHA, so its q, k and v are selected together, at one rank and alpha, or not at all."""
+    groups: dict[str, list[Target]] = {}
+    if sd3 is None:
+        return groups
+    for part, _, t in plan:
+        if part == "unet" and sd3.fused(t.path) is not None:
+            groups.setdefault(t.key, []).append(t)
+    for key, targets in groups.items():
+        name, rows = sd3.fused(targets[0].path)
+        chosen = {t.path: t for t in targets}
+        missing = [r.path for r in rows if r.path not in chosen]
+        if missing:
+            raise ValueError(f"{key}: the kohya file form stores {', '.join(r.path for r in rows)} as one module "
+                             f"({name}), but the preset and include/exclude patterns leave out {', '.join(missing)}; "
+                             "select all of them or none, or set sd3_file_form = \"simpletuner\" (one module each)")
+        if len({(t.rank, t.alpha) for t in targets}) > 1:
+            raise ValueError(f"{key}: {name} is one module in the file, but its layers got different ranks or alphas "
+                             "from the preset; give them one")
+        groups[key] = [chosen[r.path] for r in rows]
+    return groups
+
+
+def _attach_fused(model: nn.Module, sd3: SD3Keys, targets: Sequence[Target], lr_rule: int | None,
+                  settings: Mapping[str, Any]) -> NetworkModule:
+    """One LoHA over `targets` (an SD 3.x fused qkv, or a swapped adaLN), each model layer wrapped in a RowSlice
+    reading its rows."""
+    name, rows = sd3.fused(targets[0].path)
+    owner = fused_owner([t.module for t in targets], rank=targets[0].rank, alpha=targets[0].alpha, **settings)
+    slices = []
+    for t, r in zip(targets, rows):
+        parent, attr = _split_parent(model, t.path)
+        layer = RowSlice(t.module, owner, r)
+        setattr(parent, attr, layer)
+        slices.append((parent, attr, layer))
+    return NetworkModule("unet", name, targets[0].key, owner, slices[0][0], slices[0][1], lr_rule=lr_rule,
+                         slices=tuple(slices))
 
 
 def _key_function(part: str, model: nn.Module, prefix: str) -> Callable[[str], str]:

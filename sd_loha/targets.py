@@ -84,11 +84,23 @@ class Preset:
         return next((o for k, o in self.name_algo_map.items() if any(self.match(k, f) for f in forms)), None)
 
 
+# SD 3.x's MMDiT (diffusers' JointTransformerBlock) by its original-layout names (sd3_names.original_of), which
+# only SD 3.x layers have: attention qkv/proj and MLP of both streams; SD3.5 Medium's second attention (attn2)
+# and the adaLN modulations come with "full" (kohya's SingleDiTBlock set) or include patterns.
+_MMDIT_ATTN = r"joint_blocks\.\d+\.(x|context)_block\.attn\.(qkv|proj)$"
+_MMDIT_ATTN_MLP = r"joint_blocks\.\d+\.(x|context)_block\.(attn\.(qkv|proj)|mlp\.fc[12])$"
+_MMDIT_ATTN2 = r"joint_blocks\.\d+\.x_block\.attn2\."
+# T5-XXL (SD 3.x's te3, adapted only with train_t5xxl): kohya's lora_sd3 classes
+_T5_ATTN, _T5_MLP = "T5Attention", "T5DenseGatedActDense"
+
 PRESETS: dict[str, Preset] = {
-    "attn-only": Preset("attn-only", frozenset({"Attention"}), frozenset({"CLIPAttention"})),
-    "attn-mlp": Preset("attn-mlp", frozenset({"Transformer2DModel"}), frozenset({"CLIPAttention", "CLIPMLP"})),
-    "full": Preset("full", frozenset({"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}),
-                   frozenset({"CLIPAttention", "CLIPMLP"})),
+    "attn-only": Preset("attn-only", frozenset({"Attention"}), frozenset({"CLIPAttention", _T5_ATTN}),
+                        exclude_name=(_MMDIT_ATTN2,)),
+    "attn-mlp": Preset("attn-mlp", frozenset({"Transformer2DModel"}),
+                       frozenset({"CLIPAttention", "CLIPMLP", _T5_ATTN, _T5_MLP}), unet_target_name=(_MMDIT_ATTN_MLP,)),
+    "full": Preset("full", frozenset({"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D",
+                                      "JointTransformerBlock"}),
+                   frozenset({"CLIPAttention", "CLIPMLP", _T5_ATTN, _T5_MLP})),
 }
 
 #: Class names in LyCORIS presets (written for kohya's own UNet or older libraries) -> the diffusers /
@@ -115,8 +127,8 @@ def _is_kxk(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
-def _matches(patterns: Sequence[str], path: str, kohya: str) -> bool:
-    return any(fnmatchcase(path, p) or fnmatchcase(kohya, p) for p in patterns)
+def _matches(patterns: Sequence[str], *names: str) -> bool:
+    return any(fnmatchcase(n, p) for p in patterns for n in names)
 
 
 def _class(module: nn.Module) -> str:
@@ -199,15 +211,15 @@ def candidate_targets(
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         kohya = f"{prefix}_{path.replace('.', '_')}"
-        chosen = path in in_preset or (include and _matches(include, path, kohya))
-        if not chosen or (exclude and _matches(exclude, path, kohya)):
+        key = key_of(path)  # SDXL's LDM name, SD 3.x's original-layout name: what users know from files
+        chosen = path in in_preset or (include and _matches(include, path, kohya, key))
+        if not chosen or (exclude and _matches(exclude, path, kohya, key)):
             continue
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             continue  # grouped convs do not occur in SD UNets; LoHA's flat factors assume groups=1
         kxk = _is_kxk(module)
         base_rank = conv_rank if kxk and preset.enable_conv else 0 if kxk else rank
         override = in_preset.get(path) or Override()
-        key = key_of(path)
         dim = first_match(reg_dims or {}, key)
         targets.append(Target(
             path, module,
@@ -234,17 +246,18 @@ def unmatched_regexes(rules: Iterable[str], names: Iterable[str]) -> list[str]:
     return [p for p in rules if not any(re.search(p, n) for n in names)]
 
 
-def layer_names(model: nn.Module, prefix: str) -> list[tuple[str, str]]:
-    """(dotted path, kohya name) of every Linear/Conv2d of `model`: what include/exclude patterns are tested on."""
-    return [(path, f"{prefix}_{path.replace('.', '_')}") for path, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))]
+def layer_names(model: nn.Module, prefix: str, key_of: Callable[[str], str] | None = None) -> list[tuple[str, ...]]:
+    """(dotted path, kohya name[, file name]) of every Linear/Conv2d of `model`: what include/exclude patterns are
+    tested on (`key_of`: the path's name in the file, as candidate_targets takes it)."""
+    return [(path, f"{prefix}_{path.replace('.', '_')}", *((key_of(path),) if key_of else ()))
+            for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def unmatched_patterns(patterns: Sequence[str], names: Iterable[tuple[str, str]]) -> list[str]:
+def unmatched_patterns(patterns: Sequence[str], names: Iterable[tuple[str, ...]]) -> list[str]:
     """The patterns that match no layer name: most often a typo, or a path written without the globs
     (`attn1` instead of `*.attn1.*`), which would otherwise change nothing without a word."""
     names = list(names)
-    return [p for p in patterns if not any(_matches([p], path, kohya) for path, kohya in names)]
+    return [p for p in patterns if not any(_matches([p], *forms) for forms in names)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ class Trainer:
             include=cfg.network_include, exclude=cfg.network_exclude, rank_dropout=cfg.rank_dropout,
             reg_dims=cfg.network_reg_dims, reg_lrs=cfg.network_reg_lrs,
             dora_wd=cfg.dora_wd, wd_on_output=cfg.wd_on_output, use_scalar=cfg.use_scalar,
-            module_dropout=cfg.module_dropout,
+            module_dropout=cfg.module_dropout, train_t5xxl=cfg.train_t5xxl, sd3_file_form=cfg.sd3_file_form,
         )
         if cfg.network_weights:
             tensors = read_safetensors(cfg.network_weights)[0]
@@ -325,8 +325,10 @@ class Trainer:
         OneTrainer's users find out by running out of memory): printed, and sent to the web UI. What will wait on
         the CPU is what _setup_caches will park: the caches it can build are known from the config."""
         cfg = self.cfg
-        names = ("unet", "vae", *TEXT_ENCODERS)
-        components = {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+        names = ("vae", *TEXT_ENCODERS)
+        # the denoiser is "unet" in the estimate whichever family (SD 3.x's MMDiT transformer included)
+        components = {"unet": self.unet, **{n: getattr(self.pipe, n) for n in names
+                                             if getattr(self.pipe, n, None) is not None}}
         fixed_captions = not (cfg.shuffle_caption or cfg.caption_tag_dropout_rate > 0)
         parked = idle_components(latents_cached=cfg.cache_latents and not cfg.random_crop,
                                  text_cached=fixed_captions, text_encoders=self._cacheable_text_encoders())

@@ -17,6 +17,7 @@ import sd_loha.train.loop as loop
 import sd_loha.train.sampling as sampling
 from sd_loha import cli
 from sd_loha.layers import LoHALayer
+from sd_loha.sd3_network import FusedLoHA
 from sd_loha.train import lowmem
 from sd_loha.train.config import ConfigError, load, load_config
 from sd_loha.train.loop import Trainer
@@ -69,6 +70,8 @@ def _storage(trainer: Trainer) -> dict[str, tuple[str, int]]:
         if model is None:
             continue
         for name, m in model.named_modules():
+            if isinstance(m, FusedLoHA):
+                continue  # the factors of a fused SD 3.x layer: its RowSlices hold the bases
             base = m.base if isinstance(m, LoHALayer) else m
             if isinstance(m, LoHALayer) or (part != "unet" and isinstance(m, torch.nn.Linear)
                                             and not name.endswith(".base")):

@@ -154,3 +154,174 @@ def test_trained_clips_with_a_cached_frozen_t5(tmp_path):
     torch.testing.assert_close(cond["encoder_hidden_states"][:, 77:].float(), fresh.float())
     uncached = _trainer(tmp_path / "b", train_text_encoder=True)
     assert uncached.conditioner.t5_cache is None and uncached.offload.idle == ("vae",)
+
+
+# ---- the MMDiT network: targets, the fused kohya form, the split form -------------------------------------------
+
+def _sd3_pipe():
+    from sd_loha.models import build_tiny_pipeline
+
+    return build_tiny_pipeline("tiny-sd3")
+
+
+def _unet_names(net) -> set[str]:
+    """The file's transformer modules by their original-layout layer kind (attn_qkv, mlp_fc1, ...) and stream."""
+    out = set()
+    for m in net.modules:
+        if m.part == "unet":
+            stream = "x" if "_x_block_" in m.key else "context"
+            out.add(f"{stream}:{m.key.split('_block_', 1)[1]}")
+    return out
+
+
+def test_mmdit_presets_include_exclude_and_t5(caplog):
+    from sd_loha.network import add_loha
+
+    pipe = _sd3_pipe()
+    expected = {
+        "attn-only": {f"{s}:{k}" for s in ("x", "context") for k in ("attn_qkv", "attn_proj")},
+        "attn-mlp": {f"{s}:{k}" for s in ("x", "context") for k in ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2")},
+    }
+    expected["full"] = expected["attn-mlp"] | {"x:adaLN_modulation_1", "context:adaLN_modulation_1", "x:attn2_qkv",
+                                               "x:attn2_proj"}
+    for preset, names in expected.items():
+        net = add_loha(pipe, preset=preset, rank=2)
+        assert _unet_names(net) == names, preset
+        assert {m.part for m in net.modules} == {"unet", "te1", "te2"}  # T5 frozen by default
+        net.remove()
+    # include / exclude by the names files use (kohya's original layout)
+    net = add_loha(pipe, rank=2, include=["lora_unet_joint_blocks_1_x_block_adaLN_modulation_1"],
+                   exclude=["*context_block_mlp*"])
+    keys = {m.key for m in net.modules}
+    assert "lora_unet_joint_blocks_1_x_block_adaLN_modulation_1" in keys
+    assert "lora_unet_joint_blocks_0_x_block_adaLN_modulation_1" not in keys
+    assert not any("context_block_mlp" in k for k in keys) and any("x_block_mlp" in k for k in keys)
+    net.remove()
+    net = add_loha(pipe, rank=2, train_t5xxl=True)
+    t5 = [m.key for m in net.modules if m.part == "te3"]
+    assert t5 and all(k.startswith("lora_te3_encoder_block_") for k in t5)
+    assert net.metadata()["ss_network_args"].count('"train_t5xxl": "True"') == 1
+    net.remove()
+    # a fused qkv is one module: excluding one of its three diffusers layers is refused before anything changes
+    import pytest
+
+    with pytest.raises(ValueError, match="to_k.*simpletuner"):
+        add_loha(pipe, rank=2, exclude=["transformer_blocks.0.attn.to_k"])
+    assert not any(type(m).__name__ in ("LoHALayer", "RowSlice") for m in pipe.transformer.modules())
+
+
+def _randomize(net, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules:
+            for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+                p = getattr(m.layer, name)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def test_fused_qkv_and_swapped_adaln_train_one_loha_each_exactly():
+    """One file module per fused qkv / swapped adaLN; the rows each diffusers layer computes are the rows of the
+    module's ΔW as LyCORIS's functional LoHA computes it (halves exchanged for the adaLN), and a layer's gradient
+    reaches only its rows of the shared A factors."""
+    from lycoris.functional import loha as ly_loha
+
+    from sd_loha.network import add_loha
+    from sd_loha.sd3_network import FusedLoHA, RowSlice
+
+    pipe = _sd3_pipe()
+    t = pipe.transformer
+    net = add_loha(pipe, preset="full", rank=3, alpha=1.5, text_encoder=False)
+    _randomize(net)
+    by_key = {m.key: m for m in net.modules}
+    width = t.config.num_attention_heads * t.config.attention_head_dim
+    last = t.config.num_layers - 1
+    cases = {
+        "lora_unet_joint_blocks_0_x_block_attn_qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                                      "transformer_blocks.0.attn.to_v"],
+        "lora_unet_joint_blocks_1_context_block_attn_qkv": [f"transformer_blocks.1.attn.add_{c}_proj" for c in "qkv"],
+        "lora_unet_joint_blocks_0_x_block_attn2_qkv": [f"transformer_blocks.0.attn2.to_{c}" for c in "qkv"],
+        f"lora_unet_joint_blocks_{last}_context_block_adaLN_modulation_1": [f"transformer_blocks.{last}.norm1_context.linear"],
+    }
+    for key, paths in cases.items():
+        m = by_key[key]
+        assert isinstance(m.layer, FusedLoHA) and [t.get_submodule(p) for p in paths] == [s for _, _, s in m.slices]
+        f = m.layer.factors()
+        whole = ly_loha.diff_weight(f["hada_w1_b"], f["hada_w1_a"], f["hada_w2_b"], f["hada_w2_a"], None, None,
+                                    gamma=1.5 / 3, backend="torch")
+        if len(paths) == 1:  # the file keeps (shift, scale), the model (scale, shift)
+            half = whole.shape[0] // 2
+            expected = [torch.cat([whole[half:], whole[:half]])]
+        else:
+            assert whole.shape[0] == 3 * width
+            expected = list(whole.split(width))
+        for path, want in zip(paths, expected):
+            layer = t.get_submodule(path)
+            assert isinstance(layer, RowSlice) and layer.owner is m.layer
+            eye = torch.eye(layer.in_features)
+            with torch.no_grad():
+                got = (layer(eye) - layer.base(eye)).T
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # shared parameters, not copies: k's gradient lands in rows [w, 2w) of the one w1_a
+    m = by_key["lora_unet_joint_blocks_0_x_block_attn_qkv"]
+    to_k = t.get_submodule("transformer_blocks.0.attn.to_k")
+    to_k(torch.randn(2, width)).sum().backward()
+    grad = m.layer.hada_w1_a.grad
+    assert grad[width:2 * width].abs().sum() > 0 and grad[:width].abs().sum() == 0 and grad[2 * width:].abs().sum() == 0
+    # remove() puts the three original Linears back
+    net.remove()
+    assert type(t.get_submodule("transformer_blocks.0.attn.to_k")).__name__ == "Linear"
+
+
+def _transformer_out(pipe) -> torch.Tensor:
+    t = pipe.transformer
+    gen = torch.Generator().manual_seed(1)
+    cfg = t.config
+    with torch.no_grad():
+        return t(hidden_states=torch.randn(1, cfg.in_channels, 16, 16, generator=gen),
+                 encoder_hidden_states=torch.randn(1, 5, cfg.joint_attention_dim, generator=gen),
+                 pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen),
+                 timestep=torch.tensor([500.0])).sample
+
+
+def test_both_file_forms_load_strictly_and_compute_what_training_computed(tmp_path):
+    """The kohya file (fused qkv, swapped adaLN halves) and the simpletuner file (split) of one network load
+    strictly in apply_loha on a fresh pipeline and give the transformer the output training gave it; the split
+    file is what sd3_convert makes of the fused one, and the real LyCORIS loads it on the diffusers transformer."""
+    from lycoris import create_lycoris_from_weights
+
+    from sd_loha import apply_loha
+    from sd_loha.io import parse_state_dict, read_safetensors
+    from sd_loha.network import add_loha
+    from sd_loha.sd3_convert import to_form
+    from sd_loha.sd3_names import SD3Names
+
+    outs, files = {}, {}
+    for form in ("kohya", "simpletuner"):
+        pipe = _sd3_pipe()
+        base_out = _transformer_out(pipe)
+        net = add_loha(pipe, preset="full", rank=3, alpha=1.5, text_encoder=False, sd3_file_form=form)
+        _randomize(net, seed=4)  # the same factors: both forms' modules come in the same order of rows
+        outs[form] = _transformer_out(pipe)
+        assert not torch.allclose(outs[form], base_out)
+        files[form] = net.save(tmp_path / f"{form}.safetensors", dtype=torch.float32)
+        tensors = read_safetensors(files[form])[0]
+        prefix = "lora_unet_joint_blocks_" if form == "kohya" else "lycoris_transformer_blocks_"
+        assert all(k.startswith(prefix) for k in tensors)
+        fresh = _sd3_pipe()
+        report = apply_loha(fresh, files[form], strict=True)
+        assert report.unmatched == [] and report.patched["transformer"] == sum(len(m.slices) or 1 for m in net.modules)
+        torch.testing.assert_close(_transformer_out(fresh), outs[form], rtol=1e-4, atol=1e-5)
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv.hada_w1_a" in read_safetensors(files["kohya"])[0]
+    # the fused file converted to the split form (sd3_convert, exact) computes what training computed
+    names = SD3Names.from_pipeline(_sd3_pipe())
+    converted = to_form(parse_state_dict(read_safetensors(files["kohya"])[0]), names, "simpletuner")
+    assert "lycoris_transformer_blocks_0_attn_to_k.hada_w1_a" in converted
+    fresh = _sd3_pipe()
+    apply_loha(fresh, converted, strict=True)
+    torch.testing.assert_close(_transformer_out(fresh), outs["kohya"], rtol=1e-4, atol=1e-5)
+    # the real LyCORIS reads the split file on the diffusers transformer (its own module names)
+    lyco_pipe = _sd3_pipe()
+    lyco, _ = create_lycoris_from_weights(1.0, str(files["simpletuner"]), lyco_pipe.transformer)
+    lyco.apply_to()
+    assert len(lyco.loras) == len({k.split(".")[0] for k in read_safetensors(files["simpletuner"])[0]})
+    torch.testing.assert_close(_transformer_out(lyco_pipe), outs["simpletuner"], rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ from ...schedulers import ALIASES as SCHEDULER_ALIASES
 from ...schedulers import SCHEDULERS
 from ..flow import WEIGHTING_SCHEMES
 from ..loss import HUBER_SCHEDULES, LOSS_TYPES
+from ...sd3_network import SD3_FILE_FORMS
 from ..lowmem import BASE_DTYPES
 from .writing import Entry, plain, toml_document, toml_value
 
@@ -354,7 +355,10 @@ class TrainConfig:
         "feed-forward layers of the transformer blocks, incl. proj_in/proj_out), full (also the ResNet blocks' "
         "convolutions and time-embedding projections and the down/upsampler convolutions; k x k convs only when "
         "conv_dim > 0). With train_text_encoder the text encoders' attention layers (attn-only) or attention and "
-        "MLP layers (attn-mlp, full) are added. Or a LyCORIS preset file, a path ending in .toml (e.g. "
+        "MLP layers (attn-mlp, full) are added. SD 3.x (MMDiT): attn-only is the attention qkv/proj of both "
+        "streams (x and context), attn-mlp adds their MLPs, full is every layer of the joint blocks (kohya's "
+        "default: also the adaLN modulations and SD3.5 Medium's second attention attn2); the text encoders are "
+        "the CLIPs, and T5-XXL with train_t5xxl. Or a LyCORIS preset file, a path ending in .toml (e.g. "
         "train_configs/presets/style_blocks.toml; docs/training.md): unet_target_module / "
         "text_encoder_target_module (block classes whose layers are adapted), unet_target_name / "
         "text_encoder_target_name (module paths, regular expressions matched from the start, or shell globs with "
@@ -472,6 +476,15 @@ class TrainConfig:
     train_text_encoder: bool = _opt(
         "network", "bool", True,
         "Also put LoHA modules in the text encoder(s) (both CLIP encoders for SDXL) and train them.",
+    )
+    sd3_file_form: str = _opt(
+        "network", "enum", "kohya",
+        "SD 3.x: how the file names the transformer's modules. kohya: the original MMDiT layout kohya sd-scripts "
+        "(with LyCORIS), ComfyUI and Forge read (lora_unet_joint_blocks_N_x_block_attn_qkv: each fused q|k|v "
+        "trains as one LoHA over diffusers' to_q/to_k/to_v). simpletuner: LyCORIS on the diffusers transformer, "
+        "as SimpleTuner writes (lycoris_transformer_blocks_N_attn_to_q: one LoHA per diffusers layer; needed for "
+        "dora_wd on attention or adaLN layers). sd-loha loads both; `sd-loha convert` turns one into the other.",
+        choices=SD3_FILE_FORMS,
     )
     train_t5xxl: bool = _opt(
         "network", "bool", False,

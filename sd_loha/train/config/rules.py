@@ -247,7 +247,7 @@ def prediction_type_fits(cfg: TrainConfig) -> Iterator[Finding]:
 #: options that only SD 3.x's flow-matching trainer uses, and those only the UNet (DDPM) families use; each is "set"
 #: when it differs from its default (v_parameterization: when it is not "auto")
 SD3_ONLY: tuple[str, ...] = ("t5xxl", "t5xxl_max_token_length", "train_t5xxl", "weighting_scheme", "logit_mean",
-                             "logit_std", "mode_scale", "training_shift", "precondition_outputs")
+                             "logit_std", "mode_scale", "training_shift", "precondition_outputs", "sd3_file_form")
 UNET_ONLY: tuple[str, ...] = ("v_parameterization", "zero_terminal_snr", "min_snr_gamma", "debiased_estimation_loss",
                               "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "ip_noise_gamma",
                               "ip_noise_gamma_random_strength")
@@ -273,10 +273,21 @@ def family_findings(cfg: TrainConfig, sd3: bool) -> Iterator[Finding]:
             yield Finding(("huber_schedule", "loss_type"),
                           f'huber_schedule = "snr" needs the DDPM schedule\'s SNR, but {model} is SD 3.x',
                           'set huber_schedule = "exponential" or "constant"')
+        if cfg.dora_wd and cfg.sd3_file_form == "kohya" and _fuses(cfg):
+            yield Finding(("dora_wd", "sd3_file_form"),
+                          "dora_wd on SD 3.x's attention qkv or adaLN layers: the kohya file form trains each fused "
+                          "q|k|v as one module, whose weight norm would span the three diffusers layers",
+                          'set sd3_file_form = "simpletuner" (one module per diffusers layer), or dora_wd = false')
         return
     for name in (n for n in SD3_ONLY if _changed(cfg, n)):
         yield Finding((name,), f"{name} is for SD 3.x (flow matching, T5-XXL), but {model} is not SD 3.x",
                       f"remove {name}, or train an SD 3.x model")
+
+
+def _fuses(cfg: TrainConfig) -> bool:
+    """Whether the run adapts a layer the kohya form fuses (any preset or include pattern does but a preset file
+    or excludes could avoid them: those are checked when the network is built)."""
+    return not is_preset_file(cfg.preset)
 
 
 def family_problems(cfg: TrainConfig, family: str) -> list[Problem]:
