@@ -35,11 +35,15 @@ from sd_loha.architectures import (
     SD15_SCHEDULER,
     SD15_UNET,
     SD_VAE,
+    SD35_MEDIUM_TRANSFORMER,
     SDXL_SCHEDULER,
     SDXL_UNET,
+    T5_XXL,
     build_model,
 )
 from sd_loha.models import (
+    SD3_VAE,
+    T5_TOKENIZER_DIR,
     _tiny_tokenizer,  # the repo's tokenizer, as the tiny models use it
 )
 
@@ -60,8 +64,17 @@ MODELS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G),
         "vae": ("AutoencoderKL", dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)),
     },
+    # SD3.5 Medium: MMDiT-X (2.5 B), CLIP-L and CLIP-G with projections, T5-XXL's encoder (4.8 B), the 16-channel VAE
+    "sd35m": {
+        "transformer": ("SD3Transformer2DModel", SD35_MEDIUM_TRANSFORMER),
+        "text_encoder": ("CLIPTextModelWithProjection", CLIP_L),
+        "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G),
+        "text_encoder_3": ("T5EncoderModel", T5_XXL),
+        "vae": ("AutoencoderKL", dict(VAE, sample_size=1024, **SD3_VAE)),
+    },
 }
-SCHEDULERS = {"sd15": SD15_SCHEDULER, "sdxl": SDXL_SCHEDULER}
+SCHEDULERS = {"sd15": SD15_SCHEDULER, "sdxl": SDXL_SCHEDULER,
+              "sd35m": ("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0))}
 SMALL = {
     "sd15": {"unet": dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=32, norm_num_groups=8),
              "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -73,9 +86,17 @@ SMALL = {
                                   projection_dim=32),
              "text_encoder_2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                     projection_dim=64)},
+    "sd35m": {"transformer": dict(num_layers=2, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128,
+                                  pooled_projection_dim=64, pos_embed_max_size=64, dual_attention_layers=(0,)),
+              "text_encoder": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   projection_dim=32),
+              "text_encoder_2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     projection_dim=32),
+              "text_encoder_3": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)},
 }
 SMALL_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+             "sd35m": "StableDiffusion3Pipeline"}
 
 
 def component_configs(model: str, size: str = "full") -> dict[str, tuple[str, dict[str, Any]]]:
@@ -118,6 +139,10 @@ def ensure_pipeline(model: str, size: str = "full", cache: Path = DEFAULT_CACHE,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.manual_seed(seed)
+    if model == "sd35m":
+        _save_by_component(model, size, tmp, tokenizer)
+        tmp.rename(folder)
+        return folder
     components: dict[str, Any] = {}
     for name, (cls_name, config) in component_configs(model, size).items():
         t0 = time.perf_counter()
@@ -138,6 +163,39 @@ def ensure_pipeline(model: str, size: str = "full", cache: Path = DEFAULT_CACHE,
     del pipe, components
     tmp.rename(folder)  # complete folders only: an interrupted build leaves a .tmp that the next one replaces
     return folder
+
+
+def _save_by_component(model: str, size: str, tmp: Path, tokenizer) -> None:
+    """Write an SD 3.x pipeline folder one component at a time, each built straight in bf16 (T5-XXL alone is 19 GB in
+    fp32, 9.5 GB in bf16): never more than one model in memory, as a 24 GB machine needs."""
+    import diffusers
+    from transformers import T5TokenizerFast
+
+    index: dict[str, Any] = {"_class_name": PIPELINES[model], "_diffusers_version": diffusers.__version__,
+                             "image_encoder": [None, None], "feature_extractor": [None, None]}
+    for name, (cls_name, config) in component_configs(model, size).items():
+        t0 = time.perf_counter()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32 if name == "vae" else torch.bfloat16)  # the VAE trains in fp32
+        try:
+            module = _build(cls_name, config, tokenizer).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        n = sum(p.numel() for p in module.parameters())
+        module.save_pretrained(tmp / name, safe_serialization=True)
+        index[name] = ["transformers" if cls_name.startswith(("CLIP", "T5")) else "diffusers", cls_name]
+        print(f"  {model} {name}: {cls_name}, {n / 1e6:.0f}M parameters, built and saved in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        del module
+    sched_cls, sched_cfg = SCHEDULERS[model]
+    getattr(diffusers, sched_cls)(**sched_cfg).save_pretrained(tmp / "scheduler")
+    index["scheduler"] = ["diffusers", sched_cls]
+    for name in ("tokenizer", "tokenizer_2"):
+        _tiny_tokenizer().save_pretrained(tmp / name)
+        index[name] = ["transformers", "CLIPTokenizer"]
+    T5TokenizerFast.from_pretrained(str(T5_TOKENIZER_DIR)).save_pretrained(tmp / "tokenizer_3")
+    index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def prepare(model: str, size: str = "full", cache: Path = DEFAULT_CACHE) -> Path:

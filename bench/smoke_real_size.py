@@ -39,6 +39,8 @@ RUNS = {
     "sd15": ("sd15_style", 256, []),
     # sdxl_style's buckets start at 640 px (SDXL's floor in real use); at 512 px that would leave no bucket
     "sdxl": ("sdxl_style", 512, ["min_bucket_reso=256"]),
+    # SD3.5 Medium (2.5 B MMDiT, T5-XXL cached and parked) at 256 px: sd35_style's buckets start at 512
+    "sd35m": ("sd35_style", 256, ["min_bucket_reso=256"]),
 }
 # Phases by the log line (a regex) or output file that ends each, in the order they happen.
 PHASES = [
@@ -233,7 +235,7 @@ def table(results: list[RunResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
+    ap.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl, sd35m")
     ap.add_argument("--size", default="full", choices=("full", "small"), help="small: the same layout, tiny widths")
     ap.add_argument("--out", type=Path, default=Path("/tmp/sd-loha-smoke"))
     ap.add_argument("--cache", type=Path, default=random_models.DEFAULT_CACHE)

@@ -14,7 +14,7 @@ from sd_loha.train.loop import Trainer
 from sd_loha.train.objective import FlowObjective
 from sd_loha.train.runtime import make_accelerator
 
-from .helpers import base_config
+from .helpers import base_config, sd3_transformer_output
 
 
 def _trainer(tmp_path, **overrides) -> Trainer:
@@ -272,17 +272,6 @@ def test_fused_qkv_and_swapped_adaln_train_one_loha_each_exactly():
     assert type(t.get_submodule("transformer_blocks.0.attn.to_k")).__name__ == "Linear"
 
 
-def _transformer_out(pipe) -> torch.Tensor:
-    t = pipe.transformer
-    gen = torch.Generator().manual_seed(1)
-    cfg = t.config
-    with torch.no_grad():
-        return t(hidden_states=torch.randn(1, cfg.in_channels, 16, 16, generator=gen),
-                 encoder_hidden_states=torch.randn(1, 5, cfg.joint_attention_dim, generator=gen),
-                 pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen),
-                 timestep=torch.tensor([500.0])).sample
-
-
 def test_both_file_forms_load_strictly_and_compute_what_training_computed(tmp_path):
     """The kohya file (fused qkv, swapped adaLN halves) and the simpletuner file (split) of one network load
     strictly in apply_loha on a fresh pipeline and give the transformer the output training gave it; the split
@@ -298,10 +287,10 @@ def test_both_file_forms_load_strictly_and_compute_what_training_computed(tmp_pa
     outs, files = {}, {}
     for form in ("kohya", "simpletuner"):
         pipe = _sd3_pipe()
-        base_out = _transformer_out(pipe)
+        base_out = sd3_transformer_output(pipe)
         net = add_loha(pipe, preset="full", rank=3, alpha=1.5, text_encoder=False, sd3_file_form=form)
         _randomize(net, seed=4)  # the same factors: both forms' modules come in the same order of rows
-        outs[form] = _transformer_out(pipe)
+        outs[form] = sd3_transformer_output(pipe)
         assert not torch.allclose(outs[form], base_out)
         files[form] = net.save(tmp_path / f"{form}.safetensors", dtype=torch.float32)
         tensors = read_safetensors(files[form])[0]
@@ -310,7 +299,7 @@ def test_both_file_forms_load_strictly_and_compute_what_training_computed(tmp_pa
         fresh = _sd3_pipe()
         report = apply_loha(fresh, files[form], strict=True)
         assert report.unmatched == [] and report.patched["transformer"] == sum(len(m.slices) or 1 for m in net.modules)
-        torch.testing.assert_close(_transformer_out(fresh), outs[form], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sd3_transformer_output(fresh), outs[form], rtol=1e-4, atol=1e-5)
     assert "lora_unet_joint_blocks_0_x_block_attn_qkv.hada_w1_a" in read_safetensors(files["kohya"])[0]
     # the fused file converted to the split form (sd3_convert, exact) computes what training computed
     names = SD3Names.from_pipeline(_sd3_pipe())
@@ -318,10 +307,10 @@ def test_both_file_forms_load_strictly_and_compute_what_training_computed(tmp_pa
     assert "lycoris_transformer_blocks_0_attn_to_k.hada_w1_a" in converted
     fresh = _sd3_pipe()
     apply_loha(fresh, converted, strict=True)
-    torch.testing.assert_close(_transformer_out(fresh), outs["kohya"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sd3_transformer_output(fresh), outs["kohya"], rtol=1e-4, atol=1e-5)
     # the real LyCORIS reads the split file on the diffusers transformer (its own module names)
     lyco_pipe = _sd3_pipe()
     lyco, _ = create_lycoris_from_weights(1.0, str(files["simpletuner"]), lyco_pipe.transformer)
     lyco.apply_to()
     assert len(lyco.loras) == len({k.split(".")[0] for k in read_safetensors(files["simpletuner"])[0]})
-    torch.testing.assert_close(_transformer_out(lyco_pipe), outs["simpletuner"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sd3_transformer_output(lyco_pipe), outs["simpletuner"], rtol=1e-4, atol=1e-5)

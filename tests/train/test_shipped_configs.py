@@ -21,6 +21,7 @@ SHIPPED = {
     "sd15_style.toml": ("tiny-sd1", ("te",)),
     "sd2_style.toml": ("tiny-sd2", ("te",)),
     "sdxl_style.toml": ("tiny-sdxl", ()),  # ships with frozen text encoders and cached text-encoder outputs
+    "sd35_style.toml": ("tiny-sd3", ()),  # frozen CLIPs and T5, outputs cached; kohya's fused file form
 }
 
 
