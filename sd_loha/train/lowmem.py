@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ OFFLOAD_DEVICE = torch.device("cpu")
 TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
 FP8 = torch.float8_e4m3fn
 NF4_BLOCK = 64  # bitsandbytes' default 4-bit block size
+NF4_ROWS = 32  # bitsandbytes' CPU 4-bit kernel packs the output rows in blocks of this many
 
 
 def bitsandbytes_installed() -> bool:
@@ -124,12 +126,14 @@ def _layerwise_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """diffusers' layerwise casting: weights stored in fp8, each layer cast to compute_dtype for its forward.
     Norms (by name) and embeddings (token / position tables) keep their dtype: they are small and sensitive."""
     from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
     if hasattr(model, "enable_layerwise_casting"):  # a diffusers model: its own skip list (norms, fp32 modules)
         model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype,
                                        skip_modules_classes=(nn.Embedding,))
     else:
-        apply_layerwise_casting(model, FP8, compute_dtype, skip_modules_pattern="auto",
+        kept = tuple(rf"(^|\.){re.escape(n)}$" for n in _kept_precision(model))
+        apply_layerwise_casting(model, FP8, compute_dtype, skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + kept,
                                 skip_modules_classes=(nn.Embedding,))
     return sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.dtype == FP8)
 
@@ -139,8 +143,20 @@ def quantizable_linears(model: nn.Module, storage: str) -> list[tuple[nn.Module,
     quantizes. nf4 quantizes blocks of 64 weights along a row, and bitsandbytes' CPU kernel needs whole blocks: a
     Linear whose input width is not a multiple of 64 (none in the SD / SDXL UNets and text encoders; some in the
     tiny test models) stays as it is."""
+    kept = _kept_precision(model)
     return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if type(child) is nn.Linear and not (storage == "nf4" and child.in_features % NF4_BLOCK)]
+            if type(child) is nn.Linear and name not in kept and not (storage == "nf4" and _nf4_misfit(child))]
+
+
+def _nf4_misfit(layer: nn.Linear) -> bool:
+    """Whole 64-weight blocks along each row; bitsandbytes' CPU inference kernel also packs rows by NF4_ROWS."""
+    return bool(layer.in_features % NF4_BLOCK or layer.out_features % NF4_ROWS)
+
+
+def _kept_precision(model: nn.Module) -> tuple[str, ...]:
+    """Layer names a transformers model keeps in its own precision (``_keep_in_fp32_modules``: T5's ``wo``, whose
+    input T5 casts to the layer's weight dtype; an fp8 or 4-bit weight dtype there breaks the forward)."""
+    return tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
 
 
 def _quantize_linears(model: nn.Module, storage: str, compute_dtype: torch.dtype) -> int:

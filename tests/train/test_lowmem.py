@@ -62,10 +62,11 @@ class _Watch:
 
 def _storage(trainer: Trainer) -> dict[str, tuple[str, int]]:
     """component/module name -> (how the frozen layer under each LoHA layer, or each plain layer of a text
-    encoder, stores its weight; its input width, 0 for a conv)."""
+    encoder, stores its weight; its (input, output) widths, 0 for a conv)."""
     out = {}
     parts = {"unet": trainer.unet, "text_encoder": trainer.pipe.text_encoder,
-             "text_encoder_2": getattr(trainer.pipe, "text_encoder_2", None)}
+             "text_encoder_2": getattr(trainer.pipe, "text_encoder_2", None),
+             "text_encoder_3": getattr(trainer.pipe, "text_encoder_3", None)}
     for part, model in parts.items():
         if model is None:
             continue
@@ -75,7 +76,8 @@ def _storage(trainer: Trainer) -> dict[str, tuple[str, int]]:
             base = m.base if isinstance(m, LoHALayer) else m
             if isinstance(m, LoHALayer) or (part != "unet" and isinstance(m, torch.nn.Linear)
                                             and not name.endswith(".base")):
-                out[f"{part}/{name}"] = (lowmem.stored_as(base), getattr(base, "in_features", 0))
+                out[f"{part}/{name}"] = (lowmem.stored_as(base),
+                                         (getattr(base, "in_features", 0), getattr(base, "out_features", 0)))
     return out
 
 
@@ -203,22 +205,27 @@ STORAGE_RUNS = {
     "fp8": ("base_weight_dtype=fp8", "sd15_style.toml", "tiny-sd1", ("te",), False),
     "nf4": ("base_weight_dtype=nf4", "sdxl_style.toml", "tiny-sdxl", (), True),
     "int8": ("base_weight_dtype=int8", "demo.toml", "toy-sd1", ("te",), False),
+    # SD 3.x: the MMDiT (fused qkv trained through RowSlices over the quantized q, k, v) and frozen CLIPs and T5
+    "fp8_sd3": ("base_weight_dtype=fp8", "sd35_style.toml", "tiny-sd3", (), True),
+    "nf4_sd3": ("base_weight_dtype=nf4", "sd35_style.toml", "tiny-sd3", (), True),
 }
 
 
 @pytest.mark.parametrize("case", sorted(STORAGE_RUNS))
 def test_low_precision_base_learns_and_writes_a_normal_file(tmp_path, monkeypatch, case):
     option, config, model, te_parts, frozen_te = STORAGE_RUNS[case]
-    if case in ("nf4", "int8"):
+    if case in ("nf4", "int8", "nf4_sd3"):
         pytest.importorskip("bitsandbytes", reason="nf4 / int8 bases need bitsandbytes")
     watch = _Watch(monkeypatch, measure=True)
     out = tmp_path / "out"
     _cli_run(config, model, out, [option, "sample_every_n_steps=100", "save_every_n_steps=100"], steps=6)
 
-    storage = "fp8" if case.startswith("fp8") else case
-    def expected(width: int, frozen: bool = True) -> str:
+    storage = "fp8" if case.startswith("fp8") else case.removesuffix("_sd3")
+    def expected(widths: tuple[int, int], frozen: bool = True) -> str:
         """fp8: Linear and Conv alike; nf4 / int8: Linear layers (nf4: whole 64-wide blocks), convs bf16."""
-        if not frozen or (storage != "fp8" and (width == 0 or (storage == "nf4" and width % lowmem.NF4_BLOCK))):
+        width, rows = widths  # nf4 on the CPU: whole 64-wide blocks in a row, rows in packs of 32
+        misfit = width % lowmem.NF4_BLOCK or rows % lowmem.NF4_ROWS
+        if not frozen or (storage != "fp8" and (width == 0 or (storage == "nf4" and misfit))):
             return "bfloat16"
         return storage
 
@@ -226,12 +233,20 @@ def test_low_precision_base_learns_and_writes_a_normal_file(tmp_path, monkeypatc
     te = {k: v for k, v in watch.stored.items() if not k.startswith("unet/")}
     assert len(unet) > 10 and te
     for layers, frozen in ((unet, True), (te, frozen_te)):
-        wrong = {k: v for k, (v, width) in layers.items() if v != expected(width, frozen)}
+        # T5 keeps its `wo` layers (transformers' _keep_in_fp32_modules) in the compute dtype: T5 casts their input
+        # to their weight's dtype, which an fp8 / 4-bit weight breaks
+        t5 = getattr(watch.trainer.pipe, "text_encoder_3", None)
+        kept = tuple(f".{n}" for n in (getattr(t5, "_keep_in_fp32_modules", None) or ()))
+        wrong = {k: v for k, (v, width) in layers.items()
+                 if v != ("bfloat16" if k.startswith("text_encoder_3/") and k.endswith(kept) else expected(width, frozen))}
         assert not wrong, list(wrong.items())[:5]
     assert sum(v == storage for v, _ in unet.values()) > 10
 
-    # SD 1.x configs train the text encoder: only the VAE waits on the CPU; sdxl_style caches both encoders' outputs
-    assert watch.trainer.offload.parked == (("vae", "text_encoder", "text_encoder_2") if frozen_te else ("vae",))
+    # SD 1.x configs train the text encoder: only the VAE waits on the CPU; sdxl_style and sd35_style cache all
+    # encoders' outputs
+    encoders = tuple(n for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                     if getattr(watch.trainer.pipe, n, None) is not None)
+    assert watch.trainer.offload.parked == (("vae", *encoders) if frozen_te else ("vae",))
     # the run learned: its adapter lowers the loss of the same batches, noise and timesteps
     assert watch.losses[1.0] < watch.losses[0.0], watch.losses
     path = out / f"{load_config(CONFIGS / config).output_name}.safetensors"
