@@ -314,3 +314,57 @@ def test_both_file_forms_load_strictly_and_compute_what_training_computed(tmp_pa
     lyco.apply_to()
     assert len(lyco.loras) == len({k.split(".")[0] for k in read_safetensors(files["simpletuner"])[0]})
     torch.testing.assert_close(sd3_transformer_output(lyco_pipe), outs["simpletuner"], rtol=1e-4, atol=1e-5)
+
+
+def test_memory_estimate_counts_the_transformer_and_its_fused_adapter(tmp_path):
+    """The estimate names the MMDiT transformer as the denoiser ("unet"): its weights, the adapter (one set of
+    factors per fused qkv, not three) and AdamW's state are exact; its activations are not measured ("?")."""
+    t = _trainer(tmp_path, mixed_precision="bf16", optimizer_type="AdamW", cache_text_encoder_outputs=True)
+    t._setup_network()
+    t._estimate_memory()
+    inputs = t.memory.inputs
+    weights = sum(p.numel() * p.element_size() for n, p in t.unet.named_parameters() if "hada_" not in n) + sum(
+        b.numel() * b.element_size() for n, b in t.unet.named_buffers() if not n.endswith(".alpha"))
+    assert sum(inputs.weights["unet"].values()) == weights
+    params = t.network.parameters()
+    assert len({id(p) for p in params}) == len(params)  # shared, not copied
+    factors = sum(p.numel() * 4 for p in params)
+    assert inputs.gradients == factors and inputs.optimizer == 2 * factors + 4 * len(params)  # moments + step counts
+    assert inputs.adapter == factors + 4 * len(t.network.modules)  # + one fp32 alpha each
+    assert inputs.activations is None and "activations" in t.memory.format() and "?" in t.memory.format()
+    fused = [m for m in t.network.modules if m.slices]
+    assert fused and all(m.layer.hada_w1_a.shape[0] == sum(s.out_features for _, _, s in m.slices) for m in fused)
+
+
+def test_simpletuner_form_with_trained_clips_and_t5_end_to_end(tmp_path):
+    """sd3_file_form = "simpletuner" writes LyCORIS's split diffusers names, train_t5xxl adds T5's modules, the run
+    changes them, and the file loads strictly; the options are refused where they cannot apply."""
+    import pytest
+
+    from sd_loha import apply_loha
+    from sd_loha.models import build_tiny_pipeline
+    from sd_loha.train.config import ConfigError
+    from sd_loha.train.loop import train
+
+    from .helpers import read_file
+
+    out = tmp_path / "out"
+    train(base_config(out, pretrained_model="tiny-sd3", sd3_file_form="simpletuner", train_t5xxl=True,
+                      max_train_steps=2, mixed_precision="bf16"), progress=False)
+    path = next(out.glob("*.safetensors"))
+    tensors, meta = read_file(path)
+    modules = {k.split(".")[0] for k in tensors}
+    assert any(m.startswith("lycoris_transformer_blocks_0_attn_to_q") for m in modules)
+    assert not any("joint_blocks" in m for m in modules)
+    assert {m.split("_")[1] for m in modules if m.startswith("lora_")} == {"te1", "te2", "te3"}
+    assert any(tensors[k].abs().sum() > 0 for k in tensors if k.startswith("lora_te3_") and "hada_w2_a" in k)
+    variant = meta["ss_base_model_version"]  # kohya writes the bare SD 3.x variant here
+    assert variant and meta["modelspec.architecture"] == f"stable-diffusion-3-{variant}/lora"
+    assert '"train_t5xxl": "True"' in meta["ss_network_args"]
+    report = apply_loha(build_tiny_pipeline("tiny-sd3"), path, strict=True)
+    assert report.unmatched == [] and report.patched["te3"] > 0 and report.patched["transformer"] > 0
+    with pytest.raises(ConfigError, match="sd3_file_form is for SD 3.x"):
+        load(base_config(tmp_path, sd3_file_form="simpletuner"))
+    with pytest.raises(ConfigError, match="dora_wd.*simpletuner"):
+        load(base_config(tmp_path, pretrained_model="tiny-sd3", dora_wd=True))
+    assert load(base_config(tmp_path, pretrained_model="tiny-sd3", dora_wd=True, sd3_file_form="simpletuner")).config
