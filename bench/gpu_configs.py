@@ -2,8 +2,8 @@
 
 Two parts, each run in its own process so each gets its own peak:
   matrix  every file in train_configs/ as shipped on the tiny model of its family (64 px), fp16 and bf16
-  full    sd15_style.toml at 512 px and sdxl_style.toml at 1024 px on full-size random-weight models
-          (bench/random_models.py), fp16 and bf16
+  full    sd15_style.toml at 512 px, sdxl_style.toml and sd35_style.toml (SD3.5 Medium: MMDiT-X, T5-XXL cached)
+          at 1024 px on full-size random-weight models (bench/random_models.py), fp16 and bf16
 
 Every run overrides only the base model, the data (the bundled demo images), the resolution (and the bucket
 range the resolution needs), the step count, the sample/save intervals, sample steps, mixed_precision and
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 PRECISIONS = ("fp16", "bf16")
 # (config stem, resolution, random_models name) of the full-size part
-FULL_RUNS = [("sd15_style", 512, "sd15"), ("sdxl_style", 1024, "sdxl")]
+FULL_RUNS = [("sd15_style", 512, "sd15"), ("sdxl_style", 1024, "sdxl"), ("sd35_style", 1024, "sd35m")]
 
 
 def _shipped(config: Path, section: str, key: str, default: Any = None) -> Any:
@@ -56,6 +56,8 @@ def tiny_model_for(config: Path) -> str:
     model = str(_shipped(config, "model", "pretrained_model", ""))
     if model.startswith("tiny-"):
         return model
+    if "stable-diffusion-3" in model:
+        return "tiny-sd3"
     if "xl" in model.lower():
         return "tiny-sdxl"
     if "stable-diffusion-2" in model:

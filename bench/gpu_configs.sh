@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 11 on a CUDA GPU (prepared for an H200): every shipped config in fp16 and bf16 with AdamW8bit
-# (bitsandbytes), on the tiny models and, for sd15_style (512 px) and sdxl_style (1024 px), on full-size
-# random-weight models built from the real configs (no download). Prints it/s and peak GPU memory per run.
+# (bitsandbytes), on the tiny models and, for sd15_style (512 px), sdxl_style and sd35_style (1024 px; SD3.5
+# Medium with T5-XXL), on full-size random-weight models built from the real configs (no download). Prints it/s
+# and peak GPU memory per run. SD3.5 alone: bash bench/gpu_configs.sh --only sd35
 #
 #   bash bench/gpu_configs.sh                  # ~5-8 minutes on an H200, most of it building the SDXL-size model
 #   bash bench/gpu_configs.sh --part matrix    # extra args go to bench/gpu_configs.py (--part, --steps, --only)
