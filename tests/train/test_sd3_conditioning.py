@@ -79,7 +79,8 @@ def test_make_conditioner_follows_the_family_and_options(sd3):
 
 BASE = dict(train_data_dir=".", output_dir="unused")
 SD3_SETTINGS = dict(t5xxl=False, t5xxl_max_token_length=128, train_t5xxl=True, weighting_scheme="cosmap",
-                    logit_mean=0.5, logit_std=0.5, mode_scale=1.0, training_shift=3.0, precondition_outputs=False)
+                    logit_mean=0.5, logit_std=0.5, mode_scale=1.0, training_shift=3.0, precondition_outputs=False,
+                    sd3_file_form="simpletuner")
 UNET_SETTINGS = dict(v_parameterization=True, zero_terminal_snr=True, min_snr_gamma=5.0, debiased_estimation_loss=True,
                      scale_v_pred_loss_like_noise_pred=True, v_pred_like_loss=0.1, ip_noise_gamma=0.1,
                      ip_noise_gamma_random_strength=True)
