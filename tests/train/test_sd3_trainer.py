@@ -368,3 +368,17 @@ def test_simpletuner_form_with_trained_clips_and_t5_end_to_end(tmp_path):
     with pytest.raises(ConfigError, match="dora_wd.*simpletuner"):
         load(base_config(tmp_path, pretrained_model="tiny-sd3", dora_wd=True))
     assert load(base_config(tmp_path, pretrained_model="tiny-sd3", dora_wd=True, sd3_file_form="simpletuner")).config
+
+
+def test_sd3_validation_loss_with_the_fused_network(tmp_path):
+    """Held-out images get a flow-matching validation loss through the fused network; without validation_split none."""
+    from sd_loha.train.loop import train
+
+    result = train(base_config(tmp_path / "a", pretrained_model="tiny-sd3", validation_split=0.25,
+                               validation_every_n_steps=1, max_train_steps=2, train_text_encoder=False),
+                   progress=False)
+    assert [step for step, _ in result.val_losses] == [1, 2]
+    assert all(0 < loss < 10 for _, loss in result.val_losses)
+    plain = train(base_config(tmp_path / "b", pretrained_model="tiny-sd3", max_train_steps=1,
+                              train_text_encoder=False), progress=False)
+    assert plain.val_losses == []
