@@ -35,7 +35,6 @@ OFFLOAD_DEVICE = torch.device("cpu")
 TEXT_ENCODERS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
 FP8 = torch.float8_e4m3fn
 NF4_BLOCK = 64  # bitsandbytes' default 4-bit block size
-NF4_ROWS = 32  # bitsandbytes' CPU 4-bit kernel packs the output rows in blocks of this many
 
 
 def bitsandbytes_installed() -> bool:
@@ -145,12 +144,7 @@ def quantizable_linears(model: nn.Module, storage: str) -> list[tuple[nn.Module,
     tiny test models) stays as it is."""
     kept = _kept_precision(model)
     return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if type(child) is nn.Linear and name not in kept and not (storage == "nf4" and _nf4_misfit(child))]
-
-
-def _nf4_misfit(layer: nn.Linear) -> bool:
-    """Whole 64-weight blocks along each row; bitsandbytes' CPU inference kernel also packs rows by NF4_ROWS."""
-    return bool(layer.in_features % NF4_BLOCK or layer.out_features % NF4_ROWS)
+            if type(child) is nn.Linear and name not in kept and not (storage == "nf4" and child.in_features % NF4_BLOCK)]
 
 
 def _kept_precision(model: nn.Module) -> tuple[str, ...]:
