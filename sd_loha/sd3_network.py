@@ -96,6 +96,24 @@ class RowSlice(LoHALayer):
     def alpha_value(self) -> float:
         return self.owner.alpha_value
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """LoHALayer's forward on these rows; module dropout drops the whole file module, as kohya's does: the
+        first rows' layer (q, which attention calls first) draws, k and v follow its draw."""
+        owner = self.owner
+        if self.training and self.module_dropout > 0:
+            if self.rows.start == 0:
+                owner.__dict__["_dropped"] = torch.rand(()).item() < self.module_dropout
+            if owner.__dict__.get("_dropped", False):
+                return self.base(x)
+        return self._adapted(x)
+
+    def _adapted(self, x: torch.Tensor) -> torch.Tensor:
+        dropout, self.module_dropout = self.module_dropout, 0.0  # drawn above, for the whole module
+        try:
+            return super().forward(x)
+        finally:
+            self.module_dropout = dropout
+
     def factors(self) -> dict[str, torch.Tensor]:
         raise TypeError("a RowSlice has no factors of its own; save its owner (the file's module)")
 

@@ -382,3 +382,22 @@ def test_sd3_validation_loss_with_the_fused_network(tmp_path):
     plain = train(base_config(tmp_path / "b", pretrained_model="tiny-sd3", max_train_steps=1,
                               train_text_encoder=False), progress=False)
     assert plain.val_losses == []
+
+
+def test_module_dropout_drops_a_fused_qkv_as_one_module():
+    """kohya drops a whole qkv module: q, k and v of one fused LoHA are adapted together or not at all."""
+    from sd_loha.network import add_loha
+
+    pipe = _sd3_pipe()
+    net = add_loha(pipe, rank=2, text_encoder=False, module_dropout=0.5)
+    _randomize(net)
+    attn = pipe.transformer.transformer_blocks[0].attn
+    attn.train()
+    x = torch.randn(1, 3, attn.to_q.in_features)
+    seen = set()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(20):
+            changed = tuple(not torch.equal(layer(x), layer.base(x)) for layer in (attn.to_q, attn.to_k, attn.to_v))
+            seen.add(changed)
+    assert seen == {(True, True, True), (False, False, False)}
