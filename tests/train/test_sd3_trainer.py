@@ -197,6 +197,9 @@ def test_mmdit_presets_include_exclude_and_t5(caplog):
     assert "lora_unet_joint_blocks_0_x_block_adaLN_modulation_1" not in keys
     assert not any("context_block_mlp" in k for k in keys) and any("x_block_mlp" in k for k in keys)
     net.remove()
+    net = add_loha(pipe, rank=2, text_encoder=False, include=["*x_block_attn2_*"])
+    assert _unet_names(net) == expected["attn-mlp"] | {"x:attn2_qkv", "x:attn2_proj"}
+    net.remove()
     net = add_loha(pipe, rank=2, train_t5xxl=True)
     t5 = [m.key for m in net.modules if m.part == "te3"]
     assert t5 and all(k.startswith("lora_te3_encoder_block_") for k in t5)
