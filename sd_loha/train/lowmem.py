@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -129,7 +130,12 @@ def _layerwise_fp8(model: nn.Module, compute_dtype: torch.dtype) -> int:
         model.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype,
                                        skip_modules_classes=(nn.Embedding,))
     else:
-        apply_layerwise_casting(model, FP8, compute_dtype, skip_modules_pattern="auto",
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+        # transformers' own keep-in-fp32 layers stay too: T5's feed-forward output (`wo`) casts its input to its
+        # weight's dtype, which fp8 storage would make fp8
+        keep = tuple(rf"(^|\.){re.escape(n)}$" for n in getattr(model, "_keep_in_fp32_modules", None) or ())
+        apply_layerwise_casting(model, FP8, compute_dtype, skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + keep,
                                 skip_modules_classes=(nn.Embedding,))
     return sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.dtype == FP8)
 
