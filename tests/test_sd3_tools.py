@@ -102,3 +102,77 @@ def test_cli_generate_sd3_no_merge(sd3_file, tmp_path, capsys):
     assert main(["generate", "--model", "tiny-sd3", "--prompt", "x", "--scheduler", "ddim", "--steps", "2",
                  "--output-dir", str(out)]) == 2
     assert "'ddim' integrates a noise prediction" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd3base") / "tiny-sd3"
+    build_tiny_pipeline("tiny-sd3").save_pretrained(folder)
+    return folder
+
+
+def _merged_reference(path, strength: float, te_strength: float):
+    from sd_loha.merge import apply_loha
+
+    pipe = build_tiny_pipeline("tiny-sd3")
+    apply_loha(pipe, str(path), unet_strength=strength, text_encoder_strength=te_strength)
+    return pipe
+
+
+PARTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+
+
+def test_merge_sd3_into_one_original_layout_file_diffusers_reads_back(sd3_file, sd3_folder, tmp_path, capsys):
+    """The single file holds the MMDiT under model.diffusion_model. (qkv fused, adaLN halves in the original order)
+    and the CLIPs, T5 and VAE as SAI's files do; diffusers' own from_single_file (offline, the local configs) reads
+    every tensor back equal to apply_loha's merge; the CLIP-L projection excepted, which diffusers sets to the
+    identity for every SD3 file."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from safetensors import safe_open
+
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--model", "tiny-sd3", "--loha", f"{sd3_file}:0.7:0.5", "--out", str(out),
+                 "--dtype", "fp32"]) == 0
+    assert "SD 3.x" in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+    assert "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in keys
+    assert "model.diffusion_model.final_layer.adaLN_modulation.1.weight" in keys
+    assert {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight",
+            "text_encoders.t5xxl.transformer.shared.weight", "first_stage_model.decoder.conv_out.weight"} <= keys
+    ref = _merged_reference(sd3_file, 0.7, 0.5)
+    base = build_tiny_pipeline("tiny-sd3")
+    t = SD3Transformer2DModel.from_single_file(str(out), config=str(sd3_folder), subfolder="transformer",
+                                               local_files_only=True)
+    want, got = ref.transformer.state_dict(), t.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # the merge changed the swapped layers, and they came back in diffusers' order
+    assert not torch.equal(want["norm_out.linear.weight"], base.transformer.state_dict()["norm_out.linear.weight"])
+    pipe = StableDiffusion3Pipeline.from_single_file(str(out), config=str(sd3_folder), local_files_only=True)
+    for attr in PARTS:
+        want, got = getattr(ref, attr).state_dict(), getattr(pipe, attr).state_dict()
+        differ = [k for k in want if not torch.equal(want[k], got[k])]
+        assert differ == (["text_projection.weight"] if attr == "text_encoder" else []), attr
+    changed_te = [k for k, v in ref.text_encoder_3.state_dict().items()
+                  if not torch.equal(v, base.text_encoder_3.state_dict()[k])]
+    assert changed_te, "the T5 part of the LoHA changed nothing"
+
+
+def test_merge_sd3_into_a_diffusers_folder(sd3_file, sd3_folder, tmp_path):
+    from sd_loha.bake import bake_adapters
+    from sd_loha.models import load_pipeline
+
+    out = tmp_path / "merged"
+    report = bake_adapters(str(sd3_folder), [(str(sd3_file), 1.0)], out, "fp32")
+    assert report.layout == "diffusers" and report.family == "SD 3.x"
+    loaded, ref = load_pipeline(str(out)), _merged_reference(sd3_file, 1.0, 1.0)
+    base = build_tiny_pipeline("tiny-sd3")
+    for attr in PARTS:
+        want, got = getattr(ref, attr).state_dict(), getattr(loaded, attr).state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), attr
+    assert not torch.equal(loaded.transformer.proj_out.weight, base.transformer.proj_out.weight)
