@@ -102,7 +102,7 @@ def _convert_to_lora(args: argparse.Namespace) -> str:
     from .network import SAVE_DTYPES
 
     report = convert_to_lora_file(args.file, args.out, rank=args.rank, energy=args.energy, model=args.model,
-                                  dtype=SAVE_DTYPES[args.dtype] if args.dtype else None)
+                                  dtype=SAVE_DTYPES[args.dtype] if args.dtype else None, form=args.lora_form or "kohya")
     return json.dumps(report.as_dict(), indent=2) if args.json else str(report)
 
 
@@ -128,7 +128,7 @@ CONVERT_TARGETS = {
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     if args.to != "lora":
-        given = [f"--{k}" for k in ("rank", "energy", "dtype") if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in ("rank", "energy", "dtype", "lora_form") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"convert --to {args.to}: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
                              "--to lora only (this conversion copies the factors as they are); leave them out")
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
                    help="--to lora: dtype of the written factors (default: the source file's); refused with peft/kohya, "
                         "like --rank and --energy")
+    c.add_argument("--lora-form", default=None, choices=("kohya", "diffusers"),
+                   help="--to lora, SD 3.x files: kohya (default; kohya sd-scripts, ComfyUI, Forge: the original MMDiT "
+                        "layout, fused qkv) or diffusers (StableDiffusion3Pipeline.load_lora_weights, PEFT)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=_cmd_convert)
 

@@ -176,3 +176,124 @@ def test_merge_sd3_into_a_diffusers_folder(sd3_file, sd3_folder, tmp_path):
         want, got = getattr(ref, attr).state_dict(), getattr(loaded, attr).state_dict()
         assert all(torch.equal(want[k], got[k]) for k in want), attr
     assert not torch.equal(loaded.transformer.proj_out.weight, base.transformer.proj_out.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# convert --to lora
+# ---------------------------------------------------------------------------------------------
+
+MODELS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _weights(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    return {attr: {k: v.detach().clone() for k, v in getattr(pipe, attr).state_dict().items()} for attr in MODELS}
+
+
+@pytest.fixture(scope="module")
+def loha_merged(sd3_file):
+    return _weights(_merged_reference(sd3_file, 1.0, 1.0))
+
+
+def _kohya_lora_applied(path) -> dict[str, dict[str, torch.Tensor]]:
+    """A kohya SD3 LoRA put on tiny-sd3 by this test alone, as kohya's lora_sd3 and ComfyUI do: each module's
+    (alpha / r) up @ down, a fused qkv's rows split q|k|v over the diffusers layers, the (shift, scale) rows of
+    the two swapped adaLN layers exchanged (diffusers' swap_scale_shift)."""
+    from diffusers.loaders.single_file_utils import swap_scale_shift
+    from safetensors.torch import load_file
+
+    pipe = build_tiny_pipeline("tiny-sd3")
+    sd = load_file(str(path))
+    n = pipe.transformer.config.num_layers
+    fused = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+             "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+             "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+    single = {"x_block.attn.proj": "attn.to_out.0", "context_block.attn.proj": "attn.to_add_out",
+              "x_block.attn2.proj": "attn2.to_out.0", "x_block.mlp.fc1": "ff.net.0.proj", "x_block.mlp.fc2": "ff.net.2",
+              "context_block.mlp.fc1": "ff_context.net.0.proj", "context_block.mlp.fc2": "ff_context.net.2",
+              "x_block.adaLN_modulation.1": "norm1.linear", "context_block.adaLN_modulation.1": "norm1_context.linear"}
+    top = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+           "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2", "context_embedder": "context_embedder",
+           "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+           "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out",
+           "final_layer.adaLN_modulation.1": "norm_out.linear"}
+    layers: dict[str, list[str]] = {}
+    for i in range(n):
+        for o, d in fused.items():
+            layers[f"lora_unet_joint_blocks_{i}_{o.replace('.', '_')}"] = [f"transformer_blocks.{i}.{x}" for x in d]
+        for o, d in single.items():
+            layers[f"lora_unet_joint_blocks_{i}_{o.replace('.', '_')}"] = [f"transformer_blocks.{i}.{d}"]
+    for o, d in top.items():
+        layers[f"lora_unet_{o.replace('.', '_')}"] = [d]
+    swapped = {f"lora_unet_joint_blocks_{n - 1}_context_block_adaLN_modulation_1", "lora_unet_final_layer_adaLN_modulation_1"}
+    modules = {k.split(".")[0] for k in sd}
+    with torch.no_grad():
+        for name in modules:
+            up, down = sd[f"{name}.lora_up.weight"].float(), sd[f"{name}.lora_down.weight"].float()
+            delta = (up.flatten(1) @ down.flatten(1)) * float(sd[f"{name}.alpha"]) / down.shape[0]
+            if name.startswith("lora_unet_"):
+                if name in swapped:
+                    delta = swap_scale_shift(delta, dim=0)
+                paths = [p for p in layers[name] if _has(pipe.transformer, p)]
+                for p, piece in zip(paths, delta.chunk(len(paths))):
+                    w = pipe.transformer.get_submodule(p).weight
+                    w += piece.reshape(w.shape)
+            else:
+                te, path = name.split("_", 2)[1], name.split("_", 2)[2]
+                model = {"te1": pipe.text_encoder, "te2": pipe.text_encoder_2, "te3": pipe.text_encoder_3}[te]
+                module = next(m for p, m in model.named_modules() if p.replace(".", "_") in (path, path.removeprefix("text_model_")))
+                module.weight += delta
+    return _weights(pipe)
+
+
+def _has(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _max_difference(a, b, models=MODELS) -> float:
+    return max((a[m][k] - b[m][k]).abs().max().item() for m in models for k in a[m])
+
+
+def test_convert_sd3_to_a_kohya_lora_at_full_rank_equals_the_loha(sd3_file, loha_merged, tmp_path, capsys):
+    from safetensors import safe_open
+
+    out = tmp_path / "k.safetensors"
+    assert main(["convert", str(sd3_file), "--to", "lora", "--rank", "64", "--model", "tiny-sd3",
+                 "--out", str(out)]) == 0
+    assert "joint_blocks_0" in capsys.readouterr().out  # the report groups by joint block
+    with safe_open(str(out), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight" in keys
+    assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight" in keys
+    assert meta["ss_network_module"] == "networks.lora_sd3"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert _max_difference(_kohya_lora_applied(out), loha_merged) < 1e-4
+    # a low rank is an approximation: the same reference then differs
+    low = tmp_path / "k2.safetensors"
+    assert main(["convert", str(sd3_file), "--to", "lora", "--rank", "1", "--model", "tiny-sd3",
+                 "--out", str(low)]) == 0
+    assert _max_difference(_kohya_lora_applied(low), loha_merged) > 1e-2
+
+
+def test_convert_sd3_to_a_diffusers_lora_that_load_lora_weights_reads(sd3_file, loha_merged, tmp_path, capsys):
+    """diffusers' own StableDiffusion3Pipeline.load_lora_weights + fuse_lora gives the LoHA's merged weights on
+    the transformer and both CLIPs; diffusers loads no T5 LoRA, which the report says."""
+    out = tmp_path / "d.safetensors"
+    assert main(["convert", str(sd3_file), "--to", "lora", "--rank", "64", "--model", "tiny-sd3",
+                 "--lora-form", "diffusers", "--out", str(out)]) == 0
+    assert "loads no T5 (text_encoder_3) LoRA" in capsys.readouterr().out
+    pipe = build_tiny_pipeline("tiny-sd3")
+    base = _weights(pipe)
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    got = _weights(pipe)
+    clip_and_mmdit = MODELS[:3]
+    assert _max_difference(got, loha_merged, clip_and_mmdit) < 1e-4
+    assert _max_difference(got, base, clip_and_mmdit) > 1e-2
+    assert main(["convert", str(sd3_file), "--to", "peft", "--lora-form", "diffusers", "--out",
+                 str(tmp_path / "p")]) == 2
+    assert "--lora-form is for --to lora only" in capsys.readouterr().err
