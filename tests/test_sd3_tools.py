@@ -297,3 +297,51 @@ def test_convert_sd3_to_a_diffusers_lora_that_load_lora_weights_reads(sd3_file, 
     assert main(["convert", str(sd3_file), "--to", "peft", "--lora-form", "diffusers", "--out",
                  str(tmp_path / "p")]) == 2
     assert "--lora-form is for --to lora only" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# convert --to peft / --to kohya
+# ---------------------------------------------------------------------------------------------
+
+
+def test_convert_sd3_to_peft_loha_that_peft_merges_and_back_to_kohya(sd3_file, loha_merged, tmp_path):
+    """kohya form -> PEFT LoHa folders (transformer/, text_encoder/ … text_encoder_3/): PEFT's own PeftModel on
+    each model, merged, gives the LoHA's weights; PEFT -> kohya gives kohya's fused form back (q|k|v fused at the
+    summed rank), which apply_loha merges to the same weights."""
+    import json
+
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    folder = tmp_path / "peft"
+    assert main(["convert", str(sd3_file), "--to", "peft", "--model", "tiny-sd3", "--out", str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted(MODELS)
+    config = json.loads((folder / "transformer" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LOHA" and "transformer_blocks.0.attn.to_q" in config["target_modules"]
+    pipe = build_tiny_pipeline("tiny-sd3")
+    got = {}
+    for attr in MODELS:
+        merged = PeftModel.from_pretrained(getattr(pipe, attr), str(folder / attr)).merge_and_unload()
+        got[attr] = {k: v.detach() for k, v in merged.state_dict().items()}
+    assert _max_difference(got, loha_merged) < 1e-5
+
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", str(folder), "--to", "kohya", "--model", "tiny-sd3", "--out", str(back)]) == 0
+    with safe_open(str(back), "pt") as f:
+        keys = set(f.keys())
+        qkv = f.get_tensor("lora_unet_joint_blocks_0_x_block_attn_qkv.hada_w1_b")
+    with safe_open(str(sd3_file), "pt") as f:
+        rank = f.get_tensor("lora_unet_joint_blocks_0_x_block_attn_qkv.hada_w1_b").shape[0]
+    assert "lora_unet_final_layer_adaLN_modulation_1.hada_w1_a" in keys and qkv.shape[0] == 3 * rank
+    assert _max_difference(_weights(_merged_reference(back, 1.0, 1.0)), loha_merged) < 1e-5
+
+
+def test_convert_sd3_to_peft_without_a_model_needs_a_real_size(sd3_file, tmp_path):
+    """Without --model an SD 3.x file names its layers by the real architecture it fits; tiny-sd3's file fits none,
+    and the error says what to pass. Nothing is written."""
+    from sd_loha.io import AdapterFileError
+    from sd_loha.peft_format import convert_to_peft
+
+    with pytest.raises(AdapterFileError, match="no real SD 3.x architecture has; pass the base model"):
+        convert_to_peft(sd3_file, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
