@@ -345,3 +345,74 @@ def test_convert_sd3_to_peft_without_a_model_needs_a_real_size(sd3_file, tmp_pat
     with pytest.raises(AdapterFileError, match="no real SD 3.x architecture has; pass the base model"):
         convert_to_peft(sd3_file, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect, meta
+# ---------------------------------------------------------------------------------------------
+
+
+def _real_size_file(path, modules: dict[str, tuple[int, int]]):
+    """A rank-1 LoHA on real-size SD 3.x layers (kohya names -> (out, in)), no metadata: names and shapes alone."""
+    from safetensors.torch import save_file
+
+    sd = {}
+    for name, (out, inn) in modules.items():
+        sd.update({f"{name}.hada_w1_a": torch.ones(out, 1), f"{name}.hada_w2_a": torch.ones(out, 1),
+                   f"{name}.hada_w1_b": torch.ones(1, inn), f"{name}.hada_w2_b": torch.ones(1, inn),
+                   f"{name}.alpha": torch.tensor(1.0)})
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.mark.parametrize("label, modules", [
+    ("SD3 Medium", {"lora_unet_joint_blocks_0_x_block_adaLN_modulation_1": (6 * 1536, 1536),
+                    "lora_unet_joint_blocks_23_x_block_attn_qkv": (3 * 1536, 1536)}),
+    ("SD3.5 Medium", {"lora_unet_joint_blocks_0_x_block_attn2_qkv": (3 * 1536, 1536)}),
+    ("SD3.5 Large", {"lora_unet_joint_blocks_37_x_block_mlp_fc1": (4 * 2432, 2432),
+                     "lora_te3_encoder_block_0_layer_0_SelfAttention_q": (4096, 4096)}),
+])
+def test_inspect_names_the_sd3_architecture_and_groups_modules_by_part(label, modules, tmp_path, capsys):
+    path = _real_size_file(tmp_path / "f.safetensors", modules)
+    assert main(["inspect", str(path), "--norms"]) == 0
+    out = capsys.readouterr().out
+    assert f"made for:      {label}\n" in out
+    assert "transformer (MMDiT):" in out and "unknown" not in out
+    if "te3" in str(modules):
+        assert "text encoder 3 (T5-XXL):" in out
+
+
+def test_inspect_groups_every_sd3_form_alike(sd3_file, tmp_path):
+    """kohya, ComfyUI (dotted) and diffusers forms of one LoHA: the same parts; the transformer's roles by name;
+    the size of the change per joint block."""
+    from sd_loha.inspect import summarize
+
+    pipe = build_tiny_pipeline("tiny-sd3")
+    summaries = {form: summarize(write_sd3_loha(pipe, tmp_path / f"{form}.safetensors", form=form), delta_norms=True)
+                 for form in ("kohya", "comfy", "diffusers")}
+    for form, s in summaries.items():
+        assert s["architecture"] == "SD3.5 Medium", form  # the file's modelspec: tiny-sd3 fits no real size
+        assert set(s["parts"]) == {"transformer (MMDiT)", "text encoder 1 (CLIP-L)", "text encoder 2 (CLIP-G)",
+                                   "text encoder 3 (T5-XXL)"}, form
+        assert s["parts"]["transformer (MMDiT)"]["adaLN"] == 7, form  # 3 blocks x 2 streams + the final layer
+    assert summaries["kohya"]["parts"]["transformer (MMDiT)"]["attention"] == 15
+    assert summaries["diffusers"]["parts"]["transformer (MMDiT)"]["attention"] == 31  # q, k, v split
+    norms = summaries["kohya"]["delta_norm_by_block"]
+    assert {"transformer:joint_blocks_0", "transformer:joint_blocks_2", "te3:BASE"} <= set(norms)
+    assert all(v > 0 for v in norms.values())
+
+
+def test_meta_edits_an_sd3_file_and_keeps_its_tensors(sd3_file, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "titled.safetensors"
+    assert main(["meta", str(sd3_file), "--title", "SD3 style", "--trigger", "sd3style", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["meta", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["modelspec.title"] == "SD3 style" and meta["modelspec.trigger_phrase"] == "sd3style"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    before, after = load_file(str(sd3_file)), load_file(str(out))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
