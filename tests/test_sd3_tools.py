@@ -158,6 +158,10 @@ def test_merge_sd3_into_one_original_layout_file_diffusers_reads_back(sd3_file, 
         want, got = getattr(ref, attr).state_dict(), getattr(pipe, attr).state_dict()
         differ = [k for k in want if not torch.equal(want[k], got[k])]
         assert differ == (["text_projection.weight"] if attr == "text_encoder" else []), attr
+    from sd_loha.models import load_pipeline
+
+    ours = load_pipeline(str(out), config=str(sd3_folder))  # sd-loha's loader reads it back the same way
+    assert all(torch.equal(v, ours.transformer.state_dict()[k]) for k, v in ref.transformer.state_dict().items())
     changed_te = [k for k, v in ref.text_encoder_3.state_dict().items()
                   if not torch.equal(v, base.text_encoder_3.state_dict()[k])]
     assert changed_te, "the T5 part of the LoHA changed nothing"
