@@ -329,6 +329,9 @@ def test_convert_sd3_to_peft_loha_that_peft_merges_and_back_to_kohya(sd3_file, l
         got[attr] = {k: v.detach() for k, v in merged.state_dict().items()}
     assert _max_difference(got, loha_merged) < 1e-5
 
+    # the PEFT folder itself is an adapter apply_loha (and so generate and merge) reads
+    assert _max_difference(_weights(_merged_reference(folder, 1.0, 1.0)), loha_merged) < 1e-5
+
     back = tmp_path / "back.safetensors"
     assert main(["convert", str(folder), "--to", "kohya", "--model", "tiny-sd3", "--out", str(back)]) == 0
     with safe_open(str(back), "pt") as f:
