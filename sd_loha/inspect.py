@@ -14,7 +14,7 @@ from .blocks import file_block
 from .formats import load_adapter
 from .io import SHORTHASH_DIGITS, AdapterModule, ParsedFile, addnet_hash
 from .model_names import file_architecture
-from .naming import PART_LABELS, SD3_PART, name_part
+from .naming import PART_LABELS, name_part
 from .ops import loha_delta, lora_delta
 from .sd3_names import FORMS, flat, sd3_file_evidence
 
@@ -98,7 +98,7 @@ def summarize(source: str | os.PathLike | ParsedFile, *, delta_norms: bool = Fal
         "architecture": architecture or "unknown",
         "algorithms": dict(algos),
         "modules": sum(algos.values()),
-        "parts": {(SD3_PART[p].label if sd3 else PART_LABELS.get(p, p)): dict(c) for p, c in parts.items()},
+        "parts": {PART_LABELS.get(p, p): dict(c) for p, c in parts.items()},
         "rank_alpha": dict(ranks.most_common()),
         "unsupported_modules": sorted(parsed.unsupported),
         "ignored_params": {n: list(p) for n, p in sorted(parsed.ignored.items())},
