@@ -85,10 +85,11 @@ def resolve(name: str) -> str:
 
 def is_flow_config(config: Any) -> bool:
     """Whether a pipeline's scheduler config is a flow-matching one (SD 3.x's FlowMatchEulerDiscreteScheduler): its
-    class name where the config was read from a folder, else the dynamic-shift setting only flow schedulers have."""
+    class name where the config was read from a folder, else the `shift` only the flow-matching schedulers have
+    (DPM-Solver and UniPC name theirs `flow_shift`, and have dynamic shifting too)."""
     get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
     name = str(get("_class_name", "") or "")
-    return name.startswith("FlowMatch") if name else get("use_dynamic_shifting") is not None
+    return name.startswith("FlowMatch") if name else get("shift") is not None
 
 
 def default_sampler(config: Any) -> str:

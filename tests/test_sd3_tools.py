@@ -423,3 +423,19 @@ def test_meta_edits_an_sd3_file_and_keeps_its_tensors(sd3_file, tmp_path, capsys
     assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
     before, after = load_file(str(sd3_file)), load_file(str(out))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("cls, flow", [("FlowMatchEulerDiscreteScheduler", True), ("FlowMatchHeunDiscreteScheduler", True),
+                                       ("DPMSolverMultistepScheduler", False), ("UniPCMultistepScheduler", False),
+                                       ("EulerAncestralDiscreteScheduler", False), ("PNDMScheduler", False)])
+def test_flow_schedulers_are_told_apart_from_their_config(cls, flow, tmp_path):
+    """A scheduler built in code (no _class_name in its config, as the built-in models') and one read from a folder:
+    only the flow-matching ones count as flow (DPM-Solver and UniPC have a dynamic-shift option too)."""
+    import diffusers
+
+    from sd_loha.schedulers import is_flow_config
+
+    sched = getattr(diffusers, cls)()
+    assert "_class_name" not in sched.config and is_flow_config(sched.config) is flow
+    sched.save_pretrained(tmp_path)
+    assert is_flow_config(getattr(diffusers, cls).load_config(tmp_path)) is flow
