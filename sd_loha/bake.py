@@ -2,8 +2,9 @@
 
 The adapters are merged by `apply_loha` (fp32 weights, every ΔW in fp32, one cast), then the pipeline is
 written as a diffusers folder or as one `.safetensors` checkpoint in the original (LDM / CompVis, SGM for
-SDXL) layout that A1111, ComfyUI and diffusers' `from_single_file` read. The diffusers -> original key
-conversion is ours; diffusers ships only the other direction in its loader.
+SDXL; SD 3.x's MMDiT layout with its CLIPs and T5 under ``text_encoders.``) layout that A1111, ComfyUI and
+diffusers' `from_single_file` read. The diffusers -> original key conversion is ours; diffusers ships only the
+other direction in its loader.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from .atomic import replace_file_atomic, write_folder_atomic, write_text_atomic
 from .formats import load_adapter
 from .generate import AdapterSpec
 from .io import AdapterFileError, addnet_hash
-from .models import detect_family, load_pipeline, text_encoders
+from .models import SD3_FILE_PARTS, detect_family, load_pipeline, text_encoders
 from .naming import text_encoder_canonical_path, unet_ldm_path
 from .peft_format import peft_sources
+from .sd3_names import original_layout
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 METADATA_KEY = "sd_loha_merge"  # JSON in the checkpoint's __metadata__ (and merge.json in a folder)
@@ -39,6 +41,11 @@ _PREFIXES: dict[str, dict[str, str]] = {
     "sd2": {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "te": "cond_stage_model.model."},
     "sdxl": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
              "te1": "conditioner.embedders.0.transformer.", "te2": "conditioner.embedders.1.model."},
+    # SD 3.x: SAI's files (and diffusers' single_file_utils) keep each text encoder's transformers layout under
+    # its `text_encoders.<name>.transformer.` prefix
+    "sd3": {"transformer": "model.diffusion_model.", "vae": SD3_FILE_PARTS["vae"][0],
+            **{te: SD3_FILE_PARTS[attr][0] + "transformer." for te, attr in
+               (("te1", "text_encoder"), ("te2", "text_encoder_2"), ("te3", "text_encoder_3"))}},
 }
 _OPEN_CLIP_PARTS = {("sd2", "te"), ("sdxl", "te2")}
 
@@ -220,12 +227,17 @@ def original_state_dict(pipe: Any, dtype: torch.dtype | None = None) -> dict[str
     (keys A1111, ComfyUI and `from_single_file` read), each tensor cast to `dtype` (None: kept)."""
     family = detect_family(pipe).name
     prefixes = _PREFIXES[family]
-    models = {"unet": pipe.unet, "vae": pipe.vae, **text_encoders(pipe)}
+    denoiser = {"transformer": pipe.transformer} if family == "sd3" else {"unet": pipe.unet}
+    models = {**denoiser, "vae": pipe.vae, **text_encoders(pipe)}
     out: dict[str, torch.Tensor] = {}
     for part, model in models.items():
         state = {k: v.detach() for k, v in model.state_dict().items()}
         if part == "unet":
             converted = unet_to_original(state, model.config)
+        elif part == "transformer":
+            converted = sd3_transformer_to_original(model)
+        elif part == "te3":  # T5: its own names; the tied token tables as two tensors (safetensors shares none)
+            converted = {k: v.clone() if k == "encoder.embed_tokens.weight" else v for k, v in state.items()}
         elif part == "vae":
             converted = vae_to_original(state)
         elif (family, part) in _OPEN_CLIP_PARTS:
@@ -266,6 +278,44 @@ def unet_to_original(state: Mapping[str, torch.Tensor], config: Any) -> dict[str
     for key, value in state.items():
         module, _, param = key.rpartition(".")
         out[f"{_unet_module_to_original(module, config)}.{param}"] = value
+    return out
+
+
+# SD3Transformer2DModel parameters outside its Linear / Conv layers (sd3_names.original_layout maps those): the
+# qk-norms of each block, as diffusers' convert_sd3_transformer_checkpoint_to_diffusers names them
+_SD3_BLOCK_NORMS = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+                    "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+                    "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
+_SD3_BLOCK_PARAM = re.compile(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def sd3_transformer_to_original(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A diffusers SD3Transformer2DModel's weights in SD3's original (MMDiT) names, without
+    `model.diffusion_model.`: q, k, v fused into one qkv (rows q|k|v), the (scale, shift) adaLN halves put back in
+    the original's (shift, scale) order, as sd3_names.original_layout says for every layer."""
+    state = {k: v.detach() for k, v in transformer.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for original, targets in original_layout(transformer).items():
+        for param in ("weight", "bias"):
+            keys = [f"{t.path}.{param}" for t in targets]
+            if keys[0] not in state:
+                continue
+            pieces = [_swap_halves(state.pop(k)) if t.swap_halves else state.pop(k) for k, t in zip(keys, targets)]
+            out[f"{original}.{param}"] = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    for key, value in state.items():
+        m = _SD3_BLOCK_PARAM.fullmatch(key)
+        if key == "pos_embed.pos_embed":
+            out["pos_embed"] = value
+        elif m is not None and m.group(2) in _SD3_BLOCK_NORMS:
+            out[f"joint_blocks.{m.group(1)}.{_SD3_BLOCK_NORMS[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            raise ValueError(f"SD 3.x transformer tensor {key!r} has no place in the original (MMDiT) layout; "
+                             "save a diffusers folder instead")
     return out
 
 

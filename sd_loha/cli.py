@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .io import AdapterFileError
 
@@ -47,15 +48,23 @@ def _cmd_meta(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_guidance(model: str) -> float:
-    """`generate --guidance` when not given: the toy model's card value (it draws best at 4), else 7 (A1111's
-    and diffusers' usual classifier-free guidance for real SD models)."""
+#: SD 3.x's classifier-free guidance by kohya variant (models.SD3_VARIANTS): each model card's value (SD3 Medium
+#: 7, SD3.5 Medium 4.5, SD3.5 Large 3.5; the flow models draw oversaturated at SD's 7)
+SD3_GUIDANCE: dict[str, float] = {"medium": 7.0, "5-medium": 4.5, "5-large": 3.5}
+
+
+def default_guidance(model: str, family: Any = None) -> float:
+    """`generate --guidance` when not given: the toy model's card value (it draws best at 4), an SD 3.x model's
+    card value by variant (`family`: the loaded pipeline's models.ModelFamily), else 7 (A1111's and diffusers'
+    usual classifier-free guidance for real SD models)."""
     from .models import TOY_MODELS
 
     if model in TOY_MODELS:
         from .toy.evaluate import GUIDANCE
 
         return GUIDANCE
+    if family is not None and family.is_sd3:
+        return SD3_GUIDANCE.get(family.variant, 7.0)
     return 7.0
 
 
@@ -67,7 +76,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     specs = [AdapterSpec.parse(s) for s in args.loha]
     session.set_adapters(specs)
     out_dir = Path(args.output_dir)
-    guidance = default_guidance(args.model) if args.guidance is None else args.guidance
+    guidance = default_guidance(args.model, session.family) if args.guidance is None else args.guidance
     results = session.generate(args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                                guidance_scale=guidance, width=args.width, height=args.height,
                                scheduler=args.scheduler, num_images=args.num_images)
@@ -93,7 +102,7 @@ def _convert_to_lora(args: argparse.Namespace) -> str:
     from .network import SAVE_DTYPES
 
     report = convert_to_lora_file(args.file, args.out, rank=args.rank, energy=args.energy, model=args.model,
-                                  dtype=SAVE_DTYPES[args.dtype] if args.dtype else None)
+                                  dtype=SAVE_DTYPES[args.dtype] if args.dtype else None, form=args.lora_form or "kohya")
     return json.dumps(report.as_dict(), indent=2) if args.json else str(report)
 
 
@@ -119,7 +128,7 @@ CONVERT_TARGETS = {
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     if args.to != "lora":
-        given = [f"--{k}" for k in ("rank", "energy", "dtype") if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in ("rank", "energy", "dtype", "lora_form") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"convert --to {args.to}: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
                              "--to lora only (this conversion copies the factors as they are); leave them out")
@@ -151,7 +160,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import TINY_MODELS
-    from .schedulers import SCHEDULERS
+    from .schedulers import FLOW_SCHEDULERS, SCHEDULERS
     from .train.lowmem import BASE_DTYPES
 
     p = argparse.ArgumentParser(prog="sd-loha", description="Train and load LoHA adapters for Stable Diffusion.")
@@ -185,10 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=-1, help="-1 = random")
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance (default: 4 for toy-sd1, which draws best at 4; 7 for other models)")
+                   help="classifier-free guidance (default: 4 for toy-sd1, which draws best at 4; SD 3.x: its model "
+                        "card's, 7 SD3 Medium, 4.5 SD3.5 Medium, 3.5 SD3.5 Large; 7 for other models)")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
-    g.add_argument("--scheduler", default="euler_a", choices=sorted(SCHEDULERS))
+    g.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                   help="sampler (default: euler_a; SD 3.x: euler, its flow-matching Euler; SD 3.x takes "
+                        f"{', '.join(FLOW_SCHEDULERS)})")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--output-dir", default="outputs")
     g.add_argument("--prefix", default="", help="file name prefix")
@@ -197,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the adapters in the forward (bypass) instead of merging them into the weights: stored "
                         "weights untouched, a little slower per step (quantized or fp8 layers take this path anyway)")
     g.add_argument("--base-weight-dtype", default="auto", choices=BASE_DTYPES,
-                   help="store the base's UNet and text encoders in fp8, nf4 or int8 (the training option of that "
+                   help="store the base's UNet (SD 3.x: transformer) and text encoders (T5 too) in fp8, nf4 or int8 (the training option of that "
                         "name; nf4/int8 need bitsandbytes): less GPU memory; the adapters then take the bypass")
     g.set_defaults(func=_cmd_generate)
 
@@ -230,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
                    help="--to lora: dtype of the written factors (default: the source file's); refused with peft/kohya, "
                         "like --rank and --energy")
+    c.add_argument("--lora-form", default=None, choices=("kohya", "diffusers"),
+                   help="--to lora, SD 3.x files: kohya (default; kohya sd-scripts, ComfyUI, Forge: the original MMDiT "
+                        "layout, fused qkv) or diffusers (StableDiffusion3Pipeline.load_lora_weights, PEFT)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=_cmd_convert)
 

@@ -19,6 +19,11 @@ in this order: the base model (`model`), the file's own shapes where they say it
 text-encoder layers, which are all Linear), and the real architecture the file was made for (its UNet built
 on the meta device, names from naming.py's tables); what none of them knows is an error asking for `model`.
 
+An SD 3.x file (any form of sd3_names.FORMS) is converted in the layout its LoRA is for: `form="kohya"` (kohya
+sd-scripts / ComfyUI) in the original MMDiT layout, one LoRA per fused qkv; `form="diffusers"` (diffusers'
+``load_lora_weights``, PEFT) on diffusers' split q / k / v, each layer's own ΔW taken exactly from the fused
+module (sd3_convert.in_layout) before its SVD, alpha / rank folded into lora_B as diffusers reads it.
+
 DoRA modules (`dora_scale`) are not a low-rank ΔW: their merged weight W' = (W + ΔW)·m / ||W + ΔW|| depends
 on the base weight W. With the base model we convert W' − W, the change sd-loha, A1111 and ComfyUI make at
 strength 1; since they apply a strength s as W + s·(W' − W), the LoRA gives the same weights at every strength
@@ -31,7 +36,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,9 @@ from .merge import merge_delta
 from .model_names import ModelLayers, file_architecture
 from .naming import LYCORIS_PREFIX, PART, name_part
 from .ops import apply_dora
+from .sd3_convert import in_layout, to_form
+from .sd3_names import (FORMS, TRANSFORMER, SD3Names, architecture_names, fitting_architectures, form_name,
+                        read_sd3, sd3_file_evidence)
 
 # Source metadata still true of the LoRA: kohya's training record (data, base model) and the modelspec fields
 # that describe what it draws. Not the network's own keys (ss_network_*: algo, dims, args), the source's hashes,
@@ -87,6 +95,7 @@ class ConversionReport:
     source: str
     target: str  # "lora"
     layers: list[LayerConversion] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a loader of the written file should know
 
     def _grouped(self, key) -> dict[str, float]:
         sums: dict[str, list[float]] = {}
@@ -110,7 +119,7 @@ class ConversionReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "source": self.source, "target": self.target, "total_relative_error": self.total,
-            "blocks": self.blocks,
+            "blocks": self.blocks, "notes": self.notes,
             "layers": [{"name": x.name, "source_name": x.source_name, "part": x.part, "block": x.block,
                         "shape": list(x.shape), "rank": x.rank, "max_rank": x.max_rank, "energy": x.energy,
                         "relative_error": x.relative_error} for x in self.layers],
@@ -121,6 +130,7 @@ class ConversionReport:
         lines = [f"{self.source} -> {self.target}: {len(self.layers)} layers, rank {min(ranks)}"
                  + (f"..{max(ranks)}" if max(ranks) != min(ranks) else "")
                  + f", relative error {self.total:.3g} overall"]
+        lines += [f"note: {n}" for n in self.notes]
         lines.append("relative error per block:")
         lines += [f"  {b:<28}{e:.3g}" for b, e in self.blocks.items()]
         lines.append("per layer (rank / max rank, energy kept, relative error):")
@@ -235,6 +245,68 @@ def _resolve(parsed: ParsedFile, model: Any | None) -> dict[str, _Layer]:
     return resolved
 
 
+#: the forms `loha_to_lora` writes an SD 3.x LoRA in: form -> the form its modules are named in while converting
+#: (one of the same layout, kohya-style names, whose LoRA parameters are sd-loha's own)
+SD3_LORA_FORMS: dict[str, str] = {"kohya": "kohya", "diffusers": "legacy"}
+
+
+def _sd3_names(parsed: ParsedFile, model: Any | None) -> SD3Names:
+    """The SD3 layers a file names: the base pipeline's, else the real architecture its names and shapes fit."""
+    if model is not None:
+        return SD3Names.from_pipeline(model)
+    evidence = sd3_file_evidence(parsed)
+    fits = fitting_architectures(evidence) if evidence is not None else []
+    if not fits:  # a size sd-loha does not know (a tiny test model, a fine-tune of another width)
+        raise AdapterFileError(f"{parsed.source}: an SD 3.x file of a size no real SD 3.x architecture has; pass the "
+                               "base model (--model BASE, or model= in Python) so each layer's shape is read from it")
+    return architecture_names(fits[0])  # the Mediums share every layer a file naming both can hold
+
+
+def _sd3_weight(names: SD3Names, part: str, path: str, layout: str) -> torch.Tensor:
+    """The base weight of a layer in the file's layout: a fused qkv's q|k|v rows, swapped halves in its order."""
+    model = names.models[part]
+    if part != TRANSFORMER or layout == "diffusers":
+        return model.get_submodule(path if part == TRANSFORMER or part == "te3" else _model_path(model, path)).weight
+    pieces = []
+    for t in names.layout[path]:
+        w = model.get_submodule(t.path).weight
+        pieces.append(torch.cat(w.chunk(2, dim=0)[::-1]) if t.swap_halves else w)
+    return torch.cat(pieces)
+
+
+def _sd3_block(part: str, path: str) -> str:
+    """The report's group of an SD 3.x layer: BASE (text encoders, as LoRA Block Weight calls them), the joint
+    block (joint_blocks_N / transformer_blocks_N), or OUTSIDE_BLOCKS (embedders, final layer)."""
+    if part != TRANSFORMER:
+        return "BASE"
+    m = re.match(r"(joint_blocks|transformer_blocks)\.(\d+)\.", path)
+    return f"{m.group(1)}_{m.group(2)}" if m else OUTSIDE_BLOCKS
+
+
+def _model_path(model: Any, path: str) -> str:
+    # A CLIP path as files write it (text_model.…) in a model without that wrapper (transformers >= 5.6)
+    return path if hasattr(model, "text_model") else path.removeprefix("text_model.")
+
+
+def _sd3_resolve(parsed: ParsedFile, model: Any | None, form: str) -> tuple[ParsedFile, dict[str, _Layer], SD3Names]:
+    """An SD 3.x file's modules moved to `form`'s layout (sd3_convert.in_layout), named in SD3_LORA_FORMS[form],
+    with each layer's part, shape, base weight (with a model) and block label."""
+    if form not in SD3_LORA_FORMS:
+        raise ValueError(f"convert to lora: an SD 3.x LoRA is written in form {' or '.join(SD3_LORA_FORMS)}, "
+                         f"got {form!r}")
+    names = _sd3_names(parsed, model)
+    naming = SD3_LORA_FORMS[form]
+    layout = FORMS[naming].layout
+    modules: dict[str, AdapterModule] = {}
+    layers: dict[str, _Layer] = {}
+    for (part, path), mod in in_layout(parsed, names, layout).items():
+        name = form_name(naming, part, path)
+        weight = _sd3_weight(names, part, path, layout)
+        modules[name] = replace(mod, name=name)
+        layers[name] = _Layer(part, tuple(weight.shape), weight if model is not None else None, _sd3_block(part, path))
+    return ParsedFile(modules, dict(parsed.metadata), {}, parsed.source), layers, names
+
+
 def _out_name(name: str, part: str) -> str:
     """kohya's name: LyCORIS's generic `lycoris_<path>` becomes the resolved part's prefix."""
     if name.startswith(LYCORIS_PREFIX + "_"):
@@ -309,6 +381,7 @@ def loha_to_lora(
     energy: float | None = None,
     model: Any | None = None,
     dtype: torch.dtype | None = None,
+    form: str = "kohya",
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], ConversionReport]:
     """A LoHA file (or one mixing LoHA with LoRA/LoCon modules) as kohya LoRA/LoCon tensors, metadata and report.
 
@@ -316,7 +389,9 @@ def loha_to_lora(
     layer the smallest rank keeping that fraction of Σσ²). `model`: the base pipeline or its name/path for
     load_pipeline, needed when the file's shapes and architecture do not say each layer's shape, and for
     DoRA modules. `dtype`: of the written factors (default: the source factors' dtype). Keys are
-    `<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha` (= rank).
+    `<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha` (= rank). `form`, for an SD 3.x file:
+    "kohya" (those keys, the original MMDiT layout) or "diffusers" (``transformer.<path>.lora_A.weight`` /
+    ``lora_B.weight`` with alpha / rank folded in, as ``StableDiffusion3Pipeline.load_lora_weights`` reads them).
     """
     _check_target(rank, energy)
     parsed = source if isinstance(source, ParsedFile) else load_adapter(source)
@@ -333,7 +408,13 @@ def loha_to_lora(
         raise AdapterFileError(f"{parsed.source}: {len(dora)} modules have dora_scale (DoRA), e.g. {dora[0]}: their "
                                "change depends on the base weight, so converting them needs the base model "
                                "(--model BASE, or model= in Python)")
-    layers = _resolve(parsed, model)
+    sd3_names = None
+    if sd3_file_evidence(parsed) is not None:
+        parsed, layers, sd3_names = _sd3_resolve(parsed, model, form)
+    else:
+        if form != "kohya":
+            raise ValueError(f"convert to lora: form {form!r} is for SD 3.x files; an SD 1.x/2.x/XL LoRA is kohya's")
+        layers = _resolve(parsed, model)
     # One layer at a time: a layer's fp32 ΔW lives only while its SVD runs (pass 1) and while the error of its
     # written factors is measured (pass 2, ΔW computed again), so memory holds the factors, never every ΔW.
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, int, float]] = {}
@@ -370,12 +451,21 @@ def loha_to_lora(
                 error_norm=float(error.norm())))
             del error
             _release_freed_memory()
-    return tensors, _metadata(parsed, rank, energy, [x.rank for x in report.layers]), report
+    if sd3_names is not None and SD3_LORA_FORMS[form] != form:  # the same layers under the form's own names
+        tensors = to_form(read_sd3(tensors, where=parsed.source), sd3_names, form)
+        t5 = sum(1 for x in report.layers if x.part == "te3")
+        if t5:
+            report.notes.append(f"diffusers' load_lora_weights loads no T5 (text_encoder_3) LoRA: it skips the {t5} "
+                                "T5 modules written here (sd-loha and OneTrainer load them)")
+    metadata = _metadata(parsed, rank, energy, [x.rank for x in report.layers])
+    if sd3_names is not None:
+        metadata["ss_network_module"] = "networks.lora_sd3"  # kohya's SD3 LoRA module
+    return tensors, metadata, report
 
 
 def convert_to_lora_file(
     source: str | os.PathLike, out: str | os.PathLike, *, rank: int | None = None, energy: float | None = None,
-    model: Any | None = None, dtype: torch.dtype | None = None,
+    model: Any | None = None, dtype: torch.dtype | None = None, form: str = "kohya",
 ) -> ConversionReport:
     """:func:`loha_to_lora`, written atomically to `out` (a .safetensors file, with its addnet hash)."""
     out = Path(out)
@@ -384,6 +474,8 @@ def convert_to_lora_file(
     if Path(source).resolve() == out.resolve():
         raise ValueError(f"convert to lora: --out {out} is the source file; write the LoRA to another file")
     _check_target(rank, energy)  # before loading a model
-    tensors, metadata, report = loha_to_lora(source, rank=rank, energy=energy, model=model, dtype=dtype)
+    if form not in SD3_LORA_FORMS:
+        raise ValueError(f"convert to lora: form must be one of {', '.join(SD3_LORA_FORMS)}, got {form!r}")
+    tensors, metadata, report = loha_to_lora(source, rank=rank, energy=energy, model=model, dtype=dtype, form=form)
     save_safetensors_atomic(tensors, out, metadata, with_addnet_hash=True)
     return report

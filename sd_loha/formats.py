@@ -23,6 +23,8 @@ def load_adapter(source: str | os.PathLike | Mapping[str, torch.Tensor], *, fami
     "sd2", "sdxl") tells it which text encoder a PEFT `text_encoder` adapter is (peft_format.read_peft)."""
     if not isinstance(source, Mapping) and is_peft_adapter(source):
         tensors, metadata = read_peft(source, family=family)
+        if is_sd3_state_dict(tensors):  # SD 3.x adapters come back under diffusers' dotted names
+            return read_sd3(tensors, metadata=metadata, where=str(source))
         return parse_state_dict(tensors, source=str(source), metadata=metadata)
     if isinstance(source, Mapping):
         tensors, metadata, where = source, {}, "<state dict>"

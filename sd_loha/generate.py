@@ -19,8 +19,8 @@ from .atomic import save_image_atomic
 from .blocks import parse_block_weights
 from .io import short_addnet_hash
 from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
-from .models import load_pipeline, text_encoders
-from .schedulers import make_scheduler, sampler_problem
+from .models import ModelFamily, detect_family, load_pipeline, text_encoders
+from .schedulers import default_sampler, flow_problem, is_flow_config, make_scheduler, sampler_problem
 from .train.lowmem import BASE_DTYPES, BITSANDBYTES_INSTALL, bitsandbytes_installed, store_frozen_base
 
 
@@ -125,7 +125,7 @@ class GenerationSession:
     (apply_loha's bypass): strength changes then rewrite no weight, for sweeps over many strengths. Layers that
     cannot take a merge (a quantized or fp8 pipeline put in `self.pipe`) take the bypass either way.
 
-    `base_weight_dtype` stores the base's UNet and text encoders as the trainer's option of that name does ("fp8":
+    `base_weight_dtype` stores the base's denoiser (UNet, SD 3.x's transformer) and text encoders (T5 too) as the trainer's option of that name does ("fp8":
     diffusers' layerwise casting; "nf4" / "int8": bitsandbytes, quantized as they move to the device): about half
     (fp8, int8) or a third (nf4) of the weights' memory, for a GPU that cannot hold the base in fp16."""
 
@@ -144,11 +144,28 @@ class GenerationSession:
             self.pipe = load_pipeline(model, device=self.device, dtype=dtype or dt)
         else:  # stored on the CPU, then moved: bitsandbytes quantizes on the move, never holding a full copy there
             self.pipe = load_pipeline(model, device="cpu", dtype=dtype or dt)
-            for part in (self.pipe.unet, *text_encoders(self.pipe).values()):
+            for part in (self.denoiser, *text_encoders(self.pipe).values()):
                 store_frozen_base(part, base_weight_dtype, dtype or dt)
             self.pipe.to(self.device)
+        # Every sampler is built from the base's own scheduler config, never from the last sampler's
+        self._scheduler_config = self.pipe.scheduler.config
         self.adapters: list[AdapterSpec] = []
         self._merged: dict[str, bool] = {}  # adapter name -> whether it was merged (else: bypass)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet, or SD 3.x's transformer."""
+        unet = getattr(self.pipe, "unet", None)
+        return unet if unet is not None else self.pipe.transformer
+
+    @property
+    def family(self) -> ModelFamily:
+        return detect_family(self.pipe)
+
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching pipeline (SD 3.x): only sd_loha.schedulers.FLOW_SCHEDULERS sample it."""
+        return is_flow_config(self._scheduler_config)
 
     def set_adapters(self, specs: Sequence[AdapterSpec], *, merge: bool | None = None) -> None:
         """Make the adapters exactly `specs`: apply new files, re-strengthen kept ones, remove the rest. `merge`
@@ -177,18 +194,22 @@ class GenerationSession:
 
     def set_scheduler(self, name: str) -> str:
         """Switch the sampler (see sd_loha.schedulers); returns its A1111 label."""
-        self.pipe.scheduler, label = make_scheduler(name, self.pipe.scheduler.config)
+        self.pipe.scheduler, label = make_scheduler(name, self._scheduler_config)
         return label
 
     def generate(self, prompt: str, *, negative_prompt: str = "", seed: int = -1, steps: int = 20,
                  guidance_scale: float = 7.0, width: int | None = None, height: int | None = None,
-                 scheduler: str = "euler_a", num_images: int = 1) -> list[tuple[Image.Image, str]]:
-        """Images with their A1111-style parameter text; seed -1 picks a random seed (reported in the text)."""
+                 scheduler: str | None = None, num_images: int = 1) -> list[tuple[Image.Image, str]]:
+        """Images with their A1111-style parameter text; seed -1 picks a random seed (reported in the text).
+        `scheduler` None: the model's default sampler (Euler a; SD 3.x: its flow Euler)."""
+        scheduler = scheduler or default_sampler(self._scheduler_config)
         problem = sampler_problem(scheduler, steps)
         if problem:
             raise ValueError(f"{problem[0]}: {problem[1]}")
+        if self.is_flow and flow_problem(scheduler):
+            raise ValueError(flow_problem(scheduler))
         label = self.set_scheduler(scheduler)
-        default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        default = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
         width, height = width or default, height or default
         out = []
         for i in range(num_images):

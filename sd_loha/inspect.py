@@ -16,6 +16,16 @@ from .io import SHORTHASH_DIGITS, AdapterModule, ParsedFile, addnet_hash
 from .model_names import file_architecture
 from .naming import PART_LABELS, name_part
 from .ops import loha_delta, lora_delta
+from .sd3_names import FORMS, flat, sd3_file_evidence
+
+# SD 3.x files: (flat prefix, part) of every form (sd3_names.FORMS), longest first, so that text_encoder_2_ is never
+# read as text_encoder_ and the original form's bare transformer names (no prefix) come last
+_SD3_PREFIXES = sorted({(flat(f.prefixes[p]), p) for f in FORMS.values() for p in f.prefixes},
+                       key=lambda x: -len(x[0]))
+_SD3_GROUPS = ((r"embedder|pos_embed_proj|final_layer_linear|proj_out$", "embedders / final layer"),
+               (r"_attn2?_|add_[qkv]_proj|to_add_out", "attention"), (r"_mlp_|_ff_|_ff_context_", "mlp"),
+               (r"adaLN_modulation|norm1_linear|norm1_context_linear|norm_out_linear", "adaLN"))
+_SD3_BLOCK = re.compile(r"(joint_blocks|transformer_blocks)_(\d+)_")
 
 
 def layer_group(name: str) -> str:
@@ -25,6 +35,28 @@ def layer_group(name: str) -> str:
     if re.search(r"_ff_net_|_mlp_", name):
         return "mlp"
     return "conv/resnet"
+
+
+def sd3_part(name: str) -> str:
+    """The SD 3.x part ("transformer", "te1", "te2", "te3") a module name of any form adapts."""
+    return next(part for prefix, part in _SD3_PREFIXES if name.startswith(prefix))
+
+
+def sd3_layer_group(name: str) -> str:
+    """Coarse role of an SD 3.x transformer module from its name (any form)."""
+    return next((group for pattern, group in _SD3_GROUPS if re.search(pattern, name)), "other")
+
+
+def _part_group_block(name: str, architecture: str | None, sd3: bool) -> tuple[str, str, str]:
+    """(part, group, block label for the norms) of a module."""
+    if sd3:
+        part = sd3_part(name)
+        if part != "transformer":
+            return part, "layers", "BASE"
+        m = _SD3_BLOCK.search(name)
+        return part, sd3_layer_group(name), f"{m.group(1)}_{m.group(2)}" if m else "other"
+    part = name_part(name) or "unknown"
+    return part, layer_group(name) if part == "unet" else "layers", file_block(name, architecture)
 
 
 def _flat_delta(mod: AdapterModule) -> torch.Tensor:
@@ -47,16 +79,16 @@ def summarize(source: str | os.PathLike | ParsedFile, *, delta_norms: bool = Fal
     ranks: Counter = Counter()
     norms: dict[str, float] = {}
     architecture = file_architecture(parsed)
+    sd3 = sd3_file_evidence(parsed) is not None
     for name, mod in parsed.modules.items():
         algo = mod.algo + (" (Tucker)" if mod.tucker else "") + (" +DoRA" if mod.dora_scale is not None else "")
         algos[algo] += 1
-        part = name_part(name) or "unknown"
-        group = layer_group(name) if part == "unet" else "layers"
+        part, group, block = _part_group_block(name, architecture, sd3)
         parts.setdefault(part, Counter())[group] += 1
         alpha = "none" if mod.alpha is None else f"{mod.alpha:g}"
         ranks[f"rank {mod.rank}, alpha {alpha}"] += 1
         if delta_norms:
-            key = f"{part}:{file_block(name, architecture)}"  # LoRA Block Weight's ids, as block weights use
+            key = f"{part}:{block}"  # LoRA Block Weight's ids, as block weights use (SD 3.x: the joint blocks)
             norms[key] = norms.get(key, 0.0) + float(_flat_delta(mod).norm() ** 2)
     path = Path(parsed.source)
     out: dict[str, Any] = {

@@ -13,6 +13,11 @@ flat factors to 2-D and moves alpha between the file and the config; no number c
 A pipeline's adapters are one PEFT folder per model, in diffusers' pipeline layout (``unet/``,
 ``text_encoder/``, ``text_encoder_2/``); a single folder (or its safetensors file with the JSON beside it) is read
 too, its model told from its module names. PEFT's ``module_dropout`` and ``rank_dropout`` act only in training.
+
+SD 3.x adapters are PEFT LoHa on diffusers' models (``transformer/``, ``text_encoder/`` … ``text_encoder_3/``), so
+on the split q / k / v: a kohya file's fused qkv is split exactly on the way there (sd3_convert.in_layout) and
+fused back at the summed rank on the way to kohya (sd3_convert.to_form), with the base's or the real
+architecture's layers (sd3_names) naming them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +36,13 @@ from torch import nn
 
 from .architectures import UNET_ARCHITECTURES, meta_pipeline
 from .atomic import write_folder_atomic, write_text_atomic
-from .io import LOHA_PARAMS, TUCKER_PARAMS, AdapterFileError, AdapterModule, ParsedFile, load_kohya, \
+from .io import LOHA_PARAMS, TUCKER_PARAMS, AdapterFileError, AdapterModule, ParsedFile, parse_state_dict, \
     read_safetensors, save_safetensors_atomic
 from .model_names import ModelLayers, file_architecture
-from .naming import PART, PARTS, kohya_name, text_encoder_save_name, unet_save_name
+from .naming import PART, PARTS, SD3_PART, SD3_PARTS, kohya_name, text_encoder_save_name, unet_save_name
+from .sd3_convert import in_layout, to_form
+from .sd3_names import (SD3Names, fitting_architectures, form_name, is_sd3_state_dict, read_sd3,
+                        sd3_file_evidence)
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -55,7 +63,7 @@ class PeftSource:
 
 
 def _pipeline_attrs() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(p.pipeline_attr for p in PARTS))
+    return tuple(dict.fromkeys(p.pipeline_attr for p in (*PARTS, *SD3_PARTS)))
 
 
 def _has_peft_keys(path: Path) -> bool:
@@ -146,7 +154,11 @@ def _split_peft_key(key: str, where: Path) -> tuple[str, str]:
 
 
 def _family_of(groups: Mapping[str | None, Mapping[str, Mapping[str, torch.Tensor]]]) -> str:
-    """sdxl when the adapters name a second text encoder or a 2048-wide cross-attention context."""
+    """sd3 when the adapters name an SD 3.x transformer (or T5); sdxl when they name a second text encoder or a
+    2048-wide cross-attention context."""
+    if {"transformer", "text_encoder_3"} & set(groups) or any(
+            p.startswith(("transformer.", "transformer_blocks.")) for modules in groups.values() for p in modules):
+        return "sd3"
     if "text_encoder_2" in groups:
         return "sdxl"
     for modules in groups.values():
@@ -165,7 +177,12 @@ def _kohya_module_name(attr: str | None, path: str, family: str, unet_config: An
         if first in _pipeline_attrs() and rest:  # a whole pipeline's keys: "unet.<path>", "text_encoder.<path>"
             attr, path = first, rest
         else:
-            attr = "text_encoder" if path.startswith(_TEXT_ENCODER_ROOTS) else "unet"
+            attr = "text_encoder" if path.startswith(_TEXT_ENCODER_ROOTS) else "transformer" if family == "sd3" else "unet"
+    if family == "sd3":  # diffusers' pipeline names, which sd3_names reads (the "diffusers" form)
+        part = next((p for p in SD3_PARTS if p.pipeline_attr == attr), None)
+        if part is None:
+            raise AdapterFileError(f"a PEFT adapter for {attr} cannot belong to an SD 3.x pipeline")
+        return form_name("diffusers", part.name, path)
     part = next((p for p in PARTS if p.pipeline_attr == attr and family in p.families), None)
     if part is None:
         raise AdapterFileError(f"a PEFT adapter for {attr} cannot belong to a {family} pipeline")
@@ -286,6 +303,35 @@ def _by_model(parsed: ParsedFile, pipe: Any) -> dict[str, dict[str, AdapterModul
     return out
 
 
+def _sd3_by_model(parsed: ParsedFile, pipe: Any) -> dict[str, dict[str, AdapterModule]]:
+    """An SD 3.x file's modules on diffusers' layers (fused qkv split exactly), as _by_model gives them."""
+    if parsed.unsupported:
+        raise AdapterFileError(f"{parsed.source}: {len(parsed.unsupported)} modules use an algorithm PEFT LoHa cannot "
+                               f"hold ({', '.join(sorted(parsed.unsupported)[:5])})")
+    out: dict[str, dict[str, AdapterModule]] = {}
+    for (part, path), mod in in_layout(parsed, SD3Names.from_pipeline(pipe), "diffusers").items():
+        attr = SD3_PART[part].pipeline_attr
+        model = getattr(pipe, attr)
+        # a CLIP path as files write it (text_model.…) in a model without that wrapper (transformers >= 5.6)
+        path = path if hasattr(model, "text_model") or part == "transformer" else path.removeprefix("text_model.")
+        # split q / k / v share their B factors: each its own copy, as safetensors stores no shared tensors
+        out.setdefault(attr, {})[path] = replace(mod, tensors={k: v.clone() for k, v in mod.tensors.items()})
+    return out
+
+
+def _sd3_architecture_pipeline(parsed: ParsedFile) -> Any | None:
+    """The meta pipeline of the real SD 3.x architecture an SD 3.x file fits, None when the file is not SD 3.x;
+    an error for one of a size no real SD 3.x has."""
+    evidence = sd3_file_evidence(parsed)
+    if evidence is None:
+        return None
+    fits = fitting_architectures(evidence)
+    if not fits:
+        raise AdapterFileError(f"{parsed.source}: an SD 3.x file of a size no real SD 3.x architecture has; pass the "
+                               "base model it was trained on with --model")
+    return meta_pipeline(fits[0])  # the Mediums share every layer a file naming both can hold
+
+
 def _check_conv_forms(modules: Mapping[str, AdapterModule], model: nn.Module, where: str) -> bool:
     """Whether the model's k×k convs are Tucker (PEFT's use_effective_conv2d), which must hold for all or none."""
     forms = {p: m.tucker for p, m in modules.items()
@@ -318,11 +364,12 @@ def write_peft(source: str | os.PathLike | Mapping[str, torch.Tensor] | ParsedFi
 
     OUT is written whole into a temp folder beside it and then swapped in, so an earlier conversion there is
     replaced entirely (never a new UNet adapter beside an old text-encoder one) and a failure leaves it as it was."""
-    parsed = source if isinstance(source, ParsedFile) else load_kohya(source)
+    parsed = source if isinstance(source, ParsedFile) else _load(source)
     out = check_peft_output(out)
     written = {}
+    by_model = _sd3_by_model(parsed, pipe) if sd3_file_evidence(parsed) is not None else _by_model(parsed, pipe)
     with write_folder_atomic(out) as tmp:
-        for attr, modules in _by_model(parsed, pipe).items():
+        for attr, modules in by_model.items():
             model = getattr(pipe, attr)
             tucker = _check_conv_forms(modules, model, parsed.source)
             tensors = {f"{PEFT_PREFIX}{p}.{k}": v for p, m in modules.items()
@@ -335,12 +382,27 @@ def write_peft(source: str | os.PathLike | Mapping[str, torch.Tensor] | ParsedFi
 
 
 def write_kohya(path: str | os.PathLike, out: str | os.PathLike, *, family: str | None = None,
-                unet_config: Any = None) -> Path:
+                unet_config: Any = None, pipe: Any = None) -> Path:
     """Write a PEFT LoHa adapter (folder, pipeline folder, or safetensors file with its JSON) as a kohya/LyCORIS
-    LoHA file: the same factors, each module's alpha from PEFT's config. UNet names as read_peft writes them."""
+    LoHA file: the same factors, each module's alpha from PEFT's config. UNet names as read_peft writes them.
+    SD 3.x: kohya's fused form, its layers from `pipe` (the base) or the real architecture the adapter fits."""
     state, meta = read_peft(path, family=family, unet_config=unet_config)
     meta.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "loha"})})
+    if family == "sd3" or (family is None and is_sd3_state_dict(state)):
+        # kohya's SD3 form: the original MMDiT layout, q / k / v fused at their summed rank
+        parsed = read_sd3(state, metadata=meta, where=str(path))
+        names = SD3Names.from_pipeline(pipe if pipe is not None else _sd3_architecture_pipeline(parsed))
+        state = to_form(parsed, names, "kohya")
     return save_safetensors_atomic(state, out, meta)
+
+
+def _load(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> ParsedFile:
+    """A kohya / LyCORIS file, or an SD 3.x file of any form (sd3_names.FORMS)."""
+    tensors, meta = (source, {}) if isinstance(source, Mapping) else read_safetensors(source)
+    where = "<state dict>" if isinstance(source, Mapping) else str(source)
+    if is_sd3_state_dict(tensors):
+        return read_sd3(tensors, metadata=meta, where=where)
+    return parse_state_dict(tensors, source=where, metadata=meta)
 
 
 def convert_to_peft(source: str | os.PathLike, out: str | os.PathLike, model: str | None = None) -> dict[str, Path]:
@@ -351,14 +413,17 @@ def convert_to_peft(source: str | os.PathLike, out: str | os.PathLike, model: st
     check_peft_output(out)  # before loading a model
     if model is not None:
         return write_peft(source, out, load_pipeline(model), base_model=model)
-    parsed = load_kohya(source)
+    parsed = _load(source)
+    sd3 = _sd3_architecture_pipeline(parsed)
+    if sd3 is not None:
+        return write_peft(parsed, out, sd3)
     arch = file_architecture(parsed)
     if arch is None:
         raise AdapterFileError(f"{source}: its architecture cannot be told from its keys or metadata; pass the base "
                                "model it was trained on with --model")
     if arch not in UNET_ARCHITECTURES:
-        raise AdapterFileError(f"{source}: a {arch} file; converting to PEFT LoHa covers SD 1.x, SD 2.x and SDXL files. "
-                               "Nothing was written.")
+        raise AdapterFileError(f"{source}: a {arch} file; converting to PEFT LoHa covers SD 1.x, SD 2.x, SDXL and "
+                               "SD 3.x files. Nothing was written.")
     return write_peft(parsed, out, meta_pipeline(arch))
 
 
@@ -371,4 +436,7 @@ def convert_to_kohya(source: str | os.PathLike, out: str | os.PathLike, model: s
     from .models import detect_family, load_pipeline
 
     pipe = load_pipeline(model)
-    return write_kohya(source, out, family=detect_family(pipe).name, unet_config=pipe.unet.config)
+    family = detect_family(pipe)
+    if family.is_sd3:
+        return write_kohya(source, out, family="sd3", pipe=pipe)
+    return write_kohya(source, out, family=family.name, unet_config=pipe.unet.config)

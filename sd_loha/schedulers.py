@@ -2,6 +2,10 @@
 
 Names follow A1111's sampler list; kohya's sample_sampler spellings (k_euler_a, dpmsolver++, ...) are
 accepted as aliases, so configs written for sd-scripts keep working.
+
+A flow-matching pipeline (SD 3.x: a transformer predicting the flow, scheduled by FlowMatchEulerDiscreteScheduler)
+takes only the samplers of :data:`FLOW_SCHEDULERS`, which integrate a flow (the others integrate a noise
+prediction and would draw noise); :func:`make_scheduler` refuses the rest by name.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
                         "DPM++ 2M Karras"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+}
+
+#: the samplers of a flow-matching pipeline (SD 3.x): name -> (diffusers scheduler class, extra from_config
+#: arguments, A1111 / Forge label). Each keeps the pipeline scheduler's `shift` (DPM++ reads it as `flow_shift`).
+FLOW_SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                 {"algorithm_type": "dpmsolver++", "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+                 "DPM++ 2M"),
 }
 
 #: other spellings (kohya sd-scripts, diffusers examples) -> name
@@ -69,9 +83,43 @@ def resolve(name: str) -> str:
     return key
 
 
+def is_flow_config(config: Any) -> bool:
+    """Whether a pipeline's scheduler config is a flow-matching one (SD 3.x's FlowMatchEulerDiscreteScheduler): its
+    class name where the config was read from a folder, else the `shift` only the flow-matching schedulers have
+    (DPM-Solver and UniPC name theirs `flow_shift`, and have dynamic shifting too)."""
+    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+    name = str(get("_class_name", "") or "")
+    return name.startswith("FlowMatch") if name else get("shift") is not None
+
+
+def default_sampler(config: Any) -> str:
+    """The sampler generation uses when none is given: A1111's default (Euler a) on the UNet families, the flow
+    Euler SD 3.x ships with on a flow-matching pipeline."""
+    return "euler" if is_flow_config(config) else "euler_a"
+
+
+def flow_problem(name: str) -> str | None:
+    """Why sampler `name` cannot run a flow-matching (SD 3.x) pipeline, or None when it can."""
+    key = resolve(name)
+    if key in FLOW_SCHEDULERS:
+        return None
+    return (f"sampler {key!r} integrates a noise prediction and cannot sample an SD 3.x (flow-matching) model; "
+            f"choose one of {', '.join(FLOW_SCHEDULERS)}")
+
+
 def make_scheduler(name: str, config: Any) -> tuple[Any, str]:
-    """(a diffusers scheduler built from a pipeline's scheduler `config`, A1111's label for it)."""
+    """(a diffusers scheduler built from a pipeline's scheduler `config`, A1111's label for it). A flow-matching
+    config (SD 3.x) takes the samplers of FLOW_SCHEDULERS, with its own shift; ValueError for any other."""
     import diffusers
 
-    cls_name, extra, label = SCHEDULERS[resolve(name)]
-    return getattr(diffusers, cls_name).from_config(config, **extra), label
+    key = resolve(name)
+    if not is_flow_config(config):
+        cls_name, extra, label = SCHEDULERS[key]
+        return getattr(diffusers, cls_name).from_config(config, **extra), label
+    problem = flow_problem(key)
+    if problem:
+        raise ValueError(problem)
+    cls_name, extra, label = FLOW_SCHEDULERS[key]
+    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+    shift = {"flow_shift": float(get("shift", 1.0))} if cls_name == "DPMSolverMultistepScheduler" else {}
+    return getattr(diffusers, cls_name).from_config(config, **extra, **shift), label

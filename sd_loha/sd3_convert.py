@@ -141,4 +141,12 @@ def to_form(parsed: ParsedFile, names: SD3Names, form: str) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {}
     for (part, path), mod in moved.items():
         out.update(_tensors(mod, form_name(form, part, path), form))
+    # Split q / k / v share their B factors (and slice one A): each its own tensor, as safetensors saves no shared
+    # storage
+    seen: set[int] = set()
+    for key, value in out.items():
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen:
+            out[key] = value.clone()
+        seen.add(ptr)
     return out

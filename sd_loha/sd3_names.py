@@ -116,6 +116,12 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
+def _rows(module: nn.Module) -> int:
+    """A layer's output rows, from its declared size: a bitsandbytes Linear4bit's weight is packed (nf4 keeps two
+    values a byte), so its shape does not say them."""
+    return int(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
+
+
 def original_layout(transformer: nn.Module) -> dict[str, tuple[Target, ...]]:
     """Every original-layout layer of a diffusers SD3Transformer2DModel -> the diffusers layers it is, in row
     order (q, k, v for a fused qkv), each with its rows; built from the model's own layers and shapes."""
@@ -127,7 +133,7 @@ def original_layout(transformer: nn.Module) -> dict[str, tuple[Target, ...]]:
         found = original_of(path, num_layers)
         if found is not None:
             original, slot, swap = found
-            parts.setdefault(original, []).append((slot or 0, path, int(module.weight.shape[0]), swap))
+            parts.setdefault(original, []).append((slot or 0, path, _rows(module), swap))
     layout: dict[str, tuple[Target, ...]] = {}
     for original, pieces in parts.items():
         start, targets = 0, []
@@ -239,7 +245,7 @@ def _text_encoder_names(part: str, model: nn.Module, table: dict[str, SD3Layer])
         else:  # CLIP: the text_model. form files write, and the form without it
             canonical = text_encoder_canonical_path(path)
             variants = {canonical, canonical.removeprefix("text_model.")}
-        target = (Target(path, 0, int(module.weight.shape[0])),)
+        target = (Target(path, 0, _rows(module)),)
         for form in FORMS.values():
             if part in form.prefixes:
                 for v in variants:

@@ -37,16 +37,21 @@ def test_without_verbose_no_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, guidance", [([], GUIDANCE), (["--model", "toy-sd1"], GUIDANCE), (["--model", "tiny-sd1"], 7.0),
-                                            (["--guidance", "5.5"], 5.5), (["--model", "tiny-sd1", "--guidance", "2"], 2.0)])
+                                            (["--guidance", "5.5"], 5.5), (["--model", "tiny-sd1", "--guidance", "2"], 2.0),
+                                            (["--model", "tiny-sd3"], 4.5), (["--model", "tiny-sd3", "--guidance", "2"], 2.0)])
 def test_generate_guidance_default_follows_the_model(args, guidance, monkeypatch, tmp_path):
-    """toy-sd1 (the default model) draws best at guidance 4, its model card's value; other models default to 7."""
+    """toy-sd1 (the default model) draws best at guidance 4, its model card's value; SD 3.x models their card's
+    value by variant (tiny-sd3 is SD3.5-Medium-style: 4.5); other models default to 7."""
     import sd_loha.generate
+    from sd_loha.models import ModelFamily
 
     seen = {}
 
     class Session:
         def __init__(self, model, device=None, merge=True, base_weight_dtype="auto"):
             seen["model"] = model
+            self.family = (ModelFamily("sd3", "flow", "5-medium") if model == "tiny-sd3"
+                           else ModelFamily("sd1", "epsilon"))
 
         def set_adapters(self, specs):
             pass

@@ -139,15 +139,24 @@ def test_split_modules_and_fused_module_on_one_layer_refused():
         to_form(load_adapter(both), SD3Names(_models()), "simpletuner")
 
 
-def test_convert_to_peft_refuses_an_sd3_file_naming_it(tmp_path):
-    """convert --to peft (SD 1.x/2.x/XL only) says the file is SD3 instead of failing inside a UNet lookup."""
+def test_convert_to_peft_names_a_real_size_sd3_file_by_its_architecture(tmp_path):
+    """convert --to peft without a model: an SD3.5 Medium file (its dual attention says which) is split onto the
+    real architecture's diffusers layers (meta device, nothing downloaded)."""
+    import json
+
     from sd_loha.io import save_safetensors_atomic
     from sd_loha.peft_format import convert_to_peft
 
-    path = save_safetensors_atomic(_transformer_only(_kohya_file()), tmp_path / "sd3.safetensors")
-    with pytest.raises(AdapterFileError, match="SD3.*covers SD 1.x, SD 2.x and SDXL"):
-        convert_to_peft(path, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    g = torch.Generator().manual_seed(0)
+    name = "lora_unet_joint_blocks_3_x_block_attn2_qkv"
+    sd = {f"{name}.hada_w1_a": torch.randn(3 * 1536, 2, generator=g), f"{name}.hada_w2_a": torch.randn(3 * 1536, 2, generator=g),
+          f"{name}.hada_w1_b": torch.randn(2, 1536, generator=g), f"{name}.hada_w2_b": torch.randn(2, 1536, generator=g),
+          f"{name}.alpha": torch.tensor(1.0)}
+    path = save_safetensors_atomic(sd, tmp_path / "sd35m.safetensors")
+    written = convert_to_peft(path, tmp_path / "out")
+    config = json.loads((written["transformer"] / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == [f"transformer_blocks.3.attn2.to_{x}" for x in "kqv"]
+    assert config["r"] == 2 and config["alpha"] == 1.0
 
 
 def test_model_layers_gives_each_pipeline_layer_its_own_module_or_the_coupled_one():

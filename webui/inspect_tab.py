@@ -3,6 +3,7 @@ weights to try (sent to the Generate tab) and its metadata editor (webui/tools_t
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sd_loha.blocks import block_order
@@ -10,13 +11,16 @@ from sd_loha.inspect import summarize
 
 from .paths import PathPolicy, PathRefused
 
-_PART_ORDER = {"te": 0, "te1": 1, "te2": 2, "unet": 3}
+_PART_ORDER = {"te": 0, "te1": 1, "te2": 2, "te3": 3, "unet": 4, "transformer": 4}
 
 
 def block_sort_key(key: str) -> tuple:
-    """Chart order of a "part:block" key: text encoders first, then LoRA Block Weight's block order."""
+    """Chart order of a "part:block" key: text encoders first, then LoRA Block Weight's block order (SD 3.x's
+    joint blocks by number: joint_blocks_2 before joint_blocks_10)."""
     part, _, block = key.partition(":")
-    return (_PART_ORDER.get(part, 9), part, block_order(block), block)
+    number = re.search(r"(\d+)$", block)
+    return (_PART_ORDER.get(part, 9), part, block_order(block), block.rstrip("0123456789"),
+            int(number.group(1)) if number else -1)
 
 
 def summary_markdown(s: dict[str, Any]) -> str:

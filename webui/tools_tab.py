@@ -29,7 +29,7 @@ from .paths import PathPolicy, PathRefused
 #: `sd-loha convert --to` targets as the Tools tab offers them: target -> its label.
 CONVERT_TARGETS: dict[str, str] = {
     "lora": "kohya LoRA/LoCon (truncated SVD of each layer's change; a rank or an energy)",
-    "peft": "PEFT LoHa folders (unet/, text_encoder/, ...; the same factors)",
+    "peft": "PEFT LoHa folders (unet/ or transformer/, text_encoder/, ...; the same factors)",
     "kohya": "a PEFT LoHa folder as a kohya/LyCORIS LoHA file (the same factors)",
 }
 DEFAULT_MERGE_NAME = "merged/merged.safetensors"
@@ -101,20 +101,29 @@ def _optional_number(value: Any, what: str, kind: type = float) -> Any:
     return v
 
 
+#: `--lora-form` choices (SD 3.x files): form -> its label
+LORA_FORMS: dict[str, str] = {"kohya": "kohya (kohya sd-scripts, ComfyUI, Forge)",
+                              "diffusers": "diffusers (StableDiffusion3Pipeline.load_lora_weights, PEFT)"}
+
+
 def convert(policy: PathPolicy, source: str, target: str, out_name: str, *, rank: Any = None, energy: Any = None,
-            model: str | None = None, dtype: str | None = None, overwrite: bool = False) -> ConvertResult:
+            model: str | None = None, dtype: str | None = None, overwrite: bool = False,
+            lora_form: str = "kohya") -> ConvertResult:
     """`sd-loha convert SOURCE --to TARGET --out OUT` from the Tools tab. `rank`/`energy` (empty = not set) are
-    for `lora` only, exactly one of them; `model` (empty = none) is the base model when the file needs it. An
-    existing output is replaced only with `overwrite`."""
+    for `lora` only, exactly one of them; `model` (empty = none) is the base model when the file needs it;
+    `lora_form` (lora, SD 3.x files): kohya's or diffusers' LoRA. An existing output is replaced only with
+    `overwrite`."""
     if target not in CONVERT_TARGETS:
         raise ValueError(f"convert: target {target!r}: choose one of {', '.join(CONVERT_TARGETS)}")
     src = (policy.check_peft_folder(source, what="PEFT adapter") if target == "kohya"
            else policy.check_adapter(source, what="adapter file"))
     out = _output(policy, out_name, "converted file", overwrite)
     base = policy.check_model(model) if (model or "").strip() else None
+    if (lora_form or "kohya") not in LORA_FORMS:
+        raise ValueError(f"convert to lora: LoRA form {lora_form!r}: choose one of {', '.join(LORA_FORMS)}")
     if target == "lora":
         return _convert_to_lora(src, out, _optional_number(rank, "rank", int), _optional_number(energy, "energy"),
-                                base, dtype or None)
+                                base, dtype or None, lora_form or "kohya")
     if rank not in (None, "") or energy not in (None, ""):
         raise ValueError(f"convert to {target}: rank and energy are for --to lora only (the factors are copied as they are)")
     if target == "peft":
@@ -128,18 +137,19 @@ def convert(policy: PathPolicy, source: str, target: str, out_name: str, *, rank
 
 
 def _convert_to_lora(src: Path, out: Path, rank: int | None, energy: float | None, model: str | None,
-                     dtype: str | None) -> ConvertResult:
+                     dtype: str | None, form: str = "kohya") -> ConvertResult:
     from sd_loha.convert import convert_to_lora_file
     from sd_loha.network import SAVE_DTYPES
 
     if dtype is not None and dtype not in SAVE_DTYPES:
         raise ValueError(f"convert to lora: dtype {dtype!r}: choose one of {', '.join(SAVE_DTYPES)} (empty = the source's)")
     report = convert_to_lora_file(src, out, rank=rank, energy=energy, model=model,
-                                  dtype=SAVE_DTYPES[dtype] if dtype else None)
+                                  dtype=SAVE_DTYPES[dtype] if dtype else None, form=form)
     ranks = [x.rank for x in report.layers] or [0]
     span = f"{min(ranks)}" + (f"..{max(ranks)}" if max(ranks) != min(ranks) else "")
     message = (f"**Wrote** `{out}`: {len(report.layers)} layers, rank {span}, relative error "
-               f"{report.total:.3g} overall (‖ΔW − ΔW_LoRA‖ / ‖ΔW‖, of the factors as written)")
+               f"{report.total:.3g} overall (‖ΔW − ΔW_LoRA‖ / ‖ΔW‖, of the factors as written)"
+               + "".join(f"\n\nNote: {n}" for n in report.notes))
     blocks = [{"block": b, "relative error": e} for b, e in report.blocks.items()]
     layers = [{"module": x.name, "block": x.block, "rank": x.rank, "max rank": x.max_rank, "energy kept": x.energy,
                "relative error": x.relative_error} for x in report.layers]
@@ -275,6 +285,8 @@ def build(policy: PathPolicy) -> dict[str, Any]:
             c_model = gr.Dropdown(choices=["", *policy.model_choices()], value="", allow_custom_value=True,
                                   label="Base model (only when the file does not tell its layers, or for DoRA)",
                                   elem_id="convert-model", min_width=160)
+            c_form = gr.Dropdown(choices=[(v, k) for k, v in LORA_FORMS.items()], value="kohya",
+                                 label="LoRA form (lora, SD 3.x files)", elem_id="convert-lora-form", min_width=160)
         with gr.Row():
             c_out = gr.Textbox(value="converted/lora.safetensors", scale=4, elem_id="convert-out",
                                label="Output, in the outputs folder (--to peft: a folder)")
@@ -298,10 +310,10 @@ def build(policy: PathPolicy) -> dict[str, Any]:
             return error_markdown("Cannot merge", e)
         return merge_markdown(report, policy)
 
-    def on_convert(source, target, out_name, rank, energy, dtype, model, overwrite=False):
+    def on_convert(source, target, out_name, rank, energy, dtype, model, overwrite=False, lora_form="kohya"):
         try:
             r = convert(policy, source, target, out_name, rank=rank, energy=energy, model=model, dtype=dtype,
-                        overwrite=bool(overwrite))
+                        overwrite=bool(overwrite), lora_form=lora_form)
         except Exception as e:  # noqa: BLE001
             return error_markdown("Cannot convert", e), gr.skip(), gr.skip()
         # four decimals shown (the report keeps every digit; --json on the command line prints them)
@@ -313,7 +325,7 @@ def build(policy: PathPolicy) -> dict[str, Any]:
 
     m_go.click(on_merge, [m_model, m_dtype, m_out, *[c for slot in m_slots for c in slot], m_overwrite], m_report,
                api_name="merge", concurrency_limit=1, concurrency_id="generation")
-    c_go.click(on_convert, [c_file, c_target, c_out, c_rank, c_energy, c_dtype, c_model, c_overwrite],
+    c_go.click(on_convert, [c_file, c_target, c_out, c_rank, c_energy, c_dtype, c_model, c_overwrite, c_form],
                [c_report, c_blocks, c_layers], api_name="convert", concurrency_limit=1, concurrency_id="generation")
     c_target.change(on_target, c_target, c_out, api_name=False)
 

@@ -58,7 +58,7 @@ FIELDS: dict[str, str] = {
     "conv_alpha": "Conv alpha",
     "train_text_encoder": "Train the text encoder(s) too",
     "learning_rate": "Learning rate",
-    "unet_lr": "UNet LR (empty = learning rate)",
+    "unet_lr": "UNet / SD 3.x transformer LR (empty = learning rate)",
     "text_encoder_lr": "Text encoder LR (empty = learning rate)",
     "length_unit": "Run length in",
     "length": "Steps / epochs",

@@ -379,3 +379,26 @@ def test_client_disconnect_does_not_stop_training(ui, tmp_path):
     assert snap["status"] == "finished", snap.get("error")
     assert snap["step"] == snap["total"] == 12
     assert (policy.outputs_dir / "disconnect_run" / "tiny.safetensors").is_file()
+
+
+def test_generate_with_tiny_sd3_and_an_sd3_loha(client, ui):
+    """The Generate tab on SD 3.x: tiny-sd3 is listed, draws with its flow Euler, the LoHA's strength changes the
+    picture, and a sampler for the UNet families is refused in words."""
+    from sd_loha.models import build_tiny_pipeline
+    from tests.sd3_helpers import write_sd3_loha
+
+    _, _, policy = ui
+    assert "tiny-sd3" in policy.model_choices()
+    adapter = str(write_sd3_loha(build_tiny_pipeline("tiny-sd3"), policy.outputs_dir / "sd3style.safetensors"))
+    images = []
+    for strength in (0.0, 1.0):
+        slots = [adapter, strength, "", None, None, 1.0, "", None, None, 1.0, "", None]
+        msg, _, params, files = client.predict("tiny-sd3", "a red dog", "", 2, 4.5, 64, 64, "euler", 5, 1, *slots,
+                                               "auto", api_name="/generate")
+        assert msg.startswith("Saved"), msg
+        assert "Sampler: Euler," in params and "Model: tiny-sd3" in params
+        images.append(_pixels(files[0]))
+    assert np.abs(images[0] - images[1]).max() > 10
+    msg, *_ = client.predict("tiny-sd3", "a red dog", "", 2, 4.5, 64, 64, "euler_a", 5, 1, *slots, "auto",
+                             api_name="/generate")
+    assert "integrates a noise prediction" in msg

@@ -359,3 +359,58 @@ def test_inspect_chart_orders_blocks_as_block_weights_do(policy, adapter):
     order = [*BLOCK_IDS, OUTSIDE_BLOCKS]
     unet = [k.removeprefix("unet:") for k in keys[1:]]
     assert unet == sorted(unet, key=order.index) and "M00" in unet
+
+
+# ------------------------------------------------------------------------------------------------ SD 3.x
+
+
+def test_sd3_models_are_listed(policy):
+    """An SD 3.x diffusers folder and an SD 3.x single-file checkpoint in the models folder are in the model lists
+    (an SD 3.x adapter there is not)."""
+    from safetensors.torch import save_file
+
+    from tests.sd3_helpers import write_sd3_loha
+
+    pipe = build_tiny_pipeline("tiny-sd3")
+    pipe.save_pretrained(policy.models_dir / "sd35m")
+    save_file({"model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": torch.zeros(3, 2)},
+              str(policy.models_dir / "sd35m.safetensors"))
+    write_sd3_loha(pipe, policy.models_dir / "sd3style.safetensors")
+    choices = policy.model_choices()
+    assert "tiny-sd3" in choices and str((policy.models_dir / "sd35m").resolve()) in choices
+    assert str(policy.models_dir / "sd35m.safetensors") in choices
+    assert str(policy.models_dir / "sd3style.safetensors") not in choices
+
+
+def test_tools_merge_convert_and_inspect_sd3_files(policy, one_thread):
+    """The Tools tab's merge, convert (kohya and diffusers LoRA, PEFT) and the Inspect tab on an SD 3.x LoHA, each
+    the CLI's library call: the merged file holds the MMDiT, the diffusers LoRA diffusers' names, the inspect
+    summary the SD 3.x parts."""
+    from tests.sd3_helpers import write_sd3_loha
+    from webui.inspect_tab import norms_frame
+
+    (policy.outputs_dir / "run").mkdir()
+    src = write_sd3_loha(build_tiny_pipeline("tiny-sd3"), policy.outputs_dir / "run" / "sd3style.safetensors")
+    report = tools_tab.merge(policy, "tiny-sd3", [(str(src), 1.0, "", "")], "merged/sd3.safetensors", "fp16")
+    assert report.family == "SD 3.x"
+    with safe_open(str(report.out), "pt") as f:
+        assert "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in set(f.keys())
+    kohya = tools_tab.convert(policy, str(src), "lora", "converted/k.safetensors", rank=4, model="tiny-sd3")
+    diffusers = tools_tab.convert(policy, str(src), "lora", "converted/d.safetensors", rank=4, model="tiny-sd3",
+                                  lora_form="diffusers")
+    assert "loads no T5" in diffusers.message and "loads no T5" not in kohya.message
+    with safe_open(str(policy.outputs_dir / "converted" / "d.safetensors"), "pt") as f:
+        assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in set(f.keys())
+    with pytest.raises(ValueError, match="LoRA form 'comfy'"):
+        tools_tab.convert(policy, str(src), "lora", "converted/x.safetensors", rank=4, model="tiny-sd3",
+                          lora_form="comfy")
+    peft = tools_tab.convert(policy, str(src), "peft", "converted/peft", model="tiny-sd3")
+    assert "transformer" in peft.message and (policy.outputs_dir / "converted" / "peft" / "text_encoder_3").is_dir()
+    from sd_loha.inspect import summarize
+
+    s = summarize(src, delta_norms=True)
+    assert "transformer (MMDiT)" in s["parts"]
+    blocks = list(norms_frame(s)["block"])
+    joint = [b for b in blocks if "joint_blocks" in b]
+    assert joint == ["transformer:joint_blocks_0", "transformer:joint_blocks_1", "transformer:joint_blocks_2"]
+    assert blocks.index("te3:BASE") < blocks.index(joint[0])
