@@ -12,6 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .version import diffusers_at_least
+
+#: DPM-Solver's flow prediction (its SD 3.x form) came in diffusers 0.33
+FLOW_SAMPLERS_DIFFUSERS = (0, 33)
+
 #: name -> (diffusers scheduler class, extra from_config arguments, A1111's label for the PNG parameters)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
@@ -122,4 +127,7 @@ def make_scheduler(name: str, config: Any) -> tuple[Any, str]:
     cls_name, extra, label = FLOW_SCHEDULERS[key]
     get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
     shift = {"flow_shift": float(get("shift", 1.0))} if cls_name == "DPMSolverMultistepScheduler" else {}
+    if extra.get("prediction_type") == "flow_prediction" and not diffusers_at_least(FLOW_SAMPLERS_DIFFUSERS):
+        raise ValueError(f"sampler {key!r} on an SD 3.x model needs diffusers 0.33 or newer (flow prediction in "
+                         f'{cls_name}): pip install -U "diffusers>=0.33", or choose euler or heun')
     return getattr(diffusers, cls_name).from_config(config, **extra, **shift), label

@@ -13,3 +13,10 @@ def _installed_version() -> str:
 
 
 __version__ = _installed_version()
+
+
+def diffusers_at_least(release: tuple[int, int]) -> bool:
+    """Whether the installed diffusers is this (major, minor) release or newer (features sd-loha uses where they
+    exist: layerwise casting, flow-matching samplers and training utilities came in 0.33)."""
+    numbers = [int(p) for p in version("diffusers").split(".")[:2] if p.isdigit()]
+    return tuple(numbers) >= release

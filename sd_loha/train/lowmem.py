@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..version import diffusers_at_least
+
 __all__ = ["BASE_DTYPES", "BITSANDBYTES_INSTALL", "OFFLOAD_DEVICE", "Offloader", "TEXT_ENCODERS", "base_storage",
            "bitsandbytes_installed", "checkpointing_func", "diffusers_at_least", "diffusers_has_layerwise_casting",
            "idle_components", "quantizable_linears", "store_frozen_base", "stored_as"]
@@ -43,14 +45,6 @@ def bitsandbytes_installed() -> bool:
 
 #: diffusers' layerwise casting (fp8 storage) and its custom checkpointing function came in 0.33
 LAYERWISE_CASTING_DIFFUSERS = (0, 33)
-
-
-def diffusers_at_least(release: tuple[int, int]) -> bool:
-    """Whether the installed diffusers is this (major, minor) release or newer."""
-    from importlib.metadata import version
-
-    numbers = [int(p) for p in version("diffusers").split(".")[:2] if p.isdigit()]
-    return tuple(numbers) >= release
 
 
 def diffusers_has_layerwise_casting() -> bool:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 
 from sd_loha import cli
-from sd_loha.train.config import load_config
+from sd_loha.train.config import ConfigError, load_config
+from sd_loha.train.flow import FLOW_DIFFUSERS
+from sd_loha.train.lowmem import diffusers_at_least
 from sd_loha.train.loop import train
 
 from .helpers import DEMO_IMAGES, REPO, assert_file_loads_everywhere, read_file, stop_at_step
@@ -39,6 +41,12 @@ def test_shipped_config_trains_stops_resumes_and_loads(tmp_path, monkeypatch, na
                  "max_bucket_reso=128", "bucket_reso_steps=64", "max_train_steps=4", "sample_every_n_steps=2",
                  "save_every_n_steps=2", "sample_steps=2", "sample_width=64", "sample_height=64", f"output_dir={out}"]
 
+    if model == "tiny-sd3" and not diffusers_at_least(FLOW_DIFFUSERS):
+        # the floor run (diffusers 0.31): SD 3.x training is refused by name before any model loads
+        with pytest.raises(ConfigError, match=r'needs diffusers 0\.33 or newer.*pip install -U "diffusers>=0\.33"'):
+            train(path, overrides=overrides, progress=False)
+        assert not out.exists()
+        return
     stop, _, on_event = stop_at_step(2)
     first = train(path, overrides=overrides, on_event=on_event, stop_event=stop, progress=False)
     assert first.stopped and first.steps == 2
