@@ -402,3 +402,26 @@ def test_generate_with_tiny_sd3_and_an_sd3_loha(client, ui):
     msg, *_ = client.predict("tiny-sd3", "a red dog", "", 2, 4.5, 64, 64, "euler_a", 5, 1, *slots, "auto",
                              api_name="/generate")
     assert "integrates a noise prediction" in msg
+
+
+def test_training_tiny_sd3_from_the_train_tab(client, ui):
+    """The Train tab trains an SD 3.x model: the run finishes, its file is in kohya's fused form (joint blocks, fused
+    qkv) with SD 3.x metadata, and loads strictly on tiny-sd3."""
+    from safetensors import safe_open
+
+    from sd_loha.merge import apply_loha
+    from sd_loha.models import load_pipeline
+
+    demo, _, policy = ui
+    wait_for(lambda: not demo.sdl_runner.snapshot()["active"], 300, what="an earlier run to end")
+    msg = start(client, policy, output_dir="sd3_run", pretrained_model="tiny-sd3", length=3)
+    assert msg.startswith("Started"), msg
+    snap = wait_for(lambda: (s := status(client))["status"] in ("stopped", "failed", "finished") and s, 300,
+                    what="the SD 3.x run to end")
+    assert snap["status"] == "finished", snap.get("error")
+    with safe_open(snap["output"], "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert any(k.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv.") for k in keys), keys[:5]
+    assert meta["ss_base_model_version"] and "stable-diffusion-3" in meta["modelspec.architecture"]
+    report = apply_loha(load_pipeline("tiny-sd3"), snap["output"], strict=True)
+    assert report.patched["transformer"] > 10
