@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from importlib.metadata import PackageNotFoundError, version
 
 
@@ -18,5 +19,5 @@ __version__ = _installed_version()
 def diffusers_at_least(release: tuple[int, int]) -> bool:
     """Whether the installed diffusers is this (major, minor) release or newer (features sd-loha uses where they
     exist: layerwise casting, flow-matching samplers and training utilities came in 0.33)."""
-    numbers = [int(p) for p in version("diffusers").split(".")[:2] if p.isdigit()]
+    numbers = [int(p) for p in importlib.metadata.version("diffusers").split(".")[:2] if p.isdigit()]
     return tuple(numbers) >= release
