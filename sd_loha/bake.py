@@ -159,6 +159,7 @@ def bake_adapters(
     dtype: str = "fp16",
     *,
     progress: Progress | None = None,
+    base_config: str | None = None,
 ) -> BakeReport:
     """Merge `adapters` (paths, `AdapterSpec`s or (path, strength[, te_strength]) tuples, applied in order)
     into the base `model` (anything `load_pipeline` reads) and save the result to `out`: a `.safetensors`
@@ -166,7 +167,8 @@ def bake_adapters(
 
     The weights are loaded and merged in fp32 and cast to `dtype` ("fp16", "bf16" or "fp32") once, so the
     output equals `apply_loha` on an fp32 pipeline, cast. Written atomically; the record of what was merged
-    (files, addnet hashes, strengths, base model, sd-loha version) goes in the file's metadata.
+    (files, addnet hashes, strengths, base model, sd-loha version) goes in the file's metadata. `base_config`
+    completes a single-file `model` (load_pipeline's config: e.g. an SD 3.x file without text encoders).
     """
     from .merge import apply_loha, keep_merged
     from .version import __version__
@@ -178,7 +180,7 @@ def bake_adapters(
     base = base_model_identity(model)  # before loading: the read also warms the page cache for the load
 
     report_progress(f"loading {model}", 0.0)
-    pipe = load_pipeline(model, dtype=torch.float32)
+    pipe = load_pipeline(model, dtype=torch.float32, config=base_config)
     family = detect_family(pipe)
     records = []
     for i, spec in enumerate(specs):

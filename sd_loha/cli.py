@@ -72,7 +72,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import AdapterSpec, GenerationSession, save_png
 
     session = GenerationSession(args.model, device=args.device, merge=not args.no_merge,
-                                base_weight_dtype=args.base_weight_dtype)
+                                base_weight_dtype=args.base_weight_dtype, base_config=args.base_config)
     specs = [AdapterSpec.parse(s) for s in args.loha]
     session.set_adapters(specs)
     out_dir = Path(args.output_dir)
@@ -92,7 +92,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .generate import AdapterSpec
 
     report = bake_adapters(args.model, [AdapterSpec.parse(s) for s in args.loha], args.out, args.dtype,
-                           progress=(lambda what, _f: print(what, file=sys.stderr)) if args.verbose else None)
+                           progress=(lambda what, _f: print(what, file=sys.stderr)) if args.verbose else None,
+                           base_config=args.base_config)
     print(report)
     return 0
 
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="sd-loha", description="Train and load LoHA adapters for Stable Diffusion.")
     verbose_help = "log what happens (INFO), and print the traceback of an error"
+    base_config_help = ("for a single-file --model: the diffusers folder (or hub id) whose configs and missing components "
+                        "complete it (SD 3.x files holding the MMDiT and VAE alone need its text encoders)")
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -208,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-merge", action="store_true",
                    help="add the adapters in the forward (bypass) instead of merging them into the weights: stored "
                         "weights untouched, a little slower per step (quantized or fp8 layers take this path anyway)")
+    g.add_argument("--base-config", default=None, metavar="FOLDER", help=base_config_help)
     g.add_argument("--base-weight-dtype", default="auto", choices=BASE_DTYPES,
                    help="store the base's UNet (SD 3.x: transformer) and text encoders (T5 too) in fp8, nf4 or int8 (the training option of that "
                         "name; nf4/int8 need bitsandbytes): less GPU memory; the adapters then take the bypass")
@@ -226,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder (never the --model path itself)")
     m.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
                    help="weights are merged in fp32 and cast to this once (default fp16)")
+    m.add_argument("--base-config", default=None, metavar="FOLDER", help=base_config_help)
     m.set_defaults(func=_cmd_merge)
 
     c = sub.add_parser("convert", help="convert an adapter file to another format: "

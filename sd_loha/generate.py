@@ -128,10 +128,11 @@ class GenerationSession:
 
     `base_weight_dtype` stores the base's denoiser (UNet, SD 3.x's transformer) and text encoders (T5 too) as the trainer's option of that name does ("fp8":
     diffusers' layerwise casting; "nf4" / "int8": bitsandbytes, quantized as they move to the device): about half
-    (fp8, int8) or a third (nf4) of the weights' memory, for a GPU that cannot hold the base in fp16."""
+    (fp8, int8) or a third (nf4) of the weights' memory, for a GPU that cannot hold the base in fp16.
+    `base_config` completes a single-file `model` (the trainer's option of that name: load_pipeline's config)."""
 
     def __init__(self, model: str, *, device: str | None = None, dtype: torch.dtype | None = None,
-                 merge: bool = True, base_weight_dtype: str = "auto") -> None:
+                 merge: bool = True, base_weight_dtype: str = "auto", base_config: str | None = None) -> None:
         dev, dt = default_device()
         self.model = model
         self.merge = merge
@@ -145,9 +146,9 @@ class GenerationSession:
         if base_weight_dtype in ("nf4", "int8") and not bitsandbytes_installed():
             raise ValueError(f'base_weight_dtype "{base_weight_dtype}" needs bitsandbytes: {BITSANDBYTES_INSTALL}')
         if base_weight_dtype == "auto":
-            self.pipe = load_pipeline(model, device=self.device, dtype=dtype or dt)
+            self.pipe = load_pipeline(model, device=self.device, dtype=dtype or dt, config=base_config)
         else:  # stored on the CPU, then moved: bitsandbytes quantizes on the move, never holding a full copy there
-            self.pipe = load_pipeline(model, device="cpu", dtype=dtype or dt)
+            self.pipe = load_pipeline(model, device="cpu", dtype=dtype or dt, config=base_config)
             for part in (self.denoiser, *text_encoders(self.pipe).values()):
                 store_frozen_base(part, base_weight_dtype, dtype or dt)
             self.pipe.to(self.device)

@@ -394,8 +394,9 @@ def _sd3_parts(model: str, path: Path, config: str | None, dtype: torch.dtype, v
     missing = [name for name, (prefix, _) in SD3_FILE_PARTS.items() if not any(k.startswith(prefix) for k in keys)]
     if missing and not config:
         raise ModelLoadError(
-            f"pretrained_model {model!r} is an SD 3.x file without {', '.join(missing)}: load the model's diffusers "
-            "folder instead (or, from Python, load_pipeline(..., config=<that folder>) completes the file)")
+            f"pretrained_model {model!r} is an SD 3.x file without {', '.join(missing)}: set base_config (the "
+            "training option; --base-config for generate and merge; load_pipeline's config) to the model's diffusers "
+            "folder or hub id, which completes the file, or load that folder instead")
     parts = {}
     for name, (_, cls_path) in SD3_FILE_PARTS.items():
         if name in missing:

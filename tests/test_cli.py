@@ -48,7 +48,7 @@ def test_generate_guidance_default_follows_the_model(args, guidance, monkeypatch
     seen = {}
 
     class Session:
-        def __init__(self, model, device=None, merge=True, base_weight_dtype="auto"):
+        def __init__(self, model, device=None, merge=True, base_weight_dtype="auto", base_config=None):
             seen["model"] = model
             self.family = (ModelFamily("sd3", "flow", "5-medium") if model == "tiny-sd3"
                            else ModelFamily("sd1", "epsilon"))

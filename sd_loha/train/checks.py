@@ -83,6 +83,19 @@ def check_paths(cfg: TrainConfig, origins: Mapping[str, str | None] | None = Non
                     f"Hugging Face id (org/name)" + (f" (did you mean '{s}'?)" if s else ""),
                     "give a local path, a hub id like stable-diffusion-v1-5/stable-diffusion-v1-5, or a built-in name")
 
+    # what completes a single-file base
+    if cfg.base_config:
+        p = Path(cfg.base_config).expanduser()
+        if not p.exists() and not _looks_like_hub_id(cfg.base_config):
+            add("base_config", f"base_config '{cfg.base_config}' does not exist",
+                "give the diffusers folder (with model_index.json) of the model the single file is, or a hub id")
+        elif p.exists() and not (p / "model_index.json").is_file():
+            add("base_config", f"base_config '{cfg.base_config}' is not a diffusers model folder (no model_index.json)",
+                "give the folder that holds model_index.json")
+        if cfg.pretrained_model and not Path(cfg.pretrained_model).expanduser().is_file():
+            add("base_config", f"base_config completes a single-file pretrained_model; '{cfg.pretrained_model}' is "
+                "not a file", "remove base_config (a folder, hub id or built-in model brings its own components)")
+
     # VAE
     if cfg.vae:
         p = Path(cfg.vae).expanduser()

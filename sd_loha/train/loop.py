@@ -203,7 +203,8 @@ class Trainer:
         cfg = self.cfg
         self.weight_dtype = weight_dtype_for(cfg.mixed_precision)
         # The VAE stays fp32 (fp16 VAEs overflow to NaN); samples decode through it in fp32 (sampling.py).
-        self.pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, vae_dtype=torch.float32, vae=cfg.vae)
+        self.pipe = load_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, vae_dtype=torch.float32, vae=cfg.vae,
+                                  config=cfg.base_config)
         if cfg.v_parameterization is not None:
             self.pipe.scheduler.register_to_config(prediction_type="v_prediction" if cfg.v_parameterization else "epsilon")
         self.family = detect_family(self.pipe)

@@ -160,6 +160,9 @@ class TrainConfig:
         required=True, type_doc="path, hub id or built-in name",
         example='"stable-diffusion-v1-5/stable-diffusion-v1-5"',
     )
+    base_config: str | None = _opt("model", "path", None, "For a single-file pretrained_model: the diffusers folder or "
+        "hub id that completes it (from_single_file's config; offline with a local folder). SD 3.x files holding the "
+        "MMDiT and VAE alone (sd3.5_medium.safetensors) need it.", optional=True, type_doc="path or hub id")
     vae: str | None = _opt(
         "model", "path", None,
         "Replacement VAE: a file, a diffusers folder or a hub id (e.g. madebyollin/sdxl-vae-fp16-fix "
