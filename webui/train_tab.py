@@ -187,6 +187,7 @@ def from_widget(name: str, value: Any) -> Any:
 PATH_CHECKS: dict[str, Callable[[PathPolicy, str], str]] = {
     "pretrained_model": lambda policy, v: policy.check_model(v),
     "vae": lambda policy, v: policy.check_model(v, what="VAE"),
+    "base_config": lambda policy, v: policy.check_model(v, what="base_config"),
     "network_weights": lambda policy, v: str(policy.check_adapter(v, what="network_weights")),
     "train_data_dir": lambda policy, v: str(policy.resolve(v, "dataset", what="train_data_dir")),
     "reg_data_dir": lambda policy, v: str(policy.resolve(v, "dataset", what="reg_data_dir")),

@@ -150,3 +150,9 @@ def test_demo_settings(policy):
     assert cfg.pretrained_model == DEFAULT_MODEL
     images = sorted(Path(cfg.train_data_dir).glob("*.png"))
     assert len(images) == 16 and all(p.with_suffix(cfg.caption_extension).is_file() for p in images)
+
+
+def test_base_config_is_held_to_the_models_folder(policy, form):
+    """base_config (what completes a single-file base) reads a model: only from the models folders or a hub id."""
+    with pytest.raises(ConfigError, match="base_config '/etc' is refused"):
+        build_config(policy, form, "[model]\nbase_config = '/etc'\n", "")
