@@ -335,7 +335,8 @@ class Trainer:
                                  text_cached=fixed_captions, text_encoders=self._cacheable_text_encoders())
         pixels = max(b.bucket[0] * b.bucket[1] for b in self.preflight.buckets)
         held = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        self.memory = run_estimate(cfg, components=components, parked=parked, network=self.network,
+        frozen = ["unet"] + [n for n, trained in zip(TEXT_ENCODERS, self.te_trained) if not trained]
+        self.memory = run_estimate(cfg, components=components, parked=parked, frozen=frozen, network=self.network,
                                    unet_config=self.unet.config, compute_dtype=self.weight_dtype, pixels=pixels,
                                    device=self.device, held=held)
         text = self.memory.format()

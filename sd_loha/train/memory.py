@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..architectures import UNETS
+from ..targets import PRESETS
 from .lowmem import FP8, NF4_BLOCK, base_storage, bitsandbytes_installed, quantizable_linears
 from .optim import make_optimizer
 
@@ -355,15 +356,15 @@ def estimate_memory(inputs: MemoryInputs, *, device: torch.device, alternatives:
 
 
 # ---- a training run's estimate ----------------------------------------------------------------------------------
-_BUILTIN_PRESETS = ("attn-only", "attn-mlp", "full")
 
 
-def run_estimate(cfg: Any, *, components: Mapping[str, nn.Module], parked: Sequence[str], network: Any,
-                 unet_config: Mapping[str, Any], compute_dtype: torch.dtype, pixels: int, device: torch.device,
-                 held: int = 0) -> MemoryEstimate:
+def run_estimate(cfg: Any, *, components: Mapping[str, nn.Module], parked: Sequence[str], frozen: Sequence[str],
+                 network: Any, unet_config: Mapping[str, Any], compute_dtype: torch.dtype, pixels: int,
+                 device: torch.device, held: int = 0) -> MemoryEstimate:
     """The estimate for a run of ``cfg`` (a TrainConfig) whose pipeline ``components`` are loaded, frozen layers
     stored as the run asks, the network in place, nothing of the UNet yet on the device; ``parked`` components wait
-    on the CPU between samples. Alternatives: the options of the config that would lower the total."""
+    on the CPU between samples; ``frozen`` ones (the denoiser, untrained text encoders) are those a base_weight_dtype
+    would store. Alternatives: the options of the config that would lower the total."""
     adapter_tensors = [t for m in network.modules for t in
                        list(m.layer.parameters(recurse=False)) + list(m.layer.buffers(recurse=False))]
     trainable = network.parameters()
@@ -377,8 +378,7 @@ def run_estimate(cfg: Any, *, components: Mapping[str, nn.Module], parked: Seque
                                                                            dict(args)))
 
     storage = base_storage(cfg.fp8_base, cfg.base_weight_dtype)
-    frozen = {"unet"} | ({"text_encoder", "text_encoder_2", "text_encoder_3"} if not cfg.train_text_encoder else set())
-    preset = cfg.preset if cfg.preset in _BUILTIN_PRESETS else "full"  # a preset file: the widest measured one
+    preset = cfg.preset if cfg.preset in PRESETS else "full"  # a preset file: the widest measured one
     adapter = sum(t.untyped_storage().nbytes() for t in adapter_tensors)
     inputs = MemoryInputs(
         weights=weights(lambda name: "auto"),  # as stored now: the run's own storage is already applied

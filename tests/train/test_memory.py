@@ -187,7 +187,8 @@ def test_on_cuda_a_run_that_does_not_fit_gets_the_options_that_bring_it_down(mon
 
     def estimate(free: int):
         _cuda_says(monkeypatch, free)
-        return memory.run_estimate(cfg, components={"unet": unet}, parked=(), network=net, unet_config=unet.config,
+        return memory.run_estimate(cfg, components={"unet": unet}, parked=(), frozen=("unet",), network=net,
+                                   unet_config=unet.config,
                                    compute_dtype=torch.bfloat16, pixels=1024 * 1024, device=torch.device("cuda"))
 
     roomy = estimate(400 * 2 ** 30)
