@@ -67,12 +67,15 @@ def _kohya_file(*, dora_in_fused: bool = False) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _reference_changes(sd: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
-    """(part, model path) -> the change the kohya file makes, by LyCORIS's math and diffusers' swap."""
+def _reference_changes(sd: dict[str, torch.Tensor], names: SD3Names | None = None
+                       ) -> dict[tuple[str, str], torch.Tensor]:
+    """(part, model path) -> the change the kohya file makes to `names`' models (default: this module's small
+    ones), by LyCORIS's math and diffusers' swap."""
     parsed = load_adapter(sd)
+    names = names or SD3Names(_models())
     changes = {}
-    for layer, mod in resolve(parsed, SD3Names(_models())).values():
-        model = _models()[layer.part]
+    for layer, mod in resolve(parsed, names).values():
+        model = names.models[layer.part]
         weights = [model.get_submodule(t.path).weight.detach() for t in layer.targets]
         file_w = torch.cat([swap_scale_shift(w, dim=None) if t.swap_halves else w
                             for w, t in zip(weights, layer.targets)])

@@ -12,18 +12,17 @@ from functools import cache
 
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import swap_scale_shift
 from torch import nn
 
 from sd_loha.formats import load_adapter
 from sd_loha.io import AdapterFileError
 from sd_loha.merge import ArchitectureMismatchError, apply_loha, list_loha, remove_loha, set_loha_strength
 from sd_loha.models import load_pipeline
-from sd_loha.sd3_convert import resolve, to_form
+from sd_loha.sd3_convert import to_form
 from sd_loha.sd3_names import FORMS, SD3Names, form_name
 
 from .loader_helpers import assert_unchanged, changed, snapshot
-from .test_sd3_ops import ref_delta
+from .test_sd3_convert import _reference_changes
 
 TEXT_PARTS = ("te1", "te2", "te3")
 
@@ -73,15 +72,7 @@ def _kohya_file(seed: int = 1, std: float = 0.05, lora_on: str = "joint_blocks.1
 
 def _reference(sd: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
     """(part, model path) -> the fp32 change of the file at strength 1 (see the module docstring)."""
-    changes = {}
-    for layer, mod in resolve(load_adapter(sd), _names()).values():
-        model = _names().models[layer.part]
-        weights = [model.get_submodule(t.path).weight.detach() for t in layer.targets]
-        delta = ref_delta(mod).reshape(sum(w.shape[0] for w in weights), *weights[0].shape[1:])
-        for t in layer.targets:
-            rows = delta[t.start:t.stop]
-            changes[(layer.part, t.path)] = swap_scale_shift(rows, dim=None) if t.swap_halves else rows
-    return changes
+    return _reference_changes(sd, _names())
 
 
 def _weights(pipe) -> dict[tuple[str, str], torch.Tensor]:
