@@ -5,7 +5,7 @@ in bf16 (base_weight_dtype = "auto" in a bf16 run), fp8, int8 and nf4, on the sa
     OMP_NUM_THREADS=1 python bench/bench_base_dtype.py --out /tmp/bench_base_dtype --steps 150
     python bench/bench_base_dtype.py --results /tmp/bench_base_dtype/runs.jsonl     # the tables again, from the log
 
-Every run is bench_styles' "loha-conv" (the demo recipe: rank 8, conv rank 4, text encoder trained) at its chosen
+Every run is bench_styles' "loha-conv-r8" (the demo recipe: rank 8, conv rank 4, text encoder trained) at its chosen
 learning rate, trained by the real Trainer (bench_styles.BenchTrainer) in mixed_precision = "bf16" on the CPU;
 only base_weight_dtype differs. Per run:
 
@@ -43,7 +43,7 @@ from sd_loha.train import lowmem  # noqa: E402
 
 DTYPES = ("auto", "fp8", "int8", "nf4")  # auto = the run's mixed precision (bf16): the reference
 REFERENCE = "auto"
-METHOD = "loha-conv"  # the demo recipe's layers and ranks
+METHOD = "loha-conv-r8"  # the demo recipe's layers and ranks
 LR = 6e-3  # bench_styles' learning-rate sweep chose it for loha-conv on the posters
 COMPUTE = "bf16"
 COMPUTE_DTYPE = torch.bfloat16

@@ -57,10 +57,11 @@ sys.path.insert(0, str(REPO / "bench"))
 from sd_loha.toy import evaluate, measure, styles, world
 from sd_loha.train.loop import Trainer
 
-from runlog import bench_parser, log_row, logged_rows, spread  # noqa: E402  (bench/, next to this file)
+from runlog import bench_parser, log_row, logged_rows, logged_session  # noqa: E402  # noqa: E402  (bench/, next to this file)
 
 ASSETS = REPO / "sd_loha" / "assets"
-GEN_STEPS, GUIDANCE, GEN_SEED = 20, 4.0, 0
+GEN_STEPS, GUIDANCE = 20, 4.0
+GEN_SEEDS = (0, 1)  # two pictures per prompt: the subject scores move in steps of 1/24, not 1/12
 HELDOUT_DRAWS, HELDOUT_SEED = 32, 1234  # (noise, timestep) draws per held-out image, identical for every run
 NOISE_SEED_OFFSET = 7919  # reseed after the network is built: every method then sees the same noise and timesteps
 DEFAULT_LRS = (2e-3, 6e-3)  # bracket the demo's 4e-3 for LoHA
@@ -88,14 +89,29 @@ class Method:
     pair: str = ""  # the method it is compared with (same layers, same parameter count)
 
 
+def _rank_pairs(ranks: tuple[int, ...], conv_ranks: tuple[int, ...]) -> dict[str, Method]:
+    """LoHA rank r against LoRA rank 2r (equal parameters on every layer), alpha = rank / 2; with convs, LoHA
+    conv rank r/2 against LoCon conv rank r, conv alpha = conv rank / 4 (the alpha/rank scales match within a
+    pair). The rank sweep asks where, if anywhere, LoHA's higher reachable rank pays: the smaller the rank
+    budget against the layer width, the more FedPara's argument should hold."""
+    out: dict[str, Method] = {}
+    for r in ranks:
+        out[f"loha-r{r}"] = Method("sd-loha", "loha", r, r / 2, pair=f"lora-r{2 * r}")
+        out[f"lora-r{2 * r}"] = Method("lycoris", "lora", 2 * r, r, pair=f"loha-r{r}")
+    for r in conv_ranks:
+        out[f"loha-conv-r{r}"] = Method("sd-loha", "loha", r, r / 2, r // 2, r / 8, pair=f"locon-r{2 * r}")
+        out[f"locon-r{2 * r}"] = Method("lycoris", "lora", 2 * r, r, r, r / 4, pair=f"loha-conv-r{r}")
+    return out
+
+
 METHODS: dict[str, Method] = {
-    "loha": Method("sd-loha", "loha", 8, 4.0, pair="lora"),
-    "lora": Method("lycoris", "lora", 16, 8.0, pair="loha"),
-    "loha-conv": Method("sd-loha", "loha", 8, 4.0, 4, 1.0, pair="locon"),
-    "locon": Method("lycoris", "lora", 16, 8.0, 8, 2.0, pair="loha-conv"),
-    "lyco-loha-conv": Method("lycoris", "loha", 8, 4.0, 4, 1.0, pair="loha-conv"),
+    **_rank_pairs((2, 4, 8), (2, 4, 8)),
+    "lyco-loha-conv-r8": Method("lycoris", "loha", 8, 4.0, 4, 1.0, pair="loha-conv-r8"),  # LyCORIS's own LoHA
 }
-DEFAULT_METHODS = ("loha", "lora", "loha-conv", "locon")
+# The rank sweep run by default: the linear pairs at three ranks, the conv pairs at both ends.
+DEFAULT_METHODS = ("loha-r2", "lora-r4", "loha-r4", "lora-r8", "loha-r8", "lora-r16",
+                   "loha-conv-r2", "locon-r4", "loha-conv-r8", "locon-r16")
+STRENGTHS = (0.25, 0.5, 0.75, 1.0)  # the style-against-subject curve (0 is the base row)
 
 
 # ---- styles: data, prompts, measures -------------------------------------------------------------------
@@ -104,7 +120,7 @@ DEFAULT_METHODS = ("loha", "lora", "loha-conv", "locon")
 class Style:
     measure: Callable[[np.ndarray], float]
     scenes: tuple[world.Scene, ...]  # the prompts pictures are generated for
-    content: Callable[[np.ndarray, world.Scene], bool]  # the object color is the prompt's
+    subject: Callable[[np.ndarray], str]  # the object's color name, "none" where no object is drawn
 
 
 POSTER_COLORS = ("red", "blue", "yellow")  # colors of the posters' palette (the prompts ask for these)
@@ -112,9 +128,8 @@ STYLES: dict[str, Style] = {
     "poster": Style(styles.frame_contrast,
                     tuple(world.Scene(c, s, b) for c, s, b in itertools.product(
                         POSTER_COLORS, ("circle", "square"), ("white", "orange"))),
-                    lambda img, sc: styles.object_color(img, POSTER_COLORS) == sc.color),
-    "hatch": Style(styles.hatch_amplitude, tuple(measure.prompt_set(12)),
-                   lambda img, sc: measure.judge(img).color == sc.color),
+                    lambda img: styles.object_color(img, POSTER_COLORS)),
+    "hatch": Style(styles.hatch_amplitude, tuple(measure.prompt_set(12)), lambda img: measure.judge(img).color),
 }
 HATCH_TRAIN, HATCH_HELDOUT, HATCH_SEED = 16, 8, 0
 
@@ -256,14 +271,34 @@ def heldout_loss(pipe: Any, items: list[tuple[torch.Tensor, str]], dtype: torch.
     return evaluate.denoising_mse(pipe, latents, cond, draws=HELDOUT_DRAWS, seed=HELDOUT_SEED, dtype=dtype)
 
 
+def subject_scores(style: str, images: list[np.ndarray], scenes: list[world.Scene]) -> dict[str, float]:
+    """What the style leaves of the subject: the fraction of pictures with an object drawn at all ("drawn") and
+    with the prompt's object color ("content")."""
+    colors = [STYLES[style].subject(im) for im in images]
+    return {"drawn": statistics.mean(float(c != "none") for c in colors),
+            "content": statistics.mean(float(c == sc.color) for c, sc in zip(colors, scenes))}
+
+
 def picture_scores(pipe: Any, style: str) -> dict[str, Any]:
-    """The style measure and the content check on the style's prompt set (one fixed seed per prompt)."""
+    """The style measure and the subject scores on the style's prompt set (one fixed seed per prompt)."""
     spec = STYLES[style]
     pipe.set_progress_bar_config(disable=True)
-    images = evaluate.generate(pipe, list(spec.scenes), GEN_SEED, steps=GEN_STEPS, guidance=GUIDANCE)
+    images = [im for seed in GEN_SEEDS for im in evaluate.generate(pipe, list(spec.scenes), seed, steps=GEN_STEPS,
+                                                                    guidance=GUIDANCE)]
     values = [spec.measure(im) for im in images]
-    return {"measure": statistics.mean(values), "content": statistics.mean(
-        float(spec.content(im, sc)) for im, sc in zip(images, spec.scenes)), "measure_per_picture": values}
+    return {"measure": statistics.mean(values), **subject_scores(style, images, list(spec.scenes) * len(GEN_SEEDS)),
+            "measure_per_picture": values}
+
+
+def strength_curve(pipe: Any, network: Any, style: str) -> dict[str, dict[str, float]]:
+    """picture_scores at each of STRENGTHS (the network's multiplier; set back to 1 afterwards)."""
+    curve = {}
+    for strength in STRENGTHS:
+        network.set_multiplier(strength)
+        scores = picture_scores(pipe, style)
+        curve[f"{strength:g}"] = {k: scores[k] for k in ("measure", "drawn", "content")}
+    network.set_multiplier(1.0)
+    return curve
 
 
 class BenchTrainer(Trainer):
@@ -295,8 +330,31 @@ class BenchTrainer(Trainer):
                        "params_te": sum(p.numel() for p in self.network.parameters("te")),
                        "heldout_loss": heldout_loss(self.pipe, self.heldout, self.weight_dtype)}
         if self.measure_pictures:
-            self.scores.update(picture_scores(self.pipe, self.style))
+            self.scores["curve"] = strength_curve(self.pipe, self.network, self.style)
+            self.scores.update(self.scores["curve"]["1"])  # the strength-1 figures, as the tables read them
         return super()._finish(stopped)
+
+
+def _train(settings: dict[str, Any], out: Path, method: Method, style: str, heldout_dir: Path, *,
+           measure_pictures: bool = True,
+           trainer_class: Callable[..., BenchTrainer] | None = None) -> tuple[BenchTrainer, float]:
+    """Train one config (validated and checked as the CLI does) with the method's network; (trainer, seconds)."""
+    from sd_loha.train.checks import check_output_dir, check_paths
+    from sd_loha.train.config import as_config
+    from sd_loha.train.runtime import StopFlag
+
+    cfg = as_config({**settings, "output_dir": str(out)})
+    check_paths(cfg)
+    check_output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    trainer = (trainer_class or BenchTrainer)(cfg, out, progress=False, method=method, style=style,
+                                              heldout=heldout_items(heldout_dir), measure_pictures=measure_pictures)
+    trainer.setup()
+    with StopFlag(None) as stop:
+        if trainer.train(stop).stopped:  # Ctrl-C: a shorter run's figures must not enter the log
+            raise SystemExit(f"stopped during {out.name}; rerun with the same --out to continue")
+    return trainer, round(time.time() - started, 1)
 
 
 def run_one(name: str, style: str, seed: int, lr: float, root: Path, *, steps: int | None = None,
@@ -304,29 +362,77 @@ def run_one(name: str, style: str, seed: int, lr: float, root: Path, *, steps: i
             trainer_class: Callable[..., BenchTrainer] | None = None) -> dict[str, Any]:
     """Train one (method, style, seed, learning rate) and return its figures. `options`: config settings on top
     of the recipe (its own run folder, named by `tag`); `trainer_class`: a BenchTrainer that measures more."""
-    from sd_loha.train.checks import check_output_dir, check_paths
-    from sd_loha.train.config import as_config
-    from sd_loha.train.runtime import StopFlag
-
     method = METHODS[name]
     train_dir, heldout_dir = style_folders(style, root)
+    settings = {**RECIPE, **method_overrides(method), "train_data_dir": str(train_dir), "output_name": name,
+                "learning_rate": lr, "text_encoder_lr": lr / TE_LR_RATIO, "seed": seed,
+                **({"max_train_steps": steps, "lr_warmup_steps": 0} if steps is not None else {}), **(options or {})}
     out = root / "runs" / f"{style}-{name}{tag}-lr{lr:g}-seed{seed}"
-    cfg = as_config({**RECIPE, **method_overrides(method), "train_data_dir": str(train_dir), "output_dir": str(out),
-                     "output_name": name, "learning_rate": lr, "text_encoder_lr": lr / TE_LR_RATIO, "seed": seed,
-                     **({"max_train_steps": steps, "lr_warmup_steps": 0} if steps is not None else {}), **(options or {})})
-    check_paths(cfg)
-    check_output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    trainer = (trainer_class or BenchTrainer)(cfg, out, progress=False, method=method, style=style, heldout=heldout_items(heldout_dir),
-                           measure_pictures=measure_pictures)
-    trainer.setup()
-    with StopFlag(None) as stop:
-        if trainer.train(stop).stopped:  # Ctrl-C: a shorter run's figures must not enter the log
-            raise SystemExit(f"stopped during {out.name}; rerun with the same --out to continue")
-    return {"method": name, "style": style, "seed": seed, "lr": lr, "steps": cfg.max_train_steps,
-            "final_train_loss": statistics.mean(trainer.losses[-20:]), "seconds": round(time.time() - started, 1),
-            **trainer.scores}
+    trainer, seconds = _train(settings, out, method, style, heldout_dir, measure_pictures=measure_pictures,
+                              trainer_class=trainer_class)
+    return {"method": name, "style": style, "seed": seed, "lr": lr, "steps": trainer.cfg.max_train_steps,
+            "final_train_loss": statistics.mean(trainer.losses[-20:]), "seconds": seconds, **trainer.scores}
+
+
+# ---- the shipped demo recipe and its variants: what keeps the subject at strength 1 ----------------------------
+
+DEMO_CONFIG = REPO / "train_configs" / "demo.toml"
+BASE_PICTURES = "base-pictures"  # reg_data_dir placeholder: the base model's own pictures of the training captions
+# Each variant changes one thing of the demo recipe (train_configs/demo.toml, as shipped in the commit the log
+# names); the curve of each (style and subject against strength) says what keeps the subject.
+RECIPES: dict[str, dict[str, Any]] = {
+    "demo": {},
+    "demo-no-te": {"train_text_encoder": False},
+    "demo-half-alpha": {"network_alpha": 4.0, "conv_alpha": 2.0},
+    "demo-reg": {"reg_data_dir": BASE_PICTURES, "prior_loss_weight": 1.0},
+}
+
+
+def demo_settings() -> dict[str, Any]:
+    from sd_loha.train.config import load_config
+
+    return load_config(DEMO_CONFIG).to_dict(include_none=False)
+
+
+@torch.no_grad()
+def base_pictures(train_dir: Path, folder: Path) -> Path:
+    """The base model's own picture of each training caption (generator seed = its index), with the caption:
+    regularization images that tell the adapter what the prompts drew before (prior preservation)."""
+    from PIL import Image
+
+    from sd_loha.models import load_pipeline
+
+    captions = sorted(train_dir.glob("*.caption"))
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == len(captions):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(RECIPE["pretrained_model"])
+    pipe.set_progress_bar_config(disable=True)
+    for i, path in enumerate(captions):
+        caption = path.read_text(encoding="utf-8").strip()
+        image = pipe(caption, num_inference_steps=GEN_STEPS, guidance_scale=GUIDANCE, height=world.SIZE,
+                     width=world.SIZE, generator=torch.Generator().manual_seed(i)).images[0]
+        image.save(folder / f"base_{i:02d}.png")
+        (folder / f"base_{i:02d}.caption").write_text(caption + "\n", encoding="utf-8")
+    return folder
+
+
+def run_recipe(variant: str, style: str, seed: int, root: Path) -> dict[str, Any]:
+    """Train the demo recipe with one variant's change on a style, and return its figures (as run_one)."""
+    train_dir, heldout_dir = style_folders(style, root)
+    settings = {**demo_settings(), **RECIPES[variant], "train_data_dir": str(train_dir), "seed": seed,
+                "sample_prompts": [], "save_every_n_steps": None, "log_with": "none", "save_state": False}
+    if style == "hatch":
+        settings["flip_aug"] = False  # a mirror turns "/" hatching into "\": not the style
+    if settings.get("reg_data_dir") == BASE_PICTURES:
+        settings["reg_data_dir"] = str(base_pictures(train_dir, root / style / "base_pictures"))
+    out = root / "runs" / f"{style}-recipe-{variant}-seed{seed}"
+    method = Method("sd-loha", "loha", settings["network_dim"], settings["network_alpha"],
+                    settings.get("conv_dim", 0), settings.get("conv_alpha", 1.0))
+    trainer, seconds = _train(settings, out, method, style, heldout_dir)
+    return {"method": variant, "kind": "recipe", "style": style, "seed": seed, "lr": settings["learning_rate"],
+            "steps": trainer.cfg.max_train_steps, "final_train_loss": statistics.mean(trainer.losses[-20:]),
+            "seconds": seconds, **trainer.scores}
 
 
 def base_row(style: str, root: Path) -> dict[str, Any]:
@@ -363,20 +469,24 @@ def parameter_counts(names: list[str]) -> dict[str, tuple[int, int]]:
     return counts
 
 
-# ---- the whole bench and its tables ---------------------------------------------------------------------------
+# ---- the whole bench ------------------------------------------------------------------------------------------
 
-def run_bench(root: Path, names: list[str], styles_: list[str], seeds: list[int], lrs: list[float]) -> Path:
+def run_bench(root: Path, names: list[str], styles_: list[str], seeds: list[int], lrs: list[float],
+              recipes: list[str] = ()) -> Path:
     """Parameter counts, base rows, the learning-rate sweep (first style, first seed), then one block of all
-    methods and styles per seed, so a run cut short has every method on the same seeds. Runs already in
-    root/runs.jsonl are not repeated (a rerun with the same --out continues)."""
+    methods and styles per seed, so a run cut short has every method on the same seeds; then the demo recipe's
+    variants, one block per seed. Runs already in root/runs.jsonl are not repeated (a rerun with the same --out
+    continues)."""
     log = root / "runs.jsonl"
     root.mkdir(parents=True, exist_ok=True)
-    done = {(r["method"], r["style"], r["seed"], r["lr"]): r for r in logged_rows(log) if r.get("kind") == "sweep"}
-    done.update({(r["method"], r["style"], r["seed"], r["lr"]): r for r in logged_rows(log) if r.get("kind") == "run"})
-    if not logged_rows(log):
-        for name, (unet, te) in parameter_counts(names).items():
-            log_row(log, {"method": name, "kind": "params", "params_unet": unet, "params_te": te})
-        for style in styles_:
+    rows = logged_rows(log)
+    done = {(r["method"], r["style"], r["seed"], r["lr"]): r for r in rows if r.get("kind") == "sweep"}
+    done.update({(r["method"], r["style"], r["seed"], r["lr"]): r for r in rows if r.get("kind") == "run"})
+    logged_params = {r["method"] for r in rows if r.get("kind") == "params"}
+    for name, (unet, te) in parameter_counts([n for n in names if n not in logged_params]).items():
+        log_row(log, {"method": name, "kind": "params", "params_unet": unet, "params_te": te})
+    for style in styles_:
+        if not any(r["method"] == "base" and r.get("style") == style for r in rows):
             log_row(log, base_row(style, root))
     chosen = {}
     for name in names:
@@ -397,91 +507,49 @@ def run_bench(root: Path, names: list[str], styles_: list[str], seeds: list[int]
         if key not in done:
             done[key] = run_one(name, style, seed, chosen[name], root)
             log_row(log, {**done[key], "kind": "run"})
+    recipes_done = {(r["method"], r["style"], r["seed"]) for r in rows if r.get("kind") == "recipe"}
+    for seed, style, variant in itertools.product(seeds, styles_, recipes):
+        if (variant, style, seed) not in recipes_done:
+            log_row(log, run_recipe(variant, style, seed, root))
     return log
-
-
-def results_tables(log: Path) -> str:
-    """Markdown: parameter counts, the LR sweep, and per style mean ± std over seeds of each figure."""
-    rows = logged_rows(log)
-    params = {r["method"]: (r["params_unet"], r["params_te"]) for r in rows if r.get("kind") == "params"}
-    out = ["| method | library, algorithm | rank / alpha | conv rank / alpha | UNet params | text-encoder params | total |",
-           "|---|---|---|---|---|---|---|"]
-    for name, (unet, te) in params.items():
-        m = METHODS[name]
-        conv = f"{m.conv_rank} / {m.conv_alpha:g}" if m.conv_rank else "-"
-        out.append(f"| {name} | {m.library} {m.algo} | {m.rank} / {m.alpha:g} | {conv} | {unet:,} | {te:,} | {unet + te:,} |")
-    out += ["", "| learning-rate sweep (seed 0) | lr | held-out loss | style measure | object color right |",
-            "|---|---|---|---|---|"]
-    for r in (r for r in rows if r.get("kind") == "sweep"):
-        out.append(f"| {r['style']} {r['method']} | {r['lr']:g} | {r['heldout_loss']:.4f} | {r['measure']:.4f} | "
-                   f"{r['content']:.0%} |")
-    return "\n".join(out + _style_tables(rows) + _pair_table(rows))
-
-
-def _style_tables(rows: list[dict[str, Any]]) -> list[str]:
-    out = []
-    for style, spec in STYLES.items():
-        base = [r for r in rows if r["method"] == "base" and r["style"] == style]
-        runs = [r for r in rows if r.get("kind") == "run" and r["style"] == style]
-        if not runs:
-            continue
-        out += ["", f"**{style}** ({spec.measure.__name__}; n = seeds)", "",
-                "| method | lr | n | held-out loss | style measure | object color right | train s |",
-                "|---|---|---|---|---|---|---|"]
-        for b in base:
-            out.append(f"| base (strength 0) | - | - | {b['heldout_loss']:.4f} | {b['measure']:.4f} | {b['content']:.0%} | - |")
-            out.append(f"| training pictures (as drawn / after the VAE) | - | - | - | {b['measure_training_pictures']:.4f} / "
-                       f"{b['measure_after_vae']:.4f} | - | - |")
-        for name in dict.fromkeys(r["method"] for r in runs):
-            mine = [r for r in runs if r["method"] == name]
-            out.append(f"| {name} | {mine[0]['lr']:g} | {len(mine)} | {spread([r['heldout_loss'] for r in mine], '.4f')} | "
-                       f"{spread([r['measure'] for r in mine], '.4f')} | "
-                       f"{spread([100 * r['content'] for r in mine], '.0f')} % | "
-                       f"{statistics.mean(r['seconds'] for r in mine):.0f} |")
-    return out
-
-
-PAIRS = (("loha", "lora"), ("loha-conv", "locon"))  # (LoHA, the LoRA-family method on the same layers)
-
-
-def _pair_table(rows: list[dict[str, Any]]) -> list[str]:
-    """LoHA minus its LoRA-family pair, seed by seed (the same seed: the same batches and noise)."""
-    runs = {(r["style"], r["method"], r["seed"]): r for r in rows if r.get("kind") == "run"}
-    out = ["", ("| style | LoHA - pair | seeds | held-out loss difference | LoHA lower in | style measure difference "
-                "| LoHA higher in |"), "|---|---|---|---|---|---|---|"]
-    for style, (loha, other) in itertools.product(STYLES, PAIRS):
-        seeds = sorted(seed for (st, m, seed) in runs if st == style and m == loha and (style, other, seed) in runs)
-        if not seeds:
-            continue
-        dl = [runs[style, loha, s]["heldout_loss"] - runs[style, other, s]["heldout_loss"] for s in seeds]
-        dm = [runs[style, loha, s]["measure"] - runs[style, other, s]["measure"] for s in seeds]
-        out.append(f"| {style} | {loha} - {other} | {len(seeds)} | {spread(dl, '+.4f')} | "
-                   f"{sum(d < 0 for d in dl)} of {len(seeds)} | {spread(dm, '+.4f')} | {sum(d > 0 for d in dm)} of {len(seeds)} |")
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = bench_parser(__doc__.split("\n\n")[0], Path("/tmp/bench_styles"), "runs, hatch pictures, runs.jsonl")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"of {', '.join(METHODS)} (empty: none)")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"variants of the demo recipe, of {', '.join(RECIPES)} "
+                   "(empty: none)")
     p.add_argument("--styles", default=",".join(STYLES), help="the first one picks the learning rates")
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS), help="tried per method")
+    p.add_argument("--plot", type=Path, help="with --results: also draw the style-against-subject curves (PNG)")
     args = p.parse_args(argv)
     if args.results:
-        print(results_tables(args.results))
+        from styles_report import plot_curves, results_tables
+
+        logs = [Path(x) for x in str(args.results).split(",")]
+        print(results_tables(logs))
+        if args.plot:
+            plot_curves(logs, args.plot)
         return
-    names, styles_ = args.methods.split(","), args.styles.split(",")
+    names = [n for n in args.methods.split(",") if n]
+    recipes = [n for n in args.recipes.split(",") if n]
+    styles_ = args.styles.split(",")
     for n in names:
         if n not in METHODS:
             p.error(f"--methods: unknown method {n!r}; choose from {', '.join(METHODS)}")
+    for n in recipes:
+        if n not in RECIPES:
+            p.error(f"--recipes: unknown variant {n!r}; choose from {', '.join(RECIPES)}")
     for s in styles_:
         if s not in STYLES:
             p.error(f"--styles: unknown style {s!r}; choose from {', '.join(STYLES)}")
     torch.set_num_threads(args.threads)
-    started = time.time()
-    log = run_bench(args.out, names, styles_, [int(s) for s in args.seeds.split(",")],
-                    [float(x) for x in args.lrs.split(",")])
-    print(results_tables(log))
-    print(f"\nwall time {time.time() - started:.0f} s, torch threads {args.threads}")
+    with logged_session(args.out / "runs.jsonl", args.threads):
+        log = run_bench(args.out, names, styles_, [int(s) for s in args.seeds.split(",")],
+                        [float(x) for x in args.lrs.split(",")], recipes)
+    from styles_report import results_tables
+
+    print(results_tables([log]))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +47,54 @@ def bench_parser(description: str, out: Path, out_help: str) -> argparse.Argumen
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", type=Path, help="only print the tables of an earlier run's runs.jsonl")
     return p
+
+
+def machine() -> dict[str, Any]:
+    """The machine and the versions a run's figures belong to."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "lycoris-lora", "bitsandbytes"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions}
+
+
+@contextmanager
+def logged_session(log: Path, threads: int) -> Iterator[None]:
+    """Log one invocation (machine, versions, command, start, wall time) when it ends, also when it is cut short:
+    the tables sum the wall time of every session that wrote the log."""
+    started = time.time()
+    try:
+        yield
+    finally:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log_row(log, {"kind": "session", **machine(), "threads": threads, "argv": sys.argv[1:],
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)) + " UTC",
+                      "seconds": round(time.time() - started, 1)})
+
+
+def session_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Machine, versions and total wall time of the sessions in a log, as lines for the tables' header."""
+    sessions = [r for r in rows if r.get("kind") == "session"]
+    if not sessions:
+        return []
+    out = []
+    for key in dict.fromkeys((r["cpu"], r["cores"], r["python"], json.dumps(r["versions"], sort_keys=True))
+                             for r in sessions):
+        cpu, cores, python, versions = key
+        shown = ", ".join(f"{k} {v}" for k, v in json.loads(versions).items())
+        out.append(f"Machine: {cpu}, {cores} cores; Python {python}, {shown}.")
+    total = sum(r["seconds"] for r in sessions)
+    out.append(f"Wall time: {total / 60:.0f} min in {len(sessions)} session(s) "
+               f"({sessions[0]['started']} to the last, started {sessions[-1]['started']}; "
+               f"torch threads {sorted({r['threads'] for r in sessions})}).")
+    return out
