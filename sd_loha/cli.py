@@ -71,12 +71,17 @@ def default_guidance(model: str, family: Any = None) -> float:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import AdapterSpec, GenerationSession, save_png
 
+    if args.strength_grid and (len(args.loha) != 1 or args.num_images != 1):
+        raise ValueError("generate --strength-grid draws one adapter at each strength, one picture per prompt line "
+                         "and strength: give exactly one --loha FILE and no --num-images")
     session = GenerationSession(args.model, device=args.device, merge=not args.no_merge,
                                 base_weight_dtype=args.base_weight_dtype, base_config=args.base_config)
     specs = [AdapterSpec.parse(s) for s in args.loha]
-    session.set_adapters(specs)
     out_dir = Path(args.output_dir)
     guidance = default_guidance(args.model, session.family) if args.guidance is None else args.guidance
+    if args.strength_grid:
+        return _strength_grid(args, session, specs[0], guidance)
+    session.set_adapters(specs)
     results = session.generate(args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                                guidance_scale=guidance, width=args.width, height=args.height,
                                scheduler=args.scheduler, num_images=args.num_images)
@@ -84,6 +89,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed = params.splitlines()[-1].split("Seed: ")[1].split(",")[0]  # the fields line, not the prompt
         path = save_png(image, out_dir / f"{args.prefix}{i:03d}-{seed}.png", params)
         print(path)
+    return 0
+
+
+def _strength_grid(args: argparse.Namespace, session: Any, spec: Any, guidance: float) -> int:
+    """`generate --strength-grid`: the Generate tab's style-vs-strength grid (sd_loha.grid.draw_grid), its cells
+    and the grid saved in --output-dir, their paths printed."""
+    from .generate import save_png
+    from .grid import STRENGTH_SWEEP, draw_grid, prompt_lines
+
+    out_dir = Path(args.output_dir)
+    cells: list[Path] = []
+
+    def save(cell: Any) -> None:
+        cells.append(save_png(cell.image, out_dir / f"{args.prefix}cell{len(cells):03d}-{cell.seed}.png",
+                              cell.parameters))
+
+    grid = draw_grid(session, [spec.path], prompt_lines(args.prompt), STRENGTH_SWEEP, [args.seed],
+                     negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=guidance,
+                     width=args.width, height=args.height, scheduler=args.scheduler, on_cell=save)
+    for path in cells:
+        print(path)
+    print(save_png(grid.image, out_dir / f"{args.prefix}grid-{grid.cells[0].seed}.png", grid.parameters))
     return 0
 
 
@@ -160,6 +187,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .grid import STRENGTH_SWEEP
     from .models import TINY_MODELS
     from .schedulers import FLOW_SCHEDULERS, SCHEDULERS
     from .train.lowmem import BASE_DTYPES
@@ -205,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler (default: euler_a; SD 3.x: euler, its flow-matching Euler; SD 3.x takes "
                         f"{', '.join(FLOW_SCHEDULERS)})")
     g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--strength-grid", action="store_true",
+                   help="one labelled grid instead: the --loha file (its strength ignored) at strengths "
+                        f"{', '.join(f'{v:g}' for v in STRENGTH_SWEEP)} (columns; 0 is the base model's picture) "
+                        "for each line of --prompt (rows), at the one --seed, the adapter in the bypass; the cells "
+                        "are saved too (the web UI's 'Style vs strength' button)")
     g.add_argument("--output-dir", default="outputs")
     g.add_argument("--prefix", default="", help="file name prefix")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")

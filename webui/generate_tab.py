@@ -1,23 +1,24 @@
 """Generate tab: a base model with LoHA files merged at chosen strengths, single images or labelled grids.
 
 All loading and merging is :class:`sd_loha.generate.GenerationSession`: the session is kept between
-requests, so changing strengths re-strengthens the merged weights exactly instead of reloading, and a
-grid merges each file once. PNGs are written with :func:`sd_loha.generate.save_png` and carry A1111's
-``parameters`` text. Requests queue (concurrency 1).
+requests, so changing strengths re-strengthens the merged weights exactly instead of reloading. Grids (and the
+one-click style-vs-strength grid, as `sd-loha generate --strength-grid` draws it) are :func:`sd_loha.grid.draw_grid`.
+PNGs are written with :func:`sd_loha.generate.save_png` and carry A1111's ``parameters`` text. Requests queue
+(concurrency 1).
 """
 
 
 import math
-import random
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from sd_loha.blocks import PRESETS, parse_block_weights
 from sd_loha.generate import AdapterSpec, GenerationSession, save_png
+from sd_loha.grid import STRENGTH_SWEEP, GridCell, draw_grid, prompt_lines
 from sd_loha.train.lowmem import BASE_DTYPES
 from sd_loha.schedulers import SCHEDULERS
 
@@ -32,60 +33,6 @@ from .paths import PathPolicy, PathRefused, split_list
 
 N_SLOTS = 3
 MAX_GRID_CELLS = 64
-# Cells smaller than this (toy-sd1 draws 64 px) are enlarged in the grid by a whole factor, pixels kept sharp, so
-# the pictures can be seen and their labels get a readable font and width; the cells saved alone keep their size.
-MIN_GRID_CELL = 128
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def labelled_grid(cells: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
-    """One image: rows × columns of equally sized cells, row labels on the left, column labels on top."""
-    w, h = cells[0][0].size
-    zoom = max(1, math.ceil(MIN_GRID_CELL / min(w, h)))
-    w, h = w * zoom, h * zoom
-    fsize = max(10, min(16, w // 8))
-    font = _font(fsize)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def text_w(t: str) -> int:
-        return int(probe.textlength(t, font=font))
-
-    left = min(max((text_w(t) for t in row_labels), default=0) + 12, 260)
-    col_lines = [_wrap(t, w - 4, text_w) for t in col_labels]
-    top = (max(len(lines) for lines in col_lines) * (fsize + 3)) + 8
-    grid = Image.new("RGB", (left + w * len(col_labels), top + h * len(row_labels)), "white")
-    d = ImageDraw.Draw(grid)
-    for j, lines in enumerate(col_lines):
-        for k, line in enumerate(lines):
-            d.text((left + j * w + (w - text_w(line)) // 2, 4 + k * (fsize + 3)), line, fill="black", font=font)
-    for i, label in enumerate(row_labels):
-        lines = _wrap(label, left - 8, text_w)
-        y0 = top + i * h + max(0, (h - len(lines) * (fsize + 3)) // 2)
-        for k, line in enumerate(lines):
-            d.text((4, y0 + k * (fsize + 3)), line, fill="black", font=font)
-        for j, im in enumerate(cells[i]):
-            grid.paste(im.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (left + j * w, top + i * h))
-    return grid
-
-
-def _wrap(text: str, width: int, text_w) -> list[str]:
-    words, lines, cur = text.split(" "), [], ""
-    for word in words:
-        trial = f"{cur} {word}".strip()
-        if cur and text_w(trial) > width:
-            lines.append(cur)
-            cur = word
-        else:
-            cur = trial
-    return lines + ([cur] if cur else [])
-
-
 def parse_strengths(text: str) -> list[float]:
     out = []
     for t in split_list(text):
@@ -188,43 +135,29 @@ class Generator:
              negative_prompt: str = "", steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
              width: int | None = None, height: int | None = None,
              scheduler: str = DEFAULT_SAMPLER, base_weight_dtype: str = "auto") -> tuple[str, list[tuple[str, str, str]]]:
-        """Files (rows) × strengths × seeds (columns) in one labelled PNG; every cell is saved too. The adapters take
-        the bypass (added in the forward): a new strength then rewrites no weight (bench/RESULTS.md, "Bypass")."""
+        """Files × the prompt's lines (rows) against strengths × seeds (columns) in one labelled PNG, drawn by
+        sd_loha.grid.draw_grid; every cell is saved too. Returns the grid's path and (path, caption, parameters)
+        per cell, row by row."""
         if not files:
             raise ValueError("choose the LoHA files for the grid rows (or put one in the first adapter slot)")
-        strengths = strengths or [1.0]
-        seeds = [random.randrange(2**31) if s == -1 else s for s in (seeds or [-1])]
-        n = len(files) * len(strengths) * len(seeds)
+        prompts = prompt_lines(prompt)
+        n = len(files) * len(prompts) * max(1, len(strengths)) * max(1, len(seeds))
         if n > MAX_GRID_CELLS:
-            raise ValueError(f"the grid would have {n} images; at most {MAX_GRID_CELLS} (fewer files, strengths or seeds)")
+            raise ValueError(f"the grid would have {n} images; at most {MAX_GRID_CELLS} "
+                             "(fewer files, prompt lines, strengths or seeds)")
         with self._lock:
             paths = [self.policy.check_adapter(f, what="grid file") for f in files]
             session = self._session(model, base_weight_dtype)
-            cells: list[list[Image.Image]] = []
             saved: list[tuple[str, str, str]] = []
-            first_params = ""
-            for path in paths:
-                row = []
-                for strength in strengths:
-                    spec = AdapterSpec(str(path), strength)
-                    session.set_adapters([spec], merge=False)
-                    for seed in seeds:
-                        image, params = session.generate(prompt, negative_prompt=negative_prompt, seed=seed,
-                                                         steps=int(steps), guidance_scale=float(guidance),
-                                                         width=width or None, height=height or None,
-                                                         scheduler=scheduler)[0]
-                        first_params = first_params or params
-                        p = save_png(image, self._out_path(seed, "cell-"), params)
-                        saved.append((str(p), f"{spec.name} {strength:g} · seed {seed}", params))
-                        row.append(image)
-                cells.append(row)
-            col_labels = [f"strength {s:g}" + (f" seed {sd}" if len(seeds) > 1 else "") for s in strengths for sd in seeds]
-            if len(seeds) == 1:
-                col_labels = [f"{c} (seed {seeds[0]})" for c in col_labels]
-            grid = labelled_grid(cells, [p.stem for p in paths], col_labels)
-            grid_params = (first_params + "\nGrid: rows = " + ", ".join(p.name for p in paths) + "; strengths = "
-                           + ", ".join(f"{s:g}" for s in strengths) + "; seeds = " + ", ".join(map(str, seeds)))
-            gpath = save_png(grid, self._out_path(seeds[0], "grid-"), grid_params)
+
+            def save(cell: GridCell) -> None:
+                path = save_png(cell.image, self._out_path(cell.seed, "cell-"), cell.parameters)
+                saved.append((str(path), cell.caption, cell.parameters))
+
+            grid = draw_grid(session, paths, prompts, strengths, seeds, negative_prompt=negative_prompt,
+                             steps=int(steps), guidance_scale=float(guidance), width=width or None,
+                             height=height or None, scheduler=scheduler, on_cell=save)
+            gpath = save_png(grid.image, self._out_path(grid.cells[0].seed, "grid-"), grid.parameters)
             return str(gpath), saved
 
 
@@ -281,7 +214,10 @@ def build(policy: PathPolicy) -> dict[str, Any]:
                 scheduler = gr.Dropdown(choices=list(SCHEDULERS), value=DEFAULT_SAMPLER, label="Scheduler",
                                         elem_id="gen-scheduler", min_width=120)
                 count = gr.Number(value=1, precision=0, label="Images", elem_id="gen-count", min_width=70)
-            go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+            with gr.Row():
+                go = gr.Button("Generate", variant="primary", elem_id="gen-go", scale=2)
+                style_go = gr.Button(f"Style vs strength ({', '.join(f'{v:g}' for v in STRENGTH_SWEEP)})",
+                                     elem_id="gen-style-grid", scale=1)
             with gr.Accordion("Grid: files × strengths × seeds in one labelled image", open=False):
                 grid_files = gr.Dropdown(choices=adapter_choices, multiselect=True, allow_custom_value=True,
                                          label="Rows: LoHA files (e.g. a run's saved steps/epochs; empty = file 1)",
@@ -322,18 +258,28 @@ def build(policy: PathPolicy) -> dict[str, Any]:
     def on_grid(*vals):
         (model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, files_v, strengths_v, seeds_v, first_file,
          base_v) = vals
+        files = list(files_v or []) or ([first_file] if first_file else [])
+        return _draw(model_v, files, lambda: parse_strengths(strengths_v), lambda: parse_seeds(seeds_v), prompt_v,
+                     neg_v, steps_v, guid_v, w_v, h_v, sched_v, base_v)
+
+    def on_style_grid(*vals):
+        """The adapter of slot 1 (else the grid's first file), each prompt line against STRENGTH_SWEEP, one seed."""
+        model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, seed_v, first_file, files_v, base_v = vals
+        files = [first_file] if first_file else list(files_v or [])[:1]
+        if not files:
+            return _error(ValueError("put the adapter in LoHA file 1 for its style-vs-strength grid")), *[gr.skip()] * 3
+        return _draw(model_v, files, lambda: list(STRENGTH_SWEEP), lambda: [int(seed_v if seed_v is not None else -1)],
+                     prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, base_v)
+
+    def _draw(model_v, files, strengths, seeds, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, base_v):
         try:
-            files = list(files_v or []) or ([first_file] if first_file else [])
-            gpath, cells = gen.grid(model_v, files, parse_strengths(strengths_v), parse_seeds(seeds_v), prompt_v or "",
+            gpath, cells = gen.grid(model_v, files, strengths(), seeds(), prompt_v or "",
                                     negative_prompt=neg_v or "", steps=int(steps_v or DEFAULT_STEPS),
                                     guidance=_guidance(guid_v), width=int(w_v or 0) or None,
                                     height=int(h_v or 0) or None, scheduler=sched_v, base_weight_dtype=base_v or "auto")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - every failure is shown, the queue keeps running
             return _error(e), gr.skip(), gr.skip(), gr.skip()
-        params = Path(gpath).name
-        from PIL import Image as _I
-
-        with _I.open(gpath) as im:
+        with Image.open(gpath) as im:
             params = im.info.get("parameters", "")
         # the grid opens large (a thumbnail would crop its labels); its cells follow it in the gallery
         images = gr.Gallery(value=[(gpath, "grid")] + [(p, c) for p, c, _ in cells], selected_index=0)
@@ -370,6 +316,9 @@ def build(policy: PathPolicy) -> dict[str, Any]:
     grid_go.click(on_grid, common + [grid_files, grid_strengths, grid_seeds, slots[0][0], base_dtype],
                   [message, gallery, params_box, files_out], api_name="grid", concurrency_limit=1,
                   concurrency_id="generation")
+    style_go.click(on_style_grid, common + [seed, slots[0][0], grid_files, base_dtype],
+                   [message, gallery, params_box, files_out], api_name="style_grid", concurrency_limit=1,
+                   concurrency_id="generation")
     refresh.click(on_refresh, None, [model, *[s[0] for s in slots], grid_files], api_name=False)
     run_files.click(on_run_files, slots[0][0], [message, grid_files], api_name=False)
     gallery.select(on_select, None, params_box, api_name=False)

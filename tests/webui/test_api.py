@@ -118,12 +118,11 @@ def test_failed_start_is_explained(client, ui):
     assert status(client)["status"] != "training"
 
 
-def _generate(client, adapter, strength, seed=7, lbw=None, base="auto"):
+def _generate(client, adapter, strength, seed=7, lbw=None, base="auto", prompt="sdlohastyle, poster, red circle"):
     # common inputs: model, prompt, negative, steps, guidance, width, height, scheduler; then seed, count; 3 slots
     # of (file, strength, TE strength, block weights); the base's storage
     slots = [adapter, strength, "", lbw, None, 1.0, "", None, None, 1.0, "", None]
-    return client.predict("tiny-sd1", "sdlohastyle, poster, red circle", "", 3, 5.0, 64, 64, "euler", seed, 1, *slots,
-                          base, api_name="/generate")
+    return client.predict("tiny-sd1", prompt, "", 3, 5.0, 64, 64, "euler", seed, 1, *slots, base, api_name="/generate")
 
 
 def test_generate_strength_zero_vs_one(client, ui, trained_adapter):
@@ -178,6 +177,52 @@ def test_grid(client, ui, trained_adapter):
     assert len(files) == 3  # the grid, then its two cells
     assert grid.width > 2 * 64 and grid.height > 64  # two columns plus the row-label margin, a header row
     assert "Grid: rows = tiny.safetensors; strengths = 0, 1; seeds = 3" in grid.info["parameters"]
+
+
+def test_style_vs_strength_grid(client, ui, trained_adapter):
+    """The "Style vs strength" button: slot 1's adapter at each of STRENGTH_SWEEP (columns) for each line of the
+    prompt box (rows) at the Seed box's seed. Strength 0 is the base model's picture; strength 1 the Generate
+    button's (which merges: the grid's bypass rounds differently, by at most 1 of 255)."""
+    from sd_loha.grid import MIN_GRID_CELL, STRENGTH_SWEEP
+
+    adapter = trained_adapter
+    prompts = ["sdlohastyle, poster, red circle", "sdlohastyle, poster, blue square"]
+    # common inputs, then the Seed box, LoHA file 1, the grid's files, the base's storage
+    msg, _, params, files = client.predict("tiny-sd1", "\n".join(prompts), "", 3, 5.0, 64, 64, "euler", 7, adapter,
+                                           [], "auto", api_name="/style_grid")
+    assert "Grid saved" in msg, msg
+    n, rows = len(STRENGTH_SWEEP), len(prompts)
+    assert len(files) == 1 + rows * n  # the grid, then its cells row by row
+    grid = np.asarray(Image.open(files[0]).convert("RGB"), dtype=np.int16)
+    cells = [np.asarray(Image.open(f).convert("RGB"), dtype=np.int16) for f in files[1:]]
+    zoom = MIN_GRID_CELL // 64
+    side = 64 * zoom
+    top, left = grid.shape[0] - rows * side, grid.shape[1] - n * side
+    assert 0 < top < side and 0 < left <= 260
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, n)
+        assert cell.shape == (64, 64, 3)
+        assert np.array_equal(grid[top + r * side:top + (r + 1) * side:zoom, left + c * side:left + (c + 1) * side:zoom],
+                              cell)
+    # labels: text above every column (each a different strength), left of every row (each a different prompt)
+    heads = [grid[:top, left + c * side:left + (c + 1) * side] for c in range(n)]
+    margins = [grid[top + r * side:top + (r + 1) * side, :left] for r in range(rows)]
+    assert all((h < 128).any() for h in heads + margins)
+    assert all(not np.array_equal(a, b) for a, b in zip(heads, heads[1:])) and not np.array_equal(*margins)
+    assert ("prompts = " + " | ".join(prompts) + "; strengths = " + ", ".join(f"{s:g}" for s in STRENGTH_SWEEP)
+            + "; seeds = 7") in params
+    assert [f"<lora:tiny:{s:g}>" in Image.open(f).info["parameters"] for f, s in zip(files[1:], STRENGTH_SWEEP)] \
+        == [True] * n
+    for r, prompt in enumerate(prompts):
+        base = np.asarray(Image.open(_generate(client, None, 1.0, prompt=prompt)[3][0]).convert("RGB"), dtype=np.int16)
+        one = np.asarray(Image.open(_generate(client, adapter, 1.0, prompt=prompt)[3][0]).convert("RGB"),
+                         dtype=np.int16)
+        assert np.array_equal(cells[r * n], base)  # strength 0: the base model's picture, pixel for pixel
+        assert np.abs(cells[r * n + n - 1] - base).max() > 0
+        assert np.abs(cells[r * n + n - 1] - one).max() <= 1
+    # no adapter in slot 1 nor in the grid's files: said in words, nothing drawn
+    msg, *_ = client.predict("tiny-sd1", "x", "", 3, 5.0, 64, 64, "euler", 7, None, [], "auto", api_name="/style_grid")
+    assert "LoHA file 1" in msg
 
 
 def test_inspect(client, ui, trained_adapter):

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd_loha.grid import MIN_GRID_CELL, labelled_grid
 from sd_loha.models import TINY_MODELS, load_pipeline
 from sd_loha.toy.measure import judge
 from webui import defaults as d
-from webui.generate_tab import MIN_GRID_CELL, Generator, labelled_grid
+from webui.generate_tab import Generator
 from webui.paths import DEMO_IMAGES, PathPolicy
 from webui.train_tab import build_config, default_form, preflight_report, start_toml
 
