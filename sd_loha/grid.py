@@ -77,7 +77,8 @@ def draw_grid(session: GenerationSession, files: Sequence[str | Path], prompts: 
     names = [Path(p).stem for p in files]
     row_labels = [(f"{n}: {pr}" if len(files) > 1 else pr or "(empty prompt)") if len(prompts) > 1 else n
                   for n in names for pr in prompts]
-    col_labels = [f"strength {s:g}" + (f" seed {sd}" if len(seeds) > 1 else "") for s in strengths for sd in seeds]
+    col_labels = [f"strength {s:g}" + (" = base" if s == 0 else "") + (f" seed {sd}" if len(seeds) > 1 else "")
+                  for s in strengths for sd in seeds]
     if len(seeds) == 1:
         col_labels = [f"{c} (seed {seeds[0]})" for c in col_labels]
     text = (rows[0][0].parameters + "\nGrid: rows = " + ", ".join(Path(p).name for p in files)

@@ -216,8 +216,7 @@ def build(policy: PathPolicy) -> dict[str, Any]:
                 count = gr.Number(value=1, precision=0, label="Images", elem_id="gen-count", min_width=70)
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="gen-go", scale=2)
-                style_go = gr.Button(f"Style vs strength ({', '.join(f'{v:g}' for v in STRENGTH_SWEEP)})",
-                                     elem_id="gen-style-grid", scale=1)
+                style_go = gr.Button("Style vs strength grid", elem_id="gen-style-grid", scale=1)
             with gr.Accordion("Grid: files × strengths × seeds in one labelled image", open=False):
                 grid_files = gr.Dropdown(choices=adapter_choices, multiselect=True, allow_custom_value=True,
                                          label="Rows: LoHA files (e.g. a run's saved steps/epochs; empty = file 1)",
@@ -259,21 +258,25 @@ def build(policy: PathPolicy) -> dict[str, Any]:
         (model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, files_v, strengths_v, seeds_v, first_file,
          base_v) = vals
         files = list(files_v or []) or ([first_file] if first_file else [])
-        return _draw(model_v, files, lambda: parse_strengths(strengths_v), lambda: parse_seeds(seeds_v), prompt_v,
-                     neg_v, steps_v, guid_v, w_v, h_v, sched_v, base_v)
+        try:
+            strengths, seeds = parse_strengths(strengths_v), parse_seeds(seeds_v)
+        except ValueError as e:
+            return _error(e), gr.skip(), gr.skip(), gr.skip()
+        return _draw(model_v, files, strengths, seeds, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, base_v)
 
     def on_style_grid(*vals):
         """The adapter of slot 1 (else the grid's first file), each prompt line against STRENGTH_SWEEP, one seed."""
         model_v, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, seed_v, first_file, files_v, base_v = vals
         files = [first_file] if first_file else list(files_v or [])[:1]
         if not files:
-            return _error(ValueError("put the adapter in LoHA file 1 for its style-vs-strength grid")), *[gr.skip()] * 3
-        return _draw(model_v, files, lambda: list(STRENGTH_SWEEP), lambda: [int(seed_v if seed_v is not None else -1)],
-                     prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, base_v)
+            return _error(ValueError("put the adapter in LoHA file 1 for its style-vs-strength grid")), gr.skip(), \
+                gr.skip(), gr.skip()
+        return _draw(model_v, files, list(STRENGTH_SWEEP), [int(seed_v if seed_v is not None else -1)], prompt_v,
+                     neg_v, steps_v, guid_v, w_v, h_v, sched_v, base_v)
 
     def _draw(model_v, files, strengths, seeds, prompt_v, neg_v, steps_v, guid_v, w_v, h_v, sched_v, base_v):
         try:
-            gpath, cells = gen.grid(model_v, files, strengths(), seeds(), prompt_v or "",
+            gpath, cells = gen.grid(model_v, files, strengths, seeds, prompt_v or "",
                                     negative_prompt=neg_v or "", steps=int(steps_v or DEFAULT_STEPS),
                                     guidance=_guidance(guid_v), width=int(w_v or 0) or None,
                                     height=int(h_v or 0) or None, scheduler=sched_v, base_weight_dtype=base_v or "auto")

@@ -1,7 +1,7 @@
 """End to end in a real headless Chromium (Playwright's Python driver with Debian's chromium): train the demo's
 poster style on toy-sd1 from the Train tab (shortened, with options set in its generated sections), watch the
-progress, generate with the new file at strengths 0 and 1 and as a grid of its saves x strengths x seeds, inspect
-it, edit its metadata and send block weights to Generate, bake it into toy-sd1 and convert it to a LoRA in the Tools
+progress, generate with the new file at strengths 0 and 1, as a grid of its saves x strengths x seeds and as its
+style-vs-strength grid, inspect it, edit its metadata and send block weights to Generate, bake it into toy-sd1 and convert it to a LoRA in the Tools
 tab, and see a path outside the allowed folders refused. Screenshots go to tests/artifacts/ (and, with
 SD_LOHA_UPDATE_SCREENSHOT=1, the Train tab's to docs/webui.png, the Generate tab's to docs/webui-generate.png). About 70 s on 2 shared CPU cores (one torch thread).
 
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd_loha.grid import STRENGTH_SWEEP
 from sd_loha.io import addnet_hash
 from sd_loha.meta import read_metadata
 from sd_loha.toy.measure import judge
@@ -248,9 +249,27 @@ def test_train_generate_inspect_in_the_browser(page, ui, one_thread):
     assert grid.width > 3 * 128 and grid.height > 2 * 128  # 64 px cells drawn at 2x
     wait_for(lambda: page.locator("#gen-gallery img").count() >= 1, 30, what="the grid in the gallery")
     page.wait_for_timeout(500)  # the preview's image settles
-    shot(page, "webui-generate.png", "webui-generate.png")
-
+    shot(page, "webui-generate-grid.png")
     phase("grid made")
+    # "Style vs strength": file 1 at STRENGTH_SWEEP (columns) for each prompt line (rows), at the Seed box's 7
+    fill(page, "gen-prompt", "\n".join(DEFAULT_PROMPTS))
+    before = set(grids)
+    page.locator("#gen-style-grid").click()
+    new = wait_for(lambda: set(generated.rglob("*grid-*.png")) - before, 300, what="the style-vs-strength grid")
+    page.locator("#gen-message").get_by_text(next(iter(new)).name).wait_for()
+    grid = Image.open(next(iter(new)))
+    sweep = ", ".join(f"{v:g}" for v in STRENGTH_SWEEP)
+    assert f"prompts = {' | '.join(DEFAULT_PROMPTS)}; strengths = {sweep}; seeds = 7" in grid.info["parameters"]
+    cells = np.asarray(grid.convert("RGB"), dtype=np.int16)
+    top, left = grid.height - 2 * 128, grid.width - len(STRENGTH_SWEEP) * 128  # 64 px cells drawn at 2x
+    assert 0 < top < 128 and 0 < left <= 260
+    zero, one = (cells[top:top + 128:2, left + c * 128:left + (c + 1) * 128:2] for c in (0, len(STRENGTH_SWEEP) - 1))
+    assert np.array_equal(zero, a)  # strength 0: the picture the Generate button drew at 0 (the base model's)
+    assert np.abs(one - b).max() <= 1  # strength 1: the Generate button's (merged there, in the bypass here)
+    wait_for(lambda: page.locator("#gen-gallery img").count() >= 1, 30, what="the style grid in the gallery")
+    page.wait_for_timeout(500)
+    shot(page, "webui-generate.png", "webui-generate.png")
+    phase("style-vs-strength grid made")
     # ---- Inspect tab: metadata, rank/alpha, architecture, the per-block chart
     page.get_by_role("tab", name="Inspect").click()
     fill(page, "inspect-file", adapter)
