@@ -38,6 +38,8 @@ class Grid:
     image: Image.Image
     parameters: str  # the first cell's, plus a "Grid:" line naming the rows and columns
     cells: list[GridCell]  # row by row, left to right
+    row_labels: list[str]  # as drawn on the left
+    col_labels: list[str]  # as drawn on top
 
 
 def prompt_lines(text: str) -> list[str]:
@@ -85,7 +87,7 @@ def draw_grid(session: GenerationSession, files: Sequence[str | Path], prompts: 
             + ("; prompts = " + " | ".join(prompts) if len(prompts) > 1 else "")
             + "; strengths = " + ", ".join(f"{s:g}" for s in strengths) + "; seeds = " + ", ".join(map(str, seeds)))
     image = labelled_grid([[c.image for c in row] for row in rows], row_labels, col_labels)
-    return Grid(image, text, [c for row in rows for c in row])
+    return Grid(image, text, [c for row in rows for c in row], row_labels, col_labels)
 
 
 def _font(size: int):

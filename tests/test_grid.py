@@ -78,6 +78,33 @@ def test_cli_strength_grid_wants_one_file_and_one_image(style_file, extra, tmp_p
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_draw_grid_rows_are_files_times_prompts_in_order(style_file, tmp_path):
+    """Two files × two prompts: four rows, file-major, each cell that file at that prompt and strength; the cells
+    reach on_cell in the grid's order; labels name both; -1 is one random seed shared by every cell."""
+    from sd_loha.generate import AdapterSpec, GenerationSession
+    from sd_loha.grid import draw_grid
+    from sd_loha.models import build_tiny_pipeline
+
+    other = tmp_path / "other.safetensors"
+    make_loha_file(build_tiny_pipeline("tiny-sd1"), other, seed=3, std=0.5)
+    session = GenerationSession("tiny-sd1", device="cpu")
+    seen = []
+    gen = dict(steps=2, guidance_scale=7.0, width=64, height=64, scheduler="euler")
+    grid = draw_grid(session, [style_file, other], PROMPTS, [0, 0.5], [-1], on_cell=seen.append, **gen)
+    assert [c.caption for c in seen] == [c.caption for c in grid.cells] and len(grid.cells) == 8
+    seed = grid.cells[0].seed
+    assert {c.seed for c in grid.cells} == {seed}
+    drawn = [(f, p, s) for f in (style_file, other) for p in PROMPTS for s in (0, 0.5)]
+    for cell, (path, prompt, strength) in zip(grid.cells, drawn):
+        session.set_adapters([AdapterSpec(str(path), strength)], merge=False)
+        alone = session.generate(prompt, seed=seed, **gen)[0][0]
+        assert np.array_equal(np.asarray(cell.image), np.asarray(alone)), (path.name, prompt, strength)
+    assert f"prompts = {' | '.join(PROMPTS)}; strengths = 0, 0.5; seeds = {seed}" in grid.parameters
+    assert grid.image.height - 4 * MIN_GRID_CELL < MIN_GRID_CELL  # four rows under one header
+    assert grid.row_labels == [f"{n}: {p}" for n in ("style", "other") for p in PROMPTS]
+    assert grid.col_labels == [f"strength 0 = base (seed {seed})", f"strength 0.5 (seed {seed})"]
+
+
 def test_prompt_lines():
     assert prompt_lines(" a cat \n\n  \nb dog\n") == ["a cat", "b dog"]
     assert prompt_lines("") == prompt_lines("\n \n") == [""]  # an empty box is the one empty prompt

@@ -177,6 +177,11 @@ def test_grid(client, ui, trained_adapter):
     assert len(files) == 3  # the grid, then its two cells
     assert grid.width > 2 * 64 and grid.height > 64  # two columns plus the row-label margin, a header row
     assert "Grid: rows = tiny.safetensors; strengths = 0, 1; seeds = 3" in grid.info["parameters"]
+    # each line of the prompt box is a row of its own (blank lines none)
+    msg, _, params, files = client.predict("tiny-sd1", "sdlohastyle, poster\n\nred circle", "", 2, 5.0, 64, 64,
+                                           "euler", [adapter], "0, 1", "3", adapter, "auto", api_name="/grid")
+    assert len(files) == 5 and "prompts = sdlohastyle, poster | red circle; strengths = 0, 1" in params, msg
+    assert Image.open(files[0]).height - grid.height == 128  # one more row of 64 px cells, drawn at 2x
 
 
 def test_style_vs_strength_grid(client, ui, trained_adapter):
