@@ -219,7 +219,8 @@ def build(policy: PathPolicy) -> dict[str, Any]:
                 style_go = gr.Button("Style vs strength grid", elem_id="gen-style-grid", scale=1)
             with gr.Accordion("Grid: files × strengths × seeds in one labelled image", open=False):
                 grid_files = gr.Dropdown(choices=adapter_choices, multiselect=True, allow_custom_value=True,
-                                         label="Rows: LoHA files (e.g. a run's saved steps/epochs; empty = file 1)",
+                                         label="Rows: LoHA files (e.g. a run's saved steps/epochs; empty = file 1), "
+                                               "each × the prompt's lines",
                                          elem_id="grid-files")
                 with gr.Row():
                     run_files = gr.Button("Use all saves next to file 1", elem_id="grid-run-files")
