@@ -1,22 +1,24 @@
 #!/usr/bin/env python
-"""LoHA against LoRA and LoCon at equal trainable parameters, trained the same way on the toy base `toy-sd1`.
+"""LoHA against LoRA and LoCon at equal trainable parameters, trained the same way on the toy base `toy-sd1`, as a
+rank sweep; the style against the subject at each strength; the demo recipe's variants for keeping the subject.
 
-    OMP_NUM_THREADS=1 python bench/bench_styles.py --out /tmp/bench_styles      # the full run (~25 min, 1 thread)
-    python bench/bench_styles.py --results /tmp/bench_styles/runs.jsonl         # the tables again, from a run's log
+    OMP_NUM_THREADS=1 python bench/bench_styles.py --out /tmp/bench_styles      # the full run (hours on 1 thread)
+    python bench/bench_styles.py --results /tmp/a/runs.jsonl,/tmp/b/runs.jsonl --plot docs/style-vs-subject.png
 
 The claim under test (FedPara; LyCORIS): LoHA gives more capacity per parameter than LoRA. Every method is
 trained by the same loop, sd-loha's `Trainer`, on the same data, captions, steps, batch, LR schedule, loss,
 seeds and noise; only `_setup_network` differs (`BenchTrainer` below): sd-loha's own LoHA (`add_loha`), or a
 network of the real LyCORIS package (lycoris-lora) on exactly the layers sd-loha's targets select.
 
-Methods (`METHODS`, the one table): pairs that cover the same layers with equal parameters, because LoHA of rank
-r has the parameters of LoRA of rank 2r on every layer (linear: 2r(in+out); 3x3 conv: 2r(out + 9 in)):
+Methods (`METHODS`, the one table, made by `_rank_pairs`): pairs that cover the same layers with equal parameters,
+because LoHA of rank r has the parameters of LoRA of rank 2r on every layer (linear: 2r(in+out); 3x3 conv:
+2r(out + 9 in)):
 
-- "lora" (LyCORIS LoRA, rank 16) against "loha" (sd-loha, rank 8): the "full" preset's linear layers and 1x1
-  convs (attention, feed-forward, proj_in/out, time embedding projections, shortcuts; CLIP attention + MLP);
-- "locon" (LyCORIS LoRA on convs too, rank 16, conv rank 8) against "loha-conv" (sd-loha, rank 8, conv rank 4,
-  the demo recipe): the same plus the resnets' and samplers' 3x3 convs;
-- "lyco-loha-conv" (LyCORIS LoHA, as "loha-conv"): a cross-check of sd-loha's LoHA against LyCORIS's (--methods).
+- "loha-rR" (sd-loha, rank R) against "lora-r2R" (LyCORIS LoRA): the "full" preset's linear layers and 1x1 convs
+  (attention, feed-forward, proj_in/out, time embedding projections, shortcuts; CLIP attention + MLP);
+- "loha-conv-rR" (sd-loha, conv rank R/2) against "locon-r2R" (LyCORIS LoRA, conv rank R): the same plus the
+  resnets' and samplers' 3x3 convs ("loha-conv-r8" is the demo recipe's network);
+- "lyco-loha-conv-r8" (LyCORIS LoHA, as "loha-conv-r8"): a cross-check of sd-loha's LoHA against LyCORIS's.
 
 alpha = rank/2 for all (conv alpha = conv rank/4), so each pair has the same alpha/rank scale.
 
@@ -29,9 +31,16 @@ Learning rates: each method is trained on "poster" at each of `--lrs` (seed 0), 
 held-out loss for the other seeds and for "hatch" (so hatch's figures are out of sample for that choice).
 
 Per run: the held-out denoising loss (plain epsilon MSE, the same noise and timesteps for every run and for the
-base model) and, on a fixed prompt set with fixed seeds (20 Euler steps, guidance 4), the style measure and the
-fraction of pictures whose object color is the prompt's, at strength 1; the base model's pictures (strength 0)
-give the base row.
+base model) and, on a fixed prompt set with two fixed seeds per prompt (20 Euler steps, guidance 4), at strengths
+0.25, 0.5, 0.75 and 1: the style measure, the fraction of pictures with an object drawn, and the fraction whose
+object color is the prompt's. The base model's pictures give strength 0.
+
+Recipes (`RECIPES`, --recipes): the shipped demo recipe (train_configs/demo.toml) with one change each (text
+encoder frozen, half alpha, the base model's own pictures of the training captions as regularization images),
+trained and measured as above at the demo's own learning rate.
+
+The log (runs.jsonl under --out) gets one row per finished run and one per session (machine, versions, wall
+time); a rerun with the same --out continues; the tables and the plot come from the logs (bench/styles_report.py).
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from sd_loha.grid import STRENGTH_SWEEP
 from sd_loha.toy import evaluate, measure, styles, world
 from sd_loha.train.loop import Trainer
 
@@ -111,7 +121,7 @@ METHODS: dict[str, Method] = {
 # The rank sweep run by default: the linear pairs at three ranks, the conv pairs at both ends.
 DEFAULT_METHODS = ("loha-r2", "lora-r4", "loha-r4", "lora-r8", "loha-r8", "lora-r16",
                    "loha-conv-r2", "locon-r4", "loha-conv-r8", "locon-r16")
-STRENGTHS = (0.25, 0.5, 0.75, 1.0)  # the style-against-subject curve (0 is the base row)
+STRENGTHS = tuple(s for s in STRENGTH_SWEEP if s)  # the style-against-subject curve (0 is the base row)
 
 
 # ---- styles: data, prompts, measures -------------------------------------------------------------------
@@ -385,6 +395,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "demo-no-te": {"train_text_encoder": False},
     "demo-half-alpha": {"network_alpha": 4.0, "conv_alpha": 2.0},
     "demo-reg": {"reg_data_dir": BASE_PICTURES, "prior_loss_weight": 1.0},
+    # half of each epoch is regularization: twice the steps give the style as many steps as "demo"
+    "demo-reg-800": {"reg_data_dir": BASE_PICTURES, "prior_loss_weight": 1.0, "max_train_steps": 800},
 }
 
 
