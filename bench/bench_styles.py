@@ -289,23 +289,24 @@ def subject_scores(style: str, images: list[np.ndarray], scenes: list[world.Scen
             "content": statistics.mean(float(c == sc.color) for c, sc in zip(colors, scenes))}
 
 
-def picture_scores(pipe: Any, style: str) -> dict[str, Any]:
-    """The style measure and the subject scores on the style's prompt set (one fixed seed per prompt)."""
+def picture_scores(pipe: Any, style: str, trigger: str = "") -> dict[str, Any]:
+    """The style measure and the subject scores on the style's prompt set (two fixed seeds per prompt), with the
+    run's trigger word in front of each prompt where it trained with one."""
     spec = STYLES[style]
     pipe.set_progress_bar_config(disable=True)
     images = [im for seed in GEN_SEEDS for im in evaluate.generate(pipe, list(spec.scenes), seed, steps=GEN_STEPS,
-                                                                    guidance=GUIDANCE)]
+                                                                    guidance=GUIDANCE, trigger=trigger)]
     values = [spec.measure(im) for im in images]
     return {"measure": statistics.mean(values), **subject_scores(style, images, list(spec.scenes) * len(GEN_SEEDS)),
             "measure_per_picture": values}
 
 
-def strength_curve(pipe: Any, network: Any, style: str) -> dict[str, dict[str, float]]:
+def strength_curve(pipe: Any, network: Any, style: str, trigger: str = "") -> dict[str, dict[str, float]]:
     """picture_scores at each of STRENGTHS (the network's multiplier; set back to 1 afterwards)."""
     curve = {}
     for strength in STRENGTHS:
         network.set_multiplier(strength)
-        scores = picture_scores(pipe, style)
+        scores = picture_scores(pipe, style, trigger)
         curve[f"{strength:g}"] = {k: scores[k] for k in ("measure", "drawn", "content")}
     network.set_multiplier(1.0)
     return curve
@@ -340,7 +341,7 @@ class BenchTrainer(Trainer):
                        "params_te": sum(p.numel() for p in self.network.parameters("te")),
                        "heldout_loss": heldout_loss(self.pipe, self.heldout, self.weight_dtype)}
         if self.measure_pictures:
-            self.scores["curve"] = strength_curve(self.pipe, self.network, self.style)
+            self.scores["curve"] = strength_curve(self.pipe, self.network, self.style, self.cfg.trigger_word)
             self.scores.update(self.scores["curve"]["1"])  # the strength-1 figures, as the tables read them
         return super()._finish(stopped)
 
@@ -387,6 +388,7 @@ def run_one(name: str, style: str, seed: int, lr: float, root: Path, *, steps: i
 # ---- the shipped demo recipe and its variants: what keeps the subject at strength 1 ----------------------------
 
 DEMO_CONFIG = REPO / "train_configs" / "demo.toml"
+TRIGGER = "sks style"  # a rare word (DreamBooth's habit); toy-sd1's grammar has no word for any style
 BASE_PICTURES = "base-pictures"  # reg_data_dir placeholder: the base model's own pictures of the training captions
 # Each variant changes one thing of the demo recipe (train_configs/demo.toml, as shipped in the commit the log
 # names); the curve of each (style and subject against strength) says what keeps the subject.
@@ -397,6 +399,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "demo-reg": {"reg_data_dir": BASE_PICTURES, "prior_loss_weight": 1.0},
     # half of each epoch is regularization: twice the steps give the style as many steps as "demo"
     "demo-reg-800": {"reg_data_dir": BASE_PICTURES, "prior_loss_weight": 1.0, "max_train_steps": 800},
+    # the style learned under a trigger word (pictures are then drawn with it), alone and with the base model's
+    # pictures as regularization images, whose captions stay without it (DreamBooth's prior preservation)
+    "demo-trigger": {"trigger_word": TRIGGER},
+    "demo-trigger-reg": {"trigger_word": TRIGGER, "reg_data_dir": BASE_PICTURES, "prior_loss_weight": 1.0},
 }
 
 

@@ -177,7 +177,7 @@ def test_strength_curve_sets_each_strength_and_puts_one_back(monkeypatch):
             self.multiplier = m
 
     net = Network()
-    monkeypatch.setattr(bench, "picture_scores", lambda pipe, style: (seen.append(net.multiplier) or
+    monkeypatch.setattr(bench, "picture_scores", lambda pipe, style, trigger="": (seen.append(net.multiplier) or
                                                                        {"measure": net.multiplier, "drawn": 1.0,
                                                                         "content": 1 - net.multiplier / 2, "x": 0}))
     curve = bench.strength_curve(None, net, "hatch")

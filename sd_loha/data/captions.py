@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = [
@@ -64,6 +64,13 @@ class CaptionOptions:
             separator=self.separator,
             rng=rng,
         )
+
+
+def options_for(options: CaptionOptions, is_reg: bool) -> CaptionOptions:
+    """The caption options of an item. Regularization images keep their captions without the trigger word: the
+    trigger marks what the adapter learns, and prior preservation teaches that the prompts without it still draw
+    what the base model drew (DreamBooth's class prompt against its instance prompt)."""
+    return replace(options, trigger_word=None) if is_reg and options.trigger_word else options
 
 
 def decode_caption_bytes(data: bytes) -> tuple[str, str | None]:

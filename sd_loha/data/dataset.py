@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .buckets import Size, apply_plan, pil_to_tensor, plan_resize_crop
 from .cache import LatentCache, LatentCacheMiss
-from .captions import CaptionOptions
+from .captions import CaptionOptions, options_for
 from .images import ImageError, load_image_with_info
 from .masks import item_loss_mask
 from .preflight import DatasetError, PreflightReport
@@ -190,7 +190,7 @@ class TrainDataset(Dataset):
         if mask is not None:
             out["loss_mask"] = mask
         ow, oh = plan.original_size
-        out["caption"] = self.captions.process(item.caption, rng)
+        out["caption"] = options_for(self.captions, item.is_reg).process(item.caption, rng)
         out["original_size"] = (oh, ow)
         out["crop_top_left"] = plan.flipped_crop_top_left() if flipped else plan.crop_top_left
         out["target_size"] = (bucket[1], bucket[0])

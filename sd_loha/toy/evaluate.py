@@ -22,13 +22,15 @@ SEEDS = (0, 1)
 
 @torch.no_grad()
 def generate(pipe: Any, scenes: list[world.Scene], seed: int, *, steps: int = STEPS, guidance: float = GUIDANCE,
-             batch: int = 24) -> list[np.ndarray]:
-    """One 64x64 picture per scene; picture i uses generator seed `seed * 1000 + i`, so any subset reproduces."""
+             batch: int = 24, trigger: str = "") -> list[np.ndarray]:
+    """One 64x64 picture per scene; picture i uses generator seed `seed * 1000 + i`, so any subset reproduces.
+    `trigger`: put in front of each caption, as training put it in front of the captions it learned from."""
     out: list[np.ndarray] = []
     for i in range(0, len(scenes), batch):
         chunk = scenes[i:i + batch]
         gens = [torch.Generator().manual_seed(seed * 1000 + i + k) for k in range(len(chunk))]
-        images = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+        prompts = [f"{trigger}, {s.caption}" if trigger else s.caption for s in chunk]
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
                       height=world.SIZE, width=world.SIZE, generator=gens, output_type="np").images
         out.extend((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return out

@@ -347,9 +347,9 @@ class Trainer:
         """Every caption a step can see, encoded once by ``encode``. Caption dropout only adds the empty caption, so
         it is cached too; shuffling or tag dropout make captions open-ended, and then nothing is cached."""
         from ..data.cache import TextEmbeddingCache
-        from ..data.captions import caption_variants
+        from ..data.captions import caption_variants, options_for
 
-        sets = [caption_variants(it.caption, self.captions) for it in self.preflight.epoch_items]
+        sets = [caption_variants(it.caption, options_for(self.captions, it.is_reg)) for it in self.preflight.epoch_items]
         sets += [caption_variants(it.caption, self.val_captions) for it in self.preflight.validation_items]
         if any(s is None for s in sets):
             self._print("captions change every step (shuffle_caption / caption_tag_dropout_rate): "

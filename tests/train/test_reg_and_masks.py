@@ -106,3 +106,22 @@ def test_run_with_alpha_mask(tmp_path):
     res = train(base_config(tmp_path / "out", train_data_dir=str(data), alpha_mask=True, max_train_steps=2,
                             flip_aug=True), progress=False)
     assert len(res.losses) == 2 and "alpha channel of each image" in res.preflight
+
+
+def test_trigger_word_goes_on_training_captions_not_on_regularization_images(tmp_path):
+    """Prior preservation: the regularization images teach that prompts without the trigger still draw what the
+    base model drew, so their captions stay without it, also in the cached text-encoder outputs."""
+    folders = _folders(tmp_path)
+    for i in range(2):
+        (Path(folders["reg_data_dir"]) / "1_person" / f"r{i}.txt").write_text(f"a person number {i}")
+    out = tmp_path / "out"
+    cfg = config_from_kwargs(**base_config(out, **folders, trigger_word="sks style", train_text_encoder=False,
+                                           cache_text_encoder_outputs=True))
+    t = Trainer(cfg, out, progress=False)
+    t.setup()
+    captions = {Path(t.dataset[(i, 0)]["path"]).name: t.dataset[(i, 0)]["caption"] for i in range(len(t.dataset))}
+    assert captions["t2.png"] == "sks style, a picture number 2"
+    assert captions["r1.png"] == "a person number 1"
+    # every caption a step sees is in the cache, and the reg captions only without the trigger
+    assert all(c in t.text_cache for c in captions.values()) and len(t.text_cache) == len(set(captions.values()))
+    assert "sks style, a person number 0" not in t.text_cache

@@ -273,9 +273,9 @@ class TrainConfig:
     )
     trigger_word: str = _opt(
         "dataset", "str", "",
-        "Word put in front of every caption that does not already contain it; never shuffled or tag-dropped "
+        "Word put in front of every training caption that does not already contain it; never shuffled or tag-dropped "
         "(caption_dropout_rate still empties the whole caption; empty: none). Images without a caption file get "
-        "just this.",
+        "just this. Regularization images (reg_data_dir) keep their captions without it: prior preservation.",
     )
     cache_latents: bool = _opt(
         "dataset", "bool", True,
