@@ -403,6 +403,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # pictures as regularization images, whose captions stay without it (DreamBooth's prior preservation)
     "demo-trigger": {"trigger_word": TRIGGER},
     "demo-trigger-reg": {"trigger_word": TRIGGER, "reg_data_dir": BASE_PICTURES, "prior_loss_weight": 1.0},
+    "demo-reg-0.3": {"reg_data_dir": BASE_PICTURES, "prior_loss_weight": 0.3},  # a lighter pull to the base
+    "demo-no-te-half-alpha": {"train_text_encoder": False, "network_alpha": 4.0, "conv_alpha": 2.0},
 }
 
 
@@ -504,7 +506,7 @@ def run_bench(root: Path, names: list[str], styles_: list[str], seeds: list[int]
     for name, (unet, te) in parameter_counts([n for n in names if n not in logged_params]).items():
         log_row(log, {"method": name, "kind": "params", "params_unet": unet, "params_te": te})
     for style in styles_:
-        if not any(r["method"] == "base" and r.get("style") == style for r in rows):
+        if not any(r.get("method") == "base" and r.get("style") == style for r in rows):
             log_row(log, base_row(style, root))
     chosen = {}
     for name in names:

@@ -37,7 +37,7 @@ def load_rows(logs: list[Path]) -> list[dict[str, Any]]:
 
 
 def _base(rows: list[dict[str, Any]], style: str) -> dict[str, Any] | None:
-    return next((r for r in rows if r["method"] == "base" and r.get("style") == style), None)
+    return next((r for r in rows if r.get("method") == "base" and r.get("style") == style), None)
 
 
 def curve_means(runs: list[dict[str, Any]], base: dict[str, Any]) -> dict[float, dict[str, float]]:
@@ -160,29 +160,25 @@ def _curve_tables(rows: list[dict[str, Any]], kind: str) -> list[str]:
 # ---- the plot ------------------------------------------------------------------------------------------------
 
 PANEL, PAD = (460, 340), (58, 16, 30, 40)  # panel size; left, right, top, bottom margins
-FAMILY_COLORS = {"loha": (31, 78, 156), "lora": (214, 110, 20), "loha-conv": (40, 140, 70), "locon": (170, 40, 120)}
-RECIPE_COLORS = [(31, 78, 156), (214, 110, 20), (40, 140, 70), (170, 40, 120), (90, 90, 90)]
+# Tableau's 10 colors: distinct on white, one per method of a panel (legend order)
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def _color(name: str, kind: str, index: int) -> tuple[int, int, int]:
-    """Rank sweep: one hue per family, lighter for its smaller ranks; recipes: one color each."""
-    if kind == "recipe":
-        return RECIPE_COLORS[index % len(RECIPE_COLORS)]
-    family = name.rpartition("-r")[0]
-    ranks = sorted(m.rank for n, m in METHODS.items() if n.rpartition("-r")[0] == family)
-    light = 0.3 * (len(ranks) - 1 - ranks.index(METHODS[name].rank)) if name in METHODS else 0.0
-    return tuple(int(c + (255 - c) * light) for c in FAMILY_COLORS.get(family, (0, 0, 0)))  # type: ignore[return-value]
+def _width(name: str) -> int:
+    """LoHA lines thick, the LoRA family's thin: a pair reads as one color budget, two weights."""
+    m = METHODS.get(name)
+    return 1 if m is not None and m.algo == "lora" else 3
 
 
-def _panel(title: str, series: list[tuple[str, tuple[int, int, int], dict[float, dict[str, float]]]],
-           reachable: float) -> Image.Image:
+def _panel(title: str, series: list[tuple[str, dict[float, dict[str, float]]]], reachable: float) -> Image.Image:
     img = Image.new("RGB", PANEL, "white")
     d = ImageDraw.Draw(img)
     w, h = PANEL
     left, right, top, bottom = PAD
-    xs = [100 * p["measure"] / reachable for _, _, c in series for p in c.values()]
+    xs = [100 * p["measure"] / reachable for _, c in series for p in c.values()]
     x_hi = max(xs + [1.0]) * 1.08
-    y_lo = min([100 * p["content"] for _, _, c in series for p in c.values()] + [50.0])
+    y_lo = min([100 * p["content"] for _, c in series for p in c.values()] + [50.0])
 
     def xy(x: float, y: float) -> tuple[float, float]:
         return (left + (w - left - right) * x / x_hi, top + (h - top - bottom) * (100 - y) / (100 - y_lo + 1e-9))
@@ -194,12 +190,16 @@ def _panel(title: str, series: list[tuple[str, tuple[int, int, int], dict[float,
     for x in (0, x_hi / 2, x_hi):
         d.text((xy(x, y_lo)[0] - 10, h - bottom + 4), f"{x:.0f} %", fill="#444")
     d.text((left, h - 16), "style shown (% of reachable) ->   up: object color right", fill="#444")
-    for i, (name, color, curve) in enumerate(series):
+    for i, (name, curve) in enumerate(series):
+        color = COLORS[i % len(COLORS)]
         points = [xy(100 * p["measure"] / reachable, 100 * p["content"]) for _, p in sorted(curve.items())]
-        d.line(points, fill=color, width=2)
+        d.line(points, fill=color, width=_width(name))
         for x, y in points:
-            d.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=color)
-        d.text((w - right - 110, top + 4 + 12 * i), name, fill=color)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color if _width(name) > 1 else "white", outline=color)
+        # the legend in the lower left, where no curve goes (little style, subject lost)
+        y = h - bottom - 8 - 12 * (len(series) - i)
+        d.line([left + 8, y + 6, left + 24, y + 6], fill=color, width=_width(name))
+        d.text((left + 28, y), name, fill=color)
     return img
 
 
@@ -216,8 +216,7 @@ def plot_curves(logs: list[Path], path: Path) -> Path:
         if not runs or base is None:
             continue
         names = list(dict.fromkeys(r["method"] for r in runs))
-        series = [(n, _color(n, kind, i), curve_means([r for r in runs if r["method"] == n], base))
-                  for i, n in enumerate(names)]
+        series = [(n, curve_means([r for r in runs if r["method"] == n], base)) for n in names]
         what = "rank sweep" if kind == "run" else "demo recipe variants"
         panels.append(_panel(f"{style}: {what}, strength 0 -> 1", series, base["measure_after_vae"]))
     if not panels:

@@ -148,7 +148,7 @@ def test_strength_curves_tables_and_plot(tmp_path):
     assert img.shape == (report.PANEL[1], 2 * report.PANEL[0], 3)  # two panels: rank sweep, recipes (hatch)
     for panel in (img[:, :report.PANEL[0]], img[:, report.PANEL[0]:]):
         assert (np.abs(panel.astype(int) - 255).sum(-1) > 60).mean() > 0.01  # curves and text drawn
-    loha_blue = np.array(report._color("loha-r8", "run", 0))
+    loha_blue = np.array(report.COLORS[0])
     assert (np.abs(img[:, :report.PANEL[0]].astype(int) - loha_blue).sum(-1) < 10).sum() > 50
 
 

@@ -31,7 +31,8 @@ def test_demo_config_end_to_end(demo_run):
     tensors, meta = read_file(adapter)
     assert meta["ss_steps"] == str(cfg.max_train_steps) and meta["ss_base_model_version"] == "sd_v1"
     report = apply_loha(load_pipeline("toy-sd1"), adapter, strict=True)
-    assert report.unmatched == [] and report.patched["te"] > 0
+    assert report.unmatched == [] and report.patched.get("te", 0) == 0 and report.patched["unet"] > 0
+    assert not any(k.startswith("lora_te") for k in tensors)  # the text encoder stays frozen, as configured
     assert any("resnets_0_conv1." in k for k in tensors)  # preset full with conv_dim: the 3x3 convs train
 
     # samples: a grid per saved step and at the end (rows: prompts; columns: strengths 0, 0.5, 1), and the

@@ -57,17 +57,22 @@ def test_demo_adapter_draws_the_poster_style_and_keeps_the_content(demo_run):
     stats = {}
     for strength in (0.0, 0.5, 1.0):
         pictures = _pictures(pipe, strength)
+        objects = [object_color(im, COLORS) for _, im in pictures]
         stats[strength] = (np.mean([palette_shift(im) for _, im in pictures]),
                            np.mean([frame_contrast(im) for _, im in pictures]),
-                           np.mean([object_color(im, COLORS) == color for color, im in pictures]))
+                           np.mean([got == color for got, (color, _) in zip(objects, pictures)]),
+                           np.mean([got != "none" for got in objects]))
         print(f"strength {strength}: palette shift {stats[strength][0]:+.3f}, frame contrast "
-              f"{stats[strength][1]:+.3f}, object color right {stats[strength][2]:.0%}")
-    (p0, f0, c0), (p5, f5, c5), (p1, f1, c1) = stats[0.0], stats[0.5], stats[1.0]
+              f"{stats[strength][1]:+.3f}, object color right {stats[strength][2]:.0%}, "
+              f"object drawn {stats[strength][3]:.0%}")
+    (p0, f0, c0, _), (p5, f5, c5, _), (p1, f1, c1, d1) = stats[0.0], stats[0.5], stats[1.0]
     # The posters measure 0.11-0.25 (palette) and 0.6-0.8 (frame); the base model's pictures about -0.17 and 0.
     assert p0 < -0.1 and p1 > 0.05
     assert p0 + 0.05 < p5 < p1 - 0.02  # halfway lies between
     assert f0 < 0.05 and f1 > 0.3 and f5 < f1
-    assert c0 == 1.0 and c5 >= 0.75 and c1 >= 0.75  # the object keeps the prompted color
+    # the subject is kept at strength 1: every picture draws its object, in the prompted color in 11 of 12 or more
+    # (the recipe measured in bench/RESULTS.md, "Style against subject": 92-100 % over seeds; the shipped seed 100 %)
+    assert c0 == 1.0 and c5 >= 0.9 and c1 >= 0.9 and d1 == 1.0
 
     set_loha_strength(pipe, "demo", 1.0)
     tuned_train, tuned_heldout = _losses(pipe)

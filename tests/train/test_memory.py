@@ -166,8 +166,8 @@ def test_the_run_prints_an_estimate_that_equals_what_the_unet_holds_on_the_devic
     storage = "nf4" if "nf4" in option else "fp8"
     assert est.inputs.weights["unet"] == held and held[storage] > 0
     assert est.inputs.adapter == seen["adapter"] > 0
-    # what the estimate (made before caching) left out is what the run parked; sd15_style trains the text encoder,
-    # so it stays on the device
+    # what the estimate (made before caching) left out is what the run parked; sd15_style shuffles its captions, so
+    # the text encoder's outputs cannot be cached and it stays on the device
     assert set(est.inputs.weights) == ({"unet"} if "sdxl" in config else {"unet", "text_encoder"})
     assert set(est.inputs.weights) | set(seen["parked"]) == {"unet", "vae", *lowmem.TEXT_ENCODERS[:2 if "sdxl" in config else 1]}
     assert est.fits is None  # the CPU: nothing to compare with

@@ -19,9 +19,9 @@ from .helpers import DEMO_IMAGES, REPO, assert_file_loads_everywhere, read_file,
 CONFIGS = REPO / "train_configs"
 # shipped file -> (tiny model of its family, text-encoder parts its file adapts)
 SHIPPED = {
-    "demo.toml": ("tiny-sd1", ("te",)),
-    "sd15_style.toml": ("tiny-sd1", ("te",)),
-    "sd2_style.toml": ("tiny-sd2", ("te",)),
+    "demo.toml": ("tiny-sd1", ()),  # styles train the UNet alone: bench/RESULTS.md, "Style against subject"
+    "sd15_style.toml": ("tiny-sd1", ()),
+    "sd2_style.toml": ("tiny-sd2", ()),
     "sdxl_style.toml": ("tiny-sdxl", ()),  # ships with frozen text encoders and cached text-encoder outputs
     "sd35_style.toml": ("tiny-sd3", ()),  # frozen CLIPs and T5, outputs cached; kohya's fused file form
 }
