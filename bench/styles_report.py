@@ -10,6 +10,7 @@ can show, since every picture passes through that VAE.
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -26,10 +27,15 @@ REACHED = 0.5  # the style counts as reached at the first strength whose measure
 
 
 def load_rows(logs: list[Path]) -> list[dict[str, Any]]:
+    """The rows of several logs as one: a row in two logs (the base rows and parameter counts every process logs,
+    or the rows of a log a process was started from a copy of) counts once."""
     rows, seen = [], set()
     for row in (r for log in logs for r in logged_rows(log)):
-        key = (row.get("kind"), row["method"], row.get("style")) if row.get("kind") in ("params", None) else None
-        if key is not None and key in seen:
+        key = json.dumps(row, sort_keys=True) if row.get("kind") in ("session", None) else \
+            (row.get("kind"), row.get("method"), row.get("style"), row.get("seed"), row.get("lr"))
+        if row.get("method") == "base":
+            key = ("base", row.get("style"))
+        if key in seen:
             continue
         seen.add(key)
         rows.append(row)

@@ -107,8 +107,9 @@ def test_tables_aggregate_the_logged_runs(tmp_path):
     losses, measures = [0.070, 0.072, 0.077], [0.010, 0.014, 0.012]
     rows += [{"method": "loha-r8", "style": "hatch", "kind": "run", "seed": i, "lr": 2e-3, "heldout_loss": loss,
               "measure": m, "drawn": 1.0, "content": 0.75, "seconds": 60.0} for i, (loss, m) in enumerate(zip(losses, measures))]
-    # a second log (a parallel process) repeats the base row and the parameter count: each is read once
-    other = [rows[0], BASE_HATCH, {"method": "lora-r16", "style": "hatch", "kind": "run", "seed": 0, "lr": 6e-3,
+    # a second log (a parallel process, started from a copy of the first) repeats the base row, the parameter
+    # count and a run: each is read once
+    other = [rows[0], BASE_HATCH, rows[2], {"method": "lora-r16", "style": "hatch", "kind": "run", "seed": 0, "lr": 6e-3,
                                    "heldout_loss": 0.069, "measure": 0.011, "drawn": 1.0, "content": 1.0, "seconds": 61.0}]
     text = report.results_tables([_logged(tmp_path, rows), _logged(tmp_path, other, "b.jsonl")])
     line = next(x for x in text.splitlines() if x.startswith("| loha-r8 | 0.002 |"))
