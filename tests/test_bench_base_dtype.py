@@ -48,7 +48,7 @@ def test_tiny_run_has_a_row_per_base_storage_and_the_storages_differ(tmp_path, o
         assert r["steps"] == 2 and r["heldout_loss"] < base["auto"]["heldout_loss"]
         assert r["heldout_loss_applied"] < base["auto"]["heldout_loss"]
     assert len({r["heldout_loss"] for r in runs.values()}) > 1  # the storages do change the numbers
-    assert (tmp_path / "runs" / "poster-loha-conv-nf4-lr0.006-seed0" / "loha-conv.safetensors").exists()
+    assert (tmp_path / "runs" / f"poster-{bench.METHOD}-nf4-lr0.006-seed0" / f"{bench.METHOD}.safetensors").exists()
     bench.run_bench(tmp_path, ["poster"], [0], steps=2, pictures=False)
     again = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r for r in again if r["kind"] in ("run", "base")] == [r for r in rows if r["kind"] in ("run", "base")]
