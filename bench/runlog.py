@@ -94,7 +94,9 @@ def session_lines(rows: list[dict[str, Any]]) -> list[str]:
         shown = ", ".join(f"{k} {v}" for k, v in json.loads(versions).items())
         out.append(f"Machine: {cpu}, {cores} cores; Python {python}, {shown}.")
     total = sum(r["seconds"] for r in sessions)
-    out.append(f"Wall time: {total / 60:.0f} min in {len(sessions)} session(s) "
-               f"({sessions[0]['started']} to the last, started {sessions[-1]['started']}; "
-               f"torch threads {sorted({r['threads'] for r in sessions})}).")
+    starts = [time.mktime(time.strptime(r["started"], "%Y-%m-%d %H:%M:%S UTC")) for r in sessions]
+    span = max(t + r["seconds"] for t, r in zip(starts, sessions)) - min(starts)
+    out.append(f"Wall time: {span / 60:.0f} min from the first session's start ({min(r['started'] for r in sessions)}) "
+               f"to the last one's end; {total / 60:.0f} min summed over {len(sessions)} session(s), which overlap "
+               f"when processes run in parallel; torch threads {sorted({r['threads'] for r in sessions})}.")
     return out

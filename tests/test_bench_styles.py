@@ -217,4 +217,4 @@ def test_sessions_record_machine_versions_and_wall_time(tmp_path):
     assert [r["kind"] for r in rows] == ["session", "session"] and rows[0]["versions"]["torch"] == torch.__version__
     lines = runlog.session_lines(rows)
     assert lines[0].startswith("Machine: ") and f"torch {torch.__version__}" in lines[0]
-    assert "in 2 session(s)" in lines[-1] and "[1, 2]" in lines[-1]
+    assert "summed over 2 session(s)" in lines[-1] and "[1, 2]" in lines[-1]
