@@ -7,6 +7,7 @@ strength and puts 1 back, the base model's regularization pictures are its own, 
 
 import json
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +219,15 @@ def test_sessions_record_machine_versions_and_wall_time(tmp_path):
     lines = runlog.session_lines(rows)
     assert lines[0].startswith("Machine: ") and f"torch {torch.__version__}" in lines[0]
     assert "summed over 2 session(s)" in lines[-1] and "[1, 2]" in lines[-1]
+
+
+def test_results_md_tables_are_the_committed_logs_tables():
+    """bench/RESULTS.md's rank-sweep tables are what the committed run logs give, not numbers typed by hand."""
+    report = load_bench("styles_report")
+    root = Path(__file__).resolve().parents[1]
+    logs = sorted((root / "bench" / "logs" / "styles-2026-12-06").glob("*.jsonl"))
+    assert len(logs) == 7
+    text = (root / "bench" / "RESULTS.md").read_text(encoding="utf-8")
+    start = text.index("<!-- bench_styles tables:")
+    block = text[text.index("\n", start) + 1:text.index("<!-- end of bench_styles tables -->")]
+    assert block.strip() == report.results_tables(logs).strip()
