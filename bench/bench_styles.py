@@ -67,7 +67,7 @@ from sd_loha.grid import STRENGTH_SWEEP
 from sd_loha.toy import evaluate, measure, styles, world
 from sd_loha.train.loop import Trainer
 
-from runlog import bench_parser, log_row, logged_rows, logged_session  # noqa: E402  # noqa: E402  (bench/, next to this file)
+from runlog import bench_parser, log_row, logged_rows, logged_session  # noqa: E402  (bench/, next to this file)
 
 ASSETS = REPO / "sd_loha" / "assets"
 GEN_STEPS, GUIDANCE = 20, 4.0
@@ -348,8 +348,9 @@ class BenchTrainer(Trainer):
 
 def _train(settings: dict[str, Any], out: Path, method: Method, style: str, heldout_dir: Path, *,
            measure_pictures: bool = True,
-           trainer_class: Callable[..., BenchTrainer] | None = None) -> tuple[BenchTrainer, float]:
-    """Train one config (validated and checked as the CLI does) with the method's network; (trainer, seconds)."""
+           trainer_class: Callable[..., BenchTrainer] | None = None) -> dict[str, Any]:
+    """Train one config (validated and checked as the CLI does) with the method's network; the figures every run
+    logs: steps, final training loss, seconds, and the trainer's scores."""
     from sd_loha.train.checks import check_output_dir, check_paths
     from sd_loha.train.config import as_config
     from sd_loha.train.runtime import StopFlag
@@ -365,7 +366,8 @@ def _train(settings: dict[str, Any], out: Path, method: Method, style: str, held
     with StopFlag(None) as stop:
         if trainer.train(stop).stopped:  # Ctrl-C: a shorter run's figures must not enter the log
             raise SystemExit(f"stopped during {out.name}; rerun with the same --out to continue")
-    return trainer, round(time.time() - started, 1)
+    return {"steps": cfg.max_train_steps, "final_train_loss": statistics.mean(trainer.losses[-20:]),
+            "seconds": round(time.time() - started, 1), **trainer.scores}
 
 
 def run_one(name: str, style: str, seed: int, lr: float, root: Path, *, steps: int | None = None,
@@ -379,10 +381,9 @@ def run_one(name: str, style: str, seed: int, lr: float, root: Path, *, steps: i
                 "learning_rate": lr, "text_encoder_lr": lr / TE_LR_RATIO, "seed": seed,
                 **({"max_train_steps": steps, "lr_warmup_steps": 0} if steps is not None else {}), **(options or {})}
     out = root / "runs" / f"{style}-{name}{tag}-lr{lr:g}-seed{seed}"
-    trainer, seconds = _train(settings, out, method, style, heldout_dir, measure_pictures=measure_pictures,
-                              trainer_class=trainer_class)
-    return {"method": name, "style": style, "seed": seed, "lr": lr, "steps": trainer.cfg.max_train_steps,
-            "final_train_loss": statistics.mean(trainer.losses[-20:]), "seconds": seconds, **trainer.scores}
+    return {"method": name, "style": style, "seed": seed, "lr": lr,
+            **_train(settings, out, method, style, heldout_dir, measure_pictures=measure_pictures,
+                     trainer_class=trainer_class)}
 
 
 # ---- the shipped demo recipe and its variants: what keeps the subject at strength 1 ----------------------------
@@ -449,10 +450,8 @@ def run_recipe(variant: str, style: str, seed: int, root: Path) -> dict[str, Any
     out = root / "runs" / f"{style}-recipe-{variant}-seed{seed}"
     method = Method("sd-loha", "loha", settings["network_dim"], settings["network_alpha"],
                     settings.get("conv_dim", 0), settings.get("conv_alpha", 1.0))
-    trainer, seconds = _train(settings, out, method, style, heldout_dir)
     return {"method": variant, "kind": "recipe", "style": style, "seed": seed, "lr": settings["learning_rate"],
-            "steps": trainer.cfg.max_train_steps, "final_train_loss": statistics.mean(trainer.losses[-20:]),
-            "seconds": seconds, **trainer.scores}
+            **_train(settings, out, method, style, heldout_dir)}
 
 
 def base_row(style: str, root: Path) -> dict[str, Any]:

@@ -26,19 +26,24 @@ from runlog import logged_rows, session_lines, spread
 REACHED = 0.5  # the style counts as reached at the first strength whose measure is half the reachable one
 
 
+def _row_key(row: dict[str, Any]) -> Any:
+    """What makes a logged row the same row in another log: a style's base row, a method's parameter count, a
+    run (kind, method, style, seed, lr), or a session (all of it)."""
+    if row.get("method") == "base":
+        return ("base", row.get("style"))
+    if row.get("kind") in ("params", "sweep", "run", "recipe"):
+        return (row["kind"], row["method"], row.get("style"), row.get("seed"), row.get("lr"))
+    return json.dumps(row, sort_keys=True)
+
+
 def load_rows(logs: list[Path]) -> list[dict[str, Any]]:
     """The rows of several logs as one: a row in two logs (the base rows and parameter counts every process logs,
     or the rows of a log a process was started from a copy of) counts once."""
     rows, seen = [], set()
     for row in (r for log in logs for r in logged_rows(log)):
-        key = json.dumps(row, sort_keys=True) if row.get("kind") in ("session", None) else \
-            (row.get("kind"), row.get("method"), row.get("style"), row.get("seed"), row.get("lr"))
-        if row.get("method") == "base":
-            key = ("base", row.get("style"))
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append(row)
+        if _row_key(row) not in seen:
+            seen.add(_row_key(row))
+            rows.append(row)
     return rows
 
 
