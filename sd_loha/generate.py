@@ -21,8 +21,7 @@ from .io import short_addnet_hash
 from .merge import apply_loha, list_loha, remove_loha, set_loha_strength
 from .models import ModelFamily, detect_family, load_pipeline, text_encoders
 from .schedulers import default_sampler, flow_problem, is_flow_config, make_scheduler, sampler_problem
-from .train.lowmem import (BASE_DTYPES, BITSANDBYTES_INSTALL, bitsandbytes_installed, diffusers_has_layerwise_casting,
-                           store_frozen_base)
+from .train.lowmem import BASE_DTYPES, storage_unavailable, store_frozen_base
 
 
 @dataclass(frozen=True)
@@ -140,11 +139,9 @@ class GenerationSession:
         self.base_weight_dtype = base_weight_dtype
         if base_weight_dtype not in BASE_DTYPES:
             raise ValueError(f"base_weight_dtype must be one of {', '.join(BASE_DTYPES)}, got {base_weight_dtype!r}")
-        if base_weight_dtype == "fp8" and not diffusers_has_layerwise_casting():
-            raise ValueError('base_weight_dtype "fp8" needs diffusers 0.33 or newer (layerwise casting): '
-                             'pip install -U "diffusers>=0.33"')
-        if base_weight_dtype in ("nf4", "int8") and not bitsandbytes_installed():
-            raise ValueError(f'base_weight_dtype "{base_weight_dtype}" needs bitsandbytes: {BITSANDBYTES_INSTALL}')
+        why = storage_unavailable(base_weight_dtype)
+        if why is not None:
+            raise ValueError(f"base_weight_dtype {why[0]}: {why[1]}")
         if base_weight_dtype == "auto":
             self.pipe = load_pipeline(model, device=self.device, dtype=dtype or dt, config=base_config)
         else:  # stored on the CPU, then moved: bitsandbytes quantizes on the move, never holding a full copy there

@@ -27,7 +27,7 @@ from ..version import diffusers_at_least
 
 __all__ = ["BASE_DTYPES", "BITSANDBYTES_INSTALL", "OFFLOAD_DEVICE", "Offloader", "TEXT_ENCODERS", "base_storage",
            "bitsandbytes_installed", "checkpointing_func", "diffusers_at_least", "diffusers_has_layerwise_casting",
-           "idle_components", "quantizable_linears", "store_frozen_base", "stored_as"]
+           "idle_components", "quantizable_linears", "storage_unavailable", "store_frozen_base", "stored_as"]
 
 #: base_weight_dtype's values: auto = the mixed-precision dtype (bf16 / fp16 / fp32)
 BASE_DTYPES: tuple[str, ...] = ("auto", "fp8", "nf4", "int8")
@@ -49,6 +49,17 @@ LAYERWISE_CASTING_DIFFUSERS = (0, 33)
 
 def diffusers_has_layerwise_casting() -> bool:
     return diffusers_at_least(LAYERWISE_CASTING_DIFFUSERS)
+
+
+def storage_unavailable(storage: str) -> tuple[str, str] | None:
+    """Why this machine cannot store a frozen base as `storage` (a BASE_DTYPES value), and the fix; None when it
+    can. The trainer's config rules and generation both ask this, before any model loads."""
+    if storage == "fp8" and not diffusers_has_layerwise_casting():
+        return ('"fp8" needs diffusers 0.33 or newer (its layerwise casting stores the weights in fp8)',
+                'pip install -U "diffusers>=0.33"')
+    if storage in ("nf4", "int8") and not bitsandbytes_installed():
+        return f'"{storage}" needs the bitsandbytes package, which is not installed', f"install it: {BITSANDBYTES_INSTALL}"
+    return None
 
 
 def base_storage(fp8_base: bool, base_weight_dtype: str) -> str:

@@ -286,8 +286,7 @@ def test_fp8_base_and_another_base_dtype_are_refused_before_loading(tmp_path):
 
 
 def test_quantized_base_without_bitsandbytes_names_the_install_command(tmp_path, monkeypatch, capsys):
-    import sd_loha.train.config.rules as rules
-    monkeypatch.setattr(rules, "bitsandbytes_installed", lambda: False)
+    monkeypatch.setattr(lowmem, "bitsandbytes_installed", lambda: False)
     loaded = []
     monkeypatch.setattr(loop, "load_pipeline", lambda *a, **kw: loaded.append(a))
     args = ["train", "--config", str(CONFIGS / "sdxl_style.toml"), "--set", "pretrained_model=tiny-sdxl",

@@ -19,8 +19,7 @@ from ...schedulers import sampler_problem
 from ...targets import PresetError, is_preset_file, read_preset
 from ..loss import PREDICTION_ONLY, prediction_mismatch
 from ..flow import FLOW_DIFFUSERS
-from ..lowmem import (BITSANDBYTES_INSTALL, base_storage, bitsandbytes_installed, diffusers_at_least,
-                      diffusers_has_layerwise_casting)
+from ..lowmem import base_storage, diffusers_at_least, storage_unavailable
 from ..optim import OptimizerError, check_optimizer_args, resolve_optimizer
 from ..prompts import PromptError, read_prompt_entries
 from .errors import Problem, show
@@ -100,18 +99,22 @@ def one_base_dtype(cfg: TrainConfig) -> Iterator[Finding]:
                       "keep one of them: fp8_base = true (or base_weight_dtype = \"fp8\"), or base_weight_dtype alone")
 
 
+def _storage_unavailable(cfg: TrainConfig, kinds: tuple[str, ...], names: tuple[str, ...], subject: str,
+                         alternative: str = "") -> Iterator[Finding]:
+    storage = base_storage(cfg.fp8_base, cfg.base_weight_dtype)
+    why = storage_unavailable(storage) if storage in kinds else None
+    if why is not None:
+        yield Finding(names, f"{subject} {why[0]}", why[1] + alternative)
+
+
 def fp8_base_needs_layerwise_casting(cfg: TrainConfig) -> Iterator[Finding]:
-    if base_storage(cfg.fp8_base, cfg.base_weight_dtype) == "fp8" and not diffusers_has_layerwise_casting():
-        yield Finding(("fp8_base", "base_weight_dtype"),
-                      "an fp8 base needs diffusers' layerwise casting, which this diffusers is too old for",
-                      'pip install -U "diffusers>=0.33"')
+    # fp8_base = true or base_weight_dtype = "fp8": the message names the storage, not one of the two options
+    yield from _storage_unavailable(cfg, ("fp8",), ("fp8_base", "base_weight_dtype"), "a frozen base stored as")
 
 
 def quantized_base_needs_bitsandbytes(cfg: TrainConfig) -> Iterator[Finding]:
-    if cfg.base_weight_dtype in ("nf4", "int8") and not bitsandbytes_installed():
-        yield Finding(("base_weight_dtype",),
-                      f"base_weight_dtype = \"{cfg.base_weight_dtype}\" needs the bitsandbytes package, which is not "
-                      "installed", f"install it: {BITSANDBYTES_INSTALL}; or use base_weight_dtype = \"fp8\"")
+    yield from _storage_unavailable(cfg, ("nf4", "int8"), ("base_weight_dtype",), "base_weight_dtype =",
+                                    '; or use base_weight_dtype = "fp8"')
 
 
 def optimizer_takes_its_args(cfg: TrainConfig) -> Iterator[Finding]:
